@@ -1,0 +1,40 @@
+"""Frozen backbones. `create_backbone(name)` resolves mmpeft names first, then timm names."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from torch import nn
+
+from mmpeft.backbones.timm_vit import TimmModel, TimmViT, create_timm, is_token_vit
+from mmpeft.core.errors import NotSupported, UnknownName
+
+__all__ = ["TimmViT", "TimmModel", "create_timm", "is_token_vit", "create_backbone", "register_backbone", "BACKBONES"]
+
+BACKBONES: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register_backbone(name: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
+    def deco(factory: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        BACKBONES[name] = factory
+        return factory
+
+    return deco
+
+
+def create_backbone(name: str, **kwargs: Any) -> nn.Module:
+    """A registered mmpeft backbone, a timm ViT as a `TimmViT`, or any other timm model as `TimmModel`."""
+    if name in BACKBONES:
+        return BACKBONES[name](**kwargs)
+    import timm  # noqa: PLC0415
+
+    if not timm.is_model(name):
+        raise UnknownName(
+            f"unknown backbone {name!r}: neither an mmpeft backbone ({', '.join(sorted(BACKBONES)) or 'none'}) "
+            f"nor a timm model name (see timm.list_models())"
+        )
+    try:
+        return TimmViT(name, **kwargs)
+    except NotSupported:
+        return TimmModel(name, **kwargs)

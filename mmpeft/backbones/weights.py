@@ -1,0 +1,113 @@
+"""Load pretrained weights safely from a local file, or from a hub with a fast, clear offline error."""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import TypeVar
+from urllib.parse import urlparse
+
+import torch
+from torch import nn
+
+from mmpeft.core.errors import WeightsUnavailable
+
+__all__ = ["read_state_dict", "load_weights", "hub_reachable", "from_hub"]
+
+T = TypeVar("T")
+_NESTED = ("state_dict", "model", "module", "model_state")
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """A flat `{name: tensor}` from .safetensors, .pt/.pth/.bin (weights_only) or .npz files."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsUnavailable(f"weights file {str(path)!r} does not exist; pass the path of a local checkpoint")
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        elif suffix == ".npz":
+            raise WeightsUnavailable(f"{str(path)!r}: .npz (JAX) checkpoints load through the backbone, not here")
+        else:
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except WeightsUnavailable:
+        raise
+    except Exception as err:
+        raise WeightsUnavailable(
+            f"could not read weights file {str(path)!r} ({type(err).__name__}: {err}); mmpeft reads safetensors and "
+            "tensor-only torch checkpoints (torch.load with weights_only=True)"
+        ) from err
+    while isinstance(state, dict):
+        nested = [k for k in _NESTED if isinstance(state.get(k), dict)]
+        if not nested or any(isinstance(v, torch.Tensor) for v in state.values()):
+            break
+        state = state[nested[0]]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise WeightsUnavailable(f"{str(path)!r} does not hold a state dict of tensors")
+    return state
+
+
+def _strip_prefix(state: dict[str, torch.Tensor], keys: Iterable[str]) -> dict[str, torch.Tensor]:
+    wanted = set(keys)
+    for prefix in ("module.", "model.", "backbone.", "visual.", "encoder."):
+        if not (state.keys() & wanted) and all(k.startswith(prefix) for k in state):
+            state = {k[len(prefix) :]: v for k, v in state.items()}
+    return state
+
+
+def load_weights(
+    module: nn.Module,
+    state: dict[str, torch.Tensor],
+    source: str,
+    ignore: Callable[[str], bool] = lambda k: False,
+) -> None:
+    """Strict load that explains a mismatch (another architecture's checkpoint, a head left over)."""
+    state = _strip_prefix(state, module.state_dict().keys())
+    state = {k: v for k, v in state.items() if not ignore(k)}
+    own = module.state_dict()
+    missing = sorted(own.keys() - state.keys())
+    unexpected = sorted(state.keys() - own.keys())
+    wrong = sorted(k for k in own.keys() & state.keys() if own[k].shape != state[k].shape)
+    if missing or unexpected or wrong:
+        shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}" for k in wrong[:3]]
+        raise WeightsUnavailable(
+            f"weights from {source} do not fit {getattr(module, 'name', type(module).__name__)}: "
+            f"{len(missing)} missing (e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]}), "
+            f"{len(wrong)} with another shape {shapes}. Is the file for this architecture?"
+        )
+    module.load_state_dict(state, strict=True)
+
+
+def hub_reachable(timeout: float = 2.0) -> bool:
+    """False at once when offline (HF_HUB_OFFLINE set, or the hub's host does not resolve)."""
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return False
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    old = socket.getdefaulttimeout()
+    try:
+        socket.setdefaulttimeout(timeout)
+        socket.getaddrinfo(host, 443)
+        return True
+    except OSError:
+        return False
+    finally:
+        socket.setdefaulttimeout(old)
+
+
+def from_hub(name: str, build: Callable[[], T]) -> T:
+    """Run `build()` (which downloads `name`) with a clear error instead of minutes of retries offline."""
+    advice = (
+        f"download the weights of {name!r} on a machine with network access (e.g. its model.safetensors) and "
+        "pass them as a local file: weights=path/to/model.safetensors"
+    )
+    if not hub_reachable():
+        raise WeightsUnavailable(f"cannot fetch {name!r}: the model hub is not reachable (offline). Instead, {advice}")
+    try:
+        return build()
+    except Exception as err:
+        raise WeightsUnavailable(f"fetching {name!r} from the model hub failed ({err}). Instead, {advice}") from err

@@ -1,0 +1,56 @@
+"""The shared method core. Imports no backbone, method, task or dataset."""
+
+from mmpeft.core.anatomy import SITES, Attention, ForwardContext, Site, TokenBackbone, TokenBlock
+from mmpeft.core.attention import attention, choose_backend
+from mmpeft.core.errors import AdapterMismatch, MmpeftError, NotMergeable, NotSupported, UnknownName, WeightsUnavailable
+from mmpeft.core.inject import attach, detach, find_modules, find_parameters, freeze, match_name, replace_module
+from mmpeft.core.method import Method, create_method, get_method, list_methods, register_method
+from mmpeft.core.model import PeftModel, backbone_signature
+from mmpeft.core.modules import AdapterModule, Bottleneck, Gate, LowRank, PromptTokens, ScaleShift, disabled
+from mmpeft.core.report import ParamReport, markdown_table, parameter_report
+from mmpeft.core.state import adapter_from_file, load_adapter, read_adapter, save_adapter
+
+__all__ = [
+    "SITES",
+    "Attention",
+    "ForwardContext",
+    "Site",
+    "TokenBackbone",
+    "TokenBlock",
+    "attention",
+    "choose_backend",
+    "AdapterMismatch",
+    "MmpeftError",
+    "NotMergeable",
+    "NotSupported",
+    "UnknownName",
+    "WeightsUnavailable",
+    "attach",
+    "detach",
+    "find_modules",
+    "find_parameters",
+    "freeze",
+    "match_name",
+    "replace_module",
+    "Method",
+    "create_method",
+    "get_method",
+    "list_methods",
+    "register_method",
+    "PeftModel",
+    "backbone_signature",
+    "AdapterModule",
+    "Bottleneck",
+    "Gate",
+    "LowRank",
+    "PromptTokens",
+    "ScaleShift",
+    "disabled",
+    "ParamReport",
+    "markdown_table",
+    "parameter_report",
+    "adapter_from_file",
+    "load_adapter",
+    "read_adapter",
+    "save_adapter",
+]

@@ -1,0 +1,32 @@
+"""The errors mmpeft raises on bad input; each message names the problem and the fix."""
+
+from __future__ import annotations
+
+__all__ = ["MmpeftError", "NotSupported", "NotMergeable", "UnknownName", "AdapterMismatch", "WeightsUnavailable"]
+
+
+class MmpeftError(Exception):
+    """Base class, so callers can catch every mmpeft input error at once."""
+
+
+class NotSupported(MmpeftError, TypeError):
+    """A method or feature cannot run on this backbone (e.g. a token method on a Swin)."""
+
+
+class NotMergeable(MmpeftError, RuntimeError):
+    """The method has a non-linearity or extra tokens, so it cannot fold into the backbone."""
+
+
+class UnknownName(MmpeftError, KeyError):
+    """A registry lookup failed (method, backbone, preset)."""
+
+    def __str__(self) -> str:  # KeyError would otherwise repr() the message
+        return str(self.args[0]) if self.args else ""
+
+
+class AdapterMismatch(MmpeftError, ValueError):
+    """An adapter file was made for another backbone, method or head."""
+
+
+class WeightsUnavailable(MmpeftError, OSError):
+    """Pretrained weights could not be loaded (offline hub name, missing or foreign file)."""

@@ -1,0 +1,203 @@
+"""The `Method` base class and the method registry.
+
+A method is a config dataclass with a few class-level declarations (what trains, whether it is
+the identity at init, whether and how it merges, how the frozen backbone behaves in training)
+and `apply` / `merge` / `unmerge`. Methods register themselves under a short name usable in YAML
+and on the command line; third-party methods register the same way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from mmpeft.core.errors import NotMergeable, NotSupported, UnknownName
+from mmpeft.core.inject import attached, detach, freeze, set_trainable
+from mmpeft.core.modules import adapter_modules
+
+__all__ = [
+    "Method",
+    "register_method",
+    "get_method",
+    "create_method",
+    "list_methods",
+    "method_from_config",
+    "apply_frozen_mode",
+    "FROZEN_MODES",
+]
+
+FROZEN_MODES = ("train", "eval")
+METHODS: dict[str, type[Method]] = {}
+
+
+@dataclass
+class Method:
+    """Base of every PEFT method. Subclasses are dataclasses whose fields are the method's config.
+
+    Class-level declarations (tests assert each of them, whichever way it is declared):
+      name: short registry name ("lora").
+      identity_at_init: the adapted backbone computes exactly the frozen backbone's function at step 0.
+      mergeable: `merge` folds the method into the backbone (else it raises `NotMergeable`).
+      needs_tokens: attaches to the token anatomy (sites, layout), so only runs on a `TokenBackbone`.
+      frozen_mode: "train" (frozen modules follow train/eval, e.g. dropout and drop-path stay
+          active) or "eval" (the frozen backbone always runs in eval mode, as VPT does).
+      presets: named config overrides; "paper" reproduces the official recipe.
+    """
+
+    name: ClassVar[str] = ""
+    identity_at_init: ClassVar[bool] = True
+    mergeable: ClassVar[bool] = False
+    needs_tokens: ClassVar[bool] = False
+    frozen_mode: ClassVar[str] = "train"
+    forward_passes: ClassVar[int] = 1
+    presets: ClassVar[dict[str, dict[str, Any]]] = {}
+
+    # -- what subclasses implement ------------------------------------------------------------
+    def inject(self, backbone: nn.Module) -> None:
+        """Attach the method's modules (already frozen backbone; modules train by default)."""
+
+    def unfrozen(self, backbone: nn.Module) -> list[str]:
+        """Names of backbone tensors the method trains in place (BitFit's biases, LN-tuning)."""
+        return []
+
+    def extra_loss(self, outputs: Any, batch: Any) -> torch.Tensor | None:
+        """A loss term added to the task loss (e.g. MoSA's two-pass consistency)."""
+        return None
+
+    # -- the contract ------------------------------------------------------------------------------
+    def apply(self, backbone: nn.Module) -> nn.Module:
+        """Freeze the backbone, attach the method, and make exactly the declared set trainable."""
+        from mmpeft.core.anatomy import TokenBackbone  # local: anatomy imports modules only
+
+        if self.needs_tokens and not isinstance(backbone, TokenBackbone):
+            raise NotSupported(
+                f"method {self.name!r} attaches to the token anatomy, but {type(backbone).__name__} "
+                f"{getattr(backbone, 'name', '')!r} is not a TokenBackbone"
+                f"{' (' + backbone.token_anatomy + ')' if hasattr(backbone, 'token_anatomy') else ''}; methods that work on any backbone: {', '.join(list_methods(needs_tokens=False))}"
+            )
+        if getattr(backbone, "_mmpeft_method", None) is not None:
+            raise RuntimeError(f"{type(backbone).__name__} already has method {backbone._mmpeft_method!r} applied")
+        freeze(backbone)
+        self.inject(backbone)
+        set_trainable(backbone, self.declared_trainable(backbone))
+        backbone._mmpeft_method = self.name
+        return backbone
+
+    def declared_trainable(self, backbone: nn.Module) -> list[str]:
+        """The declared trainable set inside the backbone: method modules + unfrozen backbone tensors."""
+        own = {
+            f"{prefix}.{n}" if prefix else n
+            for prefix, module in adapter_modules(backbone)
+            for n, _ in module.named_parameters()
+        }
+        return sorted(own | set(self.unfrozen(backbone)))
+
+    def merge(self, backbone: nn.Module) -> None:
+        """Fold the method into the backbone's own tensors; the attached modules become no-ops."""
+        if not self.mergeable:
+            raise NotMergeable(f"method {self.name!r} is not mergeable: {self._why_not_mergeable()}")
+        for _, host, _, child in attached(backbone):
+            if hasattr(child, "merge_into") and not child.merged:
+                child.merge_into(host)
+                child.merged = True
+
+    def unmerge(self, backbone: nn.Module) -> None:
+        if not self.mergeable:
+            raise NotMergeable(f"method {self.name!r} is not mergeable: {self._why_not_mergeable()}")
+        for _, host, _, child in attached(backbone):
+            if hasattr(child, "unmerge_from") and child.merged:
+                child.unmerge_from(host)
+                child.merged = False
+
+    def unload(self, backbone: nn.Module) -> nn.Module:
+        """Merge, then remove every method module: the result has exactly the backbone's keys."""
+        self.merge(backbone)
+        for _, host, attr, _ in list(attached(backbone)):
+            detach(host, attr)
+        leftovers = [n for n, _ in adapter_modules(backbone)]
+        if leftovers:
+            raise NotMergeable(f"method {self.name!r} left modules behind after merging: {leftovers[:3]}")
+        backbone._mmpeft_method = None
+        return backbone
+
+    def _why_not_mergeable(self) -> str:
+        return "it adds non-linear modules or tokens; it runs at inference as trained"
+
+    def config(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def preset(cls, preset: str, **overrides: Any) -> Method:
+        if preset not in cls.presets and preset != "default":
+            raise UnknownName(f"method {cls.name!r} has no preset {preset!r}; presets: {['default', *cls.presets]}")
+        return cls(**{**cls.presets.get(preset, {}), **overrides})
+
+
+def apply_frozen_mode(backbone: nn.Module, training: bool, frozen_mode: str) -> None:
+    """Re-apply the frozen-mode policy after a train/eval switch.
+
+    Frozen BatchNorm layers always run in eval mode so their statistics stay bit-identical; with
+    `frozen_mode="eval"` the whole frozen backbone does, and only method modules follow `training`.
+    """
+    if frozen_mode not in FROZEN_MODES:
+        raise ValueError(f"frozen_mode must be one of {FROZEN_MODES}, got {frozen_mode!r}")
+    if not training:
+        backbone.eval()
+        return
+    if frozen_mode == "eval":
+        backbone.eval()
+        for _, module in adapter_modules(backbone):
+            module.train(True)
+        return
+    backbone.train(True)
+    for module in backbone.modules():
+        if isinstance(module, _BatchNorm) and not all(p.requires_grad for p in module.parameters(recurse=False)):
+            module.eval()
+
+
+def register_method(cls: type[Method]) -> type[Method]:
+    """Class decorator: make `cls` available under `cls.name`."""
+    if not cls.name:
+        raise ValueError(f"{cls.__name__} needs a class attribute `name`")
+    if cls.name in METHODS and METHODS[cls.name] is not cls:
+        raise ValueError(f"method name {cls.name!r} is taken by {METHODS[cls.name].__qualname__}")
+    if cls.frozen_mode not in FROZEN_MODES:
+        raise ValueError(f"{cls.__name__}.frozen_mode must be one of {FROZEN_MODES}")
+    METHODS[cls.name] = cls
+    return cls
+
+
+def get_method(name: str) -> type[Method]:
+    key = name.lower()
+    if key not in METHODS:
+        close = difflib.get_close_matches(key, METHODS, n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise UnknownName(f"unknown method {name!r}{hint} Registered methods: {', '.join(sorted(METHODS))}")
+    return METHODS[key]
+
+
+def create_method(name: str, preset: str = "default", **overrides: Any) -> Method:
+    """`create_method("lora", r=16)`, or `create_method("lora", preset="paper")`."""
+    cls = get_method(name)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(overrides) - fields
+    if unknown:
+        raise UnknownName(f"method {name!r} has no option(s) {sorted(unknown)}; options: {sorted(fields)}")
+    return cls.preset(preset, **overrides)
+
+
+def list_methods(needs_tokens: bool | None = None) -> list[str]:
+    return sorted(n for n, c in METHODS.items() if needs_tokens is None or c.needs_tokens == needs_tokens)
+
+
+def method_from_config(config: dict[str, Any]) -> Method:
+    """Inverse of `{"name": m.name, "config": m.config()}` as stored in adapter files."""
+    cls = get_method(config["name"])
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in config.get("config", {}).items()}
+    return cls(**kwargs)

@@ -1,0 +1,106 @@
+"""`PeftModel`: a frozen backbone, one method applied to it, and a task head.
+
+This is the unit the tasks train and the adapter files save. It owns the frozen-mode policy:
+after every train/eval switch (Lightning makes many) the method's policy is re-applied.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+import torch
+from torch import nn
+
+from mmpeft.core.method import Method, apply_frozen_mode, create_method
+from mmpeft.core.modules import adapter_modules, disabled
+
+__all__ = ["PeftModel", "backbone_signature"]
+
+
+class PeftModel(nn.Module):
+    """`head(backbone(inputs))` with `method` applied to `backbone`.
+
+    Args:
+        backbone: any module producing `[batch, num_features]`; token methods need a `TokenBackbone`.
+        method: a `Method`, or a registered name (`"lora"`), or None for the linear probe.
+        num_classes: builds a Linear head on `backbone.num_features`; 0 or None keeps features.
+        head: a custom head instead of the Linear one.
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        method: Method | str | None = "linear",
+        num_classes: int | None = None,
+        head: nn.Module | None = None,
+    ):
+        super().__init__()
+        self.method = create_method(method or "linear") if not isinstance(method, Method) else method
+        self.backbone = self.method.apply(backbone)
+        if head is None:
+            head = nn.Linear(backbone.num_features, num_classes) if num_classes else nn.Identity()
+            if num_classes:
+                head.to(device=_device_of(backbone))
+        self.head = head
+        self.apply_frozen_mode()
+
+    def forward(self, inputs: Any) -> torch.Tensor:
+        return self.head(self.backbone(inputs))
+
+    def train(self, mode: bool = True) -> PeftModel:
+        super().train(mode)
+        self.apply_frozen_mode()
+        return self
+
+    def apply_frozen_mode(self) -> None:
+        apply_frozen_mode(self.backbone, self.training, self.method.frozen_mode)
+
+    def disabled(self):
+        """Run with the method switched off (the frozen backbone plus the head)."""
+        return disabled(self.backbone)
+
+    def trainable_names(self) -> list[str]:
+        """The declared trainable set, as names in this model's state dict."""
+        declared = [f"backbone.{n}" for n in self.method.declared_trainable(self.backbone)]
+        return declared + [f"head.{n}" for n, _ in self.head.named_parameters()]
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """The declared trainable set plus the buffers of modules that train whole (e.g. BN stats)."""
+        names = set(self.trainable_names())
+        state = self.state_dict(keep_vars=False)
+        out = {n: state[n] for n in sorted(names)}
+        for mod_name, module in self.named_modules():
+            own = [f"{mod_name}.{n}" if mod_name else n for n, _ in module.named_parameters(recurse=False)]
+            if own and all(n in names for n in own):
+                for b, _ in module.named_buffers(recurse=False):
+                    key = f"{mod_name}.{b}" if mod_name else b
+                    if key in state:
+                        out[key] = state[key]
+        return out
+
+    def merge(self) -> None:
+        self.method.merge(self.backbone)
+
+    def unmerge(self) -> None:
+        self.method.unmerge(self.backbone)
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    p = next(module.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def backbone_signature(backbone: nn.Module) -> dict[str, Any]:
+    """What an adapter file must match: backbone class, name and the frozen tensors' shapes."""
+    own = {prefix for prefix, _ in adapter_modules(backbone)}
+    shapes = {n: list(t.shape) for n, t in backbone.state_dict().items() if not any(n.startswith(p + ".") for p in own)}
+    digest = hashlib.sha1(json.dumps(sorted(shapes.items())).encode()).hexdigest()[:16]
+    return {
+        "class": type(backbone).__name__,
+        "name": getattr(backbone, "name", type(backbone).__name__),
+        "num_features": int(getattr(backbone, "num_features", 0) or 0),
+        "num_tensors": len(shapes),
+        "shapes_sha1": digest,
+    }

@@ -1,0 +1,128 @@
+"""Adapter files: exactly the declared trainable set (plus head) in safetensors, with the method
+config and the backbone's signature in the header, so a file for another backbone, method or
+head is refused with a message saying which. Files are written atomically: a failed save never
+leaves a half-written file in place of a good one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from mmpeft.core.errors import AdapterMismatch
+from mmpeft.core.method import method_from_config
+from mmpeft.core.model import PeftModel, backbone_signature
+
+__all__ = ["FORMAT", "save_adapter", "read_adapter", "load_adapter", "adapter_from_file", "merge", "unmerge"]
+
+FORMAT = "mmpeft-adapter/1"
+
+
+def save_adapter(model: PeftModel, path: str | os.PathLike, extra: dict[str, Any] | None = None) -> int:
+    """Write the adapter file; returns its size in bytes."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().to("cpu").clone().contiguous() for k, v in model.trainable_state_dict().items()}
+    meta = {
+        "format": FORMAT,
+        "method": json.dumps({"name": model.method.name, "config": model.method.config()}),
+        "backbone": json.dumps(backbone_signature(model.backbone)),
+        "extra": json.dumps(extra or {}),
+    }
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=meta)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path.stat().st_size
+
+
+def read_adapter(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(tensors, header) of an adapter file; the header's JSON fields are decoded."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"adapter file {str(path)!r} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as err:  # safetensors raises its own error types on foreign files
+        raise AdapterMismatch(f"{str(path)!r} is not a safetensors adapter file ({err})") from err
+    if raw.get("format") != FORMAT:
+        raise AdapterMismatch(
+            f"{str(path)!r} is not an mmpeft adapter file (header format {raw.get('format')!r}, expected {FORMAT!r})"
+        )
+    header = {k: json.loads(v) for k, v in raw.items() if k != "format"}
+    header["format"] = raw["format"]
+    return tensors, header
+
+
+def _describe(sig: dict[str, Any]) -> str:
+    return f"{sig['name']!r} ({sig['class']}, {sig['num_features']} features, {sig['num_tensors']} tensors)"
+
+
+def load_adapter(model: PeftModel, path: str | os.PathLike) -> dict[str, Any]:
+    """Load an adapter file into a model built with the same backbone, method and head.
+
+    Everything is checked before anything is written, so a refused file leaves the model as it was.
+    Returns the file's header.
+    """
+    tensors, header = read_adapter(path)
+    file_sig, model_sig = header["backbone"], backbone_signature(model.backbone)
+    if file_sig != model_sig:
+        raise AdapterMismatch(
+            f"adapter file {str(path)!r} was made for backbone {_describe(file_sig)}, but this model's backbone is "
+            f"{_describe(model_sig)}; build the model on the backbone the adapter was trained on"
+        )
+    file_method = header["method"]
+    model_method = {"name": model.method.name, "config": json.loads(json.dumps(model.method.config()))}
+    if file_method != model_method:
+        raise AdapterMismatch(
+            f"adapter file {str(path)!r} holds method {file_method['name']!r} {file_method['config']}, but the model "
+            f"has {model_method['name']!r} {model_method['config']}; build the model from the file's method config"
+        )
+    expected = model.trainable_state_dict()
+    missing, unexpected = sorted(expected.keys() - tensors.keys()), sorted(tensors.keys() - expected.keys())
+    wrong = [k for k in expected.keys() & tensors.keys() if expected[k].shape != tensors[k].shape]
+    if missing or unexpected or wrong:
+        detail = "; ".join(
+            f"{label}: {keys[:4]}"
+            for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong))
+            if keys
+        )
+        hint = " (a head for another number of classes?)" if any(k.startswith("head.") for k in wrong) else ""
+        raise AdapterMismatch(f"adapter file {str(path)!r} does not fit this model{hint}: {detail}")
+    with torch.no_grad():
+        state = model.state_dict(keep_vars=True)
+        for k, v in tensors.items():
+            state[k].copy_(v.to(state[k].dtype))
+    return header
+
+
+def adapter_from_file(backbone: torch.nn.Module, path: str | os.PathLike) -> PeftModel:
+    """Rebuild the trained model from a fresh backbone and an adapter file alone."""
+    tensors, header = read_adapter(path)
+    method = method_from_config(header["method"])
+    head_w = tensors.get("head.weight")
+    model = PeftModel(backbone, method, num_classes=int(head_w.shape[0]) if head_w is not None else None)
+    load_adapter(model, path)
+    return model
+
+
+def merge(model: PeftModel) -> None:
+    """Fold a mergeable method into the backbone (raises `NotMergeable` otherwise)."""
+    model.merge()
+
+
+def unmerge(model: PeftModel) -> None:
+    model.unmerge()

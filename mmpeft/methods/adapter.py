@@ -1,0 +1,78 @@
+"""Bottleneck adapters: AdaptFormer's parallel adapter (Chen et al., "AdaptFormer: Adapting Vision
+Transformers for Scalable Visual Recognition", NeurIPS 2022) and the sequential (Pfeiffer) form."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from mmpeft.core.anatomy import ForwardContext, TokenBackbone
+from mmpeft.core.method import Method, register_method
+from mmpeft.core.modules import Bottleneck
+
+__all__ = ["Adapter", "SiteAdapter"]
+
+
+class SiteAdapter(Bottleneck):
+    """A bottleneck hooked on a block site: parallel (`m + f(x_in)`) or sequential (`m + f(m)`)."""
+
+    def __init__(self, dim: int, hidden: int, parallel: bool, **kwargs):
+        super().__init__(dim, hidden, **kwargs)
+        self.parallel = parallel
+
+    def forward(self, m: torch.Tensor, ctx: ForwardContext, x_in: torch.Tensor | None = None) -> torch.Tensor:
+        return m + super().forward(x_in if self.parallel else m)
+
+
+@register_method
+@dataclass
+class Adapter(Method):
+    """AdaptFormer: beside every block's MLP, `s * up(act(down(x)))` reads the block's residual
+    stream (the MLP norm's input) and is added to the MLP output. Down is kaiming-uniform and up is
+    zero, so the model is the frozen backbone at step 0 (both-zero inits, VPT's bug, are refused).
+    Not mergeable: the activation sits between the projections.
+
+    `position="sequential"` gives the Pfeiffer form on the MLP output instead. `norm=True` adds the
+    adapter's own LayerNorm (MoSA's baseline). The default bottleneck 8 is the VTAB-1k convention
+    (NOAH, V-PETL: 156,768 trainable on ViT-B/16); the `paper` preset is AdaptFormer's image recipe
+    (bottleneck 64, ReLU, scale 0.1, dropout 0.1).
+    """
+
+    name: ClassVar[str] = "adapter"
+    identity_at_init: ClassVar[bool] = True
+    mergeable: ClassVar[bool] = False
+    needs_tokens: ClassVar[bool] = True
+    presets: ClassVar[dict] = {
+        "paper": {"bottleneck": 64, "scale": 0.1, "dropout": 0.1, "activation": "relu", "norm": False}
+    }
+
+    bottleneck: int = 8
+    scale: float = 0.1
+    dropout: float = 0.1
+    activation: str = "relu"
+    norm: bool = False
+    position: str = "parallel"  # or "sequential"
+
+    def __post_init__(self) -> None:
+        if self.position not in ("parallel", "sequential"):
+            raise ValueError(f"adapter position must be 'parallel' or 'sequential', got {self.position!r}")
+
+    def inject(self, backbone: nn.Module) -> None:
+        assert isinstance(backbone, TokenBackbone)
+        for _, site in backbone.sites("mlp.branch"):
+            ref = backbone.blocks[0].norm2.weight if hasattr(backbone.blocks[0].norm2, "weight") else None
+            site.append(
+                SiteAdapter(
+                    backbone.embed_dim,
+                    self.bottleneck,
+                    parallel=self.position == "parallel",
+                    activation=self.activation,
+                    scale=self.scale,
+                    dropout=self.dropout,
+                    norm=self.norm,
+                    device=ref.device if ref is not None else None,
+                )
+            )

@@ -1,0 +1,278 @@
+"""The conformance suite: every registered method on every backbone it supports.
+
+Each check is one test over the (method, backbone) matrix; later issues add methods and backbones
+to the matrix and inherit every check. A method that does not support a backbone must say so by
+raising `NotSupported` when applied; that pair is then checked for exactly that.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from mmpeft.core.anatomy import TokenBackbone
+from mmpeft.core.errors import AdapterMismatch, NotMergeable, NotSupported
+from mmpeft.core.method import get_method, list_methods
+from mmpeft.core.model import PeftModel
+from mmpeft.core.modules import adapter_modules
+from mmpeft.core.state import load_adapter, save_adapter
+from tests.conftest import BackboneCase, backbone_cases
+
+CASES = {c.name: c for c in backbone_cases()}
+NUM_CLASSES = 5
+BATCH = 4
+
+
+def _supported(method: str, case: BackboneCase) -> bool:
+    try:
+        PeftModel(case.build(), method, num_classes=NUM_CLASSES)
+    except NotSupported:
+        return False
+    return True
+
+
+def _is_token(case: str) -> bool:
+    return isinstance(CASES[case].build(), TokenBackbone)
+
+
+MATRIX = [(m, c) for m in list_methods() for c in CASES]
+SUPPORTED = [pytest.param(m, c, id=f"{m}-{c}") for m, c in MATRIX if _supported(m, CASES[c])]
+UNSUPPORTED = [pytest.param(m, c, id=f"{m}-{c}") for m, c in MATRIX if not _supported(m, CASES[c])]
+
+
+def build(method: str, case: str, seed: int = 0, other: bool = False) -> PeftModel:
+    torch.manual_seed(seed)
+    c = CASES[case]
+    backbone = (c.build_other if other else c.build)()
+    torch.manual_seed(seed + 1000)  # method init independent of the backbone's draws
+    return PeftModel(backbone, method, num_classes=NUM_CLASSES)
+
+
+def inputs(case: str, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = CASES[case].inputs(BATCH, g)
+    y = torch.randint(0, NUM_CLASSES, (BATCH,), generator=g)
+    return x, y
+
+
+def train_steps(model: PeftModel, case: str, steps: int = 3, lr: float = 0.05) -> None:
+    """A few AdamW steps with weight decay over *all* parameters, as a careless user would."""
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1)
+    for step in range(steps):
+        x, y = inputs(case, seed=step)
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
+def eval_logits(model: PeftModel, case: str) -> torch.Tensor:
+    model.eval()
+    with torch.no_grad():
+        return model(inputs(case, seed=99)[0])
+
+
+def features(model: PeftModel, case: str) -> torch.Tensor:
+    model.eval()
+    with torch.no_grad():
+        return model.backbone(inputs(case, seed=99)[0])
+
+
+# -- declared set -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("method", "case"), SUPPORTED)
+def test_exactly_the_declared_set_trains(method, case):
+    model = build(method, case)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == set(model.trainable_names())
+    added = {f"backbone.{prefix}.{n}" for prefix, m in adapter_modules(model.backbone) for n, _ in m.named_parameters()}
+    assert added <= trainable, "every method-owned parameter is in the declared set"
+    assert {"head.weight", "head.bias"} <= trainable
+    backbone_trainable = sum(p.numel() for p in model.backbone.parameters() if p.requires_grad)
+    assert backbone_trainable == expected_backbone_trainable(method, model)
+
+
+def expected_backbone_trainable(method: str, model: PeftModel) -> int:
+    """Counts from the backbone's module shapes, independently of how the methods declare them."""
+    backbone = model.backbone
+    modules = [m for n, m in backbone.named_modules() if not any(n.startswith(p) for p, _ in adapter_modules(backbone))]
+    if method == "linear":
+        return 0
+    if method == "full":
+        return sum(p.numel() for p in backbone.parameters())
+    if method == "bitfit":
+        return sum(m.bias.numel() for m in modules if isinstance(getattr(m, "bias", None), torch.nn.Parameter))
+    if method == "lora":  # rank 8 on the q and v thirds of every fused qkv
+        r = model.method.r
+        return sum(2 * r * (b.attn.qkv.in_features + b.attn.qkv.out_features // 3) for b in backbone.blocks)
+    if method == "adapter":  # bottleneck with biases on every block's MLP branch
+        d, h = backbone.embed_dim, model.method.bottleneck
+        return backbone.depth * (d * h + h + h * d + d)
+    raise AssertionError(f"add the expected count of {method!r} to the conformance suite")
+
+
+def test_every_method_runs_on_every_token_backbone():
+    assert not [p.id for p in UNSUPPORTED if _is_token(p.values[1])]
+
+
+@pytest.mark.parametrize(("method", "case"), UNSUPPORTED)
+def test_unsupported_pairs_raise_not_supported(method, case):
+    with pytest.raises(NotSupported, match="TokenBackbone" if get_method(method).needs_tokens else "no module"):
+        build(method, case)
+
+
+# -- frozen means frozen ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("method", "case"), SUPPORTED)
+def test_frozen_tensors_and_bn_statistics_bit_identical_after_steps(method, case):
+    model = build(method, case)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    trainable = set(model.trainable_names())
+    train_steps(model, case)
+    after = model.state_dict()
+    bn_buffers = {
+        f"{n}.{b}"
+        for n, m in model.named_modules()
+        if isinstance(m, _BatchNorm)
+        for b, _ in m.named_buffers(recurse=False)
+    }
+    full = method == "full"
+    for key, value in before.items():
+        if key in trainable or (full and key in bn_buffers):
+            continue
+        assert torch.equal(value, after[key]), f"frozen tensor {key} changed"
+    for name, p in model.named_parameters():
+        if name not in trainable:
+            assert p.grad is None, f"frozen parameter {name} received a gradient"
+    changed = [k for k in trainable if not torch.equal(before[k], after[k])]
+    assert changed, "training changed nothing"
+    if method != "linear":
+        assert any(not k.startswith("head.") for k in changed), "only the head moved"
+
+
+@pytest.mark.parametrize(("method", "case"), SUPPORTED)
+def test_frozen_mode_policy_survives_train_eval_switches(method, case):
+    model = build(method, case)
+    model.train()
+    model.eval()
+    model.train()
+    policy = model.method.frozen_mode
+    for name, m in model.backbone.named_modules():
+        in_method = any(name.startswith(p) for p, _ in adapter_modules(model.backbone))
+        if in_method:
+            assert m.training
+        elif isinstance(m, _BatchNorm) and method != "full":
+            assert not m.training, f"frozen BatchNorm {name} in train mode"
+        elif policy == "eval":
+            assert not m.training, f"{name} should stay in eval mode under the 'eval' policy"
+    assert model.head.training
+
+
+# -- adapter files ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("method", "case"), SUPPORTED)
+def test_adapter_file_round_trip_restores_outputs_exactly(method, case, tmp_path):
+    model = build(method, case)
+    train_steps(model, case)
+    expected = eval_logits(model, case)
+    size = save_adapter(model, tmp_path / "a.safetensors")
+    assert size > 0
+    fresh = build(method, case, seed=0)
+    fresh_seed = build(method, case, seed=0)  # untouched copy to prove the load did something
+    torch.manual_seed(123)
+    load_adapter(fresh, tmp_path / "a.safetensors")
+    assert torch.equal(eval_logits(fresh, case), expected)
+    assert not torch.equal(eval_logits(fresh_seed, case), expected)
+
+
+@pytest.mark.parametrize(("method", "case"), SUPPORTED)
+def test_adapter_file_refuses_another_backbone_and_changes_nothing(method, case, tmp_path):
+    model = build(method, case)
+    save_adapter(model, tmp_path / "a.safetensors")
+    other = build(method, case, other=True)
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    with pytest.raises(AdapterMismatch, match="made for backbone"):
+        load_adapter(other, tmp_path / "a.safetensors")
+    assert all(torch.equal(v, other.state_dict()[k]) for k, v in before.items())
+
+
+# -- merge ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("method", "case"), SUPPORTED)
+def test_merge_matches_unmerged_or_refuses(method, case):
+    model = build(method, case)
+    train_steps(model, case)
+    if not model.method.mergeable:
+        with pytest.raises(NotMergeable):
+            model.merge()
+        return
+    expected = eval_logits(model, case)
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    model.merge()
+    torch.testing.assert_close(eval_logits(model, case), expected, atol=1e-4, rtol=0)
+    model.unmerge()
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, weights[k], atol=1e-6, rtol=0)
+    original_keys = set(build("linear", case).backbone.state_dict())
+    unloaded = copy.deepcopy(model)
+    unloaded.method.unload(unloaded.backbone)
+    assert set(unloaded.backbone.state_dict()) == original_keys, "a merged model has exactly the backbone's keys"
+    torch.testing.assert_close(eval_logits(unloaded, case), expected, atol=1e-4, rtol=0)
+
+
+# -- identity at init, determinism, checkpointing ------------------------------------------------------
+
+
+@pytest.mark.parametrize(("method", "case"), SUPPORTED)
+def test_identity_at_init_as_declared(method, case):
+    model = build(method, case)
+    torch.manual_seed(0)
+    pristine = CASES[case].build()
+    pristine.eval()
+    with torch.no_grad():
+        reference = pristine(inputs(case, seed=99)[0])
+    adapted = features(model, case)
+    if get_method(method).identity_at_init:
+        assert torch.equal(adapted, reference)
+    else:
+        assert not torch.allclose(adapted, reference)
+    with model.disabled():
+        assert torch.equal(features(model, case), reference), "disabled() runs the frozen backbone"
+
+
+@pytest.mark.parametrize(("method", "case"), SUPPORTED)
+def test_same_seed_same_outputs(method, case):
+    outs = []
+    for _ in range(2):
+        model = build(method, case, seed=7)
+        model.train()
+        torch.manual_seed(3)
+        outs.append(model(inputs(case)[0]))
+    assert torch.equal(outs[0], outs[1])
+
+
+@pytest.mark.parametrize(
+    ("method", "case"),
+    [p for p in SUPPORTED if _is_token(p.values[1])],
+)
+def test_activation_checkpointing_gives_identical_gradients(method, case):
+    grads = []
+    for ckpt in (False, True):
+        model = build(method, case)
+        model.backbone.set_grad_checkpointing(ckpt)
+        model.train()
+        x, y = inputs(case)
+        torch.manual_seed(5)  # dropout and drop-path draws
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for name in grads[0]:
+        assert torch.equal(grads[0][name], grads[1][name]), name
