@@ -7,7 +7,7 @@ import sys
 from collections.abc import Sequence
 
 from mmpeft.core.errors import MmpeftError
-from mmpeft.core.method import create_method, list_methods
+from mmpeft.core.method import create_method, get_method, list_methods
 from mmpeft.core.model import PeftModel
 from mmpeft.core.report import human, markdown_table, parameter_report
 
@@ -18,6 +18,7 @@ def params_table(backbone: str, num_classes: int = 100, preset: str = "default")
     """One row per registered method; full-size backbones are built on the meta device (no memory)."""
     from mmpeft.backbones import create_backbone  # noqa: PLC0415
 
+    create_backbone(backbone, device="meta")  # a bad name fails here, once, with its own message
     rows = []
     for name in list_methods():
         row: dict = {"method": name}
@@ -25,7 +26,8 @@ def params_table(backbone: str, num_classes: int = 100, preset: str = "default")
             method = create_method(name, preset=preset)
             model = PeftModel(create_backbone(backbone, device="meta"), method, num_classes=num_classes)
         except MmpeftError as err:  # not supported on this backbone, or no such preset
-            rows.append({**row, "trainable": "n/a", "no head": "n/a", "% of backbone": "n/a", "note": str(err)[:60]})
+            note = "needs a TokenBackbone" if get_method(name).needs_tokens else str(err).split(";")[0][:80]
+            rows.append({**row, "trainable": "n/a", "no head": "n/a", "% of backbone": "n/a", "note": note})
             continue
         r = parameter_report(model)
         rows.append(

@@ -1,7 +1,7 @@
 """The shared method core. Imports no backbone, method, task or dataset."""
 
 from mmpeft.core.anatomy import SITES, Attention, ForwardContext, Site, TokenBackbone, TokenBlock
-from mmpeft.core.attention import attention, choose_backend
+from mmpeft.core.attention import choose_backend
 from mmpeft.core.errors import AdapterMismatch, MmpeftError, NotMergeable, NotSupported, UnknownName, WeightsUnavailable
 from mmpeft.core.inject import attach, detach, find_modules, find_parameters, freeze, match_name, replace_module
 from mmpeft.core.method import Method, create_method, get_method, list_methods, register_method
@@ -17,7 +17,6 @@ __all__ = [
     "Site",
     "TokenBackbone",
     "TokenBlock",
-    "attention",
     "choose_backend",
     "AdapterMismatch",
     "MmpeftError",

@@ -76,10 +76,11 @@ class Method:
         from mmpeft.core.anatomy import TokenBackbone  # local: anatomy imports modules only
 
         if self.needs_tokens and not isinstance(backbone, TokenBackbone):
+            why = f" ({backbone.token_anatomy})" if hasattr(backbone, "token_anatomy") else ""
             raise NotSupported(
                 f"method {self.name!r} attaches to the token anatomy, but {type(backbone).__name__} "
-                f"{getattr(backbone, 'name', '')!r} is not a TokenBackbone"
-                f"{' (' + backbone.token_anatomy + ')' if hasattr(backbone, 'token_anatomy') else ''}; methods that work on any backbone: {', '.join(list_methods(needs_tokens=False))}"
+                f"{getattr(backbone, 'name', '')!r} is not a TokenBackbone{why}; methods that work on any "
+                f"backbone: {', '.join(list_methods(needs_tokens=False))}"
             )
         if getattr(backbone, "_mmpeft_method", None) is not None:
             raise RuntimeError(f"{type(backbone).__name__} already has method {backbone._mmpeft_method!r} applied")

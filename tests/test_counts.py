@@ -1,0 +1,81 @@
+"""Exact trainable counts on full-size ViT-B/16 (built on the meta device) and the `params` table."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from mmpeft.backbones import TimmViT
+from mmpeft.cli import main, params_table
+from mmpeft.core.method import create_method
+from mmpeft.core.model import PeftModel
+from mmpeft.core.report import parameter_report
+
+VIT_B16_PARAMS = 85_798_656  # spec vision.md §2.3
+
+
+def report(method: str, num_classes: int = 100, **config):
+    backbone = TimmViT("vit_base_patch16_224", device="meta")
+    return parameter_report(PeftModel(backbone, create_method(method, **config), num_classes=num_classes))
+
+
+@pytest.mark.parametrize(
+    ("method", "config", "expected"),
+    [
+        ("lora", {"r": 8}, 294_912),
+        ("lora", {"r": 16}, 589_824),
+        ("adapter", {"bottleneck": 8}, 156_768),
+        ("adapter", {"bottleneck": 64}, 1_189_632),
+        ("adapter", {"bottleneck": 16, "norm": True}, 304_320 + 18_432),
+        ("bitfit", {}, 102_912),
+        ("linear", {}, 0),
+        ("full", {}, VIT_B16_PARAMS),
+    ],
+)
+def test_vit_b16_counts_match_the_spec(method, config, expected):
+    r = report(method, **config)
+    assert r.backbone == VIT_B16_PARAMS
+    assert r.trainable_no_head == expected
+    assert r.trainable == expected + 769 * 100
+
+
+@pytest.mark.parametrize("classes", [2, 100, 397])
+def test_linear_head_is_769_per_class(classes):
+    assert report("linear", num_classes=classes).trainable == 769 * classes
+
+
+def test_fused_qkv_lora_equals_noah_count():
+    """LoRA on all of the fused qkv (NOAH) has the same count as q and v separately: 3072 r per block."""
+    assert report("lora", targets=("attn.qkv[q,v]",)).trainable_no_head == 12 * 3072 * 8
+    assert report("lora", targets=("attn.qkv",)).trainable_no_head == 12 * (768 * 8 + 8 * 2304)
+
+
+def test_params_table_rows_and_percentages():
+    rows = {r["method"]: r for r in params_table("vit_base_patch16_224", num_classes=100)}
+    assert rows["lora"]["no head"] == 294_912 and rows["lora"]["trainable"] == 294_912 + 76_900
+    assert rows["full"]["% of backbone"] == "100.000"
+    assert rows["bitfit"]["% of backbone"] == f"{100 * 102_912 / VIT_B16_PARAMS:.3f}"
+
+
+def test_params_table_marks_token_methods_on_other_families():
+    rows = {r["method"]: r for r in params_table("test_convnext", num_classes=10)}
+    assert rows["adapter"]["trainable"] == "n/a" and "TokenBackbone" in rows["adapter"]["note"]
+    assert rows["bitfit"]["trainable"] > 0
+
+
+def test_params_cli(capsys):
+    assert main(["params", "--backbone", "vit_base_patch16_224"]) == 0
+    out = capsys.readouterr().out
+    assert "| lora | 371,812 | 294,912 |" in out
+    assert main(["params", "--backbone", "no_such_net"]) == 2
+    assert "unknown backbone 'no_such_net'" in capsys.readouterr().err
+
+
+def test_console_script_runs():
+    out = subprocess.run(
+        [sys.executable, "-m", "mmpeft.cli", "params", "--backbone", "vit_base_patch16_224", "--num-classes", "10"],
+        capture_output=True, text=True, check=True, timeout=300,
+    )  # fmt: skip
+    assert "| adapter | 164,458 | 156,768 |" in out.stdout

@@ -1,0 +1,168 @@
+"""Method specifics beyond the conformance suite: LoRA targets and merge, adapter inits, the registry."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import pytest
+import torch
+
+from mmpeft.backbones import TimmViT
+from mmpeft.core.errors import NotSupported, UnknownName
+from mmpeft.core.method import Method, create_method, get_method, register_method
+from mmpeft.core.model import PeftModel
+from mmpeft.core.modules import Bottleneck, ScaleShift
+from mmpeft.methods.lora import parse_target
+from tests.toys import ToyRegViT
+
+TINY = {"img_size": 32, "embed_dim": 32, "depth": 2, "num_heads": 2}
+
+
+def tiny_vit():
+    return TimmViT("vit_base_patch16_224", **TINY)
+
+
+def randomize(model: PeftModel) -> None:
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.05)
+
+
+@pytest.mark.parametrize(
+    ("targets", "count"),
+    [
+        (("attn.qkv[q,v]",), 2 * 2 * 4 * (32 + 32)),
+        (("attn.qkv[k]",), 2 * 4 * (32 + 32)),
+        (("attn.qkv", "attn.proj"), 2 * 4 * ((32 + 96) + (32 + 32))),
+        (("blocks.1.mlp.fc1",), 4 * (32 + 128)),
+    ],
+)
+def test_lora_targets_counts_and_merge(targets, count):
+    torch.manual_seed(0)
+    model = PeftModel(tiny_vit(), create_method("lora", r=4, alpha=8, targets=targets), num_classes=3).eval()
+    assert sum(p.numel() for p in model.backbone.parameters() if p.requires_grad) == count
+    randomize(model)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        before = model(x)
+        with model.disabled():
+            frozen = model(x)
+        assert not torch.allclose(before, frozen)
+        weights = {k: v.clone() for k, v in model.state_dict().items()}
+        model.merge()
+        torch.testing.assert_close(model(x), before, atol=1e-5, rtol=0)
+        model.unmerge()
+        for k, v in model.state_dict().items():
+            torch.testing.assert_close(v, weights[k], atol=1e-6, rtol=0)
+
+
+def test_lora_scale_is_alpha_over_r():
+    torch.manual_seed(0)
+    model = PeftModel(tiny_vit(), create_method("lora", r=4, alpha=8, targets=("attn.proj",)), num_classes=3)
+    delta = model.backbone.blocks[0].attn.proj.lora.deltas["all"]
+    assert delta.scale == 2.0
+    randomize(model)
+    x = torch.randn(5, 32)
+    torch.testing.assert_close(delta(x), 2.0 * x @ delta.A.T @ delta.B.T)
+
+
+def test_lora_bad_targets():
+    with pytest.raises(ValueError, match="bad LoRA target"):
+        parse_target("attn.qkv[x]")
+    assert parse_target("attn.qkv[q, v]") == ("attn.qkv", ("q", "v"))
+    with pytest.raises(NotSupported, match="LoRA supports nn.Linear"):
+        PeftModel(tiny_vit(), create_method("lora", targets=("patch_embed.proj",)), num_classes=3)
+    with pytest.raises(NotSupported, match="no module matches"):
+        PeftModel(tiny_vit(), create_method("lora", targets=("attn.q_proj",)), num_classes=3)
+    with pytest.raises(NotSupported, match="fused qkv"):
+        PeftModel(tiny_vit(), create_method("lora", targets=("mlp.fc2[q]",)), num_classes=3)
+
+
+def test_adapter_rejects_the_both_zero_init():
+    with pytest.raises(ValueError, match="VPT's Adapter bug"):
+        Bottleneck(8, 2, init="zeros")
+
+
+def test_adapter_down_projection_gets_gradients_at_init():
+    torch.manual_seed(0)
+    model = PeftModel(ToyRegViT(), "adapter", num_classes=3).train()
+    model(torch.randn(2, 3, 16, 16)).sum().backward()
+    adapter = model.backbone.blocks[0].site("mlp.branch")[0]
+    assert adapter.up.weight.grad.abs().sum() > 0, "zero-up init still trains the up projection"
+    assert adapter.down.weight.grad is not None
+
+
+def test_adapter_sequential_position_and_paper_preset():
+    paper = get_method("adapter").preset("paper")
+    assert (paper.bottleneck, paper.scale, paper.dropout, paper.activation) == (64, 0.1, 0.1, "relu")
+    torch.manual_seed(0)
+    model = PeftModel(ToyRegViT(), create_method("adapter", position="sequential"), num_classes=3).eval()
+    randomize(model)
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        with model.disabled():
+            frozen = model(x)
+        assert not torch.allclose(model(x), frozen)
+    with pytest.raises(ValueError, match="parallel' or 'sequential"):
+        create_method("adapter", position="diagonal")
+
+
+def test_scale_shift_folds_into_linear_conv_and_norm():
+    torch.manual_seed(0)
+    for layer, x in (
+        (torch.nn.Linear(6, 4), torch.randn(3, 6)),
+        (torch.nn.Conv2d(2, 4, 3), torch.randn(1, 2, 5, 5)),
+        (torch.nn.LayerNorm(4), torch.randn(3, 4)),
+    ):
+        ss = ScaleShift(4, init="normal", channel_dim=1 if isinstance(layer, torch.nn.Conv2d) else -1)
+        expected = ss(layer(x))
+        ss.fold_into(layer)
+        torch.testing.assert_close(layer(x), expected, atol=1e-6, rtol=0)
+    ss = ScaleShift(10_000, init="normal")
+    assert abs(ss.gamma.mean().item() - 1) < 2e-3 and abs(ss.gamma.std().item() - 0.02) < 2e-3
+
+
+def test_registry_errors_are_clear():
+    with pytest.raises(UnknownName, match=r"unknown method 'lroa'; did you mean lora\?.*Registered methods"):
+        create_method("lroa")
+    with pytest.raises(UnknownName, match=r"has no option\(s\) \['rank'\]"):
+        create_method("lora", rank=4)
+    with pytest.raises(UnknownName, match="no preset 'noah'"):
+        create_method("lora", preset="noah")
+    with pytest.raises(UnknownName, match="unknown method 'ssff'"):
+        PeftModel(tiny_vit(), "ssff", num_classes=2)
+
+
+def test_registering_a_third_party_method_and_name_clashes():
+    @register_method
+    @dataclass
+    class NormTune(Method):
+        """Trains LayerNorm affines only (LN-tuning)."""
+
+        name: ClassVar[str] = "test_ln_tune"
+        mergeable: ClassVar[bool] = True
+
+        def unfrozen(self, backbone):
+            return [n for n, _ in backbone.named_parameters() if ".norm" in n or n.startswith("norm")]
+
+    model = PeftModel(TimmViT("vit_base_patch16_224", device="meta"), "test_ln_tune", num_classes=0)
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 38_400  # spec: LN-tune
+    with pytest.raises(ValueError, match="is taken"):
+
+        @register_method
+        @dataclass
+        class Other(Method):
+            name: ClassVar[str] = "lora"
+
+    from mmpeft.core.method import METHODS
+
+    METHODS.pop("test_ln_tune")
+
+
+def test_a_method_cannot_be_applied_twice():
+    backbone = tiny_vit()
+    PeftModel(backbone, "lora", num_classes=2)
+    with pytest.raises(RuntimeError, match="already has method 'lora'"):
+        PeftModel(backbone, "bitfit", num_classes=2)
