@@ -119,3 +119,24 @@ class ToyRegViT(TokenBackbone):
 
     def sample_inputs(self, batch: int, generator: torch.Generator) -> torch.Tensor:
         return torch.randn(batch, 3, self.img, self.img, generator=generator)
+
+
+class ToyDigitsBN(TokenBackbone):
+    """8x8 single-channel images, a BatchNorm in the patch embedding, dropout in the blocks."""
+
+    name = "toy_digits_bn"
+
+    def __init__(self, dim: int = 32, heads: int = 4, depth: int = 2):
+        super().__init__()
+        self.embed_dim, self.num_heads, self.pool_type = dim, heads, "cls"
+        self.patch_embed = nn.Sequential(nn.Conv2d(1, dim, 2, 2), nn.BatchNorm2d(dim))
+        self.cls_token = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
+        self.pos_embed = nn.Parameter(torch.randn(1, 17, dim) * 0.02)
+        self.blocks = nn.ModuleList(toy_block(dim, heads, drop=0.2) for _ in range(depth))
+        self.norm = nn.LayerNorm(dim)
+        self.init_sites()
+
+    def embed(self, images: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        x = self.patch_embed(images).flatten(2).transpose(1, 2)
+        ctx.layout.update(cls=slice(0, 1), patches=slice(1, 1 + x.shape[1]))
+        return torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed

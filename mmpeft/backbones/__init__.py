@@ -7,10 +7,20 @@ from typing import Any
 
 from torch import nn
 
+from mmpeft.backbones.digits import DigitsViT
 from mmpeft.backbones.timm_vit import TimmModel, TimmViT, create_timm, is_token_vit
 from mmpeft.core.errors import NotSupported, UnknownName
 
-__all__ = ["TimmViT", "TimmModel", "create_timm", "is_token_vit", "create_backbone", "register_backbone", "BACKBONES"]
+__all__ = [
+    "DigitsViT",
+    "TimmViT",
+    "TimmModel",
+    "create_timm",
+    "is_token_vit",
+    "create_backbone",
+    "register_backbone",
+    "BACKBONES",
+]
 
 BACKBONES: dict[str, Callable[..., nn.Module]] = {}
 

@@ -28,6 +28,7 @@ __all__ = [
     "create_method",
     "list_methods",
     "method_from_config",
+    "method_from_spec",
     "apply_frozen_mode",
     "FROZEN_MODES",
 ]
@@ -66,9 +67,17 @@ class Method:
         """Names of backbone tensors the method trains in place (BitFit's biases, LN-tuning)."""
         return []
 
-    def extra_loss(self, outputs: Any, batch: Any) -> torch.Tensor | None:
-        """A loss term added to the task loss (e.g. MoSA's two-pass consistency)."""
+    def extra_loss(self, outputs: list[torch.Tensor], batch: Any) -> torch.Tensor | None:
+        """A loss term added to the task loss; `outputs` holds one entry per forward pass
+        (`forward_passes` of them, e.g. MoSA's two passes and their consistency term)."""
         return None
+
+    def weight_decay_exempt(self, name: str, param: torch.Tensor) -> bool:
+        """No weight decay on 1-D tensors (biases, norms, scales, shifts) and prompts.
+
+        A method whose `paper` recipe decays them (VPT's SGD decays prompts) overrides this.
+        """
+        return param.ndim <= 1 or "prompt" in name
 
     # -- the contract ------------------------------------------------------------------------------
     def apply(self, backbone: nn.Module) -> nn.Module:
@@ -191,6 +200,27 @@ def create_method(name: str, preset: str = "default", **overrides: Any) -> Metho
     if unknown:
         raise UnknownName(f"method {name!r} has no option(s) {sorted(unknown)}; options: {sorted(fields)}")
     return cls.preset(preset, **overrides)
+
+
+def method_from_spec(spec: Method | str | dict[str, Any] | None) -> Method:
+    """A method from its YAML / command-line spelling.
+
+    `"lora"`, `{"name": "lora", "r": 16}` or `{"name": "ssf", "preset": "paper"}`; None is the linear probe.
+    """
+    if isinstance(spec, Method):
+        return spec
+    if spec is None:
+        return create_method("linear")
+    if isinstance(spec, str):
+        return create_method(spec)
+    if not isinstance(spec, dict) or "name" not in spec:
+        raise UnknownName(
+            f"a method is a name or a mapping with a 'name' key (e.g. {{name: lora, r: 8}}), got {spec!r}"
+        )
+    options = dict(spec)
+    name, preset = options.pop("name"), options.pop("preset", "default")
+    options = {k: tuple(v) if isinstance(v, list) else v for k, v in options.items()}
+    return create_method(name, preset=preset, **options)
 
 
 def list_methods(needs_tokens: bool | None = None) -> list[str]:

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mmpeft.core.method import Method, apply_frozen_mode, create_method
+from mmpeft.core.method import Method, apply_frozen_mode, method_from_spec
 from mmpeft.core.modules import adapter_modules, disabled
 
 __all__ = ["PeftModel", "backbone_signature"]
@@ -24,7 +24,8 @@ class PeftModel(nn.Module):
 
     Args:
         backbone: any module producing `[batch, num_features]`; token methods need a `TokenBackbone`.
-        method: a `Method`, or a registered name (`"lora"`), or None for the linear probe.
+        method: a `Method`, a registered name (`"lora"`), a spec (`{"name": "lora", "r": 16}`), or None
+            for the linear probe.
         num_classes: builds a Linear head on `backbone.num_features`; 0 or None keeps features.
         head: a custom head instead of the Linear one.
     """
@@ -32,12 +33,12 @@ class PeftModel(nn.Module):
     def __init__(
         self,
         backbone: nn.Module,
-        method: Method | str | None = "linear",
+        method: Method | str | dict[str, Any] | None = "linear",
         num_classes: int | None = None,
         head: nn.Module | None = None,
     ):
         super().__init__()
-        self.method = create_method(method or "linear") if not isinstance(method, Method) else method
+        self.method = method_from_spec(method)
         self.backbone = self.method.apply(backbone)
         if head is None:
             head = nn.Linear(backbone.num_features, num_classes) if num_classes else nn.Identity()

@@ -1,0 +1,171 @@
+"""`mmpeft bench`: per method, in its own process, the median training-step time after warm-up, the
+peak memory above the process's post-build baseline, and the trainable count, next to full
+fine-tuning and the *floor*: the same backbone whose only trainable tensor is added right after
+the embedding, so backward reaches the first block but computes no weight gradients. Ratios to
+the floor show what a method itself costs. Results go to CSV and markdown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from mmpeft.core.anatomy import ForwardContext, TokenBackbone
+from mmpeft.core.method import Method, list_methods
+from mmpeft.core.modules import AdapterModule
+from mmpeft.core.report import markdown_table
+
+__all__ = ["add_bench_arguments", "run_bench", "Floor", "measure"]
+
+
+class _ShiftAfterEmbedding(AdapterModule):
+    def __init__(self, dim: int, device=None):
+        super().__init__()
+        self.shift = nn.Parameter(torch.zeros(dim, device=device))
+
+    def forward(self, x: torch.Tensor, ctx: ForwardContext, index: int) -> torch.Tensor:
+        return x + self.shift
+
+
+@dataclass
+class Floor(Method):
+    """The benchmark floor: one trainable vector added to the tokens before block 0, nothing else."""
+
+    name: ClassVar[str] = "floor"
+    needs_tokens: ClassVar[bool] = True
+    mergeable: ClassVar[bool] = False
+
+    def inject(self, backbone: nn.Module) -> None:
+        assert isinstance(backbone, TokenBackbone)
+        device = next(backbone.parameters()).device
+        backbone.before_block[0].append(_ShiftAfterEmbedding(backbone.embed_dim, device))
+
+
+def add_bench_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backbone", default="vit_base_patch16_224", help="mmpeft or timm backbone name")
+    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--in-chans", type=int, default=3)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--methods", default="all", help="comma-separated method names, or 'all' (floor is always added)")
+    p.add_argument("--steps", type=int, default=5, help="timed steps per method")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    p.add_argument("--num-classes", type=int, default=100)
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--precision", default="32", help="32 | bf16 (autocast on CUDA)")
+    p.add_argument("--out", default="experiments/bench", help="directory for the CSV and markdown tables")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def measure(args: argparse.Namespace, method_name: str) -> dict:
+    """One method's numbers, measured in this process (the worker side)."""
+    from mmpeft.backbones import create_backbone  # noqa: PLC0415
+    from mmpeft.core.model import PeftModel  # noqa: PLC0415
+    from mmpeft.core.report import parameter_report  # noqa: PLC0415
+    from mmpeft.tasks.callbacks import PeakMemory  # noqa: PLC0415
+
+    torch.manual_seed(0)
+    device = _device(args.device)
+    kwargs = {"img_size": args.img_size} if args.backbone != "digits_vit" else {}
+    backbone = create_backbone(args.backbone, **kwargs)
+    method = Floor() if method_name == "floor" else method_name
+    model = PeftModel(backbone, method, num_classes=args.num_classes).to(device)
+    if method_name == "floor":
+        model.head.requires_grad_(False)
+    model.train()
+    x = torch.randn(args.batch, args.in_chans, args.img_size, args.img_size, device=device)
+    y = torch.randint(0, args.num_classes, (args.batch,), device=device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=args.precision == "bf16" and device.type == "cuda")
+    memory = PeakMemory(device)
+    memory.start()
+    times = []
+    for step in range(args.warmup + args.steps):
+        start = time.perf_counter()
+        with autocast:
+            loss = nn.functional.cross_entropy(model(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if step >= args.warmup:
+            times.append(1000 * (time.perf_counter() - start))
+    peak = memory.stop()
+    report = parameter_report(model)
+    return {
+        "method": method_name,
+        "trainable": report.trainable,
+        "step_ms": round(statistics.median(times), 2),
+        "peak_mem_mb": round(peak / 2**20, 1),
+        "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
+    }
+
+
+def _run_worker(args: argparse.Namespace, method: str) -> dict:
+    cmd = [sys.executable, "-m", "mmpeft.bench", "--worker", method]
+    for key in ("backbone", "img_size", "in_chans", "batch", "steps", "warmup", "num_classes", "device", "precision"):
+        cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        return {"method": method, "error": done.stderr.strip().splitlines()[-1] if done.stderr else "failed"}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def run_bench(args: argparse.Namespace) -> list[dict]:
+    methods = list_methods() if args.methods == "all" else [m.strip() for m in args.methods.split(",")]
+    methods = ["floor", *[m for m in methods if m != "floor"]]
+    rows = []
+    for method in methods:
+        print(f"bench: {method} ...", file=sys.stderr, flush=True)
+        rows.append(_run_worker(args, method))
+    floor = next((r for r in rows if r["method"] == "floor" and "error" not in r), None)
+    for r in rows:
+        if floor and "error" not in r:
+            r["time_vs_floor"] = round(r["step_ms"] / floor["step_ms"], 2)
+            r["mem_vs_floor"] = round(r["peak_mem_mb"] / max(floor["peak_mem_mb"], 1e-9), 2)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = next((r["device"] for r in rows if "device" in r), "unknown").replace(" ", "_")
+    stem = f"{args.backbone}-{args.img_size}px-b{args.batch}-{device}-{args.precision}"
+    columns = ["method", "trainable", "step_ms", "time_vs_floor", "peak_mem_mb", "mem_vs_floor", "device", "error"]
+    with open(out / f"{stem}.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    header = (
+        f"# mmpeft bench: {args.backbone}, {args.img_size}px, batch {args.batch}, {device}, precision "
+        f"{args.precision}\n\nMedian of {args.steps} training steps after {args.warmup} warm-up steps (AdamW); "
+        "peak memory above the post-build baseline; ratios against the floor.\n\n"
+    )
+    table = markdown_table([{c: r.get(c, "") for c in columns if any(c in x for x in rows)} for r in rows])
+    (out / f"{stem}.md").write_text(header + table + "\n")
+    print(header + table)
+    return rows
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(prog="python -m mmpeft.bench")
+    add_bench_arguments(parser)
+    ns = parser.parse_args()
+    if ns.worker:
+        print(json.dumps(measure(ns, ns.worker)))
+    else:
+        run_bench(ns)

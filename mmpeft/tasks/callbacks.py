@@ -1,0 +1,139 @@
+"""Callbacks every run gets: adapter files at the end of fit and with every checkpoint, and
+step-time / peak-memory logging."""
+
+from __future__ import annotations
+
+import os
+import statistics
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+
+from mmpeft.core.state import save_adapter
+
+__all__ = ["AdapterExport", "RunStats", "PeakMemory", "human_bytes"]
+
+
+def human_bytes(n: int) -> str:
+    for unit, size in (("GB", 1 << 30), ("MB", 1 << 20), ("KB", 1 << 10)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} B"
+
+
+class AdapterExport(pl.Callback):
+    """Writes `<log_dir>/adapter.safetensors` when fit ends, and one beside every checkpoint."""
+
+    def __init__(self, filename: str = "adapter.safetensors"):
+        self.filename = filename
+        self.last_path: Path | None = None
+        self.last_bytes = 0
+
+    def _log_dir(self, trainer: pl.Trainer) -> Path:
+        return Path(trainer.log_dir or trainer.default_root_dir)
+
+    def _save(self, trainer: pl.Trainer, pl_module: pl.LightningModule, path: Path) -> int:
+        size = save_adapter(
+            pl_module.model, path, extra={"epoch": trainer.current_epoch, "global_step": trainer.global_step}
+        )
+        self.last_path, self.last_bytes = path, size
+        for logger in trainer.loggers:
+            logger.log_metrics({"adapter/bytes": size}, step=trainer.global_step)
+        return size
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        if trainer.is_global_zero:
+            name = f"adapter-epoch={trainer.current_epoch}-step={trainer.global_step}.safetensors"
+            self._save(trainer, pl_module, self._log_dir(trainer) / "checkpoints" / name)
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.is_global_zero:
+            path = self._log_dir(trainer) / self.filename
+            size = self._save(trainer, pl_module, path)
+            pl_module.print(f"adapter file: {path} ({human_bytes(size)})")
+
+
+class PeakMemory:
+    """Peak memory above a baseline: CUDA allocator stats on GPU, sampled RSS on CPU."""
+
+    def __init__(self, device: torch.device, interval: float = 0.005):
+        self.device, self.interval = device, interval
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.baseline = self.peak = 0
+
+    @staticmethod
+    def _rss() -> int:
+        import psutil  # noqa: PLC0415 - a dependency of wandb and lightning
+
+        return psutil.Process(os.getpid()).memory_info().rss
+
+    def start(self, keep_baseline: bool = False) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            if not keep_baseline:
+                self.baseline = torch.cuda.memory_allocated(self.device)
+            return
+        self.peak = self._rss()
+        if not keep_baseline:
+            self.baseline = self.peak
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._rss())
+            time.sleep(self.interval)
+
+    def stop(self) -> int:
+        """Bytes above the baseline at the peak since `start`."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            return torch.cuda.max_memory_allocated(self.device) - self.baseline
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self.peak = max(self.peak, self._rss())
+        return self.peak - self.baseline
+
+
+class RunStats(pl.Callback):
+    """Logs the training step time (ms) and, per epoch, peak memory above the post-build baseline."""
+
+    def __init__(self) -> None:
+        self.step_ms: list[float] = []
+        self._t0 = 0.0
+        self._memory: PeakMemory | None = None
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._memory = PeakMemory(pl_module.device)
+        self._memory.start()
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, idx: int) -> None:
+        self._t0 = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize(pl_module.device)
+        ms = 1000 * (time.perf_counter() - self._t0)
+        self.step_ms.append(ms)
+        pl_module.log("perf/step_ms", ms, on_step=True, on_epoch=False)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._memory is not None:
+            peak = self._memory.stop()
+            pl_module.log("perf/peak_mem_mb", peak / 2**20)
+            self._memory.start(keep_baseline=True)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._memory is not None:
+            self._memory.stop()
+        if self.step_ms:
+            for logger in trainer.loggers:
+                logger.log_metrics({"perf/median_step_ms": statistics.median(self.step_ms)}, step=trainer.global_step)
