@@ -22,7 +22,7 @@ __all__ = [
     "BACKBONES",
 ]
 
-BACKBONES: dict[str, Callable[..., nn.Module]] = {}
+BACKBONES: dict[str, Callable[..., nn.Module]] = {"digits_vit": DigitsViT}
 
 
 def register_backbone(name: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:

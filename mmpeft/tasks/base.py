@@ -117,7 +117,8 @@ class PeftTask(pl.LightningModule):
             logger.log_hyperparams({"method": self.method.name, **stats})
         self.print(
             f"method {self.method.name}: {report.trainable:,} trainable parameters "
-            f"({report.trainable_no_head:,} without head, {report.percent:.3f}% of the {report.backbone:,}-parameter backbone)"
+            f"({report.trainable_no_head:,} without head, {report.percent:.3f}% of the "
+            f"{report.backbone:,}-parameter backbone)"
         )
 
     def configure_optimizers(self):
