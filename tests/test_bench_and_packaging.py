@@ -10,8 +10,8 @@ from mmpeft.cli import main
 
 
 def test_bench_writes_rows_with_floor_ratios(tmp_path, capsys):
-    args = ["bench", "--backbone", "digits_vit", "--img-size", "8", "--in-chans", "1", "--batch", "4",
-            "--methods", "lora,full", "--steps", "2", "--warmup", "1", "--num-classes", "10", "--out", str(tmp_path)]  # fmt: skip
+    args = ["bench", "--backbone", "digits_vit", "--img-size", "8", "--in-chans", "1", "--batch", "4", "--methods",
+            "lora,full", "--steps", "2", "--warmup", "1", "--num-classes", "10", "--out", str(tmp_path)]  # fmt: skip
     assert main(args) == 0
     (table,) = tmp_path.glob("*.csv")
     rows = {r["method"]: r for r in csv.DictReader(table.open())}

@@ -113,6 +113,19 @@ def expected_backbone_trainable(method: str, model: PeftModel) -> int:
     if method == "adapter":  # bottleneck with biases on every block's MLP branch
         d, h = backbone.embed_dim, model.method.bottleneck
         return backbone.depth * (d * h + h + h * d + d)
+    if method == "vpt":  # shallow by default: one set of prompts
+        return model.method.length * backbone.embed_dim * (backbone.depth if model.method.deep else 1)
+    if method == "ssf":  # 2 x the output width at the 8 official positions that exist on this backbone
+        width = 0
+        patch = getattr(getattr(backbone, "patch_embed", None), "proj", None)
+        width += patch.out_channels if isinstance(patch, torch.nn.Conv2d) else 0
+        for b in backbone.blocks:
+            d = b.norm1.normalized_shape[0]
+            width += d + b.attn.qkv.out_features + b.attn.proj.out_features + d + b.mlp.fc1.out_features + d
+        return 2 * (width + backbone.norm.normalized_shape[0])
+    if method == "mosa":  # own LN + shared down + N up experts (weights and biases) per block
+        d, h, n = backbone.embed_dim, model.method.bottleneck, model.method.experts
+        return backbone.depth * (2 * d + d * h + h + n * (h * d + d))
     raise AssertionError(f"add the expected count of {method!r} to the conformance suite")
 
 
@@ -210,9 +223,11 @@ def test_adapter_file_refuses_another_backbone_and_changes_nothing(method, case,
 def test_merge_matches_unmerged_or_refuses(method, case):
     model = build(method, case)
     train_steps(model, case)
-    if not model.method.mergeable:
+    if not model.method.can_merge(model.backbone):
+        before = {k: v.clone() for k, v in model.state_dict().items()}
         with pytest.raises(NotMergeable):
             model.merge()
+        assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items()), "a refused merge changes nothing"
         return
     expected = eval_logits(model, case)
     weights = {k: v.clone() for k, v in model.state_dict().items()}

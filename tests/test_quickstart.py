@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import mmpeft.backbones.digits as digits
+from mmpeft.backbones import digits
 
 PRETRAIN_EPOCHS = 25  # the shipped recipe uses 40; 25 keeps the suite fast and still transfers
 DOWNSTREAM_EPOCHS = 15

@@ -92,7 +92,8 @@ class DigitsViT(TimmViT):
             recipe = {**RECIPE, **({"epochs": epochs} if epochs else {})}
             path = cache_dir() / f"digits_vit-{_key(recipe)}.safetensors"
             if not path.is_file():
-                info = pretrain_digits_vit(path, recipe)
+                with torch.random.fork_rng():  # a fresh and a cached run then draw the same numbers afterwards
+                    info = pretrain_digits_vit(path, recipe)
                 print(f"pretrained the digits ViT in {info['seconds']} s, upstream val acc "
                       f"{info['upstream_val_acc']:.3f}; cached at {path}")  # fmt: skip
             weights = str(path)

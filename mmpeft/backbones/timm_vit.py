@@ -60,6 +60,15 @@ def create_timm(
     return model
 
 
+def _timm_kwargs(img_size, drop_path_rate, timm_kwargs, kwargs) -> dict[str, Any]:
+    merged = {**(timm_kwargs or {}), **kwargs}
+    if img_size is not None:
+        merged["img_size"] = img_size
+    if drop_path_rate:
+        merged["drop_path_rate"] = drop_path_rate
+    return merged
+
+
 def is_token_vit(model: nn.Module) -> str | None:
     """None if `model` fits the token anatomy, else the reason it does not."""
     from timm.layers import Mlp  # noqa: PLC0415
@@ -101,7 +110,8 @@ class TimmViT(TokenBackbone):
         weights: a local checkpoint (.safetensors, .pth/.bin, or Google's .npz); head keys are ignored.
         pretrained: fetch timm's pretrained weights from the hub (fails fast and clearly offline).
         device: build directly on this device ("meta" builds full-size models for free).
-        **timm_kwargs: forwarded to `timm.create_model` (img_size, drop_path_rate, ...).
+        img_size, drop_path_rate: the common `timm.create_model` options, named for YAML configs.
+        timm_kwargs / **kwargs: any other `timm.create_model` options (e.g. {init_values: 1e-5}).
     """
 
     def __init__(
@@ -110,10 +120,15 @@ class TimmViT(TokenBackbone):
         weights: str | None = None,
         pretrained: bool = False,
         device: str | None = None,
-        **timm_kwargs: Any,
+        img_size: int | None = None,
+        drop_path_rate: float = 0.0,
+        timm_kwargs: dict[str, Any] | None = None,
+        **kwargs: Any,
     ):
         super().__init__()
-        model = create_timm(name, weights, pretrained, device, **timm_kwargs)
+        model = create_timm(
+            name, weights, pretrained, device, **_timm_kwargs(img_size, drop_path_rate, timm_kwargs, kwargs)
+        )
         reason = is_token_vit(model)
         if reason:
             raise NotSupported(
@@ -173,6 +188,10 @@ class TimmViT(TokenBackbone):
             num_prefix_tokens=0 if self.no_embed_class else self.num_prefix_tokens,
         )
 
+    def prompt_fan_in(self) -> int | None:
+        weight = getattr(getattr(self.patch_embed, "proj", None), "weight", None)
+        return int(weight[0].numel()) if weight is not None and weight.dim() == 4 else None
+
     def pool(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         return self.fc_norm(super().pool(x, ctx))
 
@@ -189,10 +208,14 @@ class TimmModel(nn.Module):
         weights: str | None = None,
         pretrained: bool = False,
         device: str | None = None,
-        **timm_kwargs: Any,
+        img_size: int | None = None,
+        drop_path_rate: float = 0.0,
+        timm_kwargs: dict[str, Any] | None = None,
+        **kwargs: Any,
     ):
         super().__init__()
-        self.model = create_timm(name, weights, pretrained, device, **timm_kwargs)
+        extra = _timm_kwargs(img_size, drop_path_rate, timm_kwargs, kwargs)
+        self.model = create_timm(name, weights, pretrained, device, **extra)
         self.name = name
         self.num_features = self.model.num_features
         self.pretrained_cfg = dict(getattr(self.model, "pretrained_cfg", {}) or {})

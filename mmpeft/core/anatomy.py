@@ -57,6 +57,7 @@ class ForwardContext:
     cond: Any = None
     step: torch.Tensor | None = None
     training: bool = False
+    prompt_index: int = 0  # where inserted prompts go (set by the backbone after embedding)
     draws: dict[str, Any] = field(default_factory=dict)
     generator: torch.Generator | None = None
     extras: dict[str, Any] = field(default_factory=dict)
@@ -237,7 +238,24 @@ class TokenBackbone(nn.Module):
         return self.embed_dim * (2 if self.pool_type == "cls+max" else 1)
 
     def new_context(self) -> ForwardContext:
-        return ForwardContext(training=self.training)
+        """In training the draw generator is seeded here, before any block runs: seeding it lazily
+        inside a checkpointed block would shift the global RNG between the forward and its
+        recompute, and dropout there would differ."""
+        ctx = ForwardContext(training=self.training)
+        if self.training:
+            ctx.generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,)).item()))
+        return ctx
+
+    def prompt_index(self, ctx: ForwardContext) -> int:
+        """Where prompts are inserted: before the patches (after CLS and registers); for text
+        towers, after the start token."""
+        if "patches" in ctx.layout:
+            return ctx.layout["patches"].start
+        return ctx.layout["tokens"].start + 1 if "tokens" in ctx.layout else 0
+
+    def prompt_fan_in(self) -> int | None:
+        """fan-in of the input projection, for Xavier-initialised prompts (None: use the width)."""
+        return None
 
     def final_norm(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         return self.norm(x)
@@ -245,6 +263,7 @@ class TokenBackbone(nn.Module):
     def forward_tokens(self, inputs: Any, ctx: ForwardContext | None = None) -> tuple[torch.Tensor, ForwardContext]:
         ctx = ctx or self.new_context()
         x = self.embed(inputs, ctx)
+        ctx.prompt_index = self.prompt_index(ctx)
         for i, block in enumerate(self.blocks):
             x = self.before_block[i](x, ctx, index=i) if len(self.before_block[i]) else x
             if self.pos_every_block and ctx.positions is not None:

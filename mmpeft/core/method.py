@@ -108,10 +108,27 @@ class Method:
         }
         return sorted(own | set(self.unfrozen(backbone)))
 
+    def can_merge(self, backbone: nn.Module) -> bool:
+        """Mergeable in general, and on this backbone (e.g. SSF needs a bias on every layer it follows)."""
+        return self.mergeable and not self._unmergeable_hosts(backbone)
+
+    def _unmergeable_hosts(self, backbone: nn.Module) -> list[str]:
+        return [
+            name
+            for name, host, _, child in attached(backbone)
+            if hasattr(child, "can_merge_into") and not child.can_merge_into(host)
+        ]
+
     def merge(self, backbone: nn.Module) -> None:
-        """Fold the method into the backbone's own tensors; the attached modules become no-ops."""
+        """Fold the method into the backbone's own tensors; the attached modules become no-ops.
+
+        Everything is checked first, so a refused merge leaves the model untouched.
+        """
         if not self.mergeable:
             raise NotMergeable(f"method {self.name!r} is not mergeable: {self._why_not_mergeable()}")
+        blocked = self._unmergeable_hosts(backbone)
+        if blocked:
+            raise NotMergeable(f"method {self.name!r} cannot fold into {blocked[:3]} on this backbone (no bias there)")
         for _, host, _, child in attached(backbone):
             if hasattr(child, "merge_into") and not child.merged:
                 child.merge_into(host)

@@ -187,6 +187,10 @@ class ScaleShift(AdapterModule):
         shape = self._shape(y)
         return y * self.gamma.view(shape) + self.beta.view(shape)
 
+    @staticmethod
+    def can_merge_into(layer: nn.Module) -> bool:
+        return getattr(layer, "weight", None) is not None and getattr(layer, "bias", None) is not None
+
     @torch.no_grad()
     def fold_into(self, layer: nn.Module) -> None:
         """Fold into the layer that produced `y` (Linear, ConvNd, LayerNorm, GroupNorm, BatchNorm).

@@ -3,5 +3,8 @@
 from mmpeft.methods.adapter import Adapter
 from mmpeft.methods.baselines import BitFit, FullFinetune, LinearProbe
 from mmpeft.methods.lora import LoRA
+from mmpeft.methods.mosa import MoSA
+from mmpeft.methods.ssf import SSF
+from mmpeft.methods.vpt import VPT
 
-__all__ = ["Adapter", "BitFit", "FullFinetune", "LinearProbe", "LoRA"]
+__all__ = ["Adapter", "BitFit", "FullFinetune", "LinearProbe", "LoRA", "MoSA", "SSF", "VPT"]

@@ -52,9 +52,7 @@ class AdapterExport(pl.Callback):
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.is_global_zero:
-            path = self._log_dir(trainer) / self.filename
-            size = self._save(trainer, pl_module, path)
-            pl_module.print(f"adapter file: {path} ({human_bytes(size)})")
+            self._save(trainer, pl_module, self._log_dir(trainer) / self.filename)
 
 
 class PeakMemory:

@@ -22,7 +22,7 @@ class ImageClassification(PeftTask):
     def loss_and_metrics(self, outputs: list[torch.Tensor], batch: Any, stage: str) -> torch.Tensor:
         targets = batch[1]
         smoothing = self.label_smoothing if stage == "train" else 0.0
-        loss = torch.stack([F.cross_entropy(o, targets, label_smoothing=smoothing) for o in outputs]).mean()
+        loss = F.cross_entropy(outputs[0], targets, label_smoothing=smoothing)  # further passes: the method's
         acc = (outputs[0].argmax(-1) == targets).float().mean()
         n = targets.shape[0]
         self.log(f"{stage}/loss", loss.detach(), on_step=stage == "train", on_epoch=True, batch_size=n)

@@ -1,0 +1,196 @@
+"""MoSA: Mixture of Sparse Adapters (Zhang et al., arXiv 2312.02923, v1 "Split & Merge"; code
+Theia-4869/MoSA)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mmpeft.core.anatomy import ForwardContext, TokenBackbone
+from mmpeft.core.method import Method, register_method
+from mmpeft.core.modules import AdapterModule, make_activation
+
+__all__ = ["MoSA", "MoSAAdapter", "random_partition_masks", "symmetric_kl"]
+
+SHARES = ("down", "up", "none")
+
+
+def random_partition_masks(shape: tuple[int, ...], n: int, generator: torch.Generator) -> torch.Tensor:
+    """`n` boolean masks that are pairwise disjoint and cover `shape` exactly once: every element
+    gets a uniform score, and the score's rank picks its expert (equal-size quantile bins)."""
+    scores = torch.rand(shape, generator=generator).flatten()
+    ranks = torch.empty_like(scores, dtype=torch.long)
+    ranks[scores.argsort()] = torch.arange(scores.numel())
+    owner = (ranks * n // scores.numel()).view(shape)
+    return torch.stack([owner == i for i in range(n)])
+
+
+class _SplitLinear(nn.Module):
+    """N expert copies of one Linear's weight (dense biases, as released), trained only inside
+    disjoint masks; `weight(i)` is expert i, `mean_weight()` the merged dense weight."""
+
+    def __init__(self, linear: nn.Linear, n: int, generator: torch.Generator):
+        super().__init__()
+        self.weights = nn.ParameterList([nn.Parameter(linear.weight.detach().clone()) for _ in range(n)])
+        self.biases = nn.ParameterList([nn.Parameter(linear.bias.detach().clone()) for _ in range(n)])
+        masks = random_partition_masks(tuple(linear.weight.shape), n, generator).to(linear.weight.device)
+        self.register_buffer("masks", masks, persistent=False)  # rebuilt from the seed, not stored
+
+    def expert_weight(self, i: int) -> torch.Tensor:
+        """Expert i's full weight in the forward, with gradient only inside mask i."""
+        w, keep = self.weights[i], self.masks[i].to(self.weights[i].dtype)
+        return w * keep + (w * (1 - keep)).detach()
+
+    def forward(self, x: torch.Tensor, expert: int | None) -> torch.Tensor:
+        if expert is None:
+            return F.linear(x, self.mean_weight(), torch.stack(list(self.biases)).mean(0))
+        return F.linear(x, self.expert_weight(expert), self.biases[expert])
+
+    def mean_weight(self) -> torch.Tensor:
+        return torch.stack(list(self.weights)).mean(0)
+
+
+class MoSAAdapter(AdapterModule):
+    """AdaptFormer-style parallel adapter with its own LayerNorm, whose down or up projection (or
+    both) is split into N sparse experts; one expert per block per training forward."""
+
+    def __init__(self, dim: int, hidden: int, n: int, share: str, scale: float, dropout: float,
+                 activation: str, generator: torch.Generator, block: int, device=None):  # fmt: skip
+        super().__init__()
+        self.n, self.share, self.scale, self.block = n, share, scale, block
+        self.norm = nn.LayerNorm(dim, device=device)
+        down, up = nn.Linear(dim, hidden, device=device), nn.Linear(hidden, dim, device=device)
+        if down.weight.device.type != "meta":
+            nn.init.kaiming_uniform_(down.weight, a=math.sqrt(5))
+            nn.init.zeros_(down.bias)
+            nn.init.zeros_(up.weight)
+            nn.init.zeros_(up.bias)
+        self.act = make_activation(activation)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.down = _SplitLinear(down, n, generator) if share in ("up", "none") else down
+        self.up = _SplitLinear(up, n, generator) if share in ("down", "none") else up
+
+    def _project(self, layer: nn.Module, x: torch.Tensor, expert: int | None) -> torch.Tensor:
+        return layer(x, expert) if isinstance(layer, _SplitLinear) else layer(x)
+
+    def forward(self, m: torch.Tensor, ctx: ForwardContext, x_in: torch.Tensor | None = None,
+                expert: int | None = None) -> torch.Tensor:  # fmt: skip
+        if expert is None and self.training:
+            expert = ctx.draw(f"mosa.expert.{self.block}", lambda g: int(torch.randint(self.n, (1,), generator=g)))
+        h = self.act(self._project(self.down, self.norm(x_in), expert))
+        return m + self._project(self.up, self.dropout(h), expert) * self.scale
+
+    def dense_state(self) -> dict[str, torch.Tensor]:
+        """The merged dense adapter (mean over experts): norm, down and up weights and biases."""
+        state = {f"norm.{k}": v for k, v in self.norm.state_dict().items()}
+        for name in ("down", "up"):
+            layer = getattr(self, name)
+            if isinstance(layer, _SplitLinear):
+                state[f"{name}.weight"] = layer.mean_weight().detach()
+                state[f"{name}.bias"] = torch.stack(list(layer.biases)).mean(0).detach()
+            else:
+                state.update({f"{name}.{k}": v for k, v in layer.state_dict().items()})
+        return state
+
+
+def symmetric_kl(logits_a: torch.Tensor, logits_b: torch.Tensor) -> torch.Tensor:
+    """½[KL(sg(p_b) ‖ p_a) + KL(sg(p_a) ‖ p_b)], batch mean; 0 when the passes coincide."""
+    log_a, log_b = logits_a.log_softmax(-1), logits_b.log_softmax(-1)
+    kl_ab = F.kl_div(log_a, log_b.detach(), log_target=True, reduction="batchmean")
+    kl_ba = F.kl_div(log_b, log_a.detach(), log_target=True, reduction="batchmean")
+    return 0.5 * (kl_ab + kl_ba)
+
+
+@register_method
+@dataclass
+class MoSA(Method):
+    """MoSA: an AdaptFormer adapter (own LayerNorm, GELU, dropout 0.1, scale 0.1, parallel to every
+    block's MLP) whose up projection (`share="down"`), down projection (`"up"`) or both (`"none"`)
+    is split into N experts with disjoint random masks that cover it exactly once. In training each
+    block uses one expert per forward, drawn through the forward context; gradients are masked, so
+    an expert changes only inside its mask. Every step runs two passes and adds the symmetric-KL
+    consistency term (`consistency_weight`, on by default as in every released script; off is
+    the ablation). Evaluation uses the experts' mean, one dense adapter, which for `share="down"`
+    equals the expectation over the random expert choice.
+
+    Counts: the deployable (merged) adapter is AdaptFormer+LN: 322,752 on ViT-B/16 at r=16
+    (`deployable_count`); the raw trainable tensors hold N copies of each split projection.
+    Not mergeable into the backbone (GELU between the projections); `dense_adapters()` gives the
+    merged experts for export. Masks are drawn from `mask_seed` (3407, the released seed) and
+    rebuilt from it, so adapter files need not store them.
+
+    Presets (spec vision.md §1.8): `paper` is the VTAB recipe (r=16, N=4, share down); `paper_fgvc`
+    r=64, N=4, share down; `paper_cars` r=64, N=2, share up (the Stanford Cars exception).
+    """
+
+    name: ClassVar[str] = "mosa"
+    identity_at_init: ClassVar[bool] = True
+    mergeable: ClassVar[bool] = False
+    needs_tokens: ClassVar[bool] = True
+    presets: ClassVar[dict] = {
+        "paper": {"bottleneck": 16, "experts": 4, "share": "down"},
+        "paper_fgvc": {"bottleneck": 64, "experts": 4, "share": "down"},
+        "paper_cars": {"bottleneck": 64, "experts": 2, "share": "up"},
+    }
+
+    bottleneck: int = 16
+    experts: int = 4
+    share: str = "down"
+    scale: float = 0.1
+    dropout: float = 0.1
+    activation: str = "gelu"
+    consistency_weight: float = 1.0
+    mask_seed: int = 3407
+
+    def __post_init__(self) -> None:
+        if self.share not in SHARES:
+            raise ValueError(f"MoSA share must be one of {SHARES}, got {self.share!r}")
+        if self.experts < 1:
+            raise ValueError(f"MoSA needs at least one expert, got {self.experts}")
+
+    @property
+    def forward_passes(self) -> int:  # type: ignore[override]
+        return 2 if self.consistency_weight > 0 else 1
+
+    def inject(self, backbone: nn.Module) -> None:
+        assert isinstance(backbone, TokenBackbone)
+        generator = torch.Generator().manual_seed(self.mask_seed)
+        device = next(backbone.parameters()).device
+        for i, site in backbone.sites("mlp.branch"):
+            site.append(
+                MoSAAdapter(
+                    backbone.embed_dim,
+                    self.bottleneck,
+                    self.experts,
+                    self.share,
+                    self.scale,
+                    self.dropout,
+                    self.activation,
+                    generator,
+                    i,
+                    device,
+                )  # fmt: skip
+            )
+
+    def extra_loss(self, outputs: list[torch.Tensor], batch: Any) -> torch.Tensor | None:
+        if len(outputs) < 2 or self.consistency_weight == 0:
+            return None
+        return self.consistency_weight * symmetric_kl(outputs[0], outputs[1])
+
+    def _why_not_mergeable(self) -> str:
+        return "a GELU sits between its projections; dense_adapters() merges the experts into one adapter"
+
+    @staticmethod
+    def adapters(backbone: nn.Module) -> list[MoSAAdapter]:
+        return [m for m in backbone.modules() if isinstance(m, MoSAAdapter)]
+
+    def dense_adapters(self, backbone: nn.Module) -> list[dict[str, torch.Tensor]]:
+        return [a.dense_state() for a in self.adapters(backbone)]
+
+    def deployable_count(self, backbone: nn.Module) -> int:
+        return sum(t.numel() for state in self.dense_adapters(backbone) for t in state.values())

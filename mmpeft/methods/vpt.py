@@ -1,0 +1,100 @@
+"""VPT: Visual Prompt Tuning (Jia et al., ECCV 2022; code KMnP/vpt)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from mmpeft.core.anatomy import ForwardContext, TokenBackbone
+from mmpeft.core.method import Method, register_method
+from mmpeft.core.modules import AdapterModule, PromptTokens
+
+__all__ = ["VPT", "PromptInsertion"]
+
+
+def _dropout_mask(ctx: ForwardContext, key: str, shape: tuple[int, ...], p: float, like: torch.Tensor):
+    """Inverted-dropout keep mask drawn through the context, so checkpointed recomputes match."""
+    keep = ctx.draw(key, lambda g: torch.rand(shape, generator=g) >= p)
+    return keep.to(device=like.device, dtype=like.dtype) / (1.0 - p)
+
+
+class PromptInsertion(AdapterModule):
+    """Hook on `before_block[i]`: block 0 inserts the prompts, deep mode replaces them later."""
+
+    def __init__(self, prompts: PromptTokens, depth_index: int, dropout: float):
+        super().__init__()
+        self.depth_index, self.dropout = depth_index, dropout
+        # block 0 owns the prompt tensor; deeper hooks share it without registering it twice
+        if depth_index == 0:
+            self.prompts = prompts
+        else:
+            object.__setattr__(self, "_shared", prompts)
+
+    @property
+    def tokens(self) -> PromptTokens:
+        return self.prompts if self.depth_index == 0 else self._shared
+
+    def forward(self, x: torch.Tensor, ctx: ForwardContext, index: int) -> torch.Tensor:
+        prompts = self.tokens(self.depth_index, x.shape[0])
+        if self.training and self.dropout > 0:
+            prompts = prompts * _dropout_mask(ctx, f"vpt.dropout.{index}", prompts.shape, self.dropout, prompts)
+        if self.depth_index == 0:
+            return ctx.insert(x, prompts, "prompts", ctx.prompt_index)
+        return ctx.replace(x, "prompts", prompts)
+
+
+@register_method
+@dataclass
+class VPT(Method):
+    """VPT-shallow / VPT-deep: `length` learnable tokens spliced between CLS (and registers) and the
+    patches after the position embedding (prompts get none). Deep mode overwrites them with a fresh
+    set before every later block. Trainable: D·p (shallow) or depth·D·p (deep); 9,216·p on ViT-B/16.
+
+    Init: uniform on ±sqrt(6 / (fan_in + D)), Xavier over the patch projection as in the official
+    code (fan_in = 3·16·16 on ViT-B/16, so the bound is exactly 0.0625). Prompt dropout masks are
+    drawn through the forward context. The frozen backbone runs in eval mode (VPT overrides
+    `train()` the same way), so its own dropout is off. Not mergeable: prompts are extra tokens.
+    Pooling is unaffected: the CLS token stays at index 0 and "patches" stays the patch group.
+
+    Presets: `paper` is VPT-deep with prompt dropout 0.1 (the released demo runs); `paper_shallow`
+    is VPT-shallow without dropout. The per-task prompt length is a config value (see configs/vtab).
+    """
+
+    name: ClassVar[str] = "vpt"
+    identity_at_init: ClassVar[bool] = False
+    mergeable: ClassVar[bool] = False
+    needs_tokens: ClassVar[bool] = True
+    frozen_mode: ClassVar[str] = "eval"
+    presets: ClassVar[dict] = {
+        "paper": {"deep": True, "dropout": 0.1},
+        "paper_shallow": {"deep": False, "dropout": 0.0},
+    }
+
+    length: int = 10
+    deep: bool = False
+    dropout: float = 0.0
+    init_bound: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.length < 1:
+            raise ValueError(f"VPT needs at least one prompt token, got length={self.length}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"prompt dropout must be in [0, 1), got {self.dropout}")
+
+    def bound(self, backbone: TokenBackbone) -> float:
+        if self.init_bound is not None:
+            return self.init_bound
+        fan_in = backbone.prompt_fan_in() or backbone.embed_dim
+        return math.sqrt(6.0 / (fan_in + backbone.embed_dim))
+
+    def inject(self, backbone: nn.Module) -> None:
+        assert isinstance(backbone, TokenBackbone)
+        depth = backbone.depth if self.deep else 1
+        device = next(backbone.parameters()).device
+        prompts = PromptTokens(self.length, backbone.embed_dim, depth, self.bound(backbone), device=device)
+        for i in range(depth):
+            backbone.before_block[i].append(PromptInsertion(prompts, i, self.dropout))
