@@ -51,6 +51,7 @@ def params_table(backbone: str, num_classes: int = 100, preset: str = "default")
                 "trainable": r.trainable,
                 "no head": r.trainable_no_head,
                 "% of backbone": f"{r.percent:.3f}",
+                "at inference": method.inference_params(model.backbone),
                 "note": f"{human(r.trainable_no_head)} of {human(r.backbone)}",
             }
         )

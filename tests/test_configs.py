@@ -29,7 +29,23 @@ def test_digits_configs_compose_with_the_quickstart(override, capsys):
     assert method_from_spec(method).name in override.stem or override.stem in ("linear_random", "scratch")
 
 
-@pytest.mark.parametrize("path", [QUICKSTART, CONFIGS / "image_list.yaml"], ids=lambda p: p.stem)
+STANDALONE = [QUICKSTART, CONFIGS / "image_list.yaml", *sorted(CONFIGS.glob("vtab/*.yaml")),
+              *sorted(CONFIGS.glob("fgvc/*.yaml"))]  # fmt: skip
+
+
+@pytest.mark.parametrize("path", STANDALONE, ids=lambda p: f"{p.parent.name}/{p.stem}")
 def test_standalone_configs_parse(path, capsys):
     config = _parse(path, capsys=capsys)
-    method_from_spec(config["model"]["init_args"]["method"])
+    method = method_from_spec(config["model"]["init_args"]["method"])
+    if path.parent.name in ("vtab", "fgvc"):
+        expected = {"vpt_shallow": "vpt", "vpt_deep": "vpt"}.get(path.stem, path.stem)
+        assert method.name == expected
+        assert config["run"]["test_after_fit"] and config["data"]["init_args"]["protocol"] == "final"
+
+
+def test_every_method_has_vtab_and_fgvc_configs():
+    from mmpeft.core.method import list_methods
+
+    for bench in ("vtab", "fgvc"):
+        names = {p.stem.split("_")[0] for p in (CONFIGS / bench).glob("*.yaml")}
+        assert set(list_methods()) <= names, bench

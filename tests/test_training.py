@@ -102,7 +102,7 @@ class PolicyProbe(pl.Callback):
             self.checked += 1
 
 
-@pytest.mark.parametrize("method", ["lora", "linear", "adapter"])
+@pytest.mark.parametrize("method", ["lora", "linear", "adapter", "vpt", "ssf", "mosa"])
 def test_frozen_means_frozen_through_fit_with_validation(tmp_path, method):
     cli = run_cli(["-c", str(write_config(tmp_path, method=method, epochs=2, val_check_interval=2))], run=False)
     probe = PolicyProbe()
@@ -118,6 +118,12 @@ def test_frozen_means_frozen_through_fit_with_validation(tmp_path, method):
         if key not in trainable:
             assert torch.equal(value, after[key]), f"{key} changed"
     assert any("running_mean" in k for k in before), "the backbone has BatchNorm statistics to check"
+    if method == "mosa":  # experts move only inside their masks, through Trainer.fit
+        from mmpeft.methods.mosa import MoSA
+
+        for adapter in MoSA.adapters(model.backbone):
+            for i, w in enumerate(adapter.up.weights):
+                assert torch.all(w[~adapter.up.masks[i]] == 0)
 
 
 def test_adapter_from_fit_reproduces_test_accuracy_exactly(tmp_path):

@@ -153,6 +153,14 @@ class Method:
         backbone._mmpeft_method = None
         return backbone
 
+    def inference_params(self, backbone: nn.Module) -> int:
+        """Parameters the deployed model carries beyond the backbone: 0 once merged, else the method's
+        modules (MoSA overrides this with its merged dense adapter)."""
+        if self.can_merge(backbone):
+            return 0
+        unique = {id(p): p for _, m in adapter_modules(backbone) for p in m.parameters()}
+        return sum(p.numel() for p in unique.values())
+
     def _why_not_mergeable(self) -> str:
         return "it adds non-linear modules or tokens; it runs at inference as trained"
 

@@ -1,6 +1,8 @@
 """LightningDataModules and the embedded offline datasets."""
 
 from mmpeft.data.digits import DigitsDataModule
+from mmpeft.data.fgvc import FGVCDataModule
 from mmpeft.data.image_list import ImageListDataModule
+from mmpeft.data.vtab import VTAB1kDataModule
 
-__all__ = ["DigitsDataModule", "ImageListDataModule"]
+__all__ = ["DigitsDataModule", "FGVCDataModule", "ImageListDataModule", "VTAB1kDataModule"]

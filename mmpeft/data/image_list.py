@@ -77,7 +77,7 @@ class ImageListDataModule(pl.LightningDataModule):
         root: str,
         train_list: str = "train.txt",
         val_list: str = "val.txt",
-        test_list: str = "test.txt",
+        test_list: str | None = "test.txt",
         num_classes: int | None = None,
         image_size: int = 224,
         mean: tuple[float, float, float] = (0.5, 0.5, 0.5),
@@ -89,7 +89,7 @@ class ImageListDataModule(pl.LightningDataModule):
         super().__init__()
         self.save_hyperparameters()
         self.root = Path(root)
-        self.lists = {"train": train_list, "val": val_list, "test": test_list}
+        self.lists = {k: v for k, v in (("train", train_list), ("val", val_list), ("test", test_list)) if v}
         self._check_layout()
         self.items = {split: read_list(self.root / name) for split, name in self.lists.items()}
         labels = [label for _, label in self.items["train"]]
@@ -108,11 +108,15 @@ class ImageListDataModule(pl.LightningDataModule):
             if bad:
                 raise ValueError(f"{split} list has labels outside [0, {self.num_classes}): e.g. {bad[:3]}")
 
-    def dataset(self, split: str) -> ImageList:
+    def transform(self, split: str):
+        """Direct resize + normalise for every split; subclasses add training augmentation."""
         hp = self.hparams
-        return ImageList(
-            self.root, self.items[split], build_transform(hp.image_size, hp.mean, hp.std, hp.interpolation)
-        )
+        return build_transform(hp.image_size, hp.mean, hp.std, hp.interpolation)
+
+    def dataset(self, split: str) -> ImageList:
+        if split not in self.items:
+            raise ValueError(f"this datamodule has no {split!r} split (lists: {self.lists})")
+        return ImageList(self.root, self.items[split], self.transform(split))
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         hp = self.hparams

@@ -194,3 +194,6 @@ class MoSA(Method):
 
     def deployable_count(self, backbone: nn.Module) -> int:
         return sum(t.numel() for state in self.dense_adapters(backbone) for t in state.values())
+
+    def inference_params(self, backbone: nn.Module) -> int:
+        return self.deployable_count(backbone)

@@ -61,7 +61,9 @@ class VPT(Method):
     Pooling is unaffected: the CLS token stays at index 0 and "patches" stays the patch group.
 
     Presets: `paper` is VPT-deep with prompt dropout 0.1 (the released demo runs); `paper_shallow`
-    is VPT-shallow without dropout. The per-task prompt length is a config value (see configs/vtab).
+    is VPT-shallow without dropout; both decay the prompts as VPT's SGD does (mmpeft's default
+    exempts prompts from weight decay, as for every other method). The per-task prompt length is a
+    config value (see configs/vtab).
     """
 
     name: ClassVar[str] = "vpt"
@@ -70,14 +72,20 @@ class VPT(Method):
     needs_tokens: ClassVar[bool] = True
     frozen_mode: ClassVar[str] = "eval"
     presets: ClassVar[dict] = {
-        "paper": {"deep": True, "dropout": 0.1},
-        "paper_shallow": {"deep": False, "dropout": 0.0},
+        "paper": {"deep": True, "dropout": 0.1, "decay_prompts": True},
+        "paper_shallow": {"deep": False, "dropout": 0.0, "decay_prompts": True},
     }
 
     length: int = 10
     deep: bool = False
     dropout: float = 0.0
     init_bound: float | None = None
+    decay_prompts: bool = False  # VPT's SGD decays the prompts too; mmpeft's default exempts them
+
+    def weight_decay_exempt(self, name: str, param: torch.Tensor) -> bool:
+        if self.decay_prompts and "prompt" in name:
+            return False
+        return super().weight_decay_exempt(name, param)
 
     def __post_init__(self) -> None:
         if self.length < 1:

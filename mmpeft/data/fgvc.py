@@ -1,0 +1,175 @@
+"""FGVC (CUB, NABirds, Flowers, Stanford Dogs, Stanford Cars) with VPT's json split files.
+
+    <root>/train.json  val.json  test.json     each {"relative/path.jpg": label, ...}
+    <root>/<image_root>/...                    images/ (CUB, NABirds), Images/ (Dogs), . (Flowers, Cars)
+
+The class map is built once from train.json (sorted label values -> 0..C-1) and shared by every
+split, unlike VPT's per-split sort, which shifts labels when a split lacks a class. Protocols: "tune"
+(train -> val) and "final" (train + val -> test). For users whose json files are gone,
+`make_splits` regenerates the 90/10 train/val split of an official train list, seeded, and writes an
+md5 manifest that `verify_splits` checks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from pathlib import Path
+
+import pytorch_lightning as pl
+from torch.utils.data import DataLoader
+
+from mmpeft.core.errors import UnknownName
+from mmpeft.data.image_list import ImageList
+from mmpeft.data.metadata import load_metadata
+
+__all__ = ["FGVCDataModule", "make_splits", "verify_splits", "read_split", "MANIFEST"]
+
+MANIFEST = "splits.md5"
+SPLITS = ("train", "val", "test")
+LAYOUT = __doc__.split("\n\n")[1]
+
+
+def read_split(path: Path) -> dict[str, int | str]:
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"FGVC split file {path} is missing. Expected layout:\n{LAYOUT}\n"
+            "Regenerate lost splits with scripts/make_fgvc_splits.py"
+        )
+    data = json.loads(path.read_text())
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold one JSON object mapping image paths to labels")
+    return data
+
+
+def _md5(path: Path) -> str:
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+def make_splits(
+    train_items: dict[str, int], test_items: dict[str, int], out_dir: str | Path, val_fraction: float = 0.1,
+    seed: int = 42,
+) -> dict[str, str]:  # fmt: skip
+    """Write train/val/test json from the official train and test lists; returns {file: md5}.
+
+    The val split takes `val_fraction` of the official train list, chosen with `seed` from the sorted
+    paths, so the same inputs always give byte-identical files.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = sorted(train_items)
+    rng = random.Random(seed)
+    val = set(rng.sample(paths, round(val_fraction * len(paths))))
+    splits = {
+        "train": {p: train_items[p] for p in paths if p not in val},
+        "val": {p: train_items[p] for p in paths if p in val},
+        "test": {p: test_items[p] for p in sorted(test_items)},
+    }
+    digests = {}
+    for name, items in splits.items():
+        path = out / f"{name}.json"
+        path.write_text(json.dumps(items, sort_keys=True, indent=0))
+        digests[path.name] = _md5(path)
+    (out / MANIFEST).write_text("".join(f"{md5}  {name}\n" for name, md5 in digests.items()))
+    return digests
+
+
+def verify_splits(root: str | Path) -> None:
+    """Raise if a split file differs from the md5 manifest written with it."""
+    root = Path(root)
+    for line in (root / MANIFEST).read_text().splitlines():
+        md5, name = line.split()
+        if _md5(root / name) != md5:
+            raise ValueError(f"{root / name} does not match its md5 in {MANIFEST}: the split file was modified")
+
+
+def _train_transform(image_size: int, mean, std):
+    from torchvision import transforms  # noqa: PLC0415
+
+    return transforms.Compose(
+        [
+            transforms.Resize(int(image_size * 256 / 224)),
+            transforms.RandomCrop(image_size),
+            transforms.RandomHorizontalFlip(),
+            transforms.ToTensor(),
+            transforms.Normalize(mean, std),
+        ]
+    )
+
+
+def _test_transform(image_size: int, mean, std):
+    from torchvision import transforms  # noqa: PLC0415
+
+    return transforms.Compose(
+        [
+            transforms.Resize(int(image_size * 256 / 224)),
+            transforms.CenterCrop(image_size),
+            transforms.ToTensor(),
+            transforms.Normalize(mean, std),
+        ]
+    )
+
+
+class FGVCDataModule(pl.LightningDataModule):
+    """One FGVC dataset from VPT's json splits (VPT's transforms: resize 256, crop 224, flip)."""
+
+    def __init__(
+        self,
+        root: str,
+        dataset: str = "cub",
+        protocol: str = "tune",
+        image_size: int = 224,
+        mean: tuple[float, float, float] = (0.485, 0.456, 0.406),
+        std: tuple[float, float, float] = (0.229, 0.224, 0.225),
+        batch_size: int = 64,
+        num_workers: int = 4,
+    ):
+        super().__init__()
+        meta = load_metadata("fgvc")["datasets"]
+        if dataset not in meta:
+            raise UnknownName(f"unknown FGVC dataset {dataset!r}; datasets: {', '.join(meta)}")
+        if protocol not in ("tune", "final"):
+            raise UnknownName(f"unknown protocol {protocol!r}; use 'tune' (train -> val) or 'final' (+val -> test)")
+        self.save_hyperparameters()
+        self.root, self.meta = Path(root), meta[dataset]
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"FGVC folder {str(self.root)!r} does not exist. Expected layout:\n{LAYOUT}")
+        raw = {split: read_split(self.root / f"{split}.json") for split in SPLITS}
+        self.class_map = {label: i for i, label in enumerate(sorted(set(raw["train"].values())))}
+        self.items = {split: self._remap(split, items) for split, items in raw.items()}
+        self.num_classes = len(self.class_map)
+        if self.num_classes != self.meta["classes"]:
+            raise ValueError(
+                f"{self.root / 'train.json'} has {self.num_classes} classes, {self.meta['name']} has "
+                f"{self.meta['classes']}: another dataset's split files?"
+            )
+
+    def _remap(self, split: str, items: dict) -> list[tuple[str, int]]:
+        unknown = sorted({str(v) for v in items.values() if v not in self.class_map})
+        if unknown:
+            raise ValueError(f"{split}.json has labels that train.json lacks: {unknown[:5]}")
+        return [(path, self.class_map[label]) for path, label in items.items()]
+
+    def _images(self, split: str, train: bool) -> ImageList:
+        hp = self.hparams
+        make = _train_transform if train else _test_transform
+        return ImageList(self.root / self.meta["image_root"], self.items[split], make(hp.image_size, hp.mean, hp.std))
+
+    def _loader(self, dataset, shuffle: bool) -> DataLoader:
+        hp = self.hparams
+        return DataLoader(dataset, batch_size=hp.batch_size, shuffle=shuffle, num_workers=hp.num_workers)
+
+    def train_dataloader(self) -> DataLoader:
+        from torch.utils.data import ConcatDataset  # noqa: PLC0415
+
+        splits = ["train"] if self.hparams.protocol == "tune" else ["train", "val"]
+        return self._loader(ConcatDataset([self._images(s, train=True) for s in splits]), shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self._images("val", train=False), shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        if self.hparams.protocol == "tune":
+            raise ValueError("the 'tune' protocol has no test split (selection uses val); use protocol='final'")
+        return self._loader(self._images("test", train=False), shuffle=False)
