@@ -8,6 +8,7 @@ mmpeft bench  --backbone NAME      step time and peak memory per method, against
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import warnings
@@ -23,7 +24,7 @@ from mmpeft.core.report import human, markdown_table, parameter_report
 __all__ = ["main", "params_table", "run_cli", "wandb_mode"]
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
-OWN_COMMANDS = ("params", "bench")
+OWN_COMMANDS = ("params", "bench", "sweep")
 
 
 # -- params ------------------------------------------------------------------------------------------------
@@ -72,6 +73,13 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sweep(args: argparse.Namespace) -> int:
+    from mmpeft.sweep import run_sweep  # noqa: PLC0415
+
+    run_sweep(args.sweep, args.parallel)
+    return 0
+
+
 def build_own_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mmpeft", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -87,6 +95,11 @@ def build_own_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="median step time and peak memory of every method, next to the floor")
     add_bench_arguments(b)
     b.set_defaults(run=_bench)
+    from mmpeft.sweep import add_sweep_arguments  # noqa: PLC0415
+
+    s = sub.add_parser("sweep", help="tasks x methods x seeds x search grid: tune on val, retrain, test once")
+    add_sweep_arguments(s)
+    s.set_defaults(run=_sweep)
     return parser
 
 
@@ -145,6 +158,7 @@ def _make_cli_class():
             parser.add_argument("--run.wandb", type=str, default="auto", help="auto | offline | online | disabled")
             parser.add_argument("--run.project", type=str, default="mmpeft", help="W&B project")
             parser.add_argument("--run.group", type=str | None, default=None, help="W&B group (sweeps)")
+            parser.add_argument("--run.tags", type=list[str], default=[], help="W&B tags")
             parser.add_argument("--run.test_after_fit", type=bool, default=False, help="test the final model")
             parser.link_arguments(
                 "data", "model.init_args.num_classes", lambda d: d.num_classes, apply_on="instantiate"
@@ -181,7 +195,7 @@ def _make_cli_class():
                         project=run["project"],
                         group=run["group"],
                         offline=mode == "offline",
-                        tags=[self.model.method.name],
+                        tags=[self.model.method.name, *run["tags"]],
                     )  # fmt: skip
                 )
             return loggers
@@ -193,13 +207,17 @@ def _make_cli_class():
 
         before_fit = before_validate = before_test = before_predict = _load_adapter
 
+        def _metrics(self) -> dict[str, float]:
+            return {k: float(v) for k, v in self.trainer.callback_metrics.items() if v.numel() == 1}
+
         def after_fit(self) -> None:
+            metrics = self._metrics()  # testing replaces the callback metrics: keep the fit's
             if self._run_options()["run"]["test_after_fit"] and not self.trainer.fast_dev_run:
                 self.trainer.test(self.model, datamodule=self.datamodule, verbose=False)
-            self._summary()
+                metrics.update(self._metrics())
+            self._summary(metrics)
 
-        def _summary(self) -> None:
-            metrics = {k: float(v) for k, v in self.trainer.callback_metrics.items() if v.numel() == 1}
+        def _summary(self, metrics: dict[str, float]) -> None:
             report = parameter_report(self.model.model)
             export = next((c for c in self.trainer.callbacks if isinstance(c, AdapterExport)), None)
             lines = [f"method {report.method}: {report.trainable:,} trainable parameters "
@@ -211,6 +229,17 @@ def _make_cli_class():
                 lines.append(f"adapter file: {export.last_path} ({human_bytes(export.last_bytes)})")
             if self.trainer.log_dir:
                 lines.append(f"run directory: {self.trainer.log_dir}")
+                summary = {
+                    "method": report.method,
+                    "val_acc": metrics.get("val/acc"),
+                    "test_acc": metrics.get("test/acc"),
+                    "trainable": report.trainable,
+                    "trainable_no_head": report.trainable_no_head,
+                    "global_step": self.trainer.global_step,
+                    "adapter": str(export.last_path) if export and export.last_path else None,
+                    "adapter_bytes": export.last_bytes if export else 0,
+                }
+                Path(self.trainer.log_dir, "summary.json").write_text(json.dumps(summary, indent=1))
             print("\n".join(["", "=" * 60, *lines, "=" * 60]))
 
     return MmpeftCLI

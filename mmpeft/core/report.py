@@ -51,7 +51,14 @@ def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None
     if not rows:
         return ""
     columns = list(columns or rows[0].keys())
-    cell = lambda v: f"{v:,}" if isinstance(v, int) else (f"{v:.4g}" if isinstance(v, float) else str(v))  # noqa: E731
+
+    def cell(v: Any) -> str:
+        if isinstance(v, bool) or not isinstance(v, int | float):
+            return str(v)
+        if isinstance(v, int):
+            return f"{v:,}"
+        return f"{v:,.1f}" if abs(v) >= 100 else f"{v:.3g}"
+
     lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
     lines += ["| " + " | ".join(cell(r.get(c, "")) for c in columns) + " |" for r in rows]
     return "\n".join(lines)
