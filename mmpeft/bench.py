@@ -102,8 +102,11 @@ def measure(args: argparse.Namespace, method_name: str) -> dict:
     times = []
     for step in range(args.warmup + args.steps):
         start = time.perf_counter()
-        with autocast:
-            loss = nn.functional.cross_entropy(model(x), y)
+        with autocast:  # the method's whole step: MoSA runs two passes plus its consistency term
+            outputs = [model(x) for _ in range(model.method.forward_passes)]
+            loss = nn.functional.cross_entropy(outputs[0], y)
+            extra = model.method.extra_loss(outputs, (x, y))
+            loss = loss + extra if extra is not None else loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
