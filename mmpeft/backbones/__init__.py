@@ -7,11 +7,14 @@ from typing import Any
 
 from torch import nn
 
+from mmpeft.backbones.clip import ClipImageTower, ClipTextTower
 from mmpeft.backbones.digits import DigitsViT
 from mmpeft.backbones.timm_vit import TimmModel, TimmViT, create_timm, is_token_vit
 from mmpeft.core.errors import NotSupported, UnknownName
 
 __all__ = [
+    "ClipImageTower",
+    "ClipTextTower",
     "DigitsViT",
     "TimmViT",
     "TimmModel",

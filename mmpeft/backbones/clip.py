@@ -1,0 +1,219 @@
+"""open_clip's image and text towers in the token anatomy.
+
+Each `ResidualAttentionBlock` becomes a `TokenBlock`: the fused `nn.MultiheadAttention` turns into
+the anatomy's `attn.qkv` / `attn.proj` linears (weights shared, rows q, k, v as in `in_proj_weight`),
+`ln_1`/`ln_2` into `norm1`/`norm2`, `mlp.c_fc`/`mlp.c_proj` into `mlp.fc1`/`mlp.fc2`, and the final
+LayerNorm into `norm`, so every method targets the same names as on a timm ViT. `open_clip_state_dict`
+and `load_open_clip_state_dict` translate to and from open_clip's own keys, so a converted tower
+loads the original checkpoint and a merged one saves one. The text tower keeps its causal mask and
+pools at the EOT token through the forward context, so inserted prompts extend the mask and shift
+the pooling index. ModifiedResNet image towers and HF text towers raise `NotSupported`.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch
+from torch import nn
+
+from mmpeft.backbones.weights import from_hub
+from mmpeft.core.anatomy import Attention, ForwardContext, TokenBackbone, TokenBlock
+from mmpeft.core.errors import NotSupported
+from mmpeft.core.method import list_methods
+from mmpeft.core.modules import adapter_modules
+
+__all__ = ["ClipImageTower", "ClipTextTower", "FeedForward", "create_open_clip"]
+
+# (our key, open_clip's key) for the block parts whose names differ; {i} is the block index
+_BLOCK_KEYS = (
+    ("blocks.{i}.norm1.", "transformer.resblocks.{i}.ln_1."),
+    ("blocks.{i}.norm2.", "transformer.resblocks.{i}.ln_2."),
+    ("blocks.{i}.attn.qkv.weight", "transformer.resblocks.{i}.attn.in_proj_weight"),
+    ("blocks.{i}.attn.qkv.bias", "transformer.resblocks.{i}.attn.in_proj_bias"),
+    ("blocks.{i}.attn.proj.", "transformer.resblocks.{i}.attn.out_proj."),
+    ("blocks.{i}.mlp.fc1.", "transformer.resblocks.{i}.mlp.c_fc."),
+    ("blocks.{i}.mlp.fc2.", "transformer.resblocks.{i}.mlp.c_proj."),
+    ("blocks.{i}.ls1.", "transformer.resblocks.{i}.ls_1."),
+    ("blocks.{i}.ls2.", "transformer.resblocks.{i}.ls_2."),
+)
+
+
+def _rename(key: str, pairs, reverse: bool = False) -> str:
+    """Translate one key through (ours, theirs) templates, in either direction."""
+    for ours, theirs in pairs:
+        src, dst = (theirs, ours) if reverse else (ours, theirs)
+        pattern = "^" + re.escape(src).replace(re.escape("{i}"), r"(\d+)")
+        new = re.sub(pattern, dst.replace("{i}", r"\1"), key)
+        if new != key:
+            return new
+    return key
+
+
+class FeedForward(nn.Module):
+    """fc1 -> activation -> fc2 with the anatomy's names (open_clip's c_fc / gelu / c_proj)."""
+
+    def __init__(self, fc1: nn.Linear, act: nn.Module, fc2: nn.Linear):
+        super().__init__()
+        self.fc1, self.act, self.fc2 = fc1, act, fc2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+def create_open_clip(name: str, weights: str | None = None, pretrained: str | None = None) -> nn.Module:
+    """An open_clip model from random init, a local checkpoint file, or a hub tag (clear error offline)."""
+    import open_clip  # noqa: PLC0415
+
+    if name not in open_clip.list_models():
+        raise NotSupported(f"open_clip has no model {name!r}; see open_clip.list_models()")
+    if weights and pretrained:
+        raise ValueError("pass either weights=FILE or pretrained=TAG (hub), not both")
+    if pretrained:
+        return from_hub(f"{name}/{pretrained}", lambda: open_clip.create_model(name, pretrained=pretrained))
+    return open_clip.create_model(name, pretrained=weights)
+
+
+def _convert_block(block: nn.Module) -> TokenBlock:
+    from open_clip.transformer import ResidualAttentionBlock  # noqa: PLC0415
+
+    mha = getattr(block, "attn", None)
+    if type(block) is not ResidualAttentionBlock or not isinstance(mha, nn.MultiheadAttention):
+        raise NotSupported(f"open_clip block {type(block).__name__} (qk-norm / scaled attention) is not supported")
+    if not mha.batch_first:
+        raise NotSupported("sequence-first open_clip blocks (open_clip < 2.26) are not supported")
+    width = mha.embed_dim
+    qkv = nn.Linear(width, 3 * width, bias=mha.in_proj_bias is not None, device=mha.in_proj_weight.device)
+    qkv.weight = mha.in_proj_weight
+    if mha.in_proj_bias is not None:
+        qkv.bias = mha.in_proj_bias
+    proj = nn.Linear(width, width, bias=mha.out_proj.bias is not None, device=mha.out_proj.weight.device)
+    proj.weight, proj.bias = mha.out_proj.weight, mha.out_proj.bias
+    attn = Attention(qkv, proj, mha.num_heads, attn_drop=mha.dropout)
+    mlp = FeedForward(block.mlp.c_fc, block.mlp.gelu, block.mlp.c_proj)
+    return TokenBlock(block.ln_1, attn, block.ln_2, mlp, block.ls_1, block.ls_2)
+
+
+class _ClipTower(TokenBackbone):
+    """Shared key translation; subclasses set `_prefix` (open_clip's path to the tower)."""
+
+    _renames: tuple[tuple[str, str], ...] = ()
+
+    def _own_state(self) -> dict[str, torch.Tensor]:
+        added = [p for p, _ in adapter_modules(self)]
+        return {k: v for k, v in self.state_dict().items() if not any(k.startswith(p + ".") for p in added)}
+
+    def open_clip_state_dict(self) -> dict[str, torch.Tensor]:
+        """The frozen tower under open_clip's keys (relative to the tower, as `model.visual.state_dict()`)."""
+        return {_rename(k, (*_BLOCK_KEYS, *self._renames)): v for k, v in self._own_state().items()}
+
+    def load_open_clip_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Load a state dict in open_clip's keys (strict on the tower's own tensors)."""
+        ours = {_rename(k, (*_BLOCK_KEYS, *self._renames), reverse=True): v for k, v in state.items()}
+        own = self._own_state()
+        missing, unexpected = sorted(own.keys() - ours.keys()), sorted(ours.keys() - own.keys())
+        if missing or unexpected:
+            raise KeyError(f"open_clip state dict does not fit: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        self.load_state_dict(ours, strict=False)
+
+
+def _check_text_tower(model: nn.Module) -> None:
+    if not hasattr(model, "token_embedding"):
+        raise NotSupported(
+            f"{type(model).__name__} has a Hugging Face text tower (CustomTextCLIP), which the token anatomy does "
+            f"not cover; name-targeted methods ({', '.join(list_methods(needs_tokens=False))}) work on it directly"
+        )
+
+
+class ClipImageTower(_ClipTower):
+    """open_clip's ViT image tower; features are the projected CLS token (CLIP's image embedding).
+
+    Args:
+        name: open_clip model name ("ViT-B-32", "ViT-B-16-quickgelu", ...).
+        weights: a local open_clip checkpoint file; pretrained: a hub tag (fails fast offline).
+        model: an already built open_clip model to convert instead (its modules are shared).
+    """
+
+    _renames = (("norm.", "ln_post."),)
+
+    def __init__(self, name: str = "ViT-B-32", weights: str | None = None, pretrained: str | None = None,
+                 model: Any = None):  # fmt: skip
+        super().__init__()
+        from open_clip.transformer import VisionTransformer  # noqa: PLC0415
+
+        model = model if model is not None else create_open_clip(name, weights, pretrained)
+        visual = model.visual
+        if not isinstance(visual, VisionTransformer):
+            raise NotSupported(
+                f"open_clip image tower {type(visual).__name__} is not a ViT; token methods need one. Name-targeted "
+                f"methods work on it directly: {', '.join(list_methods(needs_tokens=False))}"
+            )
+        if visual.attn_pool is not None or visual.pool_type != "tok" or visual.final_ln_after_pool:
+            raise NotSupported("open_clip image towers with attention pooling or other pool types are not supported")
+        self.name = f"open_clip:{name}:image"
+        self.conv1, self.class_embedding, self.positional_embedding = visual.conv1, visual.class_embedding, \
+            visual.positional_embedding  # fmt: skip
+        self.patch_dropout, self.ln_pre, self.norm, self.proj = visual.patch_dropout, visual.ln_pre, visual.ln_post, \
+            visual.proj  # fmt: skip
+        self.blocks = nn.ModuleList(_convert_block(b) for b in visual.transformer.resblocks)
+        self.embed_dim = visual.conv1.out_channels
+        self.num_heads = self.blocks[0].attn.num_heads
+        self.pool_type = "cls"
+        self.init_sites()
+
+    @property
+    def num_features(self) -> int:
+        return self.proj.shape[1] if self.proj is not None else self.embed_dim
+
+    def prompt_fan_in(self) -> int | None:
+        return int(self.conv1.weight[0].numel())
+
+    def embed(self, images: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        x = self.conv1(images).flatten(2).transpose(1, 2)
+        cls = self.class_embedding.view(1, 1, -1).expand(x.shape[0], -1, -1).to(x.dtype)
+        x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)
+        ctx.layout.update(cls=slice(0, 1), patches=slice(1, x.shape[1]))
+        return self.ln_pre(self.patch_dropout(x))
+
+    def pool(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        pooled = super().pool(x, ctx)
+        return pooled @ self.proj if self.proj is not None else pooled
+
+
+class ClipTextTower(_ClipTower):
+    """open_clip's text tower: causal, pooled at the EOT token (the highest id), projected."""
+
+    _renames = (("norm.", "ln_final."),)
+
+    def __init__(self, name: str = "ViT-B-32", weights: str | None = None, pretrained: str | None = None,
+                 model: Any = None):  # fmt: skip
+        super().__init__()
+        model = model if model is not None else create_open_clip(name, weights, pretrained)
+        _check_text_tower(model)
+        if getattr(model, "text_pool_type", "argmax") != "argmax":
+            raise NotSupported(f"text pooling {model.text_pool_type!r} is not supported (only EOT/argmax)")
+        if isinstance(model.text_projection, nn.Linear):
+            raise NotSupported("a Linear text projection is not supported; open_clip's default is a matrix")
+        self.name = f"open_clip:{name}:text"
+        self.token_embedding, self.positional_embedding = model.token_embedding, model.positional_embedding
+        self.blocks = nn.ModuleList(_convert_block(b) for b in model.transformer.resblocks)
+        self.norm, self.text_projection = model.ln_final, model.text_projection
+        self.embed_dim = model.token_embedding.embedding_dim
+        self.num_heads = self.blocks[0].attn.num_heads
+        self.pool_type = "eot"
+        self.init_sites()
+
+    @property
+    def num_features(self) -> int:
+        return self.text_projection.shape[1] if self.text_projection is not None else self.embed_dim
+
+    def embed(self, ids: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        ctx.causal = True
+        ctx.pool_index = ids.argmax(dim=-1)
+        ctx.layout["tokens"] = slice(0, ids.shape[1])
+        return self.token_embedding(ids) + self.positional_embedding[: ids.shape[1]]
+
+    def pool(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        pooled = super().pool(x, ctx)
+        return pooled @ self.text_projection if self.text_projection is not None else pooled
