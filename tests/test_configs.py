@@ -47,5 +47,5 @@ def test_every_method_has_vtab_and_fgvc_configs():
     from mmpeft.core.method import list_methods
 
     for bench in ("vtab", "fgvc"):
-        names = {p.stem.split("_")[0] for p in (CONFIGS / bench).glob("*.yaml")}
+        names = {"vpt" if p.stem.startswith("vpt_") else p.stem for p in (CONFIGS / bench).glob("*.yaml")}
         assert set(list_methods()) <= names, bench

@@ -126,6 +126,10 @@ def expected_backbone_trainable(method: str, model: PeftModel) -> int:
     if method == "mosa":  # own LN + shared down + N up experts (weights and biases) per block
         d, h, n = backbone.embed_dim, model.method.bottleneck, model.method.experts
         return backbone.depth * (2 * d + d * h + h + n * (h * d + d))
+    if method == "vl_pet":  # ΔH + large gate on both branches of every block, plus every LayerNorm
+        d, r, rg = backbone.embed_dim, model.method.rank, model.method.gate_rank
+        norms = sum(p.numel() for m in modules if isinstance(m, torch.nn.LayerNorm) for p in m.parameters())
+        return backbone.depth * 2 * ((2 * d * r + r + d) + (2 * d * rg + rg + d)) + norms
     raise AssertionError(f"add the expected count of {method!r} to the conformance suite")
 
 

@@ -5,6 +5,7 @@ from mmpeft.methods.baselines import BitFit, FullFinetune, LinearProbe
 from mmpeft.methods.lora import LoRA
 from mmpeft.methods.mosa import MoSA
 from mmpeft.methods.ssf import SSF
+from mmpeft.methods.vl_pet import VLPET
 from mmpeft.methods.vpt import VPT
 
-__all__ = ["Adapter", "BitFit", "FullFinetune", "LinearProbe", "LoRA", "MoSA", "SSF", "VPT"]
+__all__ = ["Adapter", "BitFit", "FullFinetune", "LinearProbe", "LoRA", "MoSA", "SSF", "VLPET", "VPT"]
