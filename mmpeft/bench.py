@@ -84,6 +84,8 @@ def measure(args: argparse.Namespace, method_name: str) -> dict:
     device = _device(args.device)
     if args.backbone == "digits_vit":  # speed does not depend on the weights: skip the pretraining
         kwargs = {"pretrained": False}
+    elif args.backbone.startswith("open_clip:"):
+        kwargs = {}
     else:
         kwargs = {"img_size": args.img_size, **({"in_chans": args.in_chans} if args.in_chans != 3 else {})}
     backbone = create_backbone(args.backbone, **kwargs)

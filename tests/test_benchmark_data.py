@@ -147,3 +147,14 @@ def test_split_generator_is_deterministic_with_md5_checks(tmp_path):
     (tmp_path / "a/val.json").write_text("{}")
     with pytest.raises(ValueError, match="does not match its md5"):
         verify_splits(tmp_path / "a")
+
+
+def test_fgvc_and_vtab_few_shot_subsets(tmp_path, vtab_root):
+    write_fgvc(tmp_path)
+    dm = FGVCDataModule(str(tmp_path), "cub", shots=1, shot_seed=3, num_workers=0)
+    labels = [label for _, label in dm.items["train"]]
+    assert sorted(labels) == list(range(200)) and len(dm.items["val"]) == 200
+    again = FGVCDataModule(str(tmp_path), "cub", shots=1, shot_seed=3, num_workers=0)
+    assert dm.items["train"] == again.items["train"]
+    vtab = VTAB1kDataModule(str(vtab_root), "dtd", "final", shots=4, num_workers=0)
+    assert len(vtab.items["train"]) == 4 * 47 and len(vtab.items["test"]) == 30

@@ -30,7 +30,7 @@ def test_digits_configs_compose_with_the_quickstart(override, capsys):
 
 
 STANDALONE = [QUICKSTART, CONFIGS / "image_list.yaml", *sorted(CONFIGS.glob("vtab/*.yaml")),
-              *sorted(CONFIGS.glob("fgvc/*.yaml"))]  # fmt: skip
+              *sorted(CONFIGS.glob("fgvc/*.yaml")), *sorted(CONFIGS.glob("clip/*.yaml"))]  # fmt: skip
 
 
 @pytest.mark.parametrize("path", STANDALONE, ids=lambda p: f"{p.parent.name}/{p.stem}")

@@ -40,6 +40,12 @@ def create_backbone(name: str, **kwargs: Any) -> nn.Module:
     """A registered mmpeft backbone, a timm ViT as a `TimmViT`, or any other timm model as `TimmModel`."""
     if name in BACKBONES:
         return BACKBONES[name](**kwargs)
+    if name.startswith("open_clip:"):  # "open_clip:ViT-B-32:image" or "...:text"
+        _, model, tower = (name.split(":") + [""])[:3]
+        if tower not in ("image", "text"):
+            raise UnknownName(f"open_clip backbones are named 'open_clip:<model>:image' or ':text', got {name!r}")
+        kwargs.pop("img_size", None)
+        return (ClipImageTower if tower == "image" else ClipTextTower)(model, **kwargs)
     import timm  # noqa: PLC0415
 
     if not timm.is_model(name):

@@ -13,6 +13,7 @@ the pooling index. ModifiedResNet image towers and HF text towers raise `NotSupp
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -62,10 +63,20 @@ class FeedForward(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
+def _register_configs() -> None:
+    """mmpeft's own open_clip configs (e.g. `mmpeft-tiny-clip`, for smoke runs and tests)."""
+    import open_clip  # noqa: PLC0415
+
+    folder = Path(__file__).parent / "open_clip_configs"
+    if "mmpeft-tiny-clip" not in open_clip.list_models():
+        open_clip.add_model_config(folder)
+
+
 def create_open_clip(name: str, weights: str | None = None, pretrained: str | None = None) -> nn.Module:
     """An open_clip model from random init, a local checkpoint file, or a hub tag (clear error offline)."""
     import open_clip  # noqa: PLC0415
 
+    _register_configs()
     if name not in open_clip.list_models():
         raise NotSupported(f"open_clip has no model {name!r}; see open_clip.list_models()")
     if weights and pretrained:

@@ -65,6 +65,8 @@ class PeftModel(nn.Module):
     def trainable_names(self) -> list[str]:
         """The declared trainable set, as names in this model's state dict."""
         declared = [f"backbone.{n}" for n in self.method.declared_trainable(self.backbone)]
+        if hasattr(self.head, "declared_trainable"):  # a head with frozen parts (CLIP's zero-shot head)
+            return declared + [f"head.{n}" for n in self.head.declared_trainable()]
         return declared + [f"head.{n}" for n, _ in self.head.named_parameters()]
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:

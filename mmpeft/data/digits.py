@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
+from mmpeft.data.fewshot import k_shot_indices
+
 __all__ = ["DigitsDataModule", "digits_arrays", "UPSTREAM_FRACTION"]
 
 UPSTREAM_FRACTION = 0.7
@@ -71,17 +73,6 @@ def _split(labels: np.ndarray, fractions: tuple[float, float], seed: int) -> tup
     return tuple(np.sort(np.array(p, dtype=np.int64)) for p in parts)
 
 
-def _k_shot(labels: np.ndarray, idx: np.ndarray, k: int, seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed + 1)
-    chosen = []
-    for c in np.unique(labels[idx]):
-        of_c = idx[labels[idx] == c]
-        if len(of_c) < k:
-            raise ValueError(f"class {c} has only {len(of_c)} training images, fewer than shots={k}")
-        chosen += rng.choice(of_c, size=k, replace=False).tolist()
-    return np.sort(np.array(chosen, dtype=np.int64))
-
-
 class DigitsDataModule(pl.LightningDataModule):
     """scikit-learn's digits: `task="upstream"` (pretraining) or `"downstream"` (the transfer task).
 
@@ -124,7 +115,7 @@ class DigitsDataModule(pl.LightningDataModule):
         images, labels = digits_arrays(hp.task)
         train, val, test = _split(labels, (hp.train_fraction, hp.val_fraction), hp.seed)
         if hp.shots:
-            train = _k_shot(labels, train, hp.shots, hp.seed)
+            train = train[k_shot_indices(labels[train], hp.shots, hp.seed + 1)]
         self.splits = {
             "train": ShiftedDigits(images[train], labels[train], self.shift),
             "val": ShiftedDigits(images[val], labels[val]),

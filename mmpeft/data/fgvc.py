@@ -21,6 +21,7 @@ import pytorch_lightning as pl
 from torch.utils.data import DataLoader
 
 from mmpeft.core.errors import UnknownName
+from mmpeft.data.fewshot import k_shot_indices
 from mmpeft.data.image_list import ImageList
 from mmpeft.data.metadata import load_metadata
 
@@ -124,6 +125,8 @@ class FGVCDataModule(pl.LightningDataModule):
         std: tuple[float, float, float] = (0.229, 0.224, 0.225),
         batch_size: int = 64,
         num_workers: int = 4,
+        shots: int | None = None,
+        shot_seed: int = 1,
     ):
         super().__init__()
         meta = load_metadata("fgvc")["datasets"]
@@ -138,6 +141,9 @@ class FGVCDataModule(pl.LightningDataModule):
         raw = {split: read_split(self.root / f"{split}.json") for split in SPLITS}
         self.class_map = {label: i for i, label in enumerate(sorted(set(raw["train"].values())))}
         self.items = {split: self._remap(split, items) for split, items in raw.items()}
+        if shots:  # few-shot: k training images per class, seeded
+            keep = k_shot_indices([label for _, label in self.items["train"]], shots, shot_seed)
+            self.items["train"] = [self.items["train"][i] for i in keep]
         self.num_classes = len(self.class_map)
         if self.num_classes != self.meta["classes"]:
             raise ValueError(

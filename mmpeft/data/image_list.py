@@ -18,6 +18,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from mmpeft.data.fewshot import k_shot_indices
+
 __all__ = ["ImageListDataModule", "ImageList", "read_list", "build_transform"]
 
 LAYOUT = __doc__.split("\n\n", 2)[2].rstrip()
@@ -70,6 +72,7 @@ class ImageListDataModule(pl.LightningDataModule):
         root: the dataset folder (see the layout in the module docstring).
         num_classes: head size; by default 1 + the largest label in the training list.
         image_size, mean, std, interpolation: preprocessing, logged with the run's config.
+        shots, shot_seed: keep `shots` training images per class (few-shot runs), chosen with `shot_seed`.
     """
 
     def __init__(
@@ -85,6 +88,8 @@ class ImageListDataModule(pl.LightningDataModule):
         interpolation: str = "bicubic",
         batch_size: int = 64,
         num_workers: int = 2,
+        shots: int | None = None,
+        shot_seed: int = 1,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -92,6 +97,9 @@ class ImageListDataModule(pl.LightningDataModule):
         self.lists = {k: v for k, v in (("train", train_list), ("val", val_list), ("test", test_list)) if v}
         self._check_layout()
         self.items = {split: read_list(self.root / name) for split, name in self.lists.items()}
+        if shots:  # few-shot: k training images per class, seeded
+            keep = k_shot_indices([label for _, label in self.items["train"]], shots, shot_seed)
+            self.items["train"] = [self.items["train"][i] for i in keep]
         labels = [label for _, label in self.items["train"]]
         self.num_classes = num_classes or (max(labels) + 1 if labels else 0)
         self._check_labels()

@@ -42,6 +42,8 @@ class VTAB1kDataModule(ImageListDataModule):
         interpolation: str = "bicubic",
         batch_size: int = 64,
         num_workers: int = 4,
+        shots: int | None = None,
+        shot_seed: int = 1,
     ):
         tasks = vtab_tasks()
         if task not in tasks:
@@ -52,13 +54,15 @@ class VTAB1kDataModule(ImageListDataModule):
         super().__init__(
             f"{root.rstrip('/')}/{self.meta['folder']}", num_classes=self.meta["classes"], image_size=image_size,
             mean=mean, std=std, interpolation=interpolation, batch_size=batch_size, num_workers=num_workers,
-            **PROTOCOLS[protocol],
+            shots=shots, shot_seed=shot_seed, **PROTOCOLS[protocol],
         )  # fmt: skip
         self._check_split_sizes()
 
     def _check_split_sizes(self) -> None:
         expected = load_metadata("vtab1k")["splits"]
         for split, name in self.lists.items():
+            if split == "train" and self.hparams.shots:
+                continue  # already cut down to k shots per class
             stem = name.removesuffix(".txt")
             if stem in expected and len(self.items[split]) != expected[stem]:
                 raise ValueError(

@@ -2,5 +2,6 @@
 
 from mmpeft.tasks.base import PeftTask
 from mmpeft.tasks.classification import ImageClassification
+from mmpeft.tasks.clip import CLIPClassification
 
-__all__ = ["PeftTask", "ImageClassification"]
+__all__ = ["PeftTask", "ImageClassification", "CLIPClassification"]
