@@ -70,12 +70,12 @@ def test_local_checkpoint_through_a_registered_config(tmp_path):
     config = {"embed_dim": 32, "vision_cfg": {"layers": 2, "width": 64, "head_width": 16, "patch_size": 8,
               "image_size": 32}, "text_cfg": {"context_length": 16, "vocab_size": 100, "width": 32, "heads": 4,
               "layers": 2}}  # fmt: skip
-    (tmp_path / "mmpeft-tiny-clip.json").write_text(json.dumps(config))
-    open_clip.add_model_config(tmp_path / "mmpeft-tiny-clip.json")
+    (tmp_path / "test-tiny-clip-vocab100.json").write_text(json.dumps(config))
+    open_clip.add_model_config(tmp_path / "test-tiny-clip-vocab100.json")
     torch.manual_seed(3)
-    source = open_clip.create_model("mmpeft-tiny-clip").eval()
+    source = open_clip.create_model("test-tiny-clip-vocab100").eval()
     torch.save(source.state_dict(), tmp_path / "clip.pt")
-    tower = ClipImageTower("mmpeft-tiny-clip", weights=str(tmp_path / "clip.pt")).eval()
+    tower = ClipImageTower("test-tiny-clip-vocab100", weights=str(tmp_path / "clip.pt")).eval()
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(tower(x), source.encode_image(x), atol=1e-5, rtol=0)

@@ -54,7 +54,7 @@ class PeftTask(pl.LightningModule):
         adapter: str | None = None,
     ):
         super().__init__()
-        self.save_hyperparameters(ignore=["backbone"])
+        self.save_hyperparameters(ignore=["backbone", "text_tower"])
         if grad_checkpointing:
             if not hasattr(backbone, "set_grad_checkpointing"):
                 raise ValueError(f"{type(backbone).__name__} does not support activation checkpointing")
