@@ -197,7 +197,7 @@ class TimmViT(TokenBackbone):
 
 
 class TimmModel(nn.Module):
-    """Any timm model as a headless backbone for name-targeted methods (LoRA, BitFit, full, linear).
+    """Any timm model as a headless backbone for the name-targeted methods (`list_methods(needs_tokens=False)`).
 
     The timm model lives in `self.model`, so its own state dict is `self.model.state_dict()`.
     """
