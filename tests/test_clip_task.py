@@ -66,8 +66,10 @@ def test_vl_pet_starts_at_zero_shot_and_lora_text_method_trains_the_text_tower(t
 def test_class_names_from_dataset_metadata():
     assert resolve_class_names("vtab1k:eurosat")[:2] == ["AnnualCrop", "Forest"]
     assert resolve_class_names("vtab1k:oxford_iiit_pet")[1] == "american bulldog"
-    with pytest.raises(ValueError, match="no class names for 'sun397'"):
-        resolve_class_names("vtab1k:sun397")
+    assert resolve_class_names("vtab1k:sun397")[8] == "apartment building (outdoor)"
+    assert resolve_class_names("vtab1k:oxford_flowers102")[0] == "pink primrose"
+    with pytest.raises(ValueError, match="no class names for 'dmlab'"):
+        resolve_class_names("vtab1k:dmlab")
 
 
 def test_linear_probe_from_zero_shot_keeps_the_argmax_at_step_0():
