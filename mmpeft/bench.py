@@ -152,7 +152,8 @@ def run_bench(args: argparse.Namespace) -> list[dict]:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     device = next((r["device"] for r in rows if "device" in r), "unknown").replace(" ", "_")
-    stem = f"{args.backbone}-{args.img_size}px-b{args.batch}-{device}-{args.precision}"
+    safe = args.backbone.replace(":", "_").replace("/", "_")  # portable file names
+    stem = f"{safe}-{args.img_size}px-b{args.batch}-{device}-{args.precision}"
     columns = ["method", "trainable", "step_ms", "time_vs_floor", "peak_mem_mb", "mem_vs_floor", "device", "error"]
     with open(out / f"{stem}.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
