@@ -161,3 +161,13 @@ def test_fgvc_and_vtab_few_shot_subsets(tmp_path, vtab_root):
     assert dm.items["train"] == again.items["train"]
     vtab = VTAB1kDataModule(str(vtab_root), "dtd", "final", shots=4, num_workers=0)
     assert len(vtab.items["train"]) == 4 * 47 and len(vtab.items["test"]) == 30
+
+
+def test_fgvc_metadata_class_names():
+    from mmpeft.data.metadata import load_metadata
+
+    meta = load_metadata("fgvc")["datasets"]
+    assert len(meta["cub"]["class_names"]) == 200 and meta["cub"]["class_names"][0] == "Black footed Albatross"
+    assert len(meta["flowers"]["class_names"]) == 102
+    for name in ("nabirds", "dogs", "cars"):
+        assert "class_names" not in meta[name], "names only where their label order is known"
