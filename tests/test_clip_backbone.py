@@ -110,3 +110,20 @@ def test_vpt_on_the_text_tower_keeps_the_causal_mask_and_eot_pooling():
         assert torch.equal(model(changed)[row], model(t)[row])
         changed[row, 1] = 7 if t[row, 1] != 7 else 8  # a token before it changes the feature
         assert not torch.equal(model(changed)[row], model(t)[row])
+
+
+def test_params_table_on_an_open_clip_name_builds_on_meta():
+    from mmpeft.cli import params_table
+
+    rows = {r["method"]: r for r in params_table("open_clip:ViT-B-32:image", num_classes=10)}
+    assert rows["vl_pet"]["no head"] == 7_119_360 + 39_936  # spec vision_language.md §2.4
+    assert rows["full"]["no head"] == 87_849_216, "ViT-B/32's visual tower"
+    assert rows["linear"]["trainable"] == 513 * 10
+
+
+def test_hugging_face_text_towers_are_refused():
+    """CustomTextCLIP keeps its text tower under `model.text` (an HF encoder): no `token_embedding`."""
+    custom = torch.nn.Module()
+    custom.text = torch.nn.Identity()
+    with pytest.raises(NotSupported, match="Hugging Face text tower.*bitfit, full, linear, lora"):
+        ClipTextTower(model=custom)

@@ -72,7 +72,9 @@ def _register_configs() -> None:
         open_clip.add_model_config(folder)
 
 
-def create_open_clip(name: str, weights: str | None = None, pretrained: str | None = None) -> nn.Module:
+def create_open_clip(
+    name: str, weights: str | None = None, pretrained: str | None = None, device: str | None = None
+) -> nn.Module:
     """An open_clip model from random init, a local checkpoint file, or a hub tag (clear error offline)."""
     import open_clip  # noqa: PLC0415
 
@@ -82,8 +84,10 @@ def create_open_clip(name: str, weights: str | None = None, pretrained: str | No
     if weights and pretrained:
         raise ValueError("pass either weights=FILE or pretrained=TAG (hub), not both")
     if pretrained:
-        return from_hub(f"{name}/{pretrained}", lambda: open_clip.create_model(name, pretrained=pretrained))
-    return open_clip.create_model(name, pretrained=weights)
+        return from_hub(
+            f"{name}/{pretrained}", lambda: open_clip.create_model(name, pretrained=pretrained, device=device or "cpu")
+        )
+    return open_clip.create_model(name, pretrained=weights, device=device or "cpu")  # "meta": counts for free
 
 
 def _convert_block(block: nn.Module) -> TokenBlock:
@@ -144,16 +148,17 @@ class ClipImageTower(_ClipTower):
         name: open_clip model name ("ViT-B-32", "ViT-B-16-quickgelu", ...).
         weights: a local open_clip checkpoint file; pretrained: a hub tag (fails fast offline).
         model: an already built open_clip model to convert instead (its modules are shared).
+        device: build on this device ("meta" makes full-size parameter counts free).
     """
 
     _renames = (("norm.", "ln_post."),)
 
     def __init__(self, name: str = "ViT-B-32", weights: str | None = None, pretrained: str | None = None,
-                 model: Any = None):  # fmt: skip
+                 model: Any = None, device: str | None = None):  # fmt: skip
         super().__init__()
         from open_clip.transformer import VisionTransformer  # noqa: PLC0415
 
-        model = model if model is not None else create_open_clip(name, weights, pretrained)
+        model = model if model is not None else create_open_clip(name, weights, pretrained, device)
         visual = model.visual
         if not isinstance(visual, VisionTransformer):
             raise NotSupported(
@@ -198,9 +203,9 @@ class ClipTextTower(_ClipTower):
     _renames = (("norm.", "ln_final."),)
 
     def __init__(self, name: str = "ViT-B-32", weights: str | None = None, pretrained: str | None = None,
-                 model: Any = None):  # fmt: skip
+                 model: Any = None, device: str | None = None):  # fmt: skip
         super().__init__()
-        model = model if model is not None else create_open_clip(name, weights, pretrained)
+        model = model if model is not None else create_open_clip(name, weights, pretrained, device)
         _check_text_tower(model)
         if getattr(model, "text_pool_type", "argmax") != "argmax":
             raise NotSupported(f"text pooling {model.text_pool_type!r} is not supported (only EOT/argmax)")
