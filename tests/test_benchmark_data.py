@@ -169,5 +169,6 @@ def test_fgvc_metadata_class_names():
     meta = load_metadata("fgvc")["datasets"]
     assert len(meta["cub"]["class_names"]) == 200 and meta["cub"]["class_names"][0] == "Black footed Albatross"
     assert len(meta["flowers"]["class_names"]) == 102
-    for name in ("nabirds", "dogs", "cars"):
+    assert len(meta["dogs"]["class_names"]) == 120 and meta["dogs"]["class_names"][0] == "Chihuahua"
+    for name in ("nabirds", "cars"):
         assert "class_names" not in meta[name], "names only where their label order is known"
