@@ -170,6 +170,8 @@ def test_fgvc_metadata_class_names():
     assert len(meta["cub"]["class_names"]) == 200 and meta["cub"]["class_names"][0] == "Black footed Albatross"
     assert len(meta["flowers"]["class_names"]) == 102
     assert len(meta["dogs"]["class_names"]) == 120 and meta["dogs"]["class_names"][0] == "Chihuahua"
-    assert len(meta["cars"]["class_names"]) == 196 and meta["cars"]["class_names"][-1] == "smart fortwo Convertible 2012"
+    assert (
+        len(meta["cars"]["class_names"]) == 196 and meta["cars"]["class_names"][-1] == "smart fortwo Convertible 2012"
+    )
     for name in ("nabirds",):
         assert "class_names" not in meta[name], "names only where their label order is known"
