@@ -201,8 +201,9 @@ class Runner:
 
     def run(self, cells: list[Cell], stage: int) -> list[dict[str, Any]]:
         """Run the cells without a result file, `parallel` at a time; returns every cell's result."""
-        results = [r for c in cells if (r := self.load(c)) is not None]
-        todo = [c for c in cells if self.load(c) is None]
+        loaded = [(c, self.load(c)) for c in cells]
+        results = [r for _, r in loaded if r is not None]
+        todo = [c for c, r in loaded if r is None]
         if results:
             self.log(f"stage {stage}: {len(results)} of {len(cells)} cells already done, skipped")
         if not todo:

@@ -27,7 +27,7 @@ def test_insert_keeps_layout_positions_mask_and_pool_index_consistent():
     ctx = ForwardContext(
         layout={"cls": slice(0, 1), "patches": slice(1, 5)},
         positions=torch.arange(5.0).view(1, 5, 1).expand(2, 5, 1),
-        mask=torch.ones(5, 5, dtype=torch.bool).tril(),
+        attn_mask=torch.ones(5, 5, dtype=torch.bool).tril(),
         pool_index=torch.tensor([0, 3]),
     )
     x = torch.arange(5.0).view(1, 5, 1).expand(2, 5, 1)
@@ -36,8 +36,8 @@ def test_insert_keeps_layout_positions_mask_and_pool_index_consistent():
     assert ctx.layout == {"cls": slice(0, 1), "prompts": slice(1, 3), "patches": slice(3, 7)}
     assert ctx.positions[0, :, 0].tolist() == [0, 0, 0, 1, 2, 3, 4]
     assert ctx.pool_index.tolist() == [0, 5]
-    assert ctx.mask.shape == (7, 7)
-    kept = torch.cat([ctx.mask[:1], ctx.mask[3:]])[:, [0, 3, 4, 5, 6]]
+    assert ctx.attn_mask.shape == (7, 7)
+    kept = torch.cat([ctx.attn_mask[:1], ctx.attn_mask[3:]])[:, [0, 3, 4, 5, 6]]
     assert torch.equal(kept, torch.ones(5, 5, dtype=torch.bool).tril()), "the original mask is preserved"
     replaced = ctx.replace(out, "prompts", torch.full((2, 2, 1), 9.0))
     assert replaced[0, :, 0].tolist() == [0, 9, 9, 1, 2, 3, 4]

@@ -102,3 +102,24 @@ def test_few_shot_cli_run_end_to_end(tmp_path):
     summary = json.loads((tmp_path / "runs/clip-vl_pet_large/version_0/summary.json").read_text())
     assert summary["test_acc"] is not None and summary["method"] == "vl_pet"
     assert summary["trainable"] == summary["trainable_no_head"], "the zero-shot head itself is frozen"
+
+
+def test_class_weights_are_computed_once_frozen_and_once_per_evaluation_with_a_text_method():
+    clip = clip_with_real_vocab()
+    frozen = task(clip, method="linear").model.head
+    assert "frozen_weights" in dict(frozen.named_buffers()) and "frozen_weights" not in frozen.state_dict()
+    adapted = task(clip, method="linear", text_method={"name": "lora", "r": 2, "targets": ["attn.qkv"]}).model.head
+    calls = []
+    adapted.text_tower.register_forward_hook(lambda *_: calls.append(1))
+    features = torch.randn(2, 32)
+    adapted.eval()
+    with torch.no_grad():
+        adapted(features), adapted(features)
+    assert len(calls) == 1, "one text forward per evaluation"
+    adapted.train()
+    adapted(features), adapted(features)
+    assert len(calls) == 3, "every training step re-encodes the prompts"
+    adapted.eval()
+    with torch.no_grad():
+        adapted(features)
+    assert len(calls) == 4, "a new evaluation sees the updated text tower"

@@ -47,7 +47,7 @@ class ForwardContext:
 
     layout: dict[str, slice] = field(default_factory=dict)
     causal: bool = False
-    mask: torch.Tensor | None = None  # explicit [L, L] or [B, 1, L, L]; bool (True = attend) or additive
+    attn_mask: torch.Tensor | None = None  # explicit [L, L] or [B, 1, L, L]; bool (True = attend) or additive
     positions: torch.Tensor | None = None  # [B, L, D], added before every block where the backbone does so
     pool_index: torch.Tensor | None = None  # [B] token index pooled by "eot"
     centres: torch.Tensor | None = None
@@ -61,11 +61,6 @@ class ForwardContext:
     draws: dict[str, Any] = field(default_factory=dict)
     generator: torch.Generator | None = None
     extras: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def attn_mask(self) -> torch.Tensor | None:
-        """The explicit mask; the causal part is passed separately so SDPA can use its fast path."""
-        return self.mask
 
     def draw(self, key: str, sample: Callable[[torch.Generator], Any]) -> Any:
         """A random choice made once per forward (and reused when checkpointing recomputes it).
@@ -101,8 +96,8 @@ class ForwardContext:
         if self.positions is not None:
             zeros = self.positions.new_zeros(self.positions.shape[0], n, self.positions.shape[2])
             self.positions = torch.cat([self.positions[:, :at], zeros, self.positions[:, at:]], 1)
-        if self.mask is not None:
-            self.mask = _insert_mask(self.mask, at, n)
+        if self.attn_mask is not None:  # the causal part is the `causal` flag, so SDPA keeps its fast path
+            self.attn_mask = _insert_mask(self.attn_mask, at, n)
         if self.pool_index is not None:
             self.pool_index = torch.where(self.pool_index >= at, self.pool_index + n, self.pool_index)
         return torch.cat([x[:, :at], tokens.to(x.dtype), x[:, at:]], dim=1)

@@ -115,7 +115,8 @@ def attach(host: nn.Module, attr: str, child: nn.Module, where: str = "output") 
         host.register_forward_hook(_CallAttached(attr, where))
     else:
         host.register_forward_pre_hook(_CallAttached(attr, where))
-    getattr(host, _HOOK_ATTR, None) or setattr(host, _HOOK_ATTR, [])
+    if not hasattr(host, _HOOK_ATTR):
+        setattr(host, _HOOK_ATTR, [])
     getattr(host, _HOOK_ATTR).append(attr)
     return child
 

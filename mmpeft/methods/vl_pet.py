@@ -56,11 +56,8 @@ class VLPETModule(AdapterModule):
             nn.init.zeros_(lin.bias)
         if self.identity:
             nn.init.zeros_(self.up.weight)
-            gate_last = (
-                self.gate[-1] if isinstance(getattr(self, "gate", None), nn.Sequential) else getattr(self, "gate", None)
-            )
-            if gate_last is not None:
-                nn.init.zeros_(gate_last.weight)
+            if self.variant in ("large", "middle_x", "small"):  # the gate's last Linear: 2σ(0) = 1
+                nn.init.zeros_((self.gate[-1] if self.variant == "large" else self.gate).weight)
         elif self.variant == "middle_y":
             nn.init.normal_(self.gate_z, std=0.02)
 

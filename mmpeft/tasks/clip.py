@@ -51,8 +51,10 @@ class ZeroShotHead(nn.Module):
             text_method.apply(text_tower)
         else:
             text_tower.requires_grad_(False)
-        self._cached: torch.Tensor | None = None
-        self.classifier = nn.Parameter(self.weights().clone()) if train_classifier else None
+        # a frozen text tower gives fixed class weights: computed once, a buffer so they follow .to(device)
+        self.register_buffer("frozen_weights", None if text_method else self._embed_classes(), persistent=False)
+        self.classifier = nn.Parameter(self.frozen_weights.clone()) if train_classifier else None
+        self._eval_weights: torch.Tensor | None = None  # text-method weights, reused across one evaluation
 
     @property
     def trains_text(self) -> bool:
@@ -63,13 +65,24 @@ class ZeroShotHead(nn.Module):
         features = F.normalize(self.text_tower(self.token_ids.view(c * t, length)), dim=-1)
         return F.normalize(features.view(c, t, -1).mean(1), dim=-1)
 
+    def _embed_classes(self) -> torch.Tensor:
+        was_training = self.text_tower.training
+        self.text_tower.eval()
+        with torch.no_grad():
+            weights = self.class_embeddings()
+        self.text_tower.train(was_training)
+        return weights
+
     def weights(self) -> torch.Tensor:
-        if self.trains_text:
+        """The class weights: fixed for a frozen text tower; with a text method, recomputed every training
+        step (gradients reach it) and once per evaluation (nothing changes until training resumes)."""
+        if not self.trains_text:
+            return self.frozen_weights
+        if self.training:
             return self.class_embeddings()
-        if self._cached is None:
-            with torch.no_grad():
-                self._cached = self.class_embeddings()
-        return self._cached
+        if self._eval_weights is None:
+            self._eval_weights = self._embed_classes()
+        return self._eval_weights
 
     def forward(self, image_features: torch.Tensor) -> torch.Tensor:
         weights = self.classifier if self.classifier is not None else self.weights()
@@ -84,6 +97,7 @@ class ZeroShotHead(nn.Module):
 
     def train(self, mode: bool = True) -> ZeroShotHead:
         super().train(mode)
+        self._eval_weights = None
         if self.trains_text:
             apply_frozen_mode(self.text_tower, mode, self.text_method.frozen_mode)
         else:
