@@ -173,5 +173,57 @@ def test_fgvc_metadata_class_names():
     assert (
         len(meta["cars"]["class_names"]) == 196 and meta["cars"]["class_names"][-1] == "smart fortwo Convertible 2012"
     )
-    for name in ("nabirds",):
-        assert "class_names" not in meta[name], "names only where their label order is known"
+    assert "class_names" not in meta["nabirds"] and meta["nabirds"]["class_names_file"] == "classes.txt"
+
+
+def write_nabirds_lists(root, label_as="class id"):
+    """NABirds' real layout, lists only: classes.txt names all hierarchy nodes (internal ones too), images sit
+    in zero-padded class-id folders, and VPT-style json files map those paths to labels."""
+    leaf_ids = [295 + 2 * i for i in range(555)]
+    lines = ["0 Birds", "1 Ducks, Geese, and Swans", "2 Grebes"]
+    lines += [f"{c} Species {c} (Adult, subadult)" for c in leaf_ids] + ["1010 Wrens"]
+    (root / "classes.txt").write_text("\n".join(lines) + "\n")
+    for split, per_class in (("train", 2), ("val", 1), ("test", 1)):
+        items = {
+            f"{c:04d}/{split}{k}.jpg": (c if label_as == "class id" else index)
+            for index, c in enumerate(leaf_ids)
+            for k in range(per_class)
+        }
+        (root / f"{split}.json").write_text(json.dumps(items))
+    return leaf_ids
+
+
+@pytest.mark.parametrize("label_as", ["class id", "index"])
+def test_nabirds_class_names_come_from_its_classes_txt_through_image_folders(tmp_path, label_as):
+    from mmpeft.tasks.clip import resolve_class_names
+
+    leaf_ids = write_nabirds_lists(tmp_path, label_as)
+    dm = FGVCDataModule(str(tmp_path), "nabirds", num_workers=0)
+    names = dm.class_names
+    assert len(names) == dm.num_classes == 555
+    assert names[0] == "Species 295 (Adult, subadult)" and names[-1] == f"Species {leaf_ids[-1]} (Adult, subadult)"
+    assert "Birds" not in names and "Wrens" not in names, "internal hierarchy nodes are never classes"
+    assert resolve_class_names(f"fgvc:nabirds@{tmp_path}") == names
+    label_of_eighth = leaf_ids[7] if label_as == "class id" else 7
+    assert names[dm.class_map[label_of_eighth]] == f"Species {leaf_ids[7]} (Adult, subadult)"
+
+
+def test_nabirds_class_names_bad_input(tmp_path):
+    from mmpeft.tasks.clip import resolve_class_names
+
+    with pytest.raises(ValueError, match="class_names: 'fgvc:nabirds@<dataset folder>'"):
+        resolve_class_names("fgvc:nabirds")
+    with pytest.raises(ValueError, match="only FGVC datasets"):
+        resolve_class_names(f"vtab1k:eurosat@{tmp_path}")
+    write_nabirds_lists(tmp_path)
+    train = json.loads((tmp_path / "train.json").read_text())
+    train["0297/stray.jpg"] = 295  # one label in two class folders
+    (tmp_path / "train.json").write_text(json.dumps(train))
+    with pytest.raises(ValueError, match="label 295 lies in folders"):
+        resolve_class_names(f"fgvc:nabirds@{tmp_path}")
+    (tmp_path / "classes.txt").unlink()
+    with pytest.raises(FileNotFoundError, match="classes.txt is missing: it ships with the dataset download"):
+        resolve_class_names(f"fgvc:nabirds@{tmp_path}")
+    (tmp_path / "classes.txt").write_text("Birds without an id\n")
+    with pytest.raises(ValueError, match="expected '<class id> <name>'"):
+        resolve_class_names(f"fgvc:nabirds@{tmp_path}")

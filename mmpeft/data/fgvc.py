@@ -25,7 +25,7 @@ from mmpeft.data.fewshot import k_shot_indices
 from mmpeft.data.image_list import ImageList
 from mmpeft.data.metadata import load_metadata
 
-__all__ = ["FGVCDataModule", "make_splits", "verify_splits", "read_split", "MANIFEST"]
+__all__ = ["FGVCDataModule", "make_splits", "verify_splits", "read_split", "fgvc_class_names", "MANIFEST"]
 
 MANIFEST = "splits.md5"
 SPLITS = ("train", "val", "test")
@@ -42,6 +42,68 @@ def read_split(path: Path) -> dict[str, int | str]:
     if not isinstance(data, dict):
         raise ValueError(f"{path} must hold one JSON object mapping image paths to labels")
     return data
+
+
+def sorted_labels(train: dict[str, int | str]) -> list[int | str]:
+    """The label values of train.json in class-index order (the class map every split shares)."""
+    return sorted(set(train.values()))
+
+
+def _read_class_file(path: Path) -> dict[int, str]:
+    """`<id> <name>` lines, NABirds' classes.txt format (ids of the whole 1,011-node hierarchy)."""
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} is missing: it ships with the dataset download (NABirds: nabirds.tar.gz has classes.txt "
+            "next to images/); copy it next to train.json"
+        )
+    names = {}
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip():
+            class_id, _, name = line.strip().partition(" ")
+            if not class_id.isdigit() or not name:
+                raise ValueError(f"{path}:{number}: expected '<class id> <name>', got {line!r}")
+            names[int(class_id)] = name.strip()
+    return names
+
+
+def fgvc_class_names(dataset: str, root: str | Path | None = None) -> list[str]:
+    """Class names in label order: shipped in `datasets/fgvc.yaml`, or, for NABirds, read from the dataset's
+    own `classes.txt`.
+
+    NABirds' classes.txt names every node of its hierarchy; an image's class is the folder it sits in
+    (`images/0817/<uuid>.jpg` -> class 817), so each train.json label is mapped through the folders of its
+    images. That holds whatever the json's label values are (class ids or 0-based indices).
+    """
+    meta = load_metadata("fgvc")["datasets"]
+    if dataset not in meta:
+        raise UnknownName(f"unknown FGVC dataset {dataset!r}; datasets: {', '.join(meta)}")
+    entry = meta[dataset]
+    if entry.get("class_names"):
+        return [str(name) for name in entry["class_names"]]
+    class_file = entry.get("class_names_file")
+    if class_file is None:
+        raise ValueError(f"datasets/fgvc.yaml has no class names for {dataset!r}; pass class_names as a list")
+    if root is None:
+        raise ValueError(
+            f"{entry['name']}'s class names are read from its own {class_file}: write "
+            f"class_names: 'fgvc:{dataset}@<dataset folder>' (the folder holding {class_file} and train.json)"
+        )
+    root = Path(root)
+    names = _read_class_file(root / class_file)
+    train = read_split(root / "train.json")
+    folders: dict[int | str, set[str]] = {}
+    for path, label in train.items():
+        folders.setdefault(label, set()).add(Path(path).parent.name)
+    result = []
+    for label in sorted_labels(train):
+        (folder, *others) = sorted(folders[label])
+        if others or not folder.isdigit() or int(folder) not in names:
+            raise ValueError(
+                f"{root / 'train.json'}: label {label!r} lies in folders {sorted(folders[label])[:3]}; expected one "
+                f"numbered class folder listed in {class_file} (images/<class id>/<file>.jpg)"
+            )
+        result.append(names[int(folder)])
+    return result
 
 
 def _md5(path: Path) -> str:
@@ -139,7 +201,7 @@ class FGVCDataModule(pl.LightningDataModule):
         if not self.root.is_dir():
             raise FileNotFoundError(f"FGVC folder {str(self.root)!r} does not exist. Expected layout:\n{LAYOUT}")
         raw = {split: read_split(self.root / f"{split}.json") for split in SPLITS}
-        self.class_map = {label: i for i, label in enumerate(sorted(set(raw["train"].values())))}
+        self.class_map = {label: i for i, label in enumerate(sorted_labels(raw["train"]))}
         self.items = {split: self._remap(split, items) for split, items in raw.items()}
         if shots:  # few-shot: k training images per class, seeded
             keep = k_shot_indices([label for _, label in self.items["train"]], shots, shot_seed)
@@ -150,6 +212,11 @@ class FGVCDataModule(pl.LightningDataModule):
                 f"{self.root / 'train.json'} has {self.num_classes} classes, {self.meta['name']} has "
                 f"{self.meta['classes']}: another dataset's split files?"
             )
+
+    @property
+    def class_names(self) -> list[str]:
+        """Names in label order (for CLIP heads); NABirds reads them from `<root>/classes.txt`."""
+        return fgvc_class_names(self.hparams.dataset, self.root)
 
     def _remap(self, split: str, items: dict) -> list[tuple[str, int]]:
         unknown = sorted({str(v) for v in items.values() if v not in self.class_map})

@@ -18,17 +18,27 @@ DEFAULT_TEMPLATES = ("a photo of a {}.",)
 
 
 def resolve_class_names(class_names: list[str] | str) -> list[str]:
-    """A list, or "<metadata>:<task>" (e.g. "vtab1k:eurosat", "fgvc:cub") read from `datasets/`."""
+    """A list, or "<metadata>:<task>" (e.g. "vtab1k:eurosat", "fgvc:cub") read from `datasets/`.
+
+    NABirds ships its names in its own classes.txt: "fgvc:nabirds@/data/nabirds" reads them from there.
+    """
     if not isinstance(class_names, str):
         return list(class_names)
+    from mmpeft.data.fgvc import fgvc_class_names  # noqa: PLC0415
     from mmpeft.data.metadata import load_metadata  # noqa: PLC0415
 
-    source, _, task = class_names.partition(":")
-    meta = load_metadata(source)
-    entry = meta.get("tasks", meta.get("datasets", {})).get(task)
-    names = entry.get("class_names") if entry else None
-    if not names:
-        raise ValueError(f"datasets/{source}.yaml has no class names for {task!r}; pass class_names as a list")
+    key, _, root = class_names.partition("@")
+    source, _, task = key.partition(":")
+    if source == "fgvc":
+        names = fgvc_class_names(task, root or None)
+    else:
+        if root:
+            raise ValueError(f"{class_names!r}: only FGVC datasets read class names from a dataset folder")
+        meta = load_metadata(source)
+        entry = meta.get("tasks", meta.get("datasets", {})).get(task)
+        names = entry.get("class_names") if entry else None
+        if not names:
+            raise ValueError(f"datasets/{source}.yaml has no class names for {task!r}; pass class_names as a list")
     return [str(n).replace("_", " ") for n in names]
 
 
