@@ -213,7 +213,7 @@ def test_nabirds_class_names_bad_input(tmp_path):
 
     with pytest.raises(ValueError, match="class_names: 'fgvc:nabirds@<dataset folder>'"):
         resolve_class_names("fgvc:nabirds")
-    with pytest.raises(ValueError, match="only FGVC datasets"):
+    with pytest.raises(ValueError, match="vtab1k:eurosat reads no class file from a dataset folder; drop '@"):
         resolve_class_names(f"vtab1k:eurosat@{tmp_path}")
     write_nabirds_lists(tmp_path)
     train = json.loads((tmp_path / "train.json").read_text())

@@ -23,9 +23,9 @@ from torch.utils.data import DataLoader
 from mmpeft.core.errors import UnknownName
 from mmpeft.data.fewshot import k_shot_indices
 from mmpeft.data.image_list import ImageList
-from mmpeft.data.metadata import load_metadata
+from mmpeft.data.metadata import class_names, load_metadata
 
-__all__ = ["FGVCDataModule", "make_splits", "verify_splits", "read_split", "fgvc_class_names", "MANIFEST"]
+__all__ = ["FGVCDataModule", "make_splits", "verify_splits", "read_split", "names_from_class_folders", "MANIFEST"]
 
 MANIFEST = "splits.md5"
 SPLITS = ("train", "val", "test")
@@ -66,29 +66,13 @@ def _read_class_file(path: Path) -> dict[int, str]:
     return names
 
 
-def fgvc_class_names(dataset: str, root: str | Path | None = None) -> list[str]:
-    """Class names in label order: shipped in `datasets/fgvc.yaml`, or, for NABirds, read from the dataset's
-    own `classes.txt`.
+def names_from_class_folders(root: Path, class_file: str) -> list[str]:
+    """Names in label order from `<root>/<class_file>`, each train.json label mapped through its image folder.
 
     NABirds' classes.txt names every node of its hierarchy; an image's class is the folder it sits in
-    (`images/0817/<uuid>.jpg` -> class 817), so each train.json label is mapped through the folders of its
-    images. That holds whatever the json's label values are (class ids or 0-based indices).
+    (`images/0817/<uuid>.jpg` -> class 817). That holds whatever the json's label values are (class ids or
+    0-based indices), and never yields an internal hierarchy node.
     """
-    meta = load_metadata("fgvc")["datasets"]
-    if dataset not in meta:
-        raise UnknownName(f"unknown FGVC dataset {dataset!r}; datasets: {', '.join(meta)}")
-    entry = meta[dataset]
-    if entry.get("class_names"):
-        return [str(name) for name in entry["class_names"]]
-    class_file = entry.get("class_names_file")
-    if class_file is None:
-        raise ValueError(f"datasets/fgvc.yaml has no class names for {dataset!r}; pass class_names as a list")
-    if root is None:
-        raise ValueError(
-            f"{entry['name']}'s class names are read from its own {class_file}: write "
-            f"class_names: 'fgvc:{dataset}@<dataset folder>' (the folder holding {class_file} and train.json)"
-        )
-    root = Path(root)
     names = _read_class_file(root / class_file)
     train = read_split(root / "train.json")
     folders: dict[int | str, set[str]] = {}
@@ -216,7 +200,7 @@ class FGVCDataModule(pl.LightningDataModule):
     @property
     def class_names(self) -> list[str]:
         """Names in label order (for CLIP heads); NABirds reads them from `<root>/classes.txt`."""
-        return fgvc_class_names(self.hparams.dataset, self.root)
+        return class_names("fgvc", self.hparams.dataset, self.root)
 
     def _remap(self, split: str, items: dict) -> list[tuple[str, int]]:
         unknown = sorted({str(v) for v in items.values() if v not in self.class_map})

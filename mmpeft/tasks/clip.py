@@ -24,21 +24,11 @@ def resolve_class_names(class_names: list[str] | str) -> list[str]:
     """
     if not isinstance(class_names, str):
         return list(class_names)
-    from mmpeft.data.fgvc import fgvc_class_names  # noqa: PLC0415
-    from mmpeft.data.metadata import load_metadata  # noqa: PLC0415
+    from mmpeft.data.metadata import class_names as dataset_class_names  # noqa: PLC0415
 
     key, _, root = class_names.partition("@")
     source, _, task = key.partition(":")
-    if source == "fgvc":
-        names = fgvc_class_names(task, root or None)
-    else:
-        if root:
-            raise ValueError(f"{class_names!r}: only FGVC datasets read class names from a dataset folder")
-        meta = load_metadata(source)
-        entry = meta.get("tasks", meta.get("datasets", {})).get(task)
-        names = entry.get("class_names") if entry else None
-        if not names:
-            raise ValueError(f"datasets/{source}.yaml has no class names for {task!r}; pass class_names as a list")
+    names = dataset_class_names(source, task, root or None)
     return [str(n).replace("_", " ") for n in names]
 
 
