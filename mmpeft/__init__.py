@@ -3,6 +3,11 @@
 __version__ = "0.1.0"
 
 from mmpeft import methods  # noqa: E402,F401  (registers the built-in methods)
+from mmpeft.core.backbone import register_foreign_backbone  # noqa: E402
+
+# diffusers models handed to PeftModel directly are wrapped (imported only when one shows up)
+register_foreign_backbone("UNet2DConditionModel", "mmpeft.backbones.diffusion:DiffusersUNet")
+register_foreign_backbone("DiTTransformer2DModel", "mmpeft.backbones.diffusion:DiffusersDiT")
 from mmpeft.core import (  # noqa: E402
     PeftModel,
     create_method,

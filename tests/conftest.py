@@ -17,16 +17,25 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 
 @dataclass(frozen=True)
 class BackboneCase:
-    """A tiny backbone, a variant of another shape (for adapter-mismatch checks) and its inputs."""
+    """A tiny backbone and a variant of another shape (for adapter-mismatch checks). The backbone
+    itself brings its example inputs and loss (`example_batch`, `example_loss`)."""
 
     name: str
     build: Callable[[], nn.Module]
     build_other: Callable[[], nn.Module]
-    inputs: Callable[[int, torch.Generator], torch.Tensor]
 
 
-def _images(size: int) -> Callable[[int, torch.Generator], torch.Tensor]:
-    return lambda b, g: torch.randn(b, 3, size, size, generator=g)
+def tiny_unet(**overrides) -> nn.Module:
+    """The shipped `tiny_sd_unet` (diffusers' (32, 64) test UNet) on 8x8 latents and 4 text tokens."""
+    from mmpeft.backbones import TINY_SD_UNET, DiffusersUNet
+
+    return DiffusersUNet(config={**TINY_SD_UNET, **overrides}, name="tiny_sd_unet", example_size=8, example_tokens=4)
+
+
+def tiny_dit(**overrides) -> nn.Module:
+    from mmpeft.backbones import TINY_DIT, DiffusersDiT
+
+    return DiffusersDiT(config={**TINY_DIT, **overrides}, name="tiny_dit", example_size=8)
 
 
 def backbone_cases() -> list[BackboneCase]:
@@ -39,26 +48,21 @@ def backbone_cases() -> list[BackboneCase]:
             "timm_vit",
             lambda: TimmViT("test_vit", img_size=32, drop_path_rate=0.1),
             lambda: TimmViT("test_vit", img_size=32, depth=2),
-            _images(32),
         ),
-        BackboneCase("toy_text", ToyTextTower, lambda: ToyTextTower(depth=3), ToyTextTower().sample_inputs),
-        BackboneCase("toy_point", ToyPointTower, lambda: ToyPointTower(dim=48), ToyPointTower().sample_inputs),
-        BackboneCase("toy_reg_vit", ToyRegViT, lambda: ToyRegViT(regs=3), ToyRegViT().sample_inputs),
+        BackboneCase("toy_text", ToyTextTower, lambda: ToyTextTower(depth=3)),
+        BackboneCase("toy_point", ToyPointTower, lambda: ToyPointTower(dim=48)),
+        BackboneCase("toy_reg_vit", ToyRegViT, lambda: ToyRegViT(regs=3)),
         BackboneCase(
-            "clip_image",
-            lambda: ClipImageTower(model=tiny_clip()),
-            lambda: ClipImageTower(model=tiny_clip(width=48)),
-            _images(32),
-        ),  # fmt: skip
-        BackboneCase(
-            "clip_text",
-            lambda: ClipTextTower(model=tiny_clip()),
-            lambda: ClipTextTower(model=tiny_clip(text_width=48)),
-            clip_text_ids,
-        ),  # fmt: skip
-        BackboneCase(
-            "timm_resnet", lambda: TimmModel("test_resnet"), lambda: TimmModel("test_efficientnet"), _images(32)
+            "clip_image", lambda: ClipImageTower(model=tiny_clip()), lambda: ClipImageTower(model=tiny_clip(width=48))
         ),
+        BackboneCase(
+            "clip_text", lambda: ClipTextTower(model=tiny_clip()), lambda: ClipTextTower(model=tiny_clip(text_width=48))
+        ),
+        BackboneCase(
+            "timm_resnet", lambda: TimmModel("test_resnet", img_size=32), lambda: TimmModel("test_efficientnet")
+        ),
+        BackboneCase("sd_unet", tiny_unet, lambda: tiny_unet(layers_per_block=1)),
+        BackboneCase("dit", tiny_dit, lambda: tiny_dit(num_layers=3)),
     ]
 
 

@@ -7,7 +7,8 @@ import torch
 
 from mmpeft.backbones import TimmViT
 from mmpeft.core.anatomy import SITES, ForwardContext
-from mmpeft.core.modules import AdapterModule, PromptTokens, disabled
+from mmpeft.core.modules import AdapterModule, PromptTokens
+from mmpeft.core.pristine import disabled
 from tests.toys import ToyPointTower, ToyTextTower
 
 
@@ -50,7 +51,7 @@ def test_insert_keeps_layout_positions_mask_and_pool_index_consistent():
 def test_text_tower_prompts_keep_causal_mask_and_eot_pooling():
     torch.manual_seed(0)
     tower = ToyTextTower().eval()
-    ids = tower.sample_inputs(3, torch.Generator().manual_seed(1))
+    ids = tower.example_inputs(3, torch.Generator().manual_seed(1))
     plain, plain_ctx = tower.forward_tokens(ids)
     tower.before_block[0].append(InsertPrompts(3, tower.embed_dim, at=1))
     x, ctx = tower.forward_tokens(ids)
@@ -78,7 +79,7 @@ def test_prompts_do_not_change_patch_pooling():
 def test_positions_are_added_before_every_block():
     torch.manual_seed(0)
     tower = ToyPointTower().eval()
-    xyz = tower.sample_inputs(2, torch.Generator().manual_seed(0))
+    xyz = tower.example_inputs(2, torch.Generator().manual_seed(0))
     out, ctx = tower.forward_tokens(xyz)
     manual = tower.embed(xyz, ctx2 := ForwardContext())
     for block in tower.blocks:
@@ -111,7 +112,7 @@ def test_draws_are_made_once_per_forward_and_reused_by_checkpointing():
         for (_, site), hook in zip(tower.sites("mlp.out"), hooks):
             site.append(hook)
         tower.set_grad_checkpointing(ckpt)
-        ids = tower.sample_inputs(2, torch.Generator().manual_seed(0))
+        ids = tower.example_inputs(2, torch.Generator().manual_seed(0))
         torch.manual_seed(1)
         tower(ids).sum().backward()
         grads.append([h.scale.grad.clone() for h in hooks])

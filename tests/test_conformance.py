@@ -28,7 +28,8 @@ BATCH = 4
 
 def _supported(method: str, case: BackboneCase) -> bool:
     try:
-        PeftModel(case.build(), method, num_classes=NUM_CLASSES)
+        backbone = case.build()
+        PeftModel(backbone, method, num_classes=NUM_CLASSES if backbone.num_features else None)
     except NotSupported:
         return False
     return True
@@ -43,43 +44,61 @@ SUPPORTED = [pytest.param(m, c, id=f"{m}-{c}") for m, c in MATRIX if _supported(
 UNSUPPORTED = [pytest.param(m, c, id=f"{m}-{c}") for m, c in MATRIX if not _supported(m, CASES[c])]
 
 
+def has_head(case: str) -> bool:
+    return bool(CASE_FEATURES[case])
+
+
 def build(method: str, case: str, seed: int = 0, other: bool = False) -> PeftModel:
     torch.manual_seed(seed)
     c = CASES[case]
     backbone = (c.build_other if other else c.build)()
     torch.manual_seed(seed + 1000)  # method init independent of the backbone's draws
-    return PeftModel(backbone, method, num_classes=NUM_CLASSES)
+    return PeftModel(backbone, method, num_classes=NUM_CLASSES if backbone.num_features else None)
 
 
-def inputs(case: str, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def inputs(model: PeftModel, seed: int = 0):
+    """The backbone's own example batch: (inputs, targets)."""
     g = torch.Generator().manual_seed(seed)
-    x = CASES[case].inputs(BATCH, g)
-    y = torch.randint(0, NUM_CLASSES, (BATCH,), generator=g)
-    return x, y
+    return model.backbone.example_batch(BATCH, g, NUM_CLASSES if model.backbone.num_features else None)
 
 
-def train_steps(model: PeftModel, case: str, steps: int = 3, lr: float = 0.05) -> None:
+def loss_of(model: PeftModel, seed: int = 0) -> torch.Tensor:
+    x, y = inputs(model, seed)
+    return model.backbone.example_loss(model(x), y)
+
+
+def train_steps(model: PeftModel, steps: int = 3, lr: float = 0.05) -> None:
     """A few AdamW steps with weight decay over *all* parameters, as a careless user would."""
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1)
     for step in range(steps):
-        x, y = inputs(case, seed=step)
-        loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss = loss_of(model, seed=step)
         opt.zero_grad()
         loss.backward()
         opt.step()
 
 
-def eval_logits(model: PeftModel, case: str) -> torch.Tensor:
+def eval_logits(model: PeftModel) -> torch.Tensor:
     model.eval()
     with torch.no_grad():
-        return model(inputs(case, seed=99)[0])
+        return model(inputs(model, seed=99)[0])
 
 
-def features(model: PeftModel, case: str) -> torch.Tensor:
+def features(model: PeftModel) -> torch.Tensor:
     model.eval()
     with torch.no_grad():
-        return model.backbone(inputs(case, seed=99)[0])
+        return model.backbone(inputs(model, seed=99)[0])
+
+
+def pristine_features(case: str, model: PeftModel) -> torch.Tensor:
+    """The untouched backbone (same seed) on the same inputs."""
+    torch.manual_seed(0)
+    pristine = CASES[case].build().eval()
+    with torch.no_grad():
+        return pristine(inputs(model, seed=99)[0])
+
+
+CASE_FEATURES = {name: CASES[name].build().num_features for name in CASES}
 
 
 # -- declared set -----------------------------------------------------------------------------------
@@ -92,7 +111,7 @@ def test_exactly_the_declared_set_trains(method, case):
     assert trainable == set(model.trainable_names())
     added = {f"backbone.{prefix}.{n}" for prefix, m in adapter_modules(model.backbone) for n, _ in m.named_parameters()}
     assert added <= trainable, "every method-owned parameter is in the declared set"
-    assert {"head.weight", "head.bias"} <= trainable
+    assert ({"head.weight", "head.bias"} <= trainable) == has_head(case)
     backbone_trainable = sum(p.numel() for p in model.backbone.parameters() if p.requires_grad)
     assert backbone_trainable == expected_backbone_trainable(method, model)
 
@@ -107,14 +126,29 @@ def expected_backbone_trainable(method: str, model: PeftModel) -> int:
         return sum(p.numel() for p in backbone.parameters())
     if method == "bitfit":
         return sum(m.bias.numel() for m in modules if isinstance(getattr(m, "bias", None), torch.nn.Parameter))
-    if method == "lora":  # rank 8 on the q and v thirds of every fused qkv
+    if method == "lora" and backbone.family == "token":  # rank 8 on the q and v thirds of every fused qkv
         r = model.method.r
         return sum(2 * r * (b.attn.qkv.in_features + b.attn.qkv.out_features // 3) for b in backbone.blocks)
+    if method == "lora":  # denoisers: rank 8 on every attention's q, k, v and output projection (diffusers' names)
+        ends = ("to_q", "to_k", "to_v", "to_out.0", "add_k_proj", "add_v_proj")
+        linears = [m for n, m in backbone.named_modules() if n.endswith(ends) and isinstance(m, torch.nn.Linear)]
+        assert linears
+        return sum(model.method.r * (m.in_features + m.out_features) for m in linears)
     if method == "adapter":  # bottleneck with biases on every block's MLP branch
         d, h = backbone.embed_dim, model.method.bottleneck
         return backbone.depth * (d * h + h + h * d + d)
     if method == "vpt":  # shallow by default: one set of prompts
         return model.method.length * backbone.embed_dim * (backbone.depth if model.method.deep else 1)
+    if method == "ssf" and backbone.family != "token":  # 2 x the output width of every linear, conv, affine norm
+        width = 0
+        for m in modules:
+            if isinstance(m, torch.nn.Linear):
+                width += m.out_features
+            elif isinstance(m, torch.nn.modules.conv._ConvNd):
+                width += m.out_channels
+            elif isinstance(m, torch.nn.LayerNorm | torch.nn.GroupNorm | _BatchNorm) and m.weight is not None:
+                width += m.weight.numel()
+        return 2 * width
     if method == "ssf":  # 2 x the output width at the 8 official positions that exist on this backbone
         width = 0
         patch = getattr(getattr(backbone, "patch_embed", None), "proj", None)
@@ -137,9 +171,18 @@ def test_every_method_runs_on_every_token_backbone():
     assert not [p.id for p in UNSUPPORTED if _is_token(p.values[1])]
 
 
+def test_ssf_bitfit_and_full_defaults_apply_on_every_backbone():
+    """Their defaults fit each family (no refusal for a missing patch_embed, a UNet, a convnet)."""
+    assert not [p.id for p in UNSUPPORTED if p.values[0] in ("ssf", "bitfit", "full")]
+    assert {c for m, c in [p.values for p in SUPPORTED] if m == "lora"} >= {"sd_unet", "dit", "timm_vit"}
+
+
 @pytest.mark.parametrize(("method", "case"), UNSUPPORTED)
 def test_unsupported_pairs_raise_not_supported(method, case):
-    with pytest.raises(NotSupported, match="TokenBackbone" if get_method(method).needs_tokens else "no module"):
+    expected = (
+        "TokenBackbone" if get_method(method).needs_tokens else "no default targets for 'timm'|no pooled features"
+    )
+    with pytest.raises(NotSupported, match=expected):
         build(method, case)
 
 
@@ -151,7 +194,7 @@ def test_frozen_tensors_and_bn_statistics_bit_identical_after_steps(method, case
     model = build(method, case)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     trainable = set(model.trainable_names())
-    train_steps(model, case)
+    train_steps(model)
     after = model.state_dict()
     bn_buffers = {
         f"{n}.{b}"
@@ -171,6 +214,8 @@ def test_frozen_tensors_and_bn_statistics_bit_identical_after_steps(method, case
     assert changed, "training changed nothing"
     if method != "linear":
         assert any(not k.startswith("head.") for k in changed), "only the head moved"
+    else:
+        assert not has_head(case) or changed
 
 
 @pytest.mark.parametrize(("method", "case"), SUPPORTED)
@@ -188,7 +233,7 @@ def test_frozen_mode_policy_survives_train_eval_switches(method, case):
             assert not m.training, f"frozen BatchNorm {name} in train mode"
         elif policy == "eval":
             assert not m.training, f"{name} should stay in eval mode under the 'eval' policy"
-    assert model.head.training
+    assert model.head.training or not has_head(case)
 
 
 # -- adapter files ------------------------------------------------------------------------------------
@@ -197,16 +242,16 @@ def test_frozen_mode_policy_survives_train_eval_switches(method, case):
 @pytest.mark.parametrize(("method", "case"), SUPPORTED)
 def test_adapter_file_round_trip_restores_outputs_exactly(method, case, tmp_path):
     model = build(method, case)
-    train_steps(model, case)
-    expected = eval_logits(model, case)
+    train_steps(model)
+    expected = eval_logits(model)
     size = save_adapter(model, tmp_path / "a.safetensors")
     assert size > 0
     fresh = build(method, case, seed=0)
     fresh_seed = build(method, case, seed=0)  # untouched copy to prove the load did something
     torch.manual_seed(123)
     load_adapter(fresh, tmp_path / "a.safetensors")
-    assert torch.equal(eval_logits(fresh, case), expected)
-    assert not torch.equal(eval_logits(fresh_seed, case), expected)
+    assert torch.equal(eval_logits(fresh), expected)
+    assert not torch.equal(eval_logits(fresh_seed), expected)
 
 
 @pytest.mark.parametrize(("method", "case"), SUPPORTED)
@@ -226,25 +271,25 @@ def test_adapter_file_refuses_another_backbone_and_changes_nothing(method, case,
 @pytest.mark.parametrize(("method", "case"), SUPPORTED)
 def test_merge_matches_unmerged_or_refuses(method, case):
     model = build(method, case)
-    train_steps(model, case)
+    train_steps(model)
     if not model.method.can_merge(model.backbone):
         before = {k: v.clone() for k, v in model.state_dict().items()}
         with pytest.raises(NotMergeable):
             model.merge()
         assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items()), "a refused merge changes nothing"
         return
-    expected = eval_logits(model, case)
+    expected = eval_logits(model)
     weights = {k: v.clone() for k, v in model.state_dict().items()}
     model.merge()
-    torch.testing.assert_close(eval_logits(model, case), expected, atol=1e-4, rtol=0)
+    torch.testing.assert_close(eval_logits(model), expected, atol=1e-4, rtol=0)
     model.unmerge()
     for k, v in model.state_dict().items():
         torch.testing.assert_close(v, weights[k], atol=1e-6, rtol=0)
-    original_keys = set(build("linear", case).backbone.state_dict())
+    original_keys = set(CASES[case].build().state_dict())
     unloaded = copy.deepcopy(model)
-    unloaded.method.unload(unloaded.backbone)
+    unloaded.merge_and_unload()
     assert set(unloaded.backbone.state_dict()) == original_keys, "a merged model has exactly the backbone's keys"
-    torch.testing.assert_close(eval_logits(unloaded, case), expected, atol=1e-4, rtol=0)
+    torch.testing.assert_close(eval_logits(unloaded), expected, atol=1e-4, rtol=0)
 
 
 # -- identity at init, determinism, checkpointing ------------------------------------------------------
@@ -253,18 +298,58 @@ def test_merge_matches_unmerged_or_refuses(method, case):
 @pytest.mark.parametrize(("method", "case"), SUPPORTED)
 def test_identity_at_init_as_declared(method, case):
     model = build(method, case)
-    torch.manual_seed(0)
-    pristine = CASES[case].build()
-    pristine.eval()
-    with torch.no_grad():
-        reference = pristine(inputs(case, seed=99)[0])
-    adapted = features(model, case)
+    reference = pristine_features(case, model)
+    adapted = features(model)
     if get_method(method).identity_at_init:
         assert torch.equal(adapted, reference)
     else:
         assert not torch.allclose(adapted, reference)
-    with model.disabled():
-        assert torch.equal(features(model, case), reference), "disabled() runs the frozen backbone"
+    if method != "full":
+        with model.disabled():
+            assert torch.equal(features(model), reference), "disabled() runs the frozen backbone"
+
+
+@pytest.mark.parametrize(("method", "case"), SUPPORTED)
+def test_disabled_is_the_pristine_backbone_after_training(method, case):
+    """After AdamW steps (BitFit and LayerNorm tuning change backbone tensors in place), disabled() still
+    runs exactly the pristine backbone, in eval mode, and puts everything back afterwards."""
+    model = build(method, case)
+    train_steps(model)
+    if method == "full":
+        with pytest.raises(NotSupported, match="trains every backbone tensor in place"):
+            with model.disabled():
+                pass
+        return
+    model.train()
+    x = inputs(model, seed=99)[0]
+    modes = {n: m.training for n, m in model.named_modules()}
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad(), model.disabled():
+        frozen = model.backbone(x)
+    reference = pristine_features(case, model)
+    assert (frozen - reference).abs().max() <= 1e-6
+    assert modes == {n: m.training for n, m in model.named_modules()}, "training flags restored"
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items()), "trained tensors restored"
+    if method != "linear":
+        assert not torch.equal(features(model), reference), "training moved the adapted model: disabled() undid it"
+
+
+@pytest.mark.parametrize(("method", "case"), SUPPORTED)
+def test_unload_gives_back_the_pristine_backbone(method, case):
+    model = build(method, case)
+    train_steps(model)
+    if method == "full":
+        with pytest.raises(NotMergeable, match="nothing to unload"):
+            model.unload()
+        return
+    original_keys = set(CASES[case].build().state_dict())
+    backbone = model.unload()
+    assert set(backbone.state_dict()) == original_keys
+    backbone.eval()
+    with torch.no_grad():
+        out = backbone(inputs(model, seed=99)[0])
+    assert torch.equal(out, pristine_features(case, model))
+    assert backbone._mmpeft_method is None
 
 
 @pytest.mark.parametrize(("method", "case"), SUPPORTED)
@@ -273,14 +358,15 @@ def test_same_seed_same_outputs(method, case):
     for _ in range(2):
         model = build(method, case, seed=7)
         model.train()
+        x = inputs(model)[0]
         torch.manual_seed(3)
-        outs.append(model(inputs(case)[0]))
+        outs.append(model(x))
     assert torch.equal(outs[0], outs[1])
 
 
 @pytest.mark.parametrize(
     ("method", "case"),
-    [p for p in SUPPORTED if _is_token(p.values[1])],
+    [p for p in SUPPORTED if hasattr(CASES[p.values[1]].build(), "set_grad_checkpointing")],
 )
 def test_activation_checkpointing_gives_identical_gradients(method, case):
     grads = []
@@ -288,9 +374,9 @@ def test_activation_checkpointing_gives_identical_gradients(method, case):
         model = build(method, case)
         model.backbone.set_grad_checkpointing(ckpt)
         model.train()
-        x, y = inputs(case)
+        x, y = inputs(model)
         torch.manual_seed(5)  # dropout and drop-path draws
-        torch.nn.functional.cross_entropy(model(x), y).backward()
+        model.backbone.example_loss(model(x), y).backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
     assert grads[0].keys() == grads[1].keys() and grads[0]
     for name in grads[0]:

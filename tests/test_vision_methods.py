@@ -119,7 +119,7 @@ def test_ssf_merged_state_dict_loads_into_plain_timm_with_equal_logits():
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         expected = model(x)
-        model.method.unload(model.backbone)
+        model.merge_and_unload()
         state = model.backbone.state_dict()
         plain = timm.create_model("vit_base_patch16_224", num_classes=0, **TINY).eval()
         plain.load_state_dict(state, strict=True)

@@ -61,7 +61,7 @@ class ToyTextTower(TokenBackbone):
         ctx.layout["tokens"] = slice(0, ids.shape[1])
         return self.token_embedding(ids) + self.positional_embedding[: ids.shape[1]]
 
-    def sample_inputs(self, batch: int, generator: torch.Generator) -> torch.Tensor:
+    def example_inputs(self, batch: int, generator: torch.Generator) -> torch.Tensor:
         ids = torch.randint(1, self.vocab - 1, (batch, self.length), generator=generator)
         eot = torch.randint(2, self.length, (batch,), generator=generator)
         ids[torch.arange(batch), eot] = self.vocab - 1
@@ -91,7 +91,7 @@ class ToyPointTower(TokenBackbone):
         ctx.layout.update(cls=slice(0, 1), patches=slice(1, n + 1))
         return torch.cat([self.cls_token.expand(b, -1, -1), tokens], dim=1)
 
-    def sample_inputs(self, batch: int, generator: torch.Generator) -> torch.Tensor:
+    def example_inputs(self, batch: int, generator: torch.Generator) -> torch.Tensor:
         return torch.randn(batch, self.points, 3, generator=generator)
 
 
@@ -117,7 +117,7 @@ class ToyRegViT(TokenBackbone):
         )
         return torch.cat([self.cls_token.expand(b, -1, -1), self.reg_token.expand(b, -1, -1), x], dim=1)
 
-    def sample_inputs(self, batch: int, generator: torch.Generator) -> torch.Tensor:
+    def example_inputs(self, batch: int, generator: torch.Generator) -> torch.Tensor:
         return torch.randn(batch, 3, self.img, self.img, generator=generator)
 
 

@@ -8,6 +8,7 @@ from typing import Any
 from torch import nn
 
 from mmpeft.backbones.clip import ClipImageTower, ClipTextTower
+from mmpeft.backbones.diffusion import TINY_DIT, TINY_SD_UNET, DiffusersDiT, DiffusersUNet
 from mmpeft.backbones.digits import DigitsViT
 from mmpeft.backbones.timm_vit import TimmModel, TimmViT, create_timm, is_token_vit
 from mmpeft.core.errors import NotSupported, UnknownName
@@ -16,6 +17,8 @@ __all__ = [
     "ClipImageTower",
     "ClipTextTower",
     "DigitsViT",
+    "DiffusersUNet",
+    "DiffusersDiT",
     "TimmViT",
     "TimmModel",
     "create_timm",
@@ -25,7 +28,16 @@ __all__ = [
     "BACKBONES",
 ]
 
-BACKBONES: dict[str, Callable[..., nn.Module]] = {"digits_vit": DigitsViT}
+BACKBONES: dict[str, Callable[..., nn.Module]] = {
+    "digits_vit": DigitsViT,
+    "tiny_sd_unet": lambda **kw: DiffusersUNet(config=TINY_SD_UNET, name="tiny_sd_unet", **kw),
+    "tiny_dit": lambda **kw: DiffusersDiT(config=TINY_DIT, name="tiny_dit", **kw),
+}
+# "<prefix>:<local folder or file>"
+PREFIXED: dict[str, Callable[..., nn.Module]] = {
+    "diffusers_unet": lambda source, **kw: DiffusersUNet(source=source, **kw),
+    "diffusers_dit": lambda source, **kw: DiffusersDiT(source=source, **kw),
+}
 
 
 def register_backbone(name: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
@@ -37,9 +49,16 @@ def register_backbone(name: str) -> Callable[[Callable[..., nn.Module]], Callabl
 
 
 def create_backbone(name: str, **kwargs: Any) -> nn.Module:
-    """A registered mmpeft backbone, a timm ViT as a `TimmViT`, or any other timm model as `TimmModel`."""
+    """A registered mmpeft backbone (`digits_vit`, `tiny_sd_unet`, `tiny_dit`), a prefixed one
+    (`diffusers_unet:<folder>`, `diffusers_dit:<folder>`, `open_clip:<model>:image|text`), a timm ViT as
+    a `TimmViT`, or any other timm model as `TimmModel`."""
     if name in BACKBONES:
         return BACKBONES[name](**kwargs)
+    prefix, _, rest = name.partition(":")
+    if prefix in PREFIXED:
+        if not rest:
+            raise UnknownName(f"{prefix} backbones are named '{prefix}:<local folder or weights file>', got {name!r}")
+        return PREFIXED[prefix](rest, **kwargs)
     if name.startswith("open_clip:"):  # "open_clip:ViT-B-32:image" or "...:text"
         _, model, tower = (name.split(":") + [""])[:3]
         if tower not in ("image", "text"):
@@ -50,8 +69,9 @@ def create_backbone(name: str, **kwargs: Any) -> nn.Module:
 
     if not timm.is_model(name):
         raise UnknownName(
-            f"unknown backbone {name!r}: neither an mmpeft backbone ({', '.join(sorted(BACKBONES)) or 'none'}) "
-            f"nor a timm model name (see timm.list_models())"
+            f"unknown backbone {name!r}: neither an mmpeft backbone ({', '.join(sorted(BACKBONES))}; "
+            f"{', '.join(p + ':<path>' for p in PREFIXED)}; open_clip:<model>:image|text) nor a timm model name "
+            "(see timm.list_models())"
         )
     try:
         return TimmViT(name, **kwargs)

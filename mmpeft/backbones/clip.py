@@ -176,7 +176,12 @@ class ClipImageTower(_ClipTower):
         self.embed_dim = visual.conv1.out_channels
         self.num_heads = self.blocks[0].attn.num_heads
         self.pool_type = "cls"
+        size = visual.image_size
+        self.image_size = tuple(size) if isinstance(size, tuple | list) else (size, size)
         self.init_sites()
+
+    def example_inputs(self, batch: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        return torch.randn(batch, self.conv1.in_channels, *self.image_size, generator=generator)
 
     @property
     def num_features(self) -> int:
@@ -223,6 +228,16 @@ class ClipTextTower(_ClipTower):
     @property
     def num_features(self) -> int:
         return self.text_projection.shape[1] if self.text_projection is not None else self.embed_dim
+
+    def example_inputs(self, batch: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Token ids as open_clip's tokenizer lays them out: tokens, the EOT (the highest id), zero padding."""
+        vocab, length = self.token_embedding.num_embeddings, self.positional_embedding.shape[0]
+        ids = torch.randint(1, vocab - 1, (batch, length), generator=generator)
+        eot = torch.randint(2, length, (batch,), generator=generator)
+        for row, pos in enumerate(eot.tolist()):
+            ids[row, pos] = vocab - 1
+            ids[row, pos + 1 :] = 0
+        return ids
 
     def embed(self, ids: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         ctx.causal = True

@@ -16,7 +16,9 @@ import torch
 from torch import nn
 
 from mmpeft.backbones.weights import from_hub, load_weights, read_state_dict
-from mmpeft.core.anatomy import Attention, ForwardContext, TokenBackbone, TokenBlock
+from mmpeft.core.anatomy import Attention, TokenBackbone, TokenBlock
+from mmpeft.core.backbone import Backbone
+from mmpeft.core.context import BackboneInput, ForwardContext
 from mmpeft.core.errors import NotSupported
 from mmpeft.core.method import list_methods
 
@@ -188,6 +190,11 @@ class TimmViT(TokenBackbone):
             num_prefix_tokens=0 if self.no_embed_class else self.num_prefix_tokens,
         )
 
+    def example_inputs(self, batch: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        proj = getattr(self.patch_embed, "proj", None)
+        channels = proj.in_channels if isinstance(proj, nn.Conv2d) else 3
+        return torch.randn(batch, channels, *self.patch_embed.img_size, generator=generator)
+
     def prompt_fan_in(self) -> int | None:
         weight = getattr(getattr(self.patch_embed, "proj", None), "weight", None)
         return int(weight[0].numel()) if weight is not None and weight.dim() == 4 else None
@@ -196,11 +203,13 @@ class TimmViT(TokenBackbone):
         return self.fc_norm(super().pool(x, ctx))
 
 
-class TimmModel(nn.Module):
+class TimmModel(Backbone):
     """Any timm model as a headless backbone for the name-targeted methods (`list_methods(needs_tokens=False)`).
 
     The timm model lives in `self.model`, so its own state dict is `self.model.state_dict()`.
     """
+
+    family = "timm"
 
     def __init__(
         self,
@@ -215,14 +224,26 @@ class TimmModel(nn.Module):
     ):
         super().__init__()
         extra = _timm_kwargs(img_size, drop_path_rate, timm_kwargs, kwargs)
-        self.model = create_timm(name, weights, pretrained, device, **extra)
+        try:
+            self.model = create_timm(name, weights, pretrained, device, **extra)
+        except TypeError as err:  # convnets take any input size and no img_size option: keep it as the input size
+            if "img_size" not in str(err):
+                raise
+            self.model = create_timm(name, weights, pretrained, device, **{k: v for k, v in extra.items()
+                                                                           if k != "img_size"})  # fmt: skip
         self.name = name
         self.num_features = self.model.num_features
         self.pretrained_cfg = dict(getattr(self.model, "pretrained_cfg", {}) or {})
         self.token_anatomy = is_token_vit(self.model) or "fits the token anatomy; use TimmViT for token methods"
+        default = tuple(self.pretrained_cfg.get("input_size", (3, 224, 224)))
+        size = extra.get("img_size", default[1:])
+        self.input_shape = (extra.get("in_chans", default[0]), *((size, size) if isinstance(size, int) else size))
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model(images)
+    def forward_in_context(self, inputs: BackboneInput, ctx: ForwardContext) -> torch.Tensor:
+        return self.model(inputs.x)
+
+    def example_inputs(self, batch: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        return torch.randn(batch, *self.input_shape, generator=generator)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.model.set_grad_checkpointing(enable)

@@ -8,122 +8,54 @@ attribute names, so a converted model loads the original checkpoint.
         h = [attn.in]([norm1.out](norm1(x)))
         a = [attn.out](attn(h, ctx))               attn.qkv, attn.proj are plain linears
         a = [attn.branch](a, x_in=x)               after proj, before LayerScale
-        x = x + drop_path1(ls1(a))
-        h = [norm2.out](norm2(x))
+        y = [attn.parallel](x + drop_path1(ls1(a)), x_in=x)   after the residual add
+        h = [norm2.out](norm2(y))
         m = [mlp.out](mlp(h))                      mlp.fc1, mlp.fc2 are plain linears
-        m = [mlp.branch](m, x_in=x)                parallel adapters see the block's residual
-        x = x + drop_path2(ls2(m))
+        m = [mlp.branch](m, x_in=y)                inside LayerScale and drop-path
+        z = [mlp.parallel](y + drop_path2(ls2(m)), x_in=y)    after them (AdaptFormer's placement)
+        return [block.out](z)
+
+A parallel adapter on `mlp.parallel` returns `z + f(x_in)`: its output is not scaled by LayerScale
+nor dropped by drop-path, as in AdaptFormer's official code; on `mlp.branch` it is.
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from mmpeft.core.attention import attention
-from mmpeft.core.modules import disabled
+from mmpeft.core.backbone import Backbone
+from mmpeft.core.context import BackboneInput, ForwardContext, as_input, checkpoint_in_context
+from mmpeft.core.modules import call_piece
 
 __all__ = ["SITES", "ForwardContext", "Site", "Attention", "TokenBlock", "TokenBackbone", "POOLS"]
 
-SITES = ("norm1.out", "attn.in", "attn.out", "attn.branch", "norm2.out", "mlp.out", "mlp.branch")
+SITES = (
+    "norm1.out",
+    "attn.in",
+    "attn.out",
+    "attn.branch",
+    "attn.parallel",
+    "norm2.out",
+    "mlp.out",
+    "mlp.branch",
+    "mlp.parallel",
+    "block.out",
+)
 POOLS = ("cls", "mean", "cls+max", "eot", "none")
-
-
-@dataclass
-class ForwardContext:
-    """What methods need during one forward and no method owns.
-
-    `layout` maps token groups (cls, registers, prompts, patches, tokens) to slices of the
-    sequence; anything that inserts tokens goes through `insert`, which keeps the layout, the
-    attention mask, per-block positions and the pooling index consistent. `draws` stores the
-    per-forward random choices so activation checkpointing recomputes the identical forward.
-    """
-
-    layout: dict[str, slice] = field(default_factory=dict)
-    causal: bool = False
-    attn_mask: torch.Tensor | None = None  # explicit [L, L] or [B, 1, L, L]; bool (True = attend) or additive
-    positions: torch.Tensor | None = None  # [B, L, D], added before every block where the backbone does so
-    pool_index: torch.Tensor | None = None  # [B] token index pooled by "eot"
-    centres: torch.Tensor | None = None
-    neighbours: torch.Tensor | None = None
-    pos_table: torch.Tensor | None = None
-    grid: tuple[int, ...] | None = None
-    cond: Any = None
-    step: torch.Tensor | None = None
-    training: bool = False
-    prompt_index: int = 0  # where inserted prompts go (set by the backbone after embedding)
-    draws: dict[str, Any] = field(default_factory=dict)
-    generator: torch.Generator | None = None
-    extras: dict[str, Any] = field(default_factory=dict)
-
-    def draw(self, key: str, sample: Callable[[torch.Generator], Any]) -> Any:
-        """A random choice made once per forward (and reused when checkpointing recomputes it).
-
-        The generator is seeded from torch's global RNG on first use, so `seed_everything` makes
-        every draw reproducible.
-        """
-        if key not in self.draws:
-            if self.generator is None:
-                self.generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,)).item()))
-            self.draws[key] = sample(self.generator)
-        return self.draws[key]
-
-    def span(self, name: str) -> slice:
-        if name not in self.layout:
-            raise KeyError(f"no token group {name!r} in this forward; groups: {list(self.layout)}")
-        return self.layout[name]
-
-    def tokens(self, x: torch.Tensor, name: str) -> torch.Tensor:
-        return x[:, self.span(name)]
-
-    def insert(self, x: torch.Tensor, tokens: torch.Tensor, name: str, at: int) -> torch.Tensor:
-        """Insert `tokens` [B, n, D] at sequence index `at` as group `name`; returns the new x."""
-        n = tokens.shape[1]
-        if name in self.layout:
-            raise ValueError(f"token group {name!r} already exists; use replace()")
-        self.layout = {
-            k: (s if s.stop <= at else slice(s.start + (n if s.start >= at else 0), s.stop + n))
-            for k, s in self.layout.items()
-        }
-        self.layout[name] = slice(at, at + n)
-        self.layout = dict(sorted(self.layout.items(), key=lambda kv: kv[1].start))
-        if self.positions is not None:
-            zeros = self.positions.new_zeros(self.positions.shape[0], n, self.positions.shape[2])
-            self.positions = torch.cat([self.positions[:, :at], zeros, self.positions[:, at:]], 1)
-        if self.attn_mask is not None:  # the causal part is the `causal` flag, so SDPA keeps its fast path
-            self.attn_mask = _insert_mask(self.attn_mask, at, n)
-        if self.pool_index is not None:
-            self.pool_index = torch.where(self.pool_index >= at, self.pool_index + n, self.pool_index)
-        return torch.cat([x[:, :at], tokens.to(x.dtype), x[:, at:]], dim=1)
-
-    def replace(self, x: torch.Tensor, name: str, tokens: torch.Tensor) -> torch.Tensor:
-        """Overwrite group `name` with `tokens` (e.g. VPT-deep's fresh prompts before each block)."""
-        s = self.span(name)
-        return torch.cat([x[:, : s.start], tokens.to(x.dtype), x[:, s.stop :]], dim=1)
-
-
-def _insert_mask(mask: torch.Tensor, at: int, n: int) -> torch.Tensor:
-    """Inserted tokens attend to, and are seen by, everything the explicit mask allows at `at`."""
-    allow = True if mask.dtype == torch.bool else 0.0
-    rows = mask.new_full(mask.shape[:-2] + (n, mask.shape[-1]), allow)
-    mask = torch.cat([mask[..., :at, :], rows, mask[..., at:, :]], dim=-2)
-    cols = mask.new_full(mask.shape[:-1] + (n,), allow)
-    return torch.cat([mask[..., :at], cols, mask[..., at:]], dim=-1)
 
 
 class Site(nn.ModuleList):
     """A named place in the block forward; methods append hooks `h(x, ctx, **extra) -> x`."""
 
-    def forward(self, x: torch.Tensor, ctx: ForwardContext, **extra: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ctx: ForwardContext, **extra: Any) -> torch.Tensor:
         for hook in self:
-            if hook.enabled:
-                x = hook(x, ctx, **extra)
+            if hook.enabled and not hook.merged:
+                x = call_piece(hook, x, ctx, **extra)
         return x
 
 
@@ -190,17 +122,22 @@ class TokenBlock(nn.Module):
             raise KeyError(f"unknown site {name!r}; sites are {SITES}")
         return self.sites[name.replace(".", "_")]
 
+    def named_sites(self) -> Iterator[tuple[str, Site]]:
+        for name in SITES:
+            yield name, self.site(name)
+
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         s = self.sites
         h = s.attn_in(s.norm1_out(self.norm1(x), ctx), ctx)
         a = s.attn_branch(s.attn_out(self.attn(h, ctx), ctx), ctx, x_in=x)
-        x = x + self.drop_path1(self.ls1(a))
-        h = s.norm2_out(self.norm2(x), ctx)
-        m = s.mlp_branch(s.mlp_out(self.mlp(h), ctx), ctx, x_in=x)
-        return x + self.drop_path2(self.ls2(m))
+        y = s.attn_parallel(x + self.drop_path1(self.ls1(a)), ctx, x_in=x)
+        h = s.norm2_out(self.norm2(y), ctx)
+        m = s.mlp_branch(s.mlp_out(self.mlp(h), ctx), ctx, x_in=y)
+        z = s.mlp_parallel(y + self.drop_path2(self.ls2(m)), ctx, x_in=y)
+        return s.block_out(z, ctx)
 
 
-class TokenBackbone(nn.Module):
+class TokenBackbone(Backbone):
     """Base of every token backbone: embed -> (before_block, block) x depth -> final norm -> pool.
 
     Subclasses implement `embed(inputs, ctx)` (which fills `ctx.layout`, and for text towers the
@@ -209,6 +146,7 @@ class TokenBackbone(nn.Module):
     """
 
     name: str = "token_backbone"
+    family: str = "token"
     pos_every_block: bool = False
 
     def __init__(self) -> None:
@@ -232,14 +170,9 @@ class TokenBackbone(nn.Module):
     def num_features(self) -> int:
         return self.embed_dim * (2 if self.pool_type == "cls+max" else 1)
 
-    def new_context(self) -> ForwardContext:
-        """In training the draw generator is seeded here, before any block runs: seeding it lazily
-        inside a checkpointed block would shift the global RNG between the forward and its
-        recompute, and dropout there would differ."""
-        ctx = ForwardContext(training=self.training)
-        if self.training:
-            ctx.generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,)).item()))
-        return ctx
+    def named_sites(self) -> Iterator[tuple[str, Site]]:
+        for i, site in enumerate(self.before_block):
+            yield f"before_block.{i}", site
 
     def prompt_index(self, ctx: ForwardContext) -> int:
         """Where prompts are inserted: before the patches (after CLS and registers); for text
@@ -256,18 +189,21 @@ class TokenBackbone(nn.Module):
         return self.norm(x)
 
     def forward_tokens(self, inputs: Any, ctx: ForwardContext | None = None) -> tuple[torch.Tensor, ForwardContext]:
-        ctx = ctx or self.new_context()
-        x = self.embed(inputs, ctx)
-        ctx.prompt_index = self.prompt_index(ctx)
-        for i, block in enumerate(self.blocks):
-            x = self.before_block[i](x, ctx, index=i) if len(self.before_block[i]) else x
-            if self.pos_every_block and ctx.positions is not None:
-                x = x + ctx.positions
-            if self.grad_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, ctx, use_reentrant=False)
-            else:
-                x = block(x, ctx)
-        return self.final_norm(x, ctx), ctx
+        """Embed and run every block; returns the final-normed tokens and the context (for pooling)."""
+        inputs = as_input(inputs)
+        ctx = ctx or self.new_context(inputs)
+        with self.context_slot.active(ctx):
+            x = self.embed(inputs.x, ctx)
+            ctx.prompt_index = self.prompt_index(ctx)
+            for i, block in enumerate(self.blocks):
+                x = self.before_block[i](x, ctx, index=i) if len(self.before_block[i]) else x
+                if self.pos_every_block and ctx.positions is not None:
+                    x = x + ctx.positions
+                if self.grad_checkpointing and torch.is_grad_enabled():
+                    x = checkpoint_in_context(self.context_slot, ctx, block, x, ctx)
+                else:
+                    x = block(x, ctx)
+            return self.final_norm(x, ctx), ctx
 
     def pool(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         kind = self.pool_type
@@ -285,19 +221,15 @@ class TokenBackbone(nn.Module):
         raise ValueError(f"unknown pool type {kind!r}; choose one of {POOLS}")
 
     def forward_features(self, inputs: Any) -> torch.Tensor:
-        x, ctx = self.forward_tokens(inputs)
-        return self.pool(x, ctx)
+        return self(inputs)
 
-    def forward(self, inputs: Any) -> torch.Tensor:
-        return self.forward_features(inputs)
+    def forward_in_context(self, inputs: BackboneInput, ctx: ForwardContext) -> torch.Tensor:
+        x, ctx = self.forward_tokens(inputs, ctx)
+        return self.pool(x, ctx)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each block in backward; draws and RNG state make the recompute identical."""
         self.grad_checkpointing = enable
-
-    def disabled(self) -> contextlib.AbstractContextManager[nn.Module]:
-        """The frozen backbone with every method switched off, without a second copy."""
-        return disabled(self)
 
     def sites(self, name: str) -> Iterator[tuple[int, Site]]:
         for i, block in enumerate(self.blocks):

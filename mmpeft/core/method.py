@@ -18,7 +18,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from mmpeft.core.errors import NotMergeable, NotSupported, UnknownName
-from mmpeft.core.inject import attached, detach, freeze, set_trainable
+from mmpeft.core.inject import freeze, placements, set_trainable
 from mmpeft.core.modules import adapter_modules
 
 __all__ = [
@@ -37,6 +37,9 @@ FROZEN_MODES = ("train", "eval")
 METHODS: dict[str, type[Method]] = {}
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
 @dataclass
 class Method:
     """Base of every PEFT method. Subclasses are dataclasses whose fields are the method's config.
@@ -48,7 +51,13 @@ class Method:
       needs_tokens: attaches to the token anatomy (sites, layout), so only runs on a `TokenBackbone`.
       frozen_mode: "train" (frozen modules follow train/eval, e.g. dropout and drop-path stay
           active) or "eval" (the frozen backbone always runs in eval mode, as VPT does).
+      trains_backbone: every backbone tensor trains in place (full fine-tuning): no step-0 copy is
+          kept, so `disabled()` and `unload()` refuse.
       presets: named config overrides; "paper" reproduces the official recipe.
+
+    `param_dtype` (a field every method has): the dtype of the method's own tensors. "float32" keeps
+    them fp32 on fp16 / bf16 backbones (inputs are cast at the piece's boundary and outputs cast
+    back); "backbone" keeps the host's dtype. Merging always writes in the host's dtype.
     """
 
     name: ClassVar[str] = ""
@@ -56,8 +65,11 @@ class Method:
     mergeable: ClassVar[bool] = False
     needs_tokens: ClassVar[bool] = False
     frozen_mode: ClassVar[str] = "train"
+    trains_backbone: ClassVar[bool] = False
     forward_passes: ClassVar[int] = 1
     presets: ClassVar[dict[str, dict[str, Any]]] = {}
+
+    param_dtype: str = "float32"
 
     # -- what subclasses implement ------------------------------------------------------------
     def inject(self, backbone: nn.Module) -> None:
@@ -81,8 +93,13 @@ class Method:
 
     # -- the contract ------------------------------------------------------------------------------
     def apply(self, backbone: nn.Module) -> nn.Module:
-        """Freeze the backbone, attach the method, and make exactly the declared set trainable."""
+        """Freeze the backbone, attach the method, and make exactly the declared set trainable.
+
+        Also binds every piece to the backbone's forward context, keeps the method's own tensors in
+        `param_dtype`, and records the step-0 values of tensors trained in place (for `disabled()`).
+        """
         from mmpeft.core.anatomy import TokenBackbone  # local: anatomy imports modules only
+        from mmpeft.core.pristine import record_originals  # noqa: PLC0415
 
         if self.needs_tokens and not isinstance(backbone, TokenBackbone):
             why = f" ({backbone.token_anatomy})" if hasattr(backbone, "token_anatomy") else ""
@@ -91,13 +108,27 @@ class Method:
                 f"{getattr(backbone, 'name', '')!r} is not a TokenBackbone{why}; methods that work on any "
                 f"backbone: {', '.join(list_methods(needs_tokens=False))}"
             )
+        if self.param_dtype not in (*DTYPES, "backbone"):
+            raise ValueError(f"param_dtype must be one of {[*DTYPES, 'backbone']}, got {self.param_dtype!r}")
         if getattr(backbone, "_mmpeft_method", None) is not None:
-            raise RuntimeError(f"{type(backbone).__name__} already has method {backbone._mmpeft_method!r} applied")
+            raise RuntimeError(f"{type(backbone).__name__} already has method {backbone._mmpeft_method.name!r} applied")
         freeze(backbone)
         self.inject(backbone)
+        self._bind_pieces(backbone)
         set_trainable(backbone, self.declared_trainable(backbone))
-        backbone._mmpeft_method = self.name
+        if not self.trains_backbone:
+            record_originals(backbone, self.unfrozen(backbone))
+        backbone._mmpeft_method = self
         return backbone
+
+    def _bind_pieces(self, backbone: nn.Module) -> None:
+        slot = getattr(backbone, "context_slot", None)
+        host_dtype = next((p.dtype for p in backbone.parameters() if p.is_floating_point()), torch.float32)
+        dtype = host_dtype if self.param_dtype == "backbone" else DTYPES[self.param_dtype]
+        for _, piece in adapter_modules(backbone):
+            piece.context_slot = slot
+            piece.to(dtype=dtype)
+            piece.compute_dtype = dtype if dtype != host_dtype else None
 
     def declared_trainable(self, backbone: nn.Module) -> list[str]:
         """The declared trainable set inside the backbone: method modules + unfrozen backbone tensors."""
@@ -113,45 +144,82 @@ class Method:
         return self.mergeable and not self._unmergeable_hosts(backbone)
 
     def _unmergeable_hosts(self, backbone: nn.Module) -> list[str]:
-        return [
-            name
-            for name, host, _, child in attached(backbone)
-            if hasattr(child, "can_merge_into") and not child.can_merge_into(host)
-        ]
+        return [p.host_name for p in placements(backbone) if not p.child.can_merge_into(p.host)]
 
     def merge(self, backbone: nn.Module) -> None:
-        """Fold the method into the backbone's own tensors; the attached modules become no-ops.
+        """Fold the method into the backbone's own tensors; its pieces become no-ops.
 
-        Everything is checked first, so a refused merge leaves the model untouched.
+        One path for pieces on layers and on block sites. Everything is checked first — mergeable
+        here, and every merged value finite (peft's `safe_merge`) — so a refused merge leaves the
+        model untouched.
         """
         if not self.mergeable:
             raise NotMergeable(f"method {self.name!r} is not mergeable: {self._why_not_mergeable()}")
         blocked = self._unmergeable_hosts(backbone)
         if blocked:
             raise NotMergeable(f"method {self.name!r} cannot fold into {blocked[:3]} on this backbone (no bias there)")
-        for _, host, _, child in attached(backbone):
-            if hasattr(child, "merge_into") and not child.merged:
-                child.merge_into(host)
-                child.merged = True
+        todo = [p for p in placements(backbone) if not p.child.merged]
+        with torch.no_grad():
+            for p in todo:
+                for key, value in p.child.merge_updates(p.host).items():
+                    if not bool(torch.isfinite(value).all()):
+                        raise NotMergeable(
+                            f"merging {self.name!r} would write non-finite values into {p.host_name}.{key}; nothing "
+                            "was merged (the trained tensors hold inf or nan: check the learning rate or the dtype)"
+                        )
+            for p in todo:
+                updates = p.child.merge_updates(p.host)
+                if not hasattr(p.child, "unmerge_updates"):
+                    p.child._premerge = {k: _tensor_at(p.host, k).detach().clone() for k in updates}
+                _write(p.host, updates)
+                p.child.merged = True
 
     def unmerge(self, backbone: nn.Module) -> None:
         if not self.mergeable:
             raise NotMergeable(f"method {self.name!r} is not mergeable: {self._why_not_mergeable()}")
-        for _, host, _, child in attached(backbone):
-            if hasattr(child, "unmerge_from") and child.merged:
-                child.unmerge_from(host)
-                child.merged = False
+        with torch.no_grad():
+            for p in placements(backbone):
+                if not p.child.merged:
+                    continue
+                if hasattr(p.child, "unmerge_updates"):
+                    _write(p.host, p.child.unmerge_updates(p.host))
+                else:
+                    _write(p.host, p.child.__dict__.pop("_premerge"))
+                p.child.merged = False
+
+    def merge_and_unload(self, backbone: nn.Module) -> nn.Module:
+        """Merge, then remove every piece: the result has exactly the backbone's keys (peft's name)."""
+        self.merge(backbone)
+        self._remove_pieces(backbone)
+        return backbone
 
     def unload(self, backbone: nn.Module) -> nn.Module:
-        """Merge, then remove every method module: the result has exactly the backbone's keys."""
-        self.merge(backbone)
-        for _, host, attr, _ in list(attached(backbone)):
-            detach(host, attr)
+        """Remove every piece without merging and put tensors trained in place back to their step-0
+        values: the pristine backbone again (peft's name). Full fine-tuning refuses (nothing was kept)."""
+        from mmpeft.core.pristine import restore_originals  # noqa: PLC0415
+
+        if self.trains_backbone:
+            raise NotMergeable(
+                f"method {self.name!r} trains the backbone in place and keeps no copy of it; nothing to unload "
+                "(use merge_and_unload() to keep the trained backbone)"
+            )
+        if any(p.child.merged for p in placements(backbone)):
+            self.unmerge(backbone)
+        restore_originals(backbone)
+        self._remove_pieces(backbone)
+        return backbone
+
+    def _remove_pieces(self, backbone: nn.Module) -> None:
+        from mmpeft.core.pristine import ORIGINALS  # noqa: PLC0415
+
+        for p in reversed(placements(backbone)):
+            p.remove()
+        if hasattr(backbone, ORIGINALS):
+            delattr(backbone, ORIGINALS)
         leftovers = [n for n, _ in adapter_modules(backbone)]
         if leftovers:
-            raise NotMergeable(f"method {self.name!r} left modules behind after merging: {leftovers[:3]}")
+            raise NotMergeable(f"method {self.name!r} left modules behind after unloading: {leftovers[:3]}")
         backbone._mmpeft_method = None
-        return backbone
 
     def inference_params(self, backbone: nn.Module) -> int:
         """Parameters the deployed model carries beyond the backbone: 0 once merged, else the method's
@@ -165,13 +233,27 @@ class Method:
         return "it adds non-linear modules or tokens; it runs at inference as trained"
 
     def config(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The method's options, its own first and the shared `param_dtype` last."""
+        options = dataclasses.asdict(self)
+        options["param_dtype"] = options.pop("param_dtype")
+        return options
 
     @classmethod
     def preset(cls, preset: str, **overrides: Any) -> Method:
         if preset not in cls.presets and preset != "default":
             raise UnknownName(f"method {cls.name!r} has no preset {preset!r}; presets: {['default', *cls.presets]}")
         return cls(**{**cls.presets.get(preset, {}), **overrides})
+
+
+def _tensor_at(host: nn.Module, key: str) -> torch.Tensor:
+    owner, _, attr = key.rpartition(".")
+    return getattr(host.get_submodule(owner) if owner else host, attr)
+
+
+def _write(host: nn.Module, updates: dict[str, torch.Tensor]) -> None:
+    for key, value in updates.items():
+        target = _tensor_at(host, key)
+        target.copy_(value.to(device=target.device, dtype=target.dtype))
 
 
 def apply_frozen_mode(backbone: nn.Module, training: bool, frozen_mode: str) -> None:
@@ -194,6 +276,8 @@ def apply_frozen_mode(backbone: nn.Module, training: bool, frozen_mode: str) -> 
     for module in backbone.modules():
         if isinstance(module, _BatchNorm) and not all(p.requires_grad for p in module.parameters(recurse=False)):
             module.eval()
+            for _, piece in adapter_modules(module):  # a piece attached to a frozen BatchNorm still trains
+                piece.train(True)
 
 
 def register_method(cls: type[Method]) -> type[Method]:

@@ -13,8 +13,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from mmpeft.core.backbone import as_backbone
 from mmpeft.core.method import Method, apply_frozen_mode, method_from_spec
-from mmpeft.core.modules import adapter_modules, disabled
+from mmpeft.core.modules import adapter_modules
+from mmpeft.core.pristine import disabled
 
 __all__ = ["PeftModel", "backbone_signature"]
 
@@ -23,10 +25,13 @@ class PeftModel(nn.Module):
     """`head(backbone(inputs))` with `method` applied to `backbone`.
 
     Args:
-        backbone: any module producing `[batch, num_features]`; token methods need a `TokenBackbone`.
+        backbone: an mmpeft backbone (token methods need a `TokenBackbone`); a diffusers
+            `UNet2DConditionModel` / `DiTTransformer2DModel` is wrapped as one; any other module
+            producing `[batch, num_features]` works with the name-targeted methods.
         method: a `Method`, a registered name (`"lora"`), a spec (`{"name": "lora", "r": 16}`), or None
             for the linear probe.
-        num_classes: builds a Linear head on `backbone.num_features`; 0 or None keeps features.
+        num_classes: builds a Linear head on `backbone.num_features`; 0 or None keeps the backbone's
+            output (features, or a denoiser's prediction).
         head: a custom head instead of the Linear one.
     """
 
@@ -39,9 +44,16 @@ class PeftModel(nn.Module):
     ):
         super().__init__()
         self.method = method_from_spec(method)
+        backbone = as_backbone(backbone)
+        features = int(getattr(backbone, "num_features", 0) or 0)
+        if head is None and num_classes and not features:
+            raise ValueError(
+                f"{type(backbone).__name__} {getattr(backbone, 'name', '')!r} has no pooled features (num_features "
+                "= 0, e.g. a denoiser), so it takes no classification head; pass num_classes=None"
+            )
         self.backbone = self.method.apply(backbone)
         if head is None:
-            head = nn.Linear(backbone.num_features, num_classes) if num_classes else nn.Identity()
+            head = nn.Linear(features, num_classes) if num_classes else nn.Identity()
             if num_classes:
                 head.to(device=_device_of(backbone))
         self.head = head
@@ -59,7 +71,7 @@ class PeftModel(nn.Module):
         apply_frozen_mode(self.backbone, self.training, self.method.frozen_mode)
 
     def disabled(self):
-        """Run with the method switched off (the frozen backbone plus the head)."""
+        """Run with the method switched off: the pristine frozen backbone (plus the head)."""
         return disabled(self.backbone)
 
     def trainable_names(self) -> list[str]:
@@ -70,10 +82,17 @@ class PeftModel(nn.Module):
         return declared + [f"head.{n}" for n, _ in self.head.named_parameters()]
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        """The declared trainable set plus the buffers of modules that train whole (e.g. BN stats)."""
+        """What an adapter file holds: the declared trainable set, the persistent state of the method's
+        pieces, and the buffers of modules that train whole (e.g. BN stats). Derived tensors
+        (non-persistent buffers) are rebuilt when the method is applied and never saved."""
         names = set(self.trainable_names())
         state = self.state_dict(keep_vars=False)
         out = {n: state[n] for n in sorted(names)}
+        for prefix, piece in adapter_modules(self.backbone):
+            for b, _ in piece.named_buffers(recurse=False):
+                key = f"backbone.{prefix}.{b}"
+                if key in state:
+                    out[key] = state[key]
         for mod_name, module in self.named_modules():
             own = [f"{mod_name}.{n}" if mod_name else n for n, _ in module.named_parameters(recurse=False)]
             if own and all(n in names for n in own):
@@ -88,6 +107,14 @@ class PeftModel(nn.Module):
 
     def unmerge(self) -> None:
         self.method.unmerge(self.backbone)
+
+    def merge_and_unload(self) -> nn.Module:
+        """Fold the method in and remove its pieces; returns the backbone, with exactly its own keys."""
+        return self.method.merge_and_unload(self.backbone)
+
+    def unload(self) -> nn.Module:
+        """Remove the method without merging; returns the pristine backbone."""
+        return self.method.unload(self.backbone)
 
 
 def _device_of(module: nn.Module) -> torch.device:

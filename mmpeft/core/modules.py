@@ -3,12 +3,11 @@
 Every piece derives from `AdapterModule`, which is how mmpeft tells method-owned modules from
 the frozen backbone: they are switched off together by `disabled()`, they follow the training
 mode while the frozen backbone follows the method's frozen-mode policy, and their parameters
-make up the adapter file.
+(and persistent state) make up the adapter file.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Iterator
 
@@ -16,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmpeft.core.errors import NotMergeable
+from mmpeft.core.errors import NotMergeable, NotSupported
 
 __all__ = [
     "AdapterModule",
@@ -25,40 +24,75 @@ __all__ = [
     "ScaleShift",
     "PromptTokens",
     "Gate",
-    "disabled",
     "adapter_modules",
+    "call_piece",
     "make_activation",
 ]
 
 
 class AdapterModule(nn.Module):
-    """Base of every method-owned module: can be switched off and remembers if it was merged."""
+    """Base of every method-owned module (a *piece*).
+
+    What a piece's tensors are decides where they go: parameters train and make up the adapter file;
+    persistent buffers (`register_state`) are state that belongs in the adapter file too (a step
+    count, calibrated quantizer ranges); non-persistent buffers (`register_derived`) are derived or
+    frozen (singular vectors of a frozen weight, a retrieval bank, expert masks from a seed) and are
+    rebuilt when the method is applied, never stored.
+
+    `self.context` is the forward context of the backbone the piece is attached to (bound when the
+    method is applied; None outside a forward or on a plain `nn.Module` backbone).
+
+    Merging (one path for hook and site pieces, `Method.merge`): a mergeable piece returns the new
+    values of its host's tensors from `merge_updates(host)` ("weight" for a layer hook; a dotted
+    path such as "mlp.fc2.weight" for a piece on a block site). The core checks every value is
+    finite before writing anything. `unmerge_updates(host)` undoes it; a piece without one gets its
+    host tensors' pre-merge values saved by the core instead.
+    """
 
     enabled: bool = True
     merged: bool = False
+    context_slot = None  # set by Method.apply: the backbone's ContextSlot
+    compute_dtype: torch.dtype | None = None  # set by Method.apply when the piece's dtype differs from the host's
+
+    @property
+    def context(self):
+        slot = self.context_slot
+        return slot.current if slot is not None else None
+
+    def register_state(self, name: str, tensor: torch.Tensor) -> None:
+        """A non-trainable tensor that belongs in the adapter file (persistent buffer)."""
+        self.register_buffer(name, tensor, persistent=True)
+
+    def register_derived(self, name: str, tensor: torch.Tensor) -> None:
+        """A tensor rebuilt from the frozen backbone or a seed when the method is applied; never saved."""
+        self.register_buffer(name, tensor, persistent=False)
+
+    def can_merge_into(self, host: nn.Module) -> bool:
+        return type(self).merge_updates is not AdapterModule.merge_updates
+
+    def merge_updates(self, host: nn.Module) -> dict[str, torch.Tensor]:
+        raise NotMergeable(f"{type(self).__name__} cannot be folded into {type(host).__name__}")
 
 
 def adapter_modules(root: nn.Module) -> Iterator[tuple[str, AdapterModule]]:
+    """Every method-owned module below `root` (nested pieces included)."""
     for name, module in root.named_modules():
         if isinstance(module, AdapterModule):
             yield name, module
 
 
-@contextlib.contextmanager
-def disabled(root: nn.Module) -> Iterator[nn.Module]:
-    """Run `root` with every method module switched off: the frozen backbone, without a copy.
-
-    Used for teachers and queries (EfficientDM, Point-PEFT) and to test identity at init.
-    """
-    modules = [m for _, m in adapter_modules(root)]
-    before = [m.enabled for m in modules]
-    for m in modules:
-        m.enabled = False
-    try:
-        yield root
-    finally:
-        for m, flag in zip(modules, before):
-            m.enabled = flag
+def call_piece(piece: nn.Module, *args, **kwargs):
+    """Call a piece from the backbone's forward: floating tensors are cast to the piece's compute dtype
+    (its parameters stay fp32 on an fp16 / bf16 backbone) and its output back to the host's dtype."""
+    dtype = getattr(piece, "compute_dtype", None)
+    if dtype is None:
+        return piece(*args, **kwargs)
+    host_dtype = next((a.dtype for a in args if torch.is_tensor(a) and a.is_floating_point()), None)
+    cast = lambda a: a.to(dtype) if torch.is_tensor(a) and a.is_floating_point() else a  # noqa: E731
+    out = piece(*(cast(a) for a in args), **{k: cast(v) for k, v in kwargs.items()})
+    if host_dtype is not None and torch.is_tensor(out) and out.is_floating_point():
+        return out.to(host_dtype)
+    return out
 
 
 _ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "quick_gelu": None, "identity": nn.Identity}
@@ -78,7 +112,12 @@ def make_activation(name: str) -> nn.Module:
 
 
 class LowRank(AdapterModule):
-    """A low-rank weight delta `scale * B @ A` (A: kaiming-uniform, B: zero, so identity at init)."""
+    """A low-rank weight delta `scale * B @ A` (A: kaiming-uniform, B: zero, so identity at init).
+
+    On a convolution (`kernel_size` given) A is a k×k convolution down to `rank` channels with the
+    host's stride, padding and dilation, and B a 1×1 convolution up (peft's LoRA on convolutions);
+    the delta weight is then `B[:, :, 0, 0] @ A` reshaped to the host's kernel, so it merges exactly.
+    """
 
     def __init__(
         self,
@@ -87,6 +126,10 @@ class LowRank(AdapterModule):
         rank: int,
         alpha: float | None = None,
         dropout: float = 0.0,
+        kernel_size: tuple[int, int] | None = None,
+        stride: tuple[int, int] | int = 1,
+        padding: tuple[int, int] | int | str = 0,
+        dilation: tuple[int, int] | int = 1,
         device: torch.device | None = None,
         dtype: torch.dtype | None = None,
     ):
@@ -95,17 +138,41 @@ class LowRank(AdapterModule):
             raise ValueError(f"rank must be positive, got {rank}")
         self.rank = rank
         self.scale = (alpha if alpha is not None else rank) / rank
-        self.A = nn.Parameter(torch.empty(rank, in_features, device=device, dtype=dtype))
-        self.B = nn.Parameter(torch.zeros(out_features, rank, device=device, dtype=dtype))
+        self.conv = kernel_size is not None
+        self.stride, self.padding, self.dilation = stride, padding, dilation
+        kernel = tuple(kernel_size) if kernel_size is not None else ()
+        factory = {"device": device, "dtype": dtype}
+        self.A = nn.Parameter(torch.empty(rank, in_features, *kernel, **factory))
+        self.B = nn.Parameter(torch.zeros(out_features, rank, *((1,) * len(kernel)), **factory))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         if self.A.device.type != "meta":
             nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
 
+    @classmethod
+    def for_layer(cls, layer: nn.Module, rank: int, alpha: float | None = None, dropout: float = 0.0) -> LowRank:
+        """A delta shaped for `layer`: an `nn.Linear` or an ungrouped `nn.Conv2d`."""
+        factory = {"device": layer.weight.device, "dtype": layer.weight.dtype}
+        if isinstance(layer, nn.Linear):
+            return cls(layer.in_features, layer.out_features, rank, alpha, dropout, **factory)
+        if isinstance(layer, nn.Conv2d):
+            if layer.groups != 1 or layer.padding_mode != "zeros":
+                raise NotSupported(
+                    f"low-rank deltas need an ungrouped, zero-padded Conv2d (groups={layer.groups}, "
+                    f"padding_mode={layer.padding_mode!r})"
+                )
+            return cls(layer.in_channels, layer.out_channels, rank, alpha, dropout, layer.kernel_size, layer.stride,
+                       layer.padding, layer.dilation, **factory)  # fmt: skip
+        raise NotSupported(f"low-rank deltas support nn.Linear and nn.Conv2d, not {type(layer).__name__}")
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(F.linear(self.dropout(x), self.A), self.B) * self.scale
+        x = self.dropout(x)
+        if self.conv:
+            return F.conv2d(F.conv2d(x, self.A, None, self.stride, self.padding, self.dilation), self.B) * self.scale
+        return F.linear(F.linear(x, self.A), self.B) * self.scale
 
     def delta_weight(self) -> torch.Tensor:
-        return (self.B @ self.A) * self.scale
+        delta = self.B.flatten(1) @ self.A.flatten(1)
+        return delta.view(self.B.shape[0], *self.A.shape[1:]) * self.scale
 
 
 class Bottleneck(AdapterModule):
@@ -187,22 +254,19 @@ class ScaleShift(AdapterModule):
         shape = self._shape(y)
         return y * self.gamma.view(shape) + self.beta.view(shape)
 
-    @staticmethod
-    def can_merge_into(layer: nn.Module) -> bool:
-        return getattr(layer, "weight", None) is not None and getattr(layer, "bias", None) is not None
+    def can_merge_into(self, host: nn.Module) -> bool:
+        """Foldable into the layer that produced `y` when it has a weight and a bias (a shift needs the bias)."""
+        return getattr(host, "weight", None) is not None and getattr(host, "bias", None) is not None
 
-    @torch.no_grad()
-    def fold_into(self, layer: nn.Module) -> None:
-        """Fold into the layer that produced `y` (Linear, ConvNd, LayerNorm, GroupNorm, BatchNorm).
-
-        The output channel is dim 0 of `weight` for all of these: W' = diag(gamma) W,
-        b' = gamma * b + beta.
-        """
-        if getattr(layer, "bias", None) is None or getattr(layer, "weight", None) is None:
-            raise NotMergeable(f"{type(layer).__name__} has no weight and bias to fold a scale-shift into")
-        g = self.gamma.to(layer.weight.dtype)
-        layer.weight.mul_(g.view((-1,) + (1,) * (layer.weight.dim() - 1)))
-        layer.bias.mul_(g).add_(self.beta.to(layer.bias.dtype))
+    def merge_updates(self, host: nn.Module) -> dict[str, torch.Tensor]:
+        """Fold into the layer that produced `y` (Linear, ConvNd, LayerNorm, GroupNorm, BatchNorm): the
+        output channel is dim 0 of `weight` for all of these, so W' = diag(gamma) W, b' = gamma b + beta."""
+        if not self.can_merge_into(host):
+            raise NotMergeable(f"{type(host).__name__} has no weight and bias to fold a scale-shift into")
+        g = self.gamma.float()
+        weight = host.weight.float() * g.view((-1,) + (1,) * (host.weight.dim() - 1))
+        bias = host.bias.float() * g + self.beta.float()
+        return {"weight": weight.to(host.weight.dtype), "bias": bias.to(host.bias.dtype)}
 
 
 class PromptTokens(AdapterModule):

@@ -87,9 +87,14 @@ def load_adapter(model: PeftModel, path: str | os.PathLike) -> dict[str, Any]:
     file_method = header["method"]
     model_method = {"name": model.method.name, "config": json.loads(json.dumps(model.method.config()))}
     if file_method != model_method:
+        theirs, ours = file_method["config"], model_method["config"]
+        differ = [k for k in dict.fromkeys([*theirs, *ours]) if theirs.get(k) != ours.get(k)]
+        detail = ", ".join(f"{k}={theirs.get(k)!r} in the file vs {ours.get(k)!r}" for k in differ)
+        if file_method["name"] != model_method["name"]:
+            detail = f"method {file_method['name']!r} in the file vs {model_method['name']!r}"
         raise AdapterMismatch(
-            f"adapter file {str(path)!r} holds method {file_method['name']!r} {file_method['config']}, but the model "
-            f"has {model_method['name']!r} {model_method['config']}; build the model from the file's method config"
+            f"adapter file {str(path)!r} holds method {file_method['name']!r} {theirs}, but the model has "
+            f"{model_method['name']!r} {ours} ({detail}); build the model from the file's method config"
         )
     expected = model.trainable_state_dict()
     missing, unexpected = sorted(expected.keys() - tensors.keys()), sorted(tensors.keys() - expected.keys())

@@ -7,6 +7,8 @@ from typing import ClassVar
 
 from torch import nn
 
+from mmpeft.core.errors import NotSupported
+from mmpeft.core.inject import close_names, match_name
 from mmpeft.core.method import Method, register_method
 
 __all__ = ["LinearProbe", "FullFinetune", "BitFit"]
@@ -17,7 +19,8 @@ __all__ = ["LinearProbe", "FullFinetune", "BitFit"]
 class LinearProbe(Method):
     """Only the task head trains; the frozen backbone runs in eval mode (as VPT's linear runs do).
 
-    Merge is a no-op: the backbone is untouched.
+    Merge is a no-op: the backbone is untouched. Refused on backbones without pooled features
+    (denoisers), where there is no head to train.
     """
 
     name: ClassVar[str] = "linear"
@@ -26,17 +29,26 @@ class LinearProbe(Method):
     frozen_mode: ClassVar[str] = "eval"
     presets: ClassVar[dict] = {"paper": {}}
 
+    def inject(self, backbone: nn.Module) -> None:
+        if not getattr(backbone, "num_features", 1):
+            raise NotSupported(
+                f"the linear probe trains only a task head, and {type(backbone).__name__} "
+                f"{getattr(backbone, 'name', '')!r} has no pooled features to put one on (num_features = 0)"
+            )
+
 
 @register_method
 @dataclass
 class FullFinetune(Method):
     """Every backbone tensor trains (the upper baseline). Backbone dropout/drop-path stay active
     in training and BatchNorm statistics update, as in ordinary fine-tuning. Merge is a no-op.
+    No step-0 copy of the backbone is kept, so `disabled()` and `unload()` refuse.
     """
 
     name: ClassVar[str] = "full"
     identity_at_init: ClassVar[bool] = True
     mergeable: ClassVar[bool] = True
+    trains_backbone: ClassVar[bool] = True
     presets: ClassVar[dict] = {"paper": {}}
 
     def unfrozen(self, backbone: nn.Module) -> list[str]:
@@ -47,8 +59,13 @@ class FullFinetune(Method):
 @dataclass
 class BitFit(Method):
     """BitFit (Ben Zaken et al., ACL 2022): every bias trains, LayerNorm and patch-embedding
-    biases included, as in VPT's and V-PETL's "bias" baseline (102,912 on ViT-B/16).
+    biases included, as in VPT's and V-PETL's "bias" baseline (102,912 on ViT-B/16); on any
+    backbone family (UNet, DiT, convnets) the default is likewise every bias.
     Frozen BatchNorm statistics stay fixed. Merge is a no-op: the biases are the backbone's own.
+    Their step-0 values are kept (KBs), so `disabled()` still runs the pristine backbone.
+
+    `targets` narrows the set to bias parameters whose names match these patterns (each must match
+    at least one bias), e.g. `["*attn*"]`.
     """
 
     name: ClassVar[str] = "bitfit"
@@ -56,5 +73,15 @@ class BitFit(Method):
     mergeable: ClassVar[bool] = True
     presets: ClassVar[dict] = {"paper": {}}
 
+    targets: tuple[str, ...] | None = None  # None: every bias
+
     def unfrozen(self, backbone: nn.Module) -> list[str]:
-        return [n for n, _ in backbone.named_parameters() if "bias" in n.rsplit(".", 1)[-1]]
+        biases = [n for n, _ in backbone.named_parameters() if "bias" in n.rsplit(".", 1)[-1]]
+        if self.targets is None:
+            return biases
+        for pattern in self.targets:
+            if not any(match_name(n, pattern) for n in biases):
+                close = close_names(pattern, biases)
+                hint = f"; close names: {', '.join(close)}" if close else ""
+                raise NotSupported(f"BitFit target pattern {pattern!r} matches no bias parameter{hint}")
+        return [n for n in biases if any(match_name(n, p) for p in self.targets)]

@@ -3,44 +3,55 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 from torch import nn
 
 from mmpeft.core.errors import NotSupported
-from mmpeft.core.inject import attach, find_modules
+from mmpeft.core.inject import attach
 from mmpeft.core.method import Method, register_method
 from mmpeft.core.modules import AdapterModule, LowRank
+from mmpeft.core.targets import select_modules
 
-__all__ = ["LoRA", "LoRADelta", "parse_target"]
+__all__ = ["LoRA", "LoRADelta", "parse_target", "DEFAULT_TARGETS"]
 
 _PARTS = "qkv"
-_TARGET = re.compile(r"^(?P<pattern>[^\[\]]+)(\[(?P<parts>[qkv](,[qkv])*)\])?$")
+_LETTERS_SUFFIX = re.compile(r"^(?P<pattern>.+?)\[(?P<parts>[A-Za-z,]+)\]$")
+
+# Default targets per backbone family. Denoisers: the attention projections, as diffusers'
+# DreamBooth LoRA script (plus the added key / value projections of models that have them).
+DENOISER_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_k_proj", "add_v_proj")
+DEFAULT_TARGETS = {"token": ("attn.qkv[q,v]",), "unet": DENOISER_TARGETS, "dit": DENOISER_TARGETS}
 
 
 def parse_target(target: str) -> tuple[str, tuple[str, ...]]:
     """`"attn.qkv[q,v]"` -> ("attn.qkv", ("q", "v")): a low-rank delta on the q and v thirds of a
-    fused qkv linear. Without brackets the delta covers the whole output."""
-    m = _TARGET.match(target.replace(" ", ""))
-    if not m:
-        raise ValueError(f"bad LoRA target {target!r}; use a module name pattern, optionally with [q,k,v] parts")
-    parts = tuple(m["parts"].split(",")) if m["parts"] else ()
-    return m["pattern"], parts
+    fused qkv linear. Only a trailing `[...]` of comma-separated q / k / v names parts; any other
+    brackets are glob character classes (`"blocks.[0-5].mlp.fc1"`)."""
+    target = target.replace(" ", "")
+    m = _LETTERS_SUFFIX.match(target)
+    if not target or (m and not all(p in _PARTS for p in m["parts"].split(","))):
+        raise ValueError(
+            f"bad LoRA target {target!r}; use a module name pattern (globs allowed), optionally with a trailing "
+            "[q,k,v] selection of fused-qkv parts"
+        )
+    return (m["pattern"], tuple(m["parts"].split(","))) if m else (target, ())
 
 
 class LoRADelta(AdapterModule):
-    """Low-rank deltas on a Linear's whole output, or on named thirds of a fused qkv output."""
+    """Low-rank deltas on a Linear's or Conv2d's whole output, or on named thirds of a fused qkv output."""
 
-    def __init__(self, linear: nn.Linear, parts: tuple[str, ...], r: int, alpha: float | None, dropout: float):
+    def __init__(self, layer: nn.Module, parts: tuple[str, ...], r: int, alpha: float | None, dropout: float):
         super().__init__()
         self.parts = parts
-        width = linear.out_features // 3 if parts else linear.out_features
-        kw = {"device": linear.weight.device, "dtype": linear.weight.dtype}
-        self.deltas = nn.ModuleDict(
-            {p: LowRank(linear.in_features, width, r, alpha, dropout, **kw) for p in (parts or ("all",))}
-        )
+        if parts:
+            width = layer.out_features // 3
+            kw = {"device": layer.weight.device, "dtype": layer.weight.dtype}
+            self.deltas = nn.ModuleDict({p: LowRank(layer.in_features, width, r, alpha, dropout, **kw) for p in parts})
+        else:
+            self.deltas = nn.ModuleDict({"all": LowRank.for_layer(layer, r, alpha, dropout)})
 
     def forward(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         if not self.parts:
@@ -51,36 +62,38 @@ class LoRADelta(AdapterModule):
             chunks[i] = chunks[i] + delta(x)
         return torch.cat(chunks, dim=-1)
 
-    def _delta_weight(self, host: nn.Linear) -> torch.Tensor:
+    def _delta_weight(self, host: nn.Module) -> torch.Tensor:
         if not self.parts:
-            return self.deltas["all"].delta_weight()
-        full = torch.zeros_like(host.weight)
+            return self.deltas["all"].delta_weight().float()
+        full = torch.zeros(host.weight.shape, device=host.weight.device, dtype=torch.float32)
         width = host.out_features // 3
         for p, delta in self.deltas.items():
             i = _PARTS.index(p)
-            full[i * width : (i + 1) * width] = delta.delta_weight()
+            full[i * width : (i + 1) * width] = delta.delta_weight().float()
         return full
 
-    @torch.no_grad()
-    def merge_into(self, host: nn.Linear) -> None:
-        host.weight.add_(self._delta_weight(host).to(host.weight.dtype))
+    def merge_updates(self, host: nn.Module) -> dict[str, torch.Tensor]:
+        return {"weight": (host.weight.float() + self._delta_weight(host)).to(host.weight.dtype)}
 
-    @torch.no_grad()
-    def unmerge_from(self, host: nn.Linear) -> None:
-        host.weight.sub_(self._delta_weight(host).to(host.weight.dtype))
+    def unmerge_updates(self, host: nn.Module) -> dict[str, torch.Tensor]:
+        return {"weight": (host.weight.float() - self._delta_weight(host)).to(host.weight.dtype)}
 
 
 @register_method
 @dataclass
 class LoRA(Method):
-    """LoRA: `W x + (alpha / r) B A x` on the targeted linears; A kaiming-uniform, B zero.
+    """LoRA: `W x + (alpha / r) B A x` on the targeted linears and convolutions; A kaiming-uniform,
+    B zero. On a Conv2d, A is a k×k convolution and B a 1×1 one (as peft), so UNet ResNet convs work.
 
-    Targets are module-name patterns (`"attn.qkv"`, `"blocks.*.mlp.fc1"`); a fused qkv can take
-    `[q,v]` to adapt only those thirds. Works on any backbone with `nn.Linear`s. Merge folds
-    `(alpha / r) B A` into the weight; unmerge subtracts it again.
+    Targets are module-name patterns with globs (`"attn.qkv"`, `"blocks.[0-5].mlp.fc1"`,
+    `"*resnets.*.conv2"`); a fused qkv can take a trailing `[q,v]` to adapt only those thirds. Each
+    pattern must match a module. Unset, the backbone family's default applies: ViT-style token
+    backbones `attn.qkv[q,v]`; UNets and DiTs `to_q, to_k, to_v, to_out.0` (plus `add_k_proj,
+    add_v_proj` where present), as diffusers' DreamBooth LoRA. Merge folds `(alpha / r) B A` into the
+    weight; unmerge subtracts it again.
 
     The `paper` preset is NOAH's VTAB baseline ("LoRA-8"): rank 8 on q and v of the fused qkv, no
-    alpha/r scaling (scale 1), no dropout: 294,912 trainable on ViT-B/16. It is also the default.
+    alpha/r scaling (scale 1), no dropout: 294,912 trainable on ViT-B/16.
     """
 
     name: ClassVar[str] = "lora"
@@ -91,14 +104,16 @@ class LoRA(Method):
     r: int = 8
     alpha: float | None = None  # None: scale 1 (alpha = r)
     dropout: float = 0.0
-    targets: tuple[str, ...] = field(default_factory=lambda: ("attn.qkv[q,v]",))
+    targets: tuple[str, ...] | None = None  # None: the backbone family's default (see the docstring)
 
     def inject(self, backbone: nn.Module) -> None:
-        for target in self.targets:
-            pattern, parts = parse_target(target)
-            for name, module in find_modules(backbone, [pattern]):
-                if not isinstance(module, nn.Linear):
-                    raise NotSupported(f"LoRA target {name!r} is a {type(module).__name__}; LoRA supports nn.Linear")
-                if parts and module.out_features % 3:
-                    raise NotSupported(f"LoRA parts {parts} need a fused qkv linear; {name!r} is not one")
-                attach(module, "lora", LoRADelta(module, parts, self.r, self.alpha, self.dropout))
+        pattern_of = lambda target: parse_target(target)[0]  # noqa: E731
+        for target, name, module in select_modules(backbone, "LoRA", self.targets, DEFAULT_TARGETS, pattern_of):
+            parts = parse_target(target)[1]
+            if not isinstance(module, nn.Linear | nn.Conv2d):
+                raise NotSupported(
+                    f"LoRA target {name!r} is a {type(module).__name__}; LoRA supports nn.Linear and nn.Conv2d"
+                )
+            if parts and not (isinstance(module, nn.Linear) and module.out_features % 3 == 0):
+                raise NotSupported(f"LoRA parts {parts} need a fused qkv linear; {name!r} is not one")
+            attach(module, "lora", LoRADelta(module, parts, self.r, self.alpha, self.dropout))

@@ -2,20 +2,20 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import ClassVar
 
-import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
 from mmpeft.core.errors import NotSupported
-from mmpeft.core.inject import attach, find_modules
+from mmpeft.core.inject import attach
 from mmpeft.core.method import Method, register_method
 from mmpeft.core.modules import ScaleShift
+from mmpeft.core.targets import select_modules
 
-__all__ = ["SSF", "VIT_POSITIONS"]
+__all__ = ["SSF", "VIT_POSITIONS", "DEFAULT_TARGETS"]
 
 # The 8 positions of the official ViT code: after the patch projection, 6 per block, after the final norm.
 VIT_POSITIONS = ("patch_embed.proj", "norm1", "attn.qkv", "attn.proj", "norm2", "mlp.fc1", "mlp.fc2", "norm")
@@ -36,19 +36,17 @@ def _width_and_channel_dim(module: nn.Module) -> tuple[int, int]:
     raise NotSupported(f"SSF cannot scale the output of {type(module).__name__}")
 
 
-class SSFScaleShift(ScaleShift):
-    """A scale-shift attached to a layer's output; merges by folding into that layer."""
+def every_scalable_layer(backbone: nn.Module) -> list[str]:
+    """SSF's default off the ViT: after every linear, convolution and affine norm (UNet, DiT, convnets).
+    Norms without an affine weight (DiT's adaLN-Zero LayerNorms) have nothing to fold into and are skipped."""
+    return [
+        name
+        for name, m in backbone.named_modules()
+        if isinstance(m, _FOLDABLE) and getattr(m, "weight", None) is not None
+    ]
 
-    def merge_into(self, host: nn.Module) -> None:
-        self._saved = (host.weight.detach().clone(), host.bias.detach().clone())
-        self.fold_into(host)
 
-    @torch.no_grad()
-    def unmerge_from(self, host: nn.Module) -> None:
-        weight, bias = self._saved
-        host.weight.copy_(weight)
-        host.bias.copy_(bias)
-        del self._saved
+DEFAULT_TARGETS = {"token": VIT_POSITIONS, "*": every_scalable_layer}
 
 
 @register_method
@@ -59,6 +57,10 @@ class SSF(Method):
     split), proj, norm2, fc1 (before GELU) and fc2, and after the final norm: 205,824 trainable on
     ViT-B/16. Convolutions and BatchNorms are scaled on channel dim 1, so SSF also runs on
     convnets with conv/BN name patterns.
+
+    On other backbone families (UNets, DiTs, timm convnets) the default is every linear, convolution
+    and affine norm output (no paper fixes SSF's positions there); `targets` takes module-name
+    patterns, each of which must match.
 
     Init gamma ~ N(1, 0.02), beta ~ N(0, 0.02) as released, so the model is *not* the backbone at
     step 0. gamma and beta take no weight decay (1-D). The frozen backbone stays in train mode so
@@ -72,14 +74,14 @@ class SSF(Method):
     name: ClassVar[str] = "ssf"
     identity_at_init: ClassVar[bool] = False
     mergeable: ClassVar[bool] = True
-    presets: ClassVar[dict] = {"paper": {"init": "normal", "std": 0.02, "targets": VIT_POSITIONS}}
+    presets: ClassVar[dict] = {"paper": {"init": "normal", "std": 0.02}}
 
-    targets: tuple[str, ...] = field(default_factory=lambda: VIT_POSITIONS)
+    targets: tuple[str, ...] | None = None  # None: the family default (the 8 ViT positions on token backbones)
     init: str = "normal"
     std: float = 0.02
 
     def inject(self, backbone: nn.Module) -> None:
-        for name, module in find_modules(backbone, list(self.targets)):
+        for _, name, module in select_modules(backbone, "SSF", self.targets, DEFAULT_TARGETS):
             if isinstance(module, nn.Identity):
                 continue  # e.g. timm's attn.norm placeholder
             if not isinstance(module, _FOLDABLE):
@@ -89,5 +91,5 @@ class SSF(Method):
             if getattr(module, "weight", None) is None:
                 raise NotSupported(f"SSF target {name!r} has no affine weight to scale")
             width, channel_dim = _width_and_channel_dim(module)
-            scale_shift = SSFScaleShift(width, self.init, self.std, channel_dim, device=module.weight.device)
+            scale_shift = ScaleShift(width, self.init, self.std, channel_dim, device=module.weight.device)
             attach(module, "ssf", scale_shift)

@@ -1,0 +1,353 @@
+"""diffusers denoisers as mmpeft backbones: a Stable Diffusion `UNet2DConditionModel` and a
+`DiTTransformer2DModel`.
+
+The denoiser alone is the backbone; the VAE, the text encoder and the noise schedule belong to the
+diffusion task. The diffusers model lives in `self.model` with its own keys, so a merged model saves
+back with `backbone.model.save_pretrained(...)`. Methods reach it by module name (`to_q`,
+`resnets.0.conv2`, ...); token methods refuse it (diffusers owns the blocks).
+
+Each forward takes a `BackboneInput(x=noisy latents, timestep=[B], cond=text states or class
+labels, step=sampler index)` and makes it the forward's context, so pieces attached anywhere can
+read `self.context.timestep` / `.step` / `.cond`. Activation checkpointing — ours
+(`set_grad_checkpointing`) or diffusers' own (`model.enable_gradient_checkpointing()`) — recomputes
+each block with the context it first ran with.
+
+Weights come from a local diffusers-layout folder (a pipeline folder with `unet/` or `transformer/`,
+or the model folder itself), or a `.safetensors` / `.bin` file with `config.json` beside it. An
+original single-file checkpoint (CompVis / facebookresearch layout) is refused with the command
+that converts it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mmpeft.core.backbone import Backbone
+from mmpeft.core.context import BackboneInput, ContextSlot, ForwardContext, checkpoint_in_context
+from mmpeft.core.errors import NotSupported, WeightsUnavailable
+
+__all__ = ["DiffusersDenoiser", "DiffusersUNet", "DiffusersDiT", "TINY_SD_UNET", "TINY_DIT", "load_denoiser"]
+
+# The (32, 64) UNet of diffusers' SD LoRA tests: 1,427,012 parameters; LoRA r=4 on q, k, v, out: 23,040.
+TINY_SD_UNET: dict[str, Any] = {
+    "block_out_channels": [32, 64],
+    "layers_per_block": 2,
+    "sample_size": 32,
+    "in_channels": 4,
+    "out_channels": 4,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
+    "cross_attention_dim": 32,
+}
+# diffusers' DiT pipeline test config, with 10 classes (plus the CFG null class) instead of 1000.
+TINY_DIT: dict[str, Any] = {
+    "sample_size": 16,
+    "num_layers": 2,
+    "patch_size": 4,
+    "attention_head_dim": 8,
+    "num_attention_heads": 2,
+    "in_channels": 4,
+    "out_channels": 8,
+    "attention_bias": True,
+    "activation_fn": "gelu-approximate",
+    "num_embeds_ada_norm": 10,
+    "norm_type": "ada_norm_zero",
+    "norm_elementwise_affine": False,
+}
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_ORIGINAL_KEYS = {
+    "UNet2DConditionModel": ("model.diffusion_model.", "input_blocks.", "first_stage_model."),
+    "DiTTransformer2DModel": ("x_embedder.", "t_embedder.", "y_embedder.", "model.x_embedder."),
+}
+_CONVERT = {
+    "UNet2DConditionModel": (
+        "convert it once into a diffusers folder, e.g. `StableDiffusionPipeline.from_single_file(PATH)"
+        ".save_pretrained(OUT)` or diffusers' scripts/convert_original_stable_diffusion_to_diffusers.py "
+        "--checkpoint_path PATH --dump_path OUT, then pass OUT"
+    ),
+    "DiTTransformer2DModel": (
+        "convert it once into a diffusers folder with diffusers' scripts/convert_dit_to_diffusers.py "
+        "(or load it with DiTPipeline and save_pretrained), then pass that folder"
+    ),
+}
+
+
+def _scaled_linear_alphas_cumprod(steps: int = 1000) -> torch.Tensor:
+    """Stable Diffusion's training schedule (scaled-linear betas 0.00085 -> 0.012), for example batches."""
+    betas = torch.linspace(0.00085**0.5, 0.012**0.5, steps, dtype=torch.float64) ** 2
+    return torch.cumprod(1 - betas, 0).float()
+
+
+class _CheckpointInContext:
+    """A diffusers `_gradient_checkpointing_func` that recomputes a block in its forward's context."""
+
+    def __init__(self, inner: Any, slot: ContextSlot):
+        self.inner, self.slot = inner, slot
+
+    def __call__(self, block: Any, *args: Any) -> Any:
+        ctx = self.slot.current
+        if ctx is None:
+            return self.inner(block, *args)
+        return checkpoint_in_context(self.slot, ctx, block, *args, checkpoint_fn=self.inner)
+
+
+def _default_checkpoint(block: Any, *args: Any) -> Any:
+    return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
+
+
+def _model_class(class_name: str) -> type[nn.Module]:
+    import diffusers  # noqa: PLC0415 - keeps `import mmpeft` light
+
+    return getattr(diffusers, class_name)
+
+
+def _refuse_single_file(path: Path, class_name: str, why: str) -> None:
+    raise WeightsUnavailable(f"{str(path)!r} {why}: an original single-file checkpoint, not a diffusers model; "
+                             f"{_CONVERT[class_name]}")  # fmt: skip
+
+
+def _state_dict_keys(path: Path) -> list[str]:
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open  # noqa: PLC0415
+
+        with safe_open(str(path), framework="pt") as f:
+            return list(f.keys())
+    return list(torch.load(path, map_location="meta", weights_only=True))
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file  # noqa: PLC0415
+
+        return load_file(str(path))
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _model_folder(folder: Path, class_name: str, subfolder: str) -> Path:
+    """The folder holding the model's config.json: the pipeline's `unet/` / `transformer/`, or `folder`."""
+    for candidate in (folder / subfolder, folder):
+        if (candidate / "config.json").is_file():
+            found = json.loads((candidate / "config.json").read_text()).get("_class_name")
+            if found and found != class_name:
+                raise NotSupported(f"{str(candidate)!r} holds a {found}, not a {class_name}")
+            return candidate
+    singles = sorted(p.name for p in folder.glob("*") if p.suffix in (".ckpt", ".safetensors", ".pt", ".pth"))
+    hint = (
+        f"; it holds {singles}: if that is an original single-file checkpoint, {_CONVERT[class_name]}"
+        if singles
+        else ""
+    )
+    raise WeightsUnavailable(
+        f"{str(folder)!r} is not a diffusers {class_name} folder: expected {folder}/{subfolder}/config.json (a "
+        f"pipeline folder) or {folder}/config.json with diffusion_pytorch_model.safetensors beside it{hint}"
+    )
+
+
+def load_denoiser(
+    class_name: str,
+    subfolder: str,
+    source: str | Path,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device | None = None,
+) -> nn.Module:
+    """A diffusers model from a local folder or weights file (see the module docstring)."""
+    cls = _model_class(class_name)
+    path = Path(source).expanduser()
+    if not path.exists():
+        looks_like_hub = len(Path(str(source)).parts) == 2 and not str(source).startswith((".", "/", "~"))
+        hub = (
+            " — it looks like a hub id; no hub is reachable from here: download it on a machine with network "
+            "access (huggingface-cli download ID --local-dir DIR) and pass DIR"
+        )
+        hint = hub if looks_like_hub else ""
+        raise WeightsUnavailable(f"no such file or folder: {str(source)!r}{hint}")
+    if path.is_file():
+        if path.suffix in (".ckpt", ".pt", ".pth"):
+            _refuse_single_file(path, class_name, f"is a {path.suffix} file")
+        keys = _state_dict_keys(path)
+        if any(k.startswith(_ORIGINAL_KEYS[class_name]) for k in keys):
+            _refuse_single_file(path, class_name, "has original-layout keys (e.g. " + keys[0] + ")")
+        folder = _model_folder(path.parent, class_name, subfolder)
+        with torch.device(device or "cpu"):
+            model = cls.from_config(cls.load_config(folder))
+        if model.device.type != "meta":
+            missing, unexpected = model.load_state_dict(_read_state_dict(path), strict=False)
+            if missing or unexpected:
+                raise WeightsUnavailable(
+                    f"{str(path)!r} does not fit the {class_name} of {folder}/config.json: missing {missing[:3]}, "
+                    f"unexpected {unexpected[:3]}"
+                )
+        return model.to(dtype) if dtype is not None else model
+    folder = _model_folder(path, class_name, subfolder)
+    if device is not None and torch.device(device).type == "meta":
+        with torch.device("meta"):
+            return cls.from_config(cls.load_config(folder))
+    model = cls.from_pretrained(str(folder), local_files_only=True, torch_dtype=dtype)
+    return model.to(device) if device is not None else model
+
+
+class DiffusersDenoiser(Backbone):
+    """Base of the diffusers wrappers (see the module docstring). Build from exactly one of
+    `source` (a local folder or weights file), `config` (a diffusers config dict: random weights)
+    or `model` (an already built diffusers model, shared, not copied).
+
+    Args:
+        dtype: "float32", "float16" or "bfloat16" for the frozen weights (method tensors stay fp32
+            unless the method's `param_dtype` says otherwise).
+        device: build on this device ("meta": parameter counts without memory).
+        example_size / example_tokens: latent side and conditioning length of `example_batch`
+            (defaults: the config's `sample_size`, 77 text tokens).
+    """
+
+    class_name: ClassVar[str] = ""
+    subfolder: ClassVar[str] = ""
+    prefix: ClassVar[str] = ""
+    num_features = 0
+
+    def __init__(
+        self,
+        source: str | None = None,
+        config: dict[str, Any] | None = None,
+        model: nn.Module | None = None,
+        name: str | None = None,
+        dtype: str | None = None,
+        device: str | None = None,
+        example_size: int | None = None,
+        example_tokens: int = 77,
+    ):
+        super().__init__()
+        if sum(x is not None for x in (source, config, model)) != 1:
+            raise ValueError(
+                f"{type(self).__name__} needs exactly one of source=FOLDER_OR_FILE, config={{...}}, model="
+            )
+        if dtype is not None and dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+        torch_dtype = _DTYPES[dtype] if dtype else None
+        if model is None and config is not None:
+            cls = _model_class(self.class_name)
+            with torch.device(device or "cpu"):
+                model = cls.from_config(config)
+            model = model.to(torch_dtype) if torch_dtype is not None else model
+        elif model is None:
+            model = load_denoiser(self.class_name, self.subfolder, source, torch_dtype, device)
+        if not isinstance(model, _model_class(self.class_name)):
+            raise NotSupported(f"{type(self).__name__} wraps a {self.class_name}, got {type(model).__name__}")
+        self.model = model.requires_grad_(False)
+        self.name = name or (f"{self.prefix}:{Path(source).name}" if source else self.prefix)
+        self.example_size = example_size or _side(self.model.config.sample_size)
+        self.example_tokens = example_tokens
+
+    @property
+    def token_anatomy(self) -> str:
+        return f"a diffusers {self.class_name}: diffusers owns its blocks; methods reach its layers by name"
+
+    @property
+    def config(self) -> Any:
+        return self.model.config
+
+    # -- the forward ---------------------------------------------------------------------------------
+    def forward_in_context(self, inputs: BackboneInput, ctx: ForwardContext) -> torch.Tensor:
+        if inputs.timestep is None:
+            raise ValueError(
+                f"{type(self).__name__} is a denoiser: call it with BackboneInput(x=latents, timestep=[B] tensor, "
+                "cond=...), not a bare tensor"
+            )
+        if torch.is_grad_enabled():
+            self._checkpoint_in_context()
+        out = self.call_model(inputs)
+        return out.sample if hasattr(out, "sample") else out[0]
+
+    def call_model(self, inputs: BackboneInput) -> Any:
+        raise NotImplementedError
+
+    def _checkpoint_in_context(self) -> None:
+        """Make every checkpointing diffusers block recompute in its forward's context (also when the user
+        turned diffusers' checkpointing on directly)."""
+        for module in self.model.modules():
+            inner = getattr(module, "_gradient_checkpointing_func", None)
+            if getattr(module, "gradient_checkpointing", False) and not isinstance(inner, _CheckpointInContext):
+                module._gradient_checkpointing_func = _CheckpointInContext(
+                    inner or _default_checkpoint, self.context_slot
+                )
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each diffusers block in backward (same gradients, less memory)."""
+        if enable:
+            self.model.enable_gradient_checkpointing()
+            self._checkpoint_in_context()
+        else:
+            self.model.disable_gradient_checkpointing()
+
+    # -- examples for params / bench / tests -------------------------------------------------------------
+    def example_cond(self, batch: int, generator: torch.Generator | None) -> Any:
+        raise NotImplementedError
+
+    def example_batch(
+        self, batch: int, generator: torch.Generator | None = None, num_classes: int | None = None
+    ) -> tuple[BackboneInput, torch.Tensor]:
+        """Noisy latents at random timesteps (SD's schedule), conditioning, and the noise as the target."""
+        channels, side = self.model.config.in_channels, self.example_size
+        clean = torch.randn(batch, channels, side, side, generator=generator)
+        noise = torch.randn(batch, channels, side, side, generator=generator)
+        timestep = torch.randint(0, 1000, (batch,), generator=generator)
+        alpha = _scaled_linear_alphas_cumprod()[timestep].view(-1, 1, 1, 1)
+        noisy = alpha.sqrt() * clean + (1 - alpha).sqrt() * noise
+        dtype = next(self.model.parameters()).dtype
+        cond = self.example_cond(batch, generator)
+        cond = cond.to(dtype) if cond.is_floating_point() else cond
+        return BackboneInput(x=noisy.to(dtype), timestep=timestep, cond=cond), noise
+
+    def example_loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Noise-prediction MSE (a learned-variance model's extra channels are not part of it)."""
+        return F.mse_loss(outputs[:, : targets.shape[1]].float(), targets.to(outputs.device).float())
+
+
+def _side(sample_size: Any) -> int:
+    return int(sample_size[0] if isinstance(sample_size, list | tuple) else sample_size)
+
+
+class DiffusersUNet(DiffusersDenoiser):
+    """A Stable Diffusion `UNet2DConditionModel`; `cond` is the text encoder's hidden states [B, L, D].
+
+    Registered names: `diffusers_unet:<local folder or file>`, and `tiny_sd_unet` (the (32, 64) UNet
+    of diffusers' tests, random weights, for CPU tests and smoke runs).
+    """
+
+    family = "unet"
+    class_name = "UNet2DConditionModel"
+    subfolder = "unet"
+    prefix = "diffusers_unet"
+
+    def call_model(self, inputs: BackboneInput) -> Any:
+        return self.model(inputs.x, inputs.timestep, encoder_hidden_states=inputs.cond, **inputs.kwargs)
+
+    def example_cond(self, batch: int, generator: torch.Generator | None) -> torch.Tensor:
+        width = self.model.config.cross_attention_dim
+        width = width[0] if isinstance(width, list | tuple) else width
+        return torch.randn(batch, self.example_tokens, width, generator=generator)
+
+
+class DiffusersDiT(DiffusersDenoiser):
+    """A class-conditional `DiTTransformer2DModel`; `cond` is the class labels [B].
+
+    Registered names: `diffusers_dit:<local folder or file>`, and `tiny_dit` (diffusers' DiT test
+    config with 10 classes, random weights).
+    """
+
+    family = "dit"
+    class_name = "DiTTransformer2DModel"
+    subfolder = "transformer"
+    prefix = "diffusers_dit"
+
+    def call_model(self, inputs: BackboneInput) -> Any:
+        return self.model(inputs.x, timestep=inputs.timestep, class_labels=inputs.cond, **inputs.kwargs)
+
+    def example_cond(self, batch: int, generator: torch.Generator | None) -> torch.Tensor:
+        return torch.randint(0, self.model.config.num_embeds_ada_norm, (batch,), generator=generator)
