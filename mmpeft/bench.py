@@ -1,8 +1,11 @@
 """`mmpeft bench`: per method, in its own process, the median training-step time after warm-up, the
 peak memory above the process's post-build baseline, and the trainable count, next to full
 fine-tuning and the *floor*: the same backbone whose only trainable tensor is added right after
-the embedding, so backward reaches the first block but computes no weight gradients. Ratios to
-the floor show what a method itself costs. Results go to CSV and markdown.
+the embedding (token backbones) or the first layer (`conv_in` of a UNet, the patch projection of a
+DiT, a convnet's stem), so backward reaches the whole network but computes no weight gradients.
+Ratios to the floor show what a method itself costs. The backbone supplies the batch and the loss
+(images and cross-entropy; noisy latents, timesteps, conditioning and the noise-prediction MSE).
+Results go to CSV and markdown.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ import torch
 from torch import nn
 
 from mmpeft.core.anatomy import ForwardContext, TokenBackbone
+from mmpeft.core.context import BackboneInput
+from mmpeft.core.inject import attach
 from mmpeft.core.method import Method, list_methods
 from mmpeft.core.modules import AdapterModule
 from mmpeft.core.report import markdown_table
@@ -38,23 +43,44 @@ class _ShiftAfterEmbedding(AdapterModule):
         return x + self.shift
 
 
+class _ShiftAfterLayer(AdapterModule):
+    def __init__(self, dim: int, channel_dim: int, device=None):
+        super().__init__()
+        self.channel_dim = channel_dim
+        self.shift = nn.Parameter(torch.zeros(dim, device=device))
+
+    def forward(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        shape = [1] * y.dim()
+        shape[self.channel_dim] = -1
+        return y + self.shift.view(shape)
+
+
 @dataclass
 class Floor(Method):
-    """The benchmark floor: one trainable vector added to the tokens before block 0, nothing else."""
+    """The benchmark floor: one trainable vector on the input side, nothing else — added to the
+    tokens before block 0 of a token backbone, or after the first layer of any other backbone."""
 
     name: ClassVar[str] = "floor"
-    needs_tokens: ClassVar[bool] = True
     mergeable: ClassVar[bool] = False
 
     def inject(self, backbone: nn.Module) -> None:
-        assert isinstance(backbone, TokenBackbone)
         device = next(backbone.parameters()).device
-        backbone.before_block[0].append(_ShiftAfterEmbedding(backbone.embed_dim, device))
+        if isinstance(backbone, TokenBackbone):
+            backbone.before_block[0].append(_ShiftAfterEmbedding(backbone.embed_dim, device))
+            return
+        layer = backbone.get_submodule(backbone.input_layer())
+        if isinstance(layer, nn.Linear):
+            width, channel_dim = layer.out_features, -1
+        elif isinstance(layer, nn.Embedding):
+            width, channel_dim = layer.embedding_dim, -1
+        else:
+            width, channel_dim = layer.out_channels, 1
+        attach(layer, "floor", _ShiftAfterLayer(width, channel_dim, device))
 
 
 def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backbone", default="vit_base_patch16_224", help="mmpeft or timm backbone name")
-    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--img-size", type=int, default=224, help="image size of timm backbones (others bring theirs)")
     p.add_argument("--in-chans", type=int, default=3)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--methods", default="all", help="comma-separated method names, or 'all' (floor is always added)")
@@ -75,27 +101,21 @@ def _device(name: str) -> torch.device:
 
 def measure(args: argparse.Namespace, method_name: str) -> dict:
     """One method's numbers, measured in this process (the worker side)."""
-    from mmpeft.backbones import create_backbone  # noqa: PLC0415
     from mmpeft.core.model import PeftModel  # noqa: PLC0415
     from mmpeft.core.report import parameter_report  # noqa: PLC0415
     from mmpeft.tasks.callbacks import PeakMemory  # noqa: PLC0415
 
     torch.manual_seed(0)
     device = _device(args.device)
-    if args.backbone == "digits_vit":  # speed does not depend on the weights: skip the pretraining
-        kwargs = {"pretrained": False}
-    elif args.backbone.startswith("open_clip:"):
-        kwargs = {}
-    else:
-        kwargs = {"img_size": args.img_size, **({"in_chans": args.in_chans} if args.in_chans != 3 else {})}
-    backbone = create_backbone(args.backbone, **kwargs)
+    backbone = bench_backbone(args)
     method = Floor() if method_name == "floor" else method_name
-    model = PeftModel(backbone, method, num_classes=args.num_classes).to(device)
+    classes = args.num_classes if backbone.num_features else None
+    model = PeftModel(backbone, method, num_classes=classes).to(device)
     if method_name == "floor":
         model.head.requires_grad_(False)
     model.train()
-    x = torch.randn(args.batch, args.in_chans, args.img_size, args.img_size, device=device)
-    y = torch.randint(0, args.num_classes, (args.batch,), device=device)
+    x, y = backbone.example_batch(args.batch, torch.Generator().manual_seed(0), classes)
+    x = x.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=args.precision == "bf16" and device.type == "cuda")
@@ -106,7 +126,7 @@ def measure(args: argparse.Namespace, method_name: str) -> dict:
         start = time.perf_counter()
         with autocast:  # the method's whole step: MoSA runs two passes plus its consistency term
             outputs = [model(x) for _ in range(model.method.forward_passes)]
-            loss = nn.functional.cross_entropy(outputs[0], y)
+            loss = backbone.example_loss(outputs[0], y)
             extra = model.method.extra_loss(outputs, (x, y))
             loss = loss + extra if extra is not None else loss
         optimizer.zero_grad(set_to_none=True)
@@ -118,13 +138,28 @@ def measure(args: argparse.Namespace, method_name: str) -> dict:
             times.append(1000 * (time.perf_counter() - start))
     peak = memory.stop()
     report = parameter_report(model)
+    shown = x.x if isinstance(x, BackboneInput) else x
     return {
         "method": method_name,
+        "input": "x".join(str(d) for d in shown.shape[1:]),
         "trainable": report.trainable,
         "step_ms": round(statistics.median(times), 2),
         "peak_mem_mb": round(peak / 2**20, 1),
         "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
     }
+
+
+def bench_backbone(args: argparse.Namespace) -> nn.Module:
+    """The backbone to time: registered and prefixed names bring their own input size; timm names take
+    `--img-size` / `--in-chans`. The digits ViT skips its pretraining (speed does not depend on weights)."""
+    from mmpeft.backbones import BACKBONES, create_backbone  # noqa: PLC0415
+
+    if args.backbone == "digits_vit":
+        return create_backbone(args.backbone, pretrained=False)
+    if args.backbone in BACKBONES or ":" in args.backbone:
+        return create_backbone(args.backbone)
+    extra = {"in_chans": args.in_chans} if args.in_chans != 3 else {}
+    return create_backbone(args.backbone, img_size=args.img_size, **extra)
 
 
 def _run_worker(args: argparse.Namespace, method: str) -> dict:
@@ -133,7 +168,8 @@ def _run_worker(args: argparse.Namespace, method: str) -> dict:
         cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if done.returncode != 0:
-        return {"method": method, "error": done.stderr.strip().splitlines()[-1] if done.stderr else "failed"}
+        last = done.stderr.strip().splitlines()[-1] if done.stderr else "failed"
+        return {"method": method, "error": last.split(": ", 1)[-1].split(";")[0]}  # the message, not its class path
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -152,15 +188,18 @@ def run_bench(args: argparse.Namespace) -> list[dict]:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     device = next((r["device"] for r in rows if "device" in r), "unknown").replace(" ", "_")
+    shape = next((r["input"] for r in rows if "input" in r), "unknown")
+    dims = shape.split("x")
+    size = f"{dims[-1]}px" if len(dims) == 3 and dims[-1] == dims[-2] else shape  # images and latents: "224px"
     safe = args.backbone.replace(":", "_").replace("/", "_")  # portable file names
-    stem = f"{safe}-{args.img_size}px-b{args.batch}-{device}-{args.precision}"
+    stem = f"{safe}-{size}-b{args.batch}-{device}-{args.precision}"
     columns = ["method", "trainable", "step_ms", "time_vs_floor", "peak_mem_mb", "mem_vs_floor", "device", "error"]
     with open(out / f"{stem}.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
     header = (
-        f"# mmpeft bench: {args.backbone}, {args.img_size}px, batch {args.batch}, {device}, precision "
+        f"# mmpeft bench: {args.backbone}, {size} (input {shape}), batch {args.batch}, {device}, precision "
         f"{args.precision}\n\nMedian of {args.steps} training steps after {args.warmup} warm-up steps (AdamW); "
         "peak memory above the post-build baseline; ratios against the floor.\n\n"
     )

@@ -34,13 +34,14 @@ def params_table(backbone: str, num_classes: int = 100, preset: str = "default")
     """One row per registered method; full-size backbones are built on the meta device (no memory)."""
     from mmpeft.backbones import create_backbone  # noqa: PLC0415
 
-    create_backbone(backbone, device="meta")  # a bad name fails here, once, with its own message
+    probe = create_backbone(backbone, device="meta")  # a bad name fails here, once, with its own message
+    classes = num_classes if getattr(probe, "num_features", 0) else None  # denoisers take no head
     rows = []
     for name in list_methods():
         row: dict = {"method": name}
         try:
             method = create_method(name, preset=preset)
-            model = PeftModel(create_backbone(backbone, device="meta"), method, num_classes=num_classes)
+            model = PeftModel(create_backbone(backbone, device="meta"), method, num_classes=classes)
         except MmpeftError as err:  # not supported on this backbone, or no such preset
             note = "needs a TokenBackbone" if get_method(name).needs_tokens else str(err).split(";")[0][:80]
             rows.append({**row, "trainable": "n/a", "no head": "n/a", "% of backbone": "n/a", "note": note})
@@ -61,7 +62,8 @@ def params_table(backbone: str, num_classes: int = 100, preset: str = "default")
 
 def _params(args: argparse.Namespace) -> int:
     rows = params_table(args.backbone, args.num_classes, args.preset)
-    print(f"# trainable parameters on {args.backbone} (head: {args.num_classes} classes, preset: {args.preset})\n")
+    head = f"{args.num_classes} classes" if any(r.get("no head") != r.get("trainable") for r in rows) else "none"
+    print(f"# trainable parameters on {args.backbone} (head: {head}, preset: {args.preset})\n")
     print(markdown_table(rows))
     return 0
 

@@ -38,3 +38,15 @@ def test_checkpoints_are_loaded_safely():
         for line in path.read_text().splitlines():
             if "torch.load(" in line:
                 assert "weights_only=True" in line, f"{path}: {line.strip()}"
+
+
+def test_bench_on_a_denoiser_uses_its_batch_and_loss_and_a_floor_after_the_first_layer(tmp_path):
+    args = ["bench", "--backbone", "tiny_dit", "--batch", "2", "--methods", "lora", "--steps", "1",
+            "--warmup", "1", "--out", str(tmp_path)]  # fmt: skip
+    assert main(args) == 0
+    (table,) = tmp_path.glob("*.csv")
+    assert table.name.startswith("tiny_dit-16px-b2-")
+    rows = {r["method"]: r for r in csv.DictReader(table.open())}
+    assert int(rows["floor"]["trainable"]) == 16  # one vector on the patch projection's 16 output channels
+    assert int(rows["lora"]["trainable"]) == 2 * 8 * 4 * (16 + 16)  # 2 blocks x r=8 on to_q, to_k, to_v, to_out.0
+    assert float(rows["lora"]["step_ms"]) > 0 and rows["lora"]["time_vs_floor"]

@@ -139,9 +139,11 @@ def expected_backbone_trainable(method: str, model: PeftModel) -> int:
         return backbone.depth * (d * h + h + h * d + d)
     if method == "vpt":  # shallow by default: one set of prompts
         return model.method.length * backbone.embed_dim * (backbone.depth if model.method.deep else 1)
-    if method == "ssf" and backbone.family != "token":  # 2 x the output width of every linear, conv, affine norm
+    if method == "ssf" and backbone.family != "token":  # 2 x the width of every linear, conv, norm with a bias
         width = 0
         for m in modules:
+            if getattr(m, "bias", None) is None:
+                continue
             if isinstance(m, torch.nn.Linear):
                 width += m.out_features
             elif isinstance(m, torch.nn.modules.conv._ConvNd):

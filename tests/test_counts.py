@@ -79,3 +79,62 @@ def test_console_script_runs():
         capture_output=True, text=True, check=True, timeout=300,
     )  # fmt: skip
     assert "| adapter | 164,458 | 156,768 |" in out.stdout
+
+
+# -- denoisers (diffusion spec §7), full size on the meta device ------------------------------------------
+
+SD15_UNET = {  # Stable Diffusion 1.5's unet/config.json (the values that differ from diffusers' defaults)
+    "sample_size": 64,
+    "block_out_channels": [320, 640, 1280, 1280],
+    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    "cross_attention_dim": 768,
+    "attention_head_dim": 8,
+}
+DIT_XL_2 = {  # facebook/DiT-XL-2-256 transformer/config.json
+    "num_layers": 28,
+    "attention_head_dim": 72,
+    "num_attention_heads": 16,
+    "in_channels": 4,
+    "out_channels": 8,
+    "patch_size": 2,
+    "sample_size": 32,
+    "num_embeds_ada_norm": 1000,
+    "norm_type": "ada_norm_zero",
+    "norm_elementwise_affine": False,
+    "activation_fn": "gelu-approximate",
+    "attention_bias": True,
+}
+
+
+@pytest.mark.parametrize(
+    ("method", "expected"),
+    [({"name": "lora", "r": 4}, 797_184), ({"name": "lora", "r": 16}, 3_188_736), ("bitfit", 343_684)],
+)
+def test_sd15_unet_counts_match_the_spec(method, expected):
+    """LoRA on the 128 attention linears (to_q, to_k, to_v, to_out.0), BitFit on every bias."""
+    from mmpeft.backbones import DiffusersUNet
+
+    r = parameter_report(PeftModel(DiffusersUNet(config=SD15_UNET, device="meta"), method))
+    assert (r.backbone, r.trainable, r.head) == (859_520_964, expected, 0)
+
+
+def test_diffusers_dit_xl_counts_match_the_spec():
+    """diffusers' DiT-XL/2 keeps a timestep MLP and class table per block: 749,826,464 parameters, 551,840 biases."""
+    from mmpeft.backbones import DiffusersDiT
+
+    r = parameter_report(PeftModel(DiffusersDiT(config=DIT_XL_2, device="meta"), "bitfit"))
+    assert (r.backbone, r.trainable) == (749_826_464, 551_840)
+
+
+def test_params_table_on_denoisers_has_no_head_and_marks_token_methods():
+    from mmpeft.backbones import create_backbone
+
+    rows = {r["method"]: r for r in params_table("tiny_sd_unet")}
+    plain = create_backbone("tiny_sd_unet")
+    biases = sum(p.numel() for n, p in plain.named_parameters() if n.endswith("bias"))
+    assert rows["bitfit"]["trainable"] == rows["bitfit"]["no head"] == biases
+    assert rows["lora"]["trainable"] == 2 * 23_040  # default r = 8 on q, k, v, out (r = 4: diffusers' 23,040)
+    assert rows["full"]["trainable"] == 1_427_012
+    assert rows["vpt"]["note"] == "needs a TokenBackbone" and rows["linear"]["trainable"] == "n/a"
+    assert rows["lora"]["at inference"] == 0 and rows["ssf"]["at inference"] == 0

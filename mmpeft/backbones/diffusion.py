@@ -66,6 +66,11 @@ _ORIGINAL_KEYS = {
     "UNet2DConditionModel": ("model.diffusion_model.", "input_blocks.", "first_stage_model."),
     "DiTTransformer2DModel": ("x_embedder.", "t_embedder.", "y_embedder.", "model.x_embedder."),
 }
+# Class names older diffusers saved a model under, and the config entry that identifies it: diffusers
+# itself remaps these (facebook/DiT-XL-2-*'s transformer/config.json still says Transformer2DModel).
+_LEGACY_NAMES: dict[str, tuple[str, str, str]] = {
+    "DiTTransformer2DModel": ("Transformer2DModel", "norm_type", "ada_norm_zero"),
+}
 _CONVERT = {
     "UNet2DConditionModel": (
         "convert it once into a diffusers folder, e.g. `StableDiffusionPipeline.from_single_file(PATH)"
@@ -134,8 +139,11 @@ def _model_folder(folder: Path, class_name: str, subfolder: str) -> Path:
     """The folder holding the model's config.json: the pipeline's `unet/` / `transformer/`, or `folder`."""
     for candidate in (folder / subfolder, folder):
         if (candidate / "config.json").is_file():
-            found = json.loads((candidate / "config.json").read_text()).get("_class_name")
-            if found and found != class_name:
+            config = json.loads((candidate / "config.json").read_text())
+            found = config.get("_class_name")
+            legacy = _LEGACY_NAMES.get(class_name)
+            is_legacy = legacy is not None and found == legacy[0] and config.get(legacy[1]) == legacy[2]
+            if found and found != class_name and not is_legacy:
                 raise NotSupported(f"{str(candidate)!r} holds a {found}, not a {class_name}")
             return candidate
     singles = sorted(p.name for p in folder.glob("*") if p.suffix in (".ckpt", ".safetensors", ".pt", ".pth"))
@@ -188,7 +196,8 @@ def load_denoiser(
     folder = _model_folder(path, class_name, subfolder)
     if device is not None and torch.device(device).type == "meta":
         with torch.device("meta"):
-            return cls.from_config(cls.load_config(folder))
+            model = cls.from_config(cls.load_config(folder))
+        return model.to(dtype) if dtype is not None else model  # the dtype decides the bytes a meta build reports
     model = cls.from_pretrained(str(folder), local_files_only=True, torch_dtype=dtype)
     return model.to(device) if device is not None else model
 

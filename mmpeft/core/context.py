@@ -47,6 +47,14 @@ class BackboneInput:
     def __len__(self) -> int:
         return len(self.x)
 
+    def to(self, device: torch.device | str) -> BackboneInput:
+        """A copy with every tensor (conditioning and kwargs included) on `device`."""
+        move = lambda v: v.to(device) if torch.is_tensor(v) else v  # noqa: E731
+        return BackboneInput(
+            move(self.x), move(self.timestep), move(self.cond), self.step, move(self.xyz),
+            {k: move(v) for k, v in self.kwargs.items()},
+        )  # fmt: skip
+
 
 def as_input(inputs: Any) -> BackboneInput:
     """A plain tensor (or a mapping with the same keys) as a `BackboneInput`."""

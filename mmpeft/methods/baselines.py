@@ -32,8 +32,8 @@ class LinearProbe(Method):
     def inject(self, backbone: nn.Module) -> None:
         if not getattr(backbone, "num_features", 1):
             raise NotSupported(
-                f"the linear probe trains only a task head, and {type(backbone).__name__} "
-                f"{getattr(backbone, 'name', '')!r} has no pooled features to put one on (num_features = 0)"
+                f"no pooled features for a head: the linear probe trains only a task head, and "
+                f"{type(backbone).__name__} {getattr(backbone, 'name', '')!r} has num_features = 0"
             )
 
 

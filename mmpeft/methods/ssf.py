@@ -37,12 +37,13 @@ def _width_and_channel_dim(module: nn.Module) -> tuple[int, int]:
 
 
 def every_scalable_layer(backbone: nn.Module) -> list[str]:
-    """SSF's default off the ViT: after every linear, convolution and affine norm (UNet, DiT, convnets).
-    Norms without an affine weight (DiT's adaLN-Zero LayerNorms) have nothing to fold into and are skipped."""
+    """SSF's default off the ViT: after every linear, convolution and affine norm that has a bias (UNet,
+    DiT, convnets), so the merge stays exact and free. Bias-free layers (a UNet's to_q / to_k / to_v)
+    and norms without an affine weight (DiT's adaLN-Zero LayerNorms) have nothing to fold a shift into."""
     return [
         name
         for name, m in backbone.named_modules()
-        if isinstance(m, _FOLDABLE) and getattr(m, "weight", None) is not None
+        if isinstance(m, _FOLDABLE) and getattr(m, "weight", None) is not None and getattr(m, "bias", None) is not None
     ]
 
 
@@ -59,8 +60,8 @@ class SSF(Method):
     convnets with conv/BN name patterns.
 
     On other backbone families (UNets, DiTs, timm convnets) the default is every linear, convolution
-    and affine norm output (no paper fixes SSF's positions there); `targets` takes module-name
-    patterns, each of which must match.
+    and affine norm output that has a bias, so the merge stays free (no paper fixes SSF's positions
+    there); `targets` takes module-name patterns, each of which must match.
 
     Init gamma ~ N(1, 0.02), beta ~ N(0, 0.02) as released, so the model is *not* the backbone at
     step 0. gamma and beta take no weight decay (1-D). The frozen backbone stays in train mode so
