@@ -78,16 +78,6 @@ def tiny_clip(width: int = 64, text_width: int = 32) -> nn.Module:
     return CLIP(embed_dim=32, vision_cfg=vision, text_cfg=text).eval()
 
 
-def clip_text_ids(batch: int, generator: torch.Generator) -> torch.Tensor:
-    """Token ids as open_clip's tokenizer lays them out: tokens, the EOT (highest id), zero padding."""
-    ids = torch.randint(1, CLIP_VOCAB - 1, (batch, CLIP_CONTEXT), generator=generator)
-    eot = torch.randint(2, CLIP_CONTEXT, (batch,), generator=generator)
-    for row, pos in enumerate(eot.tolist()):
-        ids[row, pos] = CLIP_VOCAB - 1
-        ids[row, pos + 1 :] = 0
-    return ids
-
-
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)

@@ -14,11 +14,12 @@ from mmpeft.backbones.clip import ClipImageTower, ClipTextTower
 from mmpeft.core.errors import NotSupported, WeightsUnavailable
 from mmpeft.core.method import create_method
 from mmpeft.core.model import PeftModel
-from tests.conftest import clip_text_ids, tiny_clip
+from tests.conftest import tiny_clip
 
 
 def ids(batch=3, seed=0):
-    return clip_text_ids(batch, torch.Generator().manual_seed(seed))
+    """Token ids laid out as open_clip's tokenizer does (the text tower's own example inputs)."""
+    return ClipTextTower(model=tiny_clip()).example_inputs(batch, torch.Generator().manual_seed(seed))
 
 
 @pytest.mark.parametrize("seed", [0, 1])

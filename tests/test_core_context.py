@@ -263,8 +263,9 @@ def test_disabled_refuses_a_merged_model_and_unload_unmerges():
 
 
 @pytest.mark.parametrize("target", ["*resnets.*.conv2", "conv_in"])
-def test_conv_lora_counts_and_merges_exactly(target):
+def test_conv_lora_counts_and_merges_exactly(target, tmp_path):
     r = 4
+    torch.manual_seed(0)
     model = PeftModel(tiny_unet(), create_method("lora", r=r, targets=(target,))).eval()
     convs = [m for n, m in model.backbone.named_modules() if isinstance(m, nn.Conv2d) and hasattr(m, "lora")]
     assert convs
@@ -274,8 +275,12 @@ def test_conv_lora_counts_and_merges_exactly(target):
         for c in convs:
             c.lora.deltas["all"].B.normal_(0, 0.1)
     x, _ = denoiser_input(model.backbone)
+    save_adapter(model, tmp_path / "conv.safetensors")
     with torch.no_grad():
         before = model(x)
+        torch.manual_seed(0)
+        fresh = tiny_unet()  # the same random backbone; the file brings the LoRA
+        assert torch.equal(adapter_from_file(fresh, tmp_path / "conv.safetensors").eval()(x), before)
         model.merge()
         torch.testing.assert_close(model(x), before, atol=1e-4, rtol=0)
 
