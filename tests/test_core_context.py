@@ -475,3 +475,59 @@ def test_pieces_stay_fp32_on_a_bf16_backbone_and_merge_back_to_bf16():
     assert next(m for m in same.modules() if isinstance(m, LowRank)).A.dtype == torch.bfloat16
     with pytest.raises(ValueError, match="param_dtype must be one of"):
         PeftModel(TimmViT("test_vit", img_size=32), create_method("lora", param_dtype="fp8"))
+
+
+def test_a_refused_method_leaves_the_backbone_as_it_found_it():
+    """LoRA refuses a LayerNorm target after it has attached to the linears before it: nothing stays."""
+    backbone = TimmViT("test_vit", img_size=32)
+    keys = set(backbone.state_dict())
+    with pytest.raises(NotSupported, match="LoRA supports nn.Linear and nn.Conv2d"):
+        PeftModel(backbone, create_method("lora", targets=("attn.qkv", "norm1")))
+    assert set(backbone.state_dict()) == keys and all(p.requires_grad for p in backbone.parameters())
+    assert not any(isinstance(m, AdapterModule) for m in backbone.modules())
+    model = PeftModel(backbone, "lora")  # and it can still take a method
+    assert sum(p.requires_grad for p in model.backbone.parameters()) > 0
+
+
+class SiteScale(AdapterModule):
+    """A per-channel scale on a block's `mlp.out` site that folds into `mlp.fc2` (a site piece that merges)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.gamma = nn.Parameter(1 + 0.1 * torch.randn(dim))
+
+    def forward(self, m: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        return m * self.gamma
+
+    def merge_updates(self, host: nn.Module) -> dict[str, torch.Tensor]:
+        fc2 = host.mlp.fc2
+        return {"mlp.fc2.weight": fc2.weight * self.gamma[:, None], "mlp.fc2.bias": fc2.bias * self.gamma}
+
+
+@dataclass
+class ToySiteScale(Method):
+    name: ClassVar[str] = "test_site_scale"
+    mergeable: ClassVar[bool] = True
+    needs_tokens: ClassVar[bool] = True
+
+    def inject(self, backbone: nn.Module) -> None:
+        for _, site in backbone.sites("mlp.out"):
+            site.append(SiteScale(backbone.embed_dim))
+
+
+def test_site_pieces_merge_through_the_same_path_as_hooks():
+    torch.manual_seed(0)
+    model = PeftModel(TimmViT("test_vit", img_size=32), ToySiteScale(), num_classes=3).eval()
+    x = torch.randn(2, 3, 32, 32)
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        before = model(x)
+        model.merge()
+        assert not torch.equal(model.backbone.blocks[0].mlp.fc2.weight, weights["backbone.blocks.0.mlp.fc2.weight"])
+        torch.testing.assert_close(model(x), before, atol=1e-5, rtol=0)
+        model.unmerge()  # no unmerge_updates: the core restores the pre-merge values it kept
+        assert all(torch.equal(v, model.state_dict()[k]) for k, v in weights.items())
+        plain = model.merge_and_unload()
+    assert not any(len(site) for _, block in enumerate(plain.blocks) for _, site in block.named_sites())
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), before, atol=1e-5, rtol=0)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -217,29 +218,41 @@ class ContextSlot:
     """The context of the forward in flight on one backbone (a stack: nested forwards restore theirs).
 
     Attached pieces hold a reference to their backbone's slot, never a global: two models in one
-    process keep separate slots, and a deep copy of a model gets a fresh slot of its own.
+    process keep separate slots, and a deep copy of a model gets a fresh slot of its own. The stack is
+    per thread, so replicas run by `nn.DataParallel` threads do not see each other's forwards (a
+    checkpoint recompute on autograd's own thread re-installs its context there).
     """
 
     def __init__(self) -> None:
-        self._stack: list[ForwardContext] = []
+        self._local = threading.local()
+
+    def _stack(self) -> list[ForwardContext]:
+        if not hasattr(self._local, "stack"):
+            self._local.stack = []
+        return self._local.stack
 
     @property
     def current(self) -> ForwardContext | None:
-        return self._stack[-1] if self._stack else None
+        stack = self._stack()
+        return stack[-1] if stack else None
 
     @contextlib.contextmanager
     def active(self, ctx: ForwardContext) -> Iterator[ForwardContext]:
-        self._stack.append(ctx)
+        stack = self._stack()
+        stack.append(ctx)
         try:
             yield ctx
         finally:
-            self._stack.pop()
+            stack.pop()
 
     def __deepcopy__(self, memo: dict) -> ContextSlot:
         return ContextSlot()
 
     def __getstate__(self) -> dict:
-        return {"_stack": []}
+        return {"fresh": True}  # a forward in flight is never pickled (and a falsy state would skip __setstate__)
+
+    def __setstate__(self, state: dict) -> None:
+        self._local = threading.local()
 
 
 def _default_checkpoint(fn: Callable, *args: Any) -> Any:

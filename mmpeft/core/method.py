@@ -112,12 +112,20 @@ class Method:
             raise ValueError(f"param_dtype must be one of {[*DTYPES, 'backbone']}, got {self.param_dtype!r}")
         if getattr(backbone, "_mmpeft_method", None) is not None:
             raise RuntimeError(f"{type(backbone).__name__} already has method {backbone._mmpeft_method.name!r} applied")
+        flags = [(p, p.requires_grad) for p in backbone.parameters()]
         freeze(backbone)
-        self.inject(backbone)
-        self._bind_pieces(backbone)
-        set_trainable(backbone, self.declared_trainable(backbone))
-        if not self.trains_backbone:
-            record_originals(backbone, self.unfrozen(backbone))
+        try:
+            self.inject(backbone)
+            self._bind_pieces(backbone)
+            set_trainable(backbone, self.declared_trainable(backbone))
+            if not self.trains_backbone:
+                record_originals(backbone, self.unfrozen(backbone))
+        except BaseException:  # a refused method leaves the backbone as it found it
+            for p in reversed(placements(backbone)):
+                p.remove()
+            for param, flag in flags:
+                param.requires_grad_(flag)
+            raise
         backbone._mmpeft_method = self
         return backbone
 
