@@ -104,6 +104,7 @@ def measure(args: argparse.Namespace, method_name: str) -> dict:
     from mmpeft.core.model import PeftModel  # noqa: PLC0415
     from mmpeft.core.report import parameter_report  # noqa: PLC0415
     from mmpeft.tasks.callbacks import PeakMemory  # noqa: PLC0415
+    from mmpeft.tasks.step import optimizer_step, step_loss  # noqa: PLC0415
 
     torch.manual_seed(0)
     device = _device(args.device)
@@ -125,13 +126,8 @@ def measure(args: argparse.Namespace, method_name: str) -> dict:
     for step in range(args.warmup + args.steps):
         start = time.perf_counter()
         with autocast:  # the method's whole step: MoSA runs two passes plus its consistency term
-            outputs = [model(x) for _ in range(model.method.forward_passes)]
-            loss = backbone.example_loss(outputs[0], y)
-            extra = model.method.extra_loss(outputs, (x, y))
-            loss = loss + extra if extra is not None else loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+            loss = step_loss(model, x, y, backbone.example_loss).loss
+        optimizer_step(loss, optimizer)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         if step >= args.warmup:

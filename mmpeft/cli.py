@@ -3,11 +3,13 @@
 mmpeft fit|validate|test|predict -c CONFIG.yaml [--adapter FILE] [--ckpt_path CKPT]   (LightningCLI)
 mmpeft params --backbone NAME      trainable-parameter table of every registered method
 mmpeft bench  --backbone NAME      step time and peak memory per method, against the floor
+mmpeft methods [NAME]              the registered methods, or one method's options and presets
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -24,7 +26,7 @@ from mmpeft.core.report import human, markdown_table, parameter_report
 __all__ = ["main", "params_table", "run_cli", "wandb_mode"]
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
-OWN_COMMANDS = ("params", "bench", "sweep")
+OWN_COMMANDS = ("params", "bench", "sweep", "methods")
 
 
 # -- params ------------------------------------------------------------------------------------------------
@@ -82,6 +84,76 @@ def _sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- methods -----------------------------------------------------------------------------------------------
+
+
+def method_summary(cls: type) -> str:
+    """The first sentence of a method's docstring, on one line."""
+    text = " ".join((cls.__doc__ or "").split())
+    for i, char in enumerate(text):
+        end = i + 1 == len(text) or text[i + 1] == " "
+        if char == "." and end and not text[:i].endswith(("e.g", "i.e", "et al", "cf", "vs")):
+            return text[: i + 1]
+    return text
+
+
+def spelling(value: Any) -> str:
+    """A value as written in YAML or on the command line (`null`, `true`, `[a, b]`, quoted when needed)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(spelling(v) for v in value) + "]"
+    if isinstance(value, str):
+        plain = value[:1].isalpha() and all(c.isalnum() or c in "_.-/" for c in value)
+        keyword = value.lower() in ("null", "true", "false", "yes", "no", "on", "off")
+        return value if plain and not keyword else json.dumps(value)
+    return str(value)
+
+
+def _columns(rows: list[dict[str, str]], indent: str = "") -> str:
+    """Rows as aligned text columns (the last one unpadded, so long help wraps in the terminal)."""
+    keys = list(rows[0])
+    widths = [max(len(k), *(len(r[k]) for r in rows)) for k in keys[:-1]]
+    line = lambda cells: indent + "  ".join([*(c.ljust(w) for c, w in zip(cells, widths)), cells[-1]]).rstrip()
+    return "\n".join([line(keys), *(line([r[k] for k in keys]) for r in rows)])
+
+
+def methods_epilog() -> str:
+    """The registered methods, for `mmpeft fit --help` and the other LightningCLI subcommands."""
+    return (
+        f"methods for --model.method (NAME, or {{name: NAME, preset: PRESET, OPTION: VALUE}}; `mmpeft methods NAME` "
+        f"lists a method's options and presets): {', '.join(list_methods())}"
+    )
+
+
+def _methods(args: argparse.Namespace) -> int:
+    yes = lambda flag: "yes" if flag else "no"
+    if args.name is None:
+        classes = [get_method(n) for n in list_methods()]
+        print(_columns([
+            {"method": c.name, "mergeable": yes(c.mergeable), "token backbones only": yes(c.needs_tokens),
+             "summary": method_summary(c)}
+            for c in classes
+        ]))  # fmt: skip
+        print("\n`mmpeft methods NAME`: a method's options and presets; pick one with --model.method NAME")
+        return 0
+    cls = get_method(args.name)
+    print(f"{cls.name}: {method_summary(cls)}")
+    print(f"mergeable: {yes(cls.mergeable)}; token backbones only: {yes(cls.needs_tokens)}")
+    print(f"\noptions (--model.method '{{name: {cls.name}, OPTION: VALUE}}'):")
+    print(_columns([
+        {"option": o["name"], "type": o["type"],
+         "default": "(required)" if o["default"] is dataclasses.MISSING else spelling(o["default"]), "help": o["help"]}
+        for o in cls.options()
+    ], indent="  "))  # fmt: skip
+    print(f"\npresets (--model.method '{{name: {cls.name}, preset: PRESET}}'; options override them):")
+    values = {p: cls.preset(p).config() for p in ("default", *cls.presets)}
+    print(_columns([{"preset": p, **{k: spelling(v) for k, v in c.items()}} for p, c in values.items()], indent="  "))
+    return 0
+
+
 def build_own_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mmpeft", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -102,6 +174,9 @@ def build_own_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("sweep", help="tasks x methods x seeds x search grid: tune on val, retrain, test once")
     add_sweep_arguments(s)
     s.set_defaults(run=_sweep)
+    m = sub.add_parser("methods", help="the registered methods, or one method's options (with help) and presets")
+    m.add_argument("name", nargs="?", default=None, help="a method name: list its options and presets")
+    m.set_defaults(run=_methods)
     return parser
 
 
@@ -128,7 +203,7 @@ def _make_cli_class():
     from pytorch_lightning.cli import LightningCLI, SaveConfigCallback  # noqa: PLC0415
 
     from mmpeft.tasks import PeftTask  # noqa: PLC0415
-    from mmpeft.tasks.callbacks import AdapterExport, RunStats, human_bytes  # noqa: PLC0415
+    from mmpeft.tasks.callbacks import AdapterExport, RunStats, human_bytes, run_dir  # noqa: PLC0415
 
     class RunConfig(SaveConfigCallback):
         """Saves the config in the run's own version directory and sends it to W&B."""
@@ -148,7 +223,7 @@ def _make_cli_class():
                 save_config_callback=RunConfig,
                 seed_everything_default=0,
                 auto_configure_optimizers=False,
-                parser_kwargs={"default_env": True},
+                parser_kwargs={"default_env": True, **{c: {"epilog": methods_epilog()} for c in LIGHTNING_COMMANDS}},
                 args=args,
                 run=run,
             )
@@ -162,8 +237,8 @@ def _make_cli_class():
             parser.add_argument("--run.group", type=str | None, default=None, help="W&B group (sweeps)")
             parser.add_argument("--run.tags", type=list[str], default=[], help="W&B tags")
             parser.add_argument("--run.test_after_fit", type=bool, default=False, help="test the final model")
-            parser.link_arguments(
-                "data", "model.init_args.num_classes", lambda d: d.num_classes, apply_on="instantiate"
+            parser.link_arguments(  # only datamodules with classes have num_classes; others give no head
+                "data", "model.init_args.num_classes", _num_classes_of, apply_on="instantiate"
             )
 
         def _run_options(self) -> Any:
@@ -220,20 +295,29 @@ def _make_cli_class():
             self._summary(metrics)
 
         def _summary(self, metrics: dict[str, float]) -> None:
+            """The end-of-run report and `summary.json`, on rank 0 only (no collectives in here)."""
+            if not self.trainer.is_global_zero:
+                return
             report = parameter_report(self.model.model)
             export = next((c for c in self.trainer.callbacks if isinstance(c, AdapterExport)), None)
+            monitor, mode = self.model.monitor, self.model.monitor_mode
             lines = [f"method {report.method}: {report.trainable:,} trainable parameters "
                      f"({report.trainable_no_head:,} without head)"]  # fmt: skip
-            for key in ("val/acc", "test/acc"):
+            test_key = monitor.replace("val/", "test/", 1)
+            for key in dict.fromkeys((monitor, test_key)):
                 if key in metrics:
-                    lines.append(f"{key}: {metrics[key]:.4f}")
+                    lines.append(f"{key}: {metrics[key]:.4f}" + (f" ({mode} is better)" if key == monitor else ""))
             if export is not None and export.last_path is not None:
                 lines.append(f"adapter file: {export.last_path} ({human_bytes(export.last_bytes)})")
-            if self.trainer.log_dir:
-                lines.append(f"run directory: {self.trainer.log_dir}")
+            log_dir = run_dir(self.trainer)
+            if log_dir:
+                lines.append(f"run directory: {log_dir}")
                 summary = {
                     "method": report.method,
-                    "val_acc": metrics.get("val/acc"),
+                    "monitor": monitor,
+                    "monitor_mode": mode,
+                    "metrics": metrics,
+                    "val_acc": metrics.get("val/acc"),  # the pre-monitor keys, kept for old readers
                     "test_acc": metrics.get("test/acc"),
                     "trainable": report.trainable,
                     "trainable_no_head": report.trainable_no_head,
@@ -241,10 +325,14 @@ def _make_cli_class():
                     "adapter": str(export.last_path) if export and export.last_path else None,
                     "adapter_bytes": export.last_bytes if export else 0,
                 }
-                Path(self.trainer.log_dir, "summary.json").write_text(json.dumps(summary, indent=1))
+                Path(log_dir, "summary.json").write_text(json.dumps(summary, indent=1))
             print("\n".join(["", "=" * 60, *lines, "=" * 60]))
 
     return MmpeftCLI
+
+
+def _num_classes_of(datamodule: Any) -> int | None:
+    return getattr(datamodule, "num_classes", None)
 
 
 def run_cli(args: Sequence[str] | None = None, run: bool = True):

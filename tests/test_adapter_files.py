@@ -34,7 +34,8 @@ def test_file_holds_exactly_the_declared_set_and_config(tmp_path):
     tensors, header = read_adapter(tmp_path / "a.safetensors")
     assert set(tensors) == set(m.trainable_names())
     assert header["method"] == {"name": "lora", "config": {"r": 4, "alpha": None, "dropout": 0.0, "targets": None,
-                                                           "param_dtype": "float32"}}  # fmt: skip
+                                                           "b_lr_ratio": 1.0, "param_dtype": "float32"}}  # fmt: skip
+    assert header["head"] == {"name": "linear", "num_classes": 3} and header["mmpeft_version"]
     assert header["backbone"]["name"] == "vit_base_patch16_224"
     n = sum(t.numel() for t in tensors.values())
     assert n * 4 < size < n * 4 + 4096, "float32 tensors plus a small header"

@@ -19,6 +19,7 @@ from mmpeft.core.method import get_method, list_methods
 from mmpeft.core.model import PeftModel
 from mmpeft.core.modules import adapter_modules
 from mmpeft.core.state import load_adapter, save_adapter
+from mmpeft.tasks.step import fit_steps
 from tests.conftest import BackboneCase, backbone_cases
 
 CASES = {c.name: c for c in backbone_cases()}
@@ -62,20 +63,11 @@ def inputs(model: PeftModel, seed: int = 0):
     return model.backbone.example_batch(BATCH, g, NUM_CLASSES if model.backbone.num_features else None)
 
 
-def loss_of(model: PeftModel, seed: int = 0) -> torch.Tensor:
-    x, y = inputs(model, seed)
-    return model.backbone.example_loss(model(x), y)
-
-
 def train_steps(model: PeftModel, steps: int = 3, lr: float = 0.05) -> None:
-    """A few AdamW steps with weight decay over *all* parameters, as a careless user would."""
-    model.train()
+    """A few AdamW steps (the shared training step) with weight decay over *all* parameters, as a careless
+    user would."""
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1)
-    for step in range(steps):
-        loss = loss_of(model, seed=step)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    fit_steps(model, [inputs(model, seed=step) for step in range(steps)], opt, model.backbone.example_loss)
 
 
 def eval_logits(model: PeftModel) -> torch.Tensor:

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from mmpeft.backbones import digits
+from mmpeft.pretrain import digits as pretrain_digits
 
 PRETRAIN_EPOCHS = 25  # the shipped recipe uses 40; 25 keeps the suite fast and still transfers
 DOWNSTREAM_EPOCHS = 15
@@ -50,7 +51,7 @@ def test_the_cached_upstream_backbone_is_reused(transfer, monkeypatch):
     def no_retraining(*args, **kwargs):
         raise AssertionError("the cached backbone should have been loaded")
 
-    monkeypatch.setattr(digits, "pretrain_digits_vit", no_retraining)
+    monkeypatch.setattr(pretrain_digits, "pretrain_digits_vit", no_retraining)
     first = digits.DigitsViT(pretrained=True, epochs=PRETRAIN_EPOCHS)
     second = digits.DigitsViT(weights=str(files[0]))
     assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), second.state_dict().values()))

@@ -30,7 +30,7 @@ from torch import nn
 
 from mmpeft.core.backbone import Backbone
 from mmpeft.core.context import BackboneInput, ContextSlot, ForwardContext, checkpoint_in_context
-from mmpeft.core.errors import NotSupported, WeightsUnavailable
+from mmpeft.core.errors import NotSupported, UnknownName, WeightsUnavailable
 
 __all__ = ["DiffusersDenoiser", "DiffusersUNet", "DiffusersDiT", "TINY_SD_UNET", "TINY_DIT", "load_denoiser"]
 
@@ -204,8 +204,9 @@ def load_denoiser(
 
 class DiffusersDenoiser(Backbone):
     """Base of the diffusers wrappers (see the module docstring). Build from exactly one of
-    `source` (a local folder or weights file), `config` (a diffusers config dict: random weights)
-    or `model` (an already built diffusers model, shared, not copied).
+    `source` (a local folder or weights file), `config` (a diffusers config dict, or the name of a
+    shipped one such as "tiny_sd_unet": random weights) or `model` (an already built diffusers
+    model, shared, not copied).
 
     Args:
         dtype: "float32", "float16" or "bfloat16" for the frozen weights (method tensors stay fp32
@@ -218,12 +219,13 @@ class DiffusersDenoiser(Backbone):
     class_name: ClassVar[str] = ""
     subfolder: ClassVar[str] = ""
     prefix: ClassVar[str] = ""
+    shipped_configs: ClassVar[dict[str, dict[str, Any]]] = {}
     num_features = 0
 
     def __init__(
         self,
         source: str | None = None,
-        config: dict[str, Any] | None = None,
+        config: dict[str, Any] | str | None = None,
         model: nn.Module | None = None,
         name: str | None = None,
         dtype: str | None = None,
@@ -239,6 +241,13 @@ class DiffusersDenoiser(Backbone):
         if dtype is not None and dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
         torch_dtype = _DTYPES[dtype] if dtype else None
+        if isinstance(config, str):  # a shipped config by name (YAML: `config: tiny_sd_unet`)
+            if config not in self.shipped_configs:
+                shipped = ", ".join(self.shipped_configs)
+                raise UnknownName(
+                    f"no shipped config {config!r} for {type(self).__name__}; shipped: {shipped} (or pass a mapping)"
+                )
+            name, config = name or config, self.shipped_configs[config]
         if model is None and config is not None:
             cls = _model_class(self.class_name)
             with torch.device(device or "cpu"):
@@ -333,6 +342,7 @@ class DiffusersUNet(DiffusersDenoiser):
     class_name = "UNet2DConditionModel"
     subfolder = "unet"
     prefix = "diffusers_unet"
+    shipped_configs = {"tiny_sd_unet": TINY_SD_UNET}
 
     def call_model(self, inputs: BackboneInput) -> Any:
         return self.model(inputs.x, inputs.timestep, encoder_hidden_states=inputs.cond, **inputs.kwargs)
@@ -354,6 +364,7 @@ class DiffusersDiT(DiffusersDenoiser):
     class_name = "DiTTransformer2DModel"
     subfolder = "transformer"
     prefix = "diffusers_dit"
+    shipped_configs = {"tiny_dit": TINY_DIT}
 
     def call_model(self, inputs: BackboneInput) -> Any:
         return self.model(inputs.x, timestep=inputs.timestep, class_labels=inputs.cond, **inputs.kwargs)

@@ -14,7 +14,11 @@ from torch import nn
 
 from mmpeft.core.errors import WeightsUnavailable
 
-__all__ = ["read_state_dict", "load_weights", "hub_reachable", "from_hub"]
+__all__ = ["read_state_dict", "load_weights", "hub_reachable", "from_hub", "register_weights_builder", "build_weights"]
+
+# backbone name -> "package.module:function" that trains its weights into a file (mmpeft's own quickstart
+# backbones): registered as strings, so backbones import no training loop and no dataset
+WEIGHTS_BUILDERS: dict[str, str] = {}
 
 T = TypeVar("T")
 _NESTED = ("state_dict", "model", "module", "model_state")
@@ -111,3 +115,18 @@ def from_hub(name: str, build: Callable[[], T]) -> T:
         return build()
     except Exception as err:
         raise WeightsUnavailable(f"fetching {name!r} from the model hub failed ({err}). Instead, {advice}") from err
+
+
+def register_weights_builder(name: str, builder: str) -> None:
+    """`builder(path, **options) -> info` trains the weights of backbone `name` and writes them to `path`."""
+    WEIGHTS_BUILDERS[name] = builder
+
+
+def build_weights(name: str, path: Path, **options: object) -> dict:
+    """Run the registered builder of `name` (e.g. the digits ViT's upstream pretraining)."""
+    if name not in WEIGHTS_BUILDERS:
+        raise WeightsUnavailable(f"no pretraining is registered for {name!r}; pass a weights file instead")
+    import importlib  # noqa: PLC0415
+
+    module, _, function = WEIGHTS_BUILDERS[name].partition(":")
+    return getattr(importlib.import_module(module), function)(path, **options)

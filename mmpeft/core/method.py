@@ -54,6 +54,8 @@ class Method:
       trains_backbone: every backbone tensor trains in place (full fine-tuning): no step-0 copy is
           kept, so `disabled()` and `unload()` refuse.
       presets: named config overrides; "paper" reproduces the official recipe.
+      help: one line of help per field of the subclass's own (`param_dtype`'s comes from here);
+          `options()` merges them along the class hierarchy (`mmpeft methods NAME` prints them).
 
     `param_dtype` (a field every method has): the dtype of the method's own tensors. "float32" keeps
     them fp32 on fp16 / bf16 backbones (inputs are cast at the piece's boundary and outputs cast
@@ -68,6 +70,10 @@ class Method:
     trains_backbone: ClassVar[bool] = False
     forward_passes: ClassVar[int] = 1
     presets: ClassVar[dict[str, dict[str, Any]]] = {}
+    help: ClassVar[dict[str, str]] = {
+        "param_dtype": 'dtype of the method\'s own tensors: "float32" (fp32 even on fp16/bf16 backbones), '
+        '"bfloat16", "float16", or "backbone" (the host\'s dtype); merging writes the host\'s dtype',
+    }
 
     param_dtype: str = "float32"
 
@@ -83,6 +89,18 @@ class Method:
         """A loss term added to the task loss; `outputs` holds one entry per forward pass
         (`forward_passes` of them, e.g. MoSA's two passes and their consistency term)."""
         return None
+
+    def head_init(self) -> str | None:
+        """How the task head is initialised when its spec does not say ("trunc_normal:0.01", "zeros", ...;
+        None: PyTorch's default). A method whose official code initialises the head overrides this."""
+        return None
+
+    def param_groups(self, named: dict[str, nn.Parameter]) -> list[dict[str, Any]]:
+        """Optimizer groups of its own among the trainable parameters `named` (name -> parameter):
+        `{"name": ..., "params": [names], "lr_scale": x}` (a multiple of the run's lr) or `"lr": x`
+        (absolute), and optionally `"weight_decay"`. Parameters in no group get the run's lr and weight
+        decay (1-D tensors and prompts exempt). EfficientDM's per-layer rates and LoRA+ use this."""
+        return []
 
     def weight_decay_exempt(self, name: str, param: torch.Tensor) -> bool:
         """No weight decay on 1-D tensors (biases, norms, scales, shifts) and prompts.
@@ -245,6 +263,20 @@ class Method:
         options = dataclasses.asdict(self)
         options["param_dtype"] = options.pop("param_dtype")
         return options
+
+    @classmethod
+    def options(cls) -> list[dict[str, Any]]:
+        """Per field, its own first and `param_dtype` last: name, type (as annotated), default (`MISSING` if
+        required) and one-line help, from the `help` dicts merged along the class hierarchy ("" if none)."""
+        helps: dict[str, str] = {}
+        for klass in reversed(cls.__mro__):
+            helps.update(vars(klass).get("help", {}))
+        rows = []
+        for f in sorted(dataclasses.fields(cls), key=lambda f: f.name == "param_dtype"):
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            kind = f.type if isinstance(f.type, str) else f.type.__name__ if type(f.type) is type else str(f.type)
+            rows.append({"name": f.name, "type": kind, "default": default, "help": helps.get(f.name, "")})
+        return rows
 
     @classmethod
     def preset(cls, preset: str, **overrides: Any) -> Method:

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from mmpeft.core.backbone import as_backbone
+from mmpeft.core.heads import build_head, head_spec
 from mmpeft.core.method import Method, apply_frozen_mode, method_from_spec
 from mmpeft.core.modules import adapter_modules
 from mmpeft.core.pristine import disabled
@@ -30,9 +31,10 @@ class PeftModel(nn.Module):
             producing `[batch, num_features]` works with the name-targeted methods.
         method: a `Method`, a registered name (`"lora"`), a spec (`{"name": "lora", "r": 16}`), or None
             for the linear probe.
-        num_classes: builds a Linear head on `backbone.num_features`; 0 or None keeps the backbone's
-            output (features, or a denoiser's prediction).
-        head: a custom head instead of the Linear one.
+        num_classes: builds a head on `backbone.num_features`; 0 or None keeps the backbone's output
+            (features, or a denoiser's prediction).
+        head: the head's spec (`"linear"`, the default, or `{name: mlp, hidden: [256, 256], norm: batch,
+            dropout: 0.5}`; see `mmpeft.core.heads`), recorded in adapter files; or a custom module.
     """
 
     def __init__(
@@ -40,22 +42,25 @@ class PeftModel(nn.Module):
         backbone: nn.Module,
         method: Method | str | dict[str, Any] | None = "linear",
         num_classes: int | None = None,
-        head: nn.Module | None = None,
+        head: nn.Module | str | dict[str, Any] | None = None,
     ):
         super().__init__()
         self.method = method_from_spec(method)
         backbone = as_backbone(backbone)
         features = int(getattr(backbone, "num_features", 0) or 0)
-        if head is None and num_classes and not features:
+        custom = isinstance(head, nn.Module)
+        if not custom and num_classes and not features:
             raise ValueError(
                 f"{type(backbone).__name__} {getattr(backbone, 'name', '')!r} has no pooled features (num_features "
                 "= 0, e.g. a denoiser), so it takes no classification head; pass num_classes=None"
             )
+        if not custom and head is not None and not num_classes:
+            raise ValueError(f"a head ({head!r}) needs num_classes")
+        self.head_config = head_spec(head, num_classes) if not custom and num_classes else None
         self.backbone = self.method.apply(backbone)
-        if head is None:
-            head = nn.Linear(features, num_classes) if num_classes else nn.Identity()
-            if num_classes:
-                head.to(device=_device_of(backbone))
+        if not custom:
+            built = build_head(self.head_config, features, self.method.head_init()) if num_classes else None
+            head = built.to(device=_device_of(backbone)) if built is not None else nn.Identity()
         self.head = head
         self.apply_frozen_mode()
 

@@ -32,8 +32,10 @@ def save_adapter(model: PeftModel, path: str | os.PathLike, extra: dict[str, Any
     tensors = {k: v.detach().to("cpu").clone().contiguous() for k, v in model.trainable_state_dict().items()}
     meta = {
         "format": FORMAT,
+        "mmpeft_version": _version(),
         "method": json.dumps({"name": model.method.name, "config": model.method.config()}),
         "backbone": json.dumps(backbone_signature(model.backbone)),
+        "head": json.dumps(model.head_config),
         "extra": json.dumps(extra or {}),
     }
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
@@ -62,9 +64,29 @@ def read_adapter(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
         raise AdapterMismatch(
             f"{str(path)!r} is not an mmpeft adapter file (header format {raw.get('format')!r}, expected {FORMAT!r})"
         )
-    header = {k: json.loads(v) for k, v in raw.items() if k != "format"}
+    header = {k: json.loads(v) for k, v in raw.items() if k not in ("format", "mmpeft_version")}
     header["format"] = raw["format"]
+    header["mmpeft_version"] = raw.get("mmpeft_version")  # absent in files written before it was recorded
+    header.setdefault("head", None)
     return tensors, header
+
+
+def _version() -> str:
+    from mmpeft import __version__  # noqa: PLC0415
+
+    return __version__
+
+
+def _filled(method: dict[str, Any], path: str | os.PathLike) -> dict[str, Any]:
+    """A file's method config with every option the method has now: options added since the file was
+    written take their defaults (so old files still load); options the method no longer has are refused."""
+    try:
+        return {"name": method["name"], "config": json.loads(json.dumps(method_from_config(method).config()))}
+    except TypeError as err:
+        raise AdapterMismatch(
+            f"adapter file {str(path)!r} sets method options this mmpeft's {method['name']!r} does not have "
+            f"({err}); it was written by another mmpeft version"
+        ) from err
 
 
 def _describe(sig: dict[str, Any]) -> str:
@@ -84,8 +106,8 @@ def load_adapter(model: PeftModel, path: str | os.PathLike) -> dict[str, Any]:
             f"adapter file {str(path)!r} was made for backbone {_describe(file_sig)}, but this model's backbone is "
             f"{_describe(model_sig)}; build the model on the backbone the adapter was trained on"
         )
-    file_method = header["method"]
     model_method = {"name": model.method.name, "config": json.loads(json.dumps(model.method.config()))}
+    file_method = _filled(header["method"], path) if header["method"]["name"] == model.method.name else header["method"]
     if file_method != model_method:
         theirs, ours = file_method["config"], model_method["config"]
         differ = [k for k in dict.fromkeys([*theirs, *ours]) if theirs.get(k) != ours.get(k)]
@@ -95,6 +117,14 @@ def load_adapter(model: PeftModel, path: str | os.PathLike) -> dict[str, Any]:
         raise AdapterMismatch(
             f"adapter file {str(path)!r} holds method {file_method['name']!r} {theirs}, but the model has "
             f"{model_method['name']!r} {ours} ({detail}); build the model from the file's method config"
+        )
+    structure = lambda h: {k: v for k, v in h.items() if k != "init"} if h else h  # noqa: E731
+    if header["head"] is not None and structure(header["head"]) != structure(model.head_config):
+        classes = (header["head"].get("num_classes"), (model.head_config or {}).get("num_classes"))
+        hint = f" (a head for another number of classes: {classes[0]} vs {classes[1]})" if len(set(classes)) > 1 else ""
+        raise AdapterMismatch(
+            f"adapter file {str(path)!r} holds head {header['head']}, but the model's head is {model.head_config}"
+            f"{hint}; build the model with the file's head (adapter_from_file does)"
         )
     expected = model.trainable_state_dict()
     missing, unexpected = sorted(expected.keys() - tensors.keys()), sorted(tensors.keys() - expected.keys())
@@ -115,11 +145,13 @@ def load_adapter(model: PeftModel, path: str | os.PathLike) -> dict[str, Any]:
 
 
 def adapter_from_file(backbone: torch.nn.Module, path: str | os.PathLike) -> PeftModel:
-    """Rebuild the trained model from a fresh backbone and an adapter file alone."""
+    """Rebuild the trained model (method, head and their tensors) from a fresh backbone and an adapter file alone."""
     tensors, header = read_adapter(path)
     method = method_from_config(header["method"])
-    head_w = tensors.get("head.weight")
-    model = PeftModel(backbone, method, num_classes=int(head_w.shape[0]) if head_w is not None else None)
+    head = header.get("head")
+    if head is None and "head.weight" in tensors:  # files written before heads were recorded: a Linear head
+        head = {"name": "linear", "num_classes": int(tensors["head.weight"].shape[0])}
+    model = PeftModel(backbone, method, num_classes=head["num_classes"] if head else None, head=head)
     load_adapter(model, path)
     return model
 

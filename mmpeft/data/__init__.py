@@ -3,6 +3,14 @@
 from mmpeft.data.digits import DigitsDataModule
 from mmpeft.data.fgvc import FGVCDataModule
 from mmpeft.data.image_list import ImageListDataModule
+from mmpeft.data.toy import DigitLatentsDataModule, ToyRegressionDataModule
 from mmpeft.data.vtab import VTAB1kDataModule
 
-__all__ = ["DigitsDataModule", "FGVCDataModule", "ImageListDataModule", "VTAB1kDataModule"]
+__all__ = [
+    "DigitsDataModule",
+    "DigitLatentsDataModule",
+    "FGVCDataModule",
+    "ImageListDataModule",
+    "ToyRegressionDataModule",
+    "VTAB1kDataModule",
+]

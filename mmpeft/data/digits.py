@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from mmpeft.data.fewshot import k_shot_indices
+from mmpeft.data.splits import SplitLoaders
 
 __all__ = ["DigitsDataModule", "digits_arrays", "UPSTREAM_FRACTION"]
 
@@ -73,7 +74,7 @@ def _split(labels: np.ndarray, fractions: tuple[float, float], seed: int) -> tup
     return tuple(np.sort(np.array(p, dtype=np.int64)) for p in parts)
 
 
-class DigitsDataModule(pl.LightningDataModule):
+class DigitsDataModule(SplitLoaders, pl.LightningDataModule):
     """scikit-learn's digits: `task="upstream"` (pretraining) or `"downstream"` (the transfer task).
 
     Args:
@@ -129,15 +130,3 @@ class DigitsDataModule(pl.LightningDataModule):
             self.splits[split], batch_size=self.hparams.batch_size, shuffle=shuffle, generator=g,
             num_workers=self.hparams.num_workers,
         )  # fmt: skip
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)

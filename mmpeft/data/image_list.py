@@ -19,6 +19,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from mmpeft.data.fewshot import k_shot_indices
+from mmpeft.data.splits import SplitLoaders
 
 __all__ = ["ImageListDataModule", "ImageList", "read_list", "build_transform"]
 
@@ -65,7 +66,7 @@ class ImageList(Dataset):
             return self.transform(image.convert(self.channels)), label
 
 
-class ImageListDataModule(pl.LightningDataModule):
+class ImageListDataModule(SplitLoaders, pl.LightningDataModule):
     """Images listed in `train_list` / `val_list` / `test_list` under `root`.
 
     Args:
@@ -132,15 +133,3 @@ class ImageListDataModule(pl.LightningDataModule):
             self.dataset(split), batch_size=hp.batch_size, shuffle=shuffle, num_workers=hp.num_workers,
             persistent_workers=hp.num_workers > 0,
         )  # fmt: skip
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", False)
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader("test", False)

@@ -48,6 +48,15 @@ class Adapter(Method):
     presets: ClassVar[dict] = {
         "paper": {"bottleneck": 64, "scale": 0.1, "dropout": 0.1, "activation": "relu", "norm": False}
     }
+    help: ClassVar[dict[str, str]] = {
+        "bottleneck": "hidden width of the adapter (8: the VTAB-1k convention; the paper preset uses 64)",
+        "scale": "multiplier s on the adapter's output before it is added to the MLP output",
+        "dropout": "dropout between the activation and the up projection (training only)",
+        "activation": "nonlinearity between the projections: relu, gelu, silu, quick_gelu or identity",
+        "norm": "give the adapter its own LayerNorm on its input (MoSA's baseline)",
+        "position": '"parallel" (AdaptFormer: reads the MLP norm\'s input) or "sequential" (Pfeiffer: reads the '
+        "MLP output); either way it is added to the MLP output",
+    }
 
     bottleneck: int = 8
     scale: float = 0.1

@@ -72,6 +72,10 @@ class BitFit(Method):
     identity_at_init: ClassVar[bool] = True
     mergeable: ClassVar[bool] = True
     presets: ClassVar[dict] = {"paper": {}}
+    help: ClassVar[dict[str, str]] = {
+        "targets": 'bias-name patterns (globs) narrowing the trained biases, each must match one, e.g. ["*attn*"]; '
+        "unset: every bias",
+    }
 
     targets: tuple[str, ...] | None = None  # None: every bias
 

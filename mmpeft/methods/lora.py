@@ -93,18 +93,37 @@ class LoRA(Method):
     weight; unmerge subtracts it again.
 
     The `paper` preset is NOAH's VTAB baseline ("LoRA-8"): rank 8 on q and v of the fused qkv, no
-    alpha/r scaling (scale 1), no dropout: 294,912 trainable on ViT-B/16.
+    alpha/r scaling (scale 1), no dropout: 294,912 trainable on ViT-B/16. `b_lr_ratio` > 1 is LoRA+
+    (Hayou et al., "LoRA+: Efficient Low Rank Adaptation of Large Models", ICML 2024): B in its own
+    optimizer group at that multiple of the learning rate.
     """
 
     name: ClassVar[str] = "lora"
     identity_at_init: ClassVar[bool] = True
     mergeable: ClassVar[bool] = True
     presets: ClassVar[dict] = {"paper": {"r": 8, "alpha": None, "dropout": 0.0, "targets": ("attn.qkv[q,v]",)}}
+    help: ClassVar[dict[str, str]] = {
+        "r": "rank r of the update B A",
+        "alpha": "the update is scaled by alpha / r; unset: scale 1 (alpha = r)",
+        "dropout": "dropout on the input of the low-rank branch (training only)",
+        "targets": "module-name patterns (globs) of the Linear / Conv2d layers to adapt, each must match; a trailing "
+        "[q,k,v] selects parts of a fused qkv; unset: the backbone family's default (token backbones: attn.qkv[q,v]; "
+        "UNets, DiTs: to_q, to_k, to_v, to_out.0)",
+        "b_lr_ratio": "LoRA+: B trains at this multiple of the run's learning rate (A at the run's own); 1: plain LoRA",
+    }
 
     r: int = 8
     alpha: float | None = None  # None: scale 1 (alpha = r)
     dropout: float = 0.0
     targets: tuple[str, ...] | None = None  # None: the backbone family's default (see the docstring)
+    b_lr_ratio: float = 1.0
+
+    def param_groups(self, named: dict[str, nn.Parameter]) -> list[dict]:
+        """LoRA+ (Hayou et al., ICML 2024): the B matrices in their own group at `b_lr_ratio` x the lr."""
+        if self.b_lr_ratio == 1.0:
+            return []
+        b_names = [n for n in named if n.endswith(".B") and ".lora." in n]
+        return [{"name": "lora_B", "params": b_names, "lr_scale": self.b_lr_ratio}]
 
     def inject(self, backbone: nn.Module) -> None:
         pattern_of = lambda target: parse_target(target)[0]  # noqa: E731

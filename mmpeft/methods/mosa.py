@@ -137,6 +137,17 @@ class MoSA(Method):
         "paper_fgvc": {"bottleneck": 64, "experts": 4, "share": "down"},
         "paper_cars": {"bottleneck": 64, "experts": 2, "share": "up"},
     }
+    help: ClassVar[dict[str, str]] = {
+        "bottleneck": "hidden width r of the adapter (16: VTAB; the paper_fgvc and paper_cars presets use 64)",
+        "experts": "number N of sparse experts a split projection is divided into (disjoint random masks)",
+        "share": 'the projection kept dense: "down" (up is split), "up" (down is split) or "none" (both split)',
+        "scale": "multiplier on the adapter's output before it is added to the MLP output",
+        "dropout": "dropout between the activation and the up projection (training only)",
+        "activation": "nonlinearity between the projections: relu, gelu, silu, quick_gelu or identity",
+        "consistency_weight": "weight of the symmetric-KL term between two passes with different experts; 0: off, "
+        "one pass per step",
+        "mask_seed": "seed of the expert masks (3407: the released seed); masks are rebuilt from it, not saved",
+    }
 
     bottleneck: int = 16
     experts: int = 4

@@ -76,6 +76,12 @@ class SSF(Method):
     identity_at_init: ClassVar[bool] = False
     mergeable: ClassVar[bool] = True
     presets: ClassVar[dict] = {"paper": {"init": "normal", "std": 0.02}}
+    help: ClassVar[dict[str, str]] = {
+        "targets": "module-name patterns (globs) of the layers whose output is scaled and shifted, each must match; "
+        "unset: the 8 official ViT positions on token backbones, else every linear / conv / norm with a bias",
+        "init": '"normal" (gamma ~ N(1, std), beta ~ N(0, std), as released) or "identity" (gamma 1, beta 0)',
+        "std": "standard deviation of the normal init of gamma and beta",
+    }
 
     targets: tuple[str, ...] | None = None  # None: the family default (the 8 ViT positions on token backbones)
     init: str = "normal"

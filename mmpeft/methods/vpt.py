@@ -75,6 +75,14 @@ class VPT(Method):
         "paper": {"deep": True, "dropout": 0.1, "decay_prompts": True},
         "paper_shallow": {"deep": False, "dropout": 0.0, "decay_prompts": True},
     }
+    help: ClassVar[dict[str, str]] = {
+        "length": "number p of prompt tokens (per block in deep mode)",
+        "deep": "VPT-deep: a fresh set of prompts before every block; false: VPT-shallow, inserted once",
+        "dropout": "dropout on the prompt tokens in training, in [0, 1)",
+        "init_bound": "prompts init uniform on +-init_bound; unset: sqrt(6 / (fan_in + D)), Xavier over the "
+        "patch projection (0.0625 on ViT-B/16)",
+        "decay_prompts": "weight-decay the prompts as VPT's SGD does; false: exempt them, as mmpeft does by default",
+    }
 
     length: int = 10
     deep: bool = False

@@ -3,5 +3,7 @@
 from mmpeft.tasks.base import PeftTask
 from mmpeft.tasks.classification import ImageClassification
 from mmpeft.tasks.clip import CLIPClassification
+from mmpeft.tasks.denoising import Denoising
+from mmpeft.tasks.regression import Regression
 
-__all__ = ["PeftTask", "ImageClassification", "CLIPClassification"]
+__all__ = ["PeftTask", "ImageClassification", "CLIPClassification", "Denoising", "Regression"]

@@ -1,11 +1,14 @@
 """`PeftTask`: the shared LightningModule. It builds backbone + method + head, the optimizer groups
-and the schedule; task families only say how a batch becomes a loss and metrics.
+and the schedule, and runs the one training step (`mmpeft.tasks.step`); task families only say how a
+batch becomes the backbone's input and targets, and how outputs become a loss and metrics.
 """
 
 from __future__ import annotations
 
+import contextlib
 import warnings
-from typing import Any
+from collections.abc import Iterator
+from typing import Any, ClassVar
 
 import pytorch_lightning as pl
 import torch
@@ -16,7 +19,9 @@ from mmpeft.core.method import method_from_spec
 from mmpeft.core.model import PeftModel
 from mmpeft.core.report import parameter_report
 from mmpeft.core.state import load_adapter
-from mmpeft.tasks.optim import build_optimizer, param_groups, warmup_cosine
+from mmpeft.tasks.ema import TrainableEMA
+from mmpeft.tasks.optim import build_optimizer, describe_groups, param_groups, warmup_cosine
+from mmpeft.tasks.step import step_loss
 
 __all__ = ["PeftTask"]
 
@@ -25,32 +30,45 @@ warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode a
 
 
 class PeftTask(pl.LightningModule):
-    """Base task: a frozen backbone with one PEFT method and a head.
+    """Base task: a frozen backbone with one PEFT method and an optional head.
+
+    A family subclasses it with `prepare_batch` (batch -> backbone input, targets), `loss_and_metrics`
+    (output, targets -> loss, logging its metrics) and `monitor` / `monitor_mode` (the metric runs,
+    summaries and sweeps select on).
 
     Args:
         backbone: the frozen backbone (YAML: `class_path` + `init_args`).
         method: a method name (`lora`) or a mapping (`{name: lora, r: 16}`, `{name: ssf, preset: paper}`).
-        num_classes: head size; linked from the datamodule by the CLI.
+        num_classes: head size; linked from the datamodule by the CLI when it has classes; None: no head.
+        head: the head's spec: `linear` (default) or `{name: mlp, hidden: [256, 256], norm: batch, dropout: 0.5}`;
+            `init:` overrides the method's head init.
         optimizer: "adamw" or "sgd" (momentum 0.9).
-        lr: peak learning rate, reached at the end of warmup.
+        lr: peak learning rate, reached at the end of warmup (a method's own groups scale it).
         weight_decay: on trainable tensors except those the method exempts (1-D tensors and prompts by default).
         warmup_epochs: linear warmup from 0, in epochs (fractions allowed); then cosine to `min_lr`.
         min_lr: the learning rate the cosine ends at.
-        grad_checkpointing: recompute each block in backward (token backbones), same gradients.
+        grad_checkpointing: recompute each block in backward, same gradients.
+        ema_decay: keep an exponential moving average of the trainable set (e.g. 0.9998, SSF's FGVC recipe);
+            validation, testing, the adapter files and the final model use it.
         adapter: an adapter file to start from (evaluate it, or continue training it).
     """
+
+    monitor: ClassVar[str] = "val/loss"
+    monitor_mode: ClassVar[str] = "min"
 
     def __init__(
         self,
         backbone: nn.Module,
         method: str | dict[str, Any] | None = "linear",
-        num_classes: int = 10,
+        num_classes: int | None = None,
+        head: str | dict[str, Any] | None = None,
         optimizer: str = "adamw",
         lr: float = 1e-3,
         weight_decay: float = 0.0,
         warmup_epochs: float = 0.0,
         min_lr: float = 0.0,
         grad_checkpointing: bool = False,
+        ema_decay: float | None = None,
         adapter: str | None = None,
     ):
         super().__init__()
@@ -59,7 +77,9 @@ class PeftTask(pl.LightningModule):
             if not hasattr(backbone, "set_grad_checkpointing"):
                 raise ValueError(f"{type(backbone).__name__} does not support activation checkpointing")
             backbone.set_grad_checkpointing(True)
-        self.model = PeftModel(backbone, method_from_spec(method), num_classes=num_classes)
+        self.model = PeftModel(backbone, method_from_spec(method), num_classes=num_classes or None, head=head)
+        self.ema = TrainableEMA(self.model, ema_decay) if ema_decay else None
+        self._ema_swapped = False
         self.strict_loading = False  # checkpoints hold the trainable set only; the frozen rest comes from config
         if adapter:
             self.load_adapter(adapter)
@@ -71,38 +91,49 @@ class PeftTask(pl.LightningModule):
 
     def load_adapter(self, path: str) -> dict[str, Any]:
         header = load_adapter(self.model, path)
+        if self.ema is not None:
+            self.ema.reset(self.model)
         rank_zero_info(f"loaded adapter {path}")
         return header
 
     def forward(self, inputs: Any) -> torch.Tensor:
         return self.model(inputs)
 
-    def forward_passes(self, inputs: Any) -> list[torch.Tensor]:
-        """One output per forward pass the method asks for (MoSA: two, with different experts)."""
-        return [self.model(inputs) for _ in range(self.method.forward_passes)]
-
     # -- what task families implement ---------------------------------------------------------------------
-    def loss_and_metrics(self, outputs: list[torch.Tensor], batch: Any, stage: str) -> torch.Tensor:
+    def prepare_batch(self, batch: Any, stage: str) -> tuple[Any, Any]:
+        """(backbone input, targets) of a batch; by default `(batch[0], batch[1])`."""
+        return batch[0], batch[1]
+
+    def loss_and_metrics(self, output: torch.Tensor, targets: Any, stage: str) -> torch.Tensor:
         raise NotImplementedError
+
+    def log_epoch(self, name: str, value: torch.Tensor, batch_size: int, stage: str, prog_bar: bool = False) -> None:
+        """An epoch metric, averaged over samples and across DDP ranks (training also logs its step values)."""
+        self.log(f"{stage}/{name}", value, on_step=stage == "train", on_epoch=True, prog_bar=prog_bar,
+                 batch_size=batch_size, sync_dist=True)  # fmt: skip
 
     # -- Lightning hooks -------------------------------------------------------------------------------------
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        outputs = self.forward_passes(batch[0])
-        loss = self.loss_and_metrics(outputs, batch, "train")
-        extra = self.method.extra_loss(outputs, batch)
-        if extra is not None:
-            self.log("train/extra_loss", extra.detach())
-            loss = loss + extra
-        return loss
+        inputs, targets = self.prepare_batch(batch, "train")
+        result = step_loss(
+            self.model, inputs, targets, lambda out, tgt: self.loss_and_metrics(out, tgt, "train"), batch
+        )
+        if result.extra_loss is not None:
+            self.log("train/extra_loss", result.extra_loss.detach())
+        return result.loss
+
+    def _evaluate(self, batch: Any, stage: str) -> None:
+        inputs, targets = self.prepare_batch(batch, stage)
+        self.loss_and_metrics(self(inputs), targets, stage)
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
-        self.loss_and_metrics([self(batch[0])], batch, "val")
+        self._evaluate(batch, "val")
 
     def test_step(self, batch: Any, batch_idx: int) -> None:
-        self.loss_and_metrics([self(batch[0])], batch, "test")
+        self._evaluate(batch, "test")
 
     def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        inputs = batch[0] if isinstance(batch, list | tuple) else batch
+        inputs = self.prepare_batch(batch, "predict")[0] if isinstance(batch, list | tuple) else batch
         return self(inputs)
 
     def on_fit_start(self) -> None:
@@ -123,8 +154,9 @@ class PeftTask(pl.LightningModule):
 
     def configure_optimizers(self):
         hp = self.hparams
-        groups = param_groups(self.model, self.method, hp.weight_decay)
+        groups = param_groups(self.model, self.method, hp.weight_decay, hp.lr)
         optimizer = build_optimizer(groups, hp.optimizer, hp.lr)
+        rank_zero_info(f"optimizer {hp.optimizer}, peak lr per group:\n{describe_groups(groups)}")
         total = int(self.trainer.estimated_stepping_batches)
         epochs = max(self.trainer.max_epochs or 1, 1)
         warmup = int(round(hp.warmup_epochs * total / epochs))
@@ -132,7 +164,50 @@ class PeftTask(pl.LightningModule):
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    # -- EMA of the trainable set ---------------------------------------------------------------------------
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.ema is not None:
+            self.ema.update(self.model)
+
+    def _swap_ema(self, into_model: bool) -> None:
+        if self.ema is not None and self._ema_swapped != into_model:
+            self.ema.swap(self.model)
+            self._ema_swapped = into_model
+
+    def on_validation_epoch_start(self) -> None:
+        self._swap_ema(True)
+
+    def on_validation_epoch_end(self) -> None:
+        self._swap_ema(False)
+
+    on_test_epoch_start = on_predict_epoch_start = on_validation_epoch_start
+    on_test_epoch_end = on_predict_epoch_end = on_validation_epoch_end
+
+    def on_train_end(self) -> None:
+        """From here on (the final adapter file, testing) the model holds the EMA weights."""
+        if self.ema is not None:
+            self.ema.copy_to(self.model)
+
+    @contextlib.contextmanager
+    def evaluation_weights(self) -> Iterator[PeftModel]:
+        """The model with the weights evaluation uses (the EMA's when on) — e.g. for adapter files."""
+        swap = self.ema is not None and not self._ema_swapped
+        if swap:
+            self.ema.swap(self.model)
+        try:
+            yield self.model
+        finally:
+            if swap:
+                self.ema.swap(self.model)
+
+    # -- checkpoints ---------------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Keep only the trainable set (and trained buffers): frozen weights come from the backbone config."""
         keep = {f"model.{k}" for k in self.model.trainable_state_dict()}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+        if self.ema is not None:
+            checkpoint["ema"] = self.ema.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.ema is not None and "ema" in checkpoint:
+            self.ema.load_state_dict(checkpoint["ema"])

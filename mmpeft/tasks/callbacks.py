@@ -7,6 +7,7 @@ import os
 import statistics
 import threading
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ import torch
 
 from mmpeft.core.state import save_adapter
 
-__all__ = ["AdapterExport", "RunStats", "PeakMemory", "human_bytes"]
+__all__ = ["AdapterExport", "RunStats", "PeakMemory", "human_bytes", "run_dir"]
 
 
 def human_bytes(n: int) -> str:
@@ -23,6 +24,14 @@ def human_bytes(n: int) -> str:
         if n >= size:
             return f"{n / size:.1f} {unit}"
     return f"{n} B"
+
+
+def run_dir(trainer: pl.Trainer) -> Path:
+    """The run's directory, read without a collective: `trainer.log_dir` broadcasts from rank 0, so
+    calling it from rank-0-only code (file writing) deadlocks a DDP run."""
+    logger = trainer.loggers[0] if trainer.loggers else None
+    path = getattr(logger, "log_dir", None) if logger is not None else None
+    return Path(path or getattr(logger, "save_dir", None) or trainer.default_root_dir)
 
 
 class AdapterExport(pl.Callback):
@@ -33,13 +42,11 @@ class AdapterExport(pl.Callback):
         self.last_path: Path | None = None
         self.last_bytes = 0
 
-    def _log_dir(self, trainer: pl.Trainer) -> Path:
-        return Path(trainer.log_dir or trainer.default_root_dir)
-
     def _save(self, trainer: pl.Trainer, pl_module: pl.LightningModule, path: Path) -> int:
-        size = save_adapter(
-            pl_module.model, path, extra={"epoch": trainer.current_epoch, "global_step": trainer.global_step}
-        )
+        weights = pl_module.evaluation_weights() if hasattr(pl_module, "evaluation_weights") else nullcontext()
+        with weights:  # the EMA's weights when the task keeps one
+            extra = {"epoch": trainer.current_epoch, "global_step": trainer.global_step}
+            size = save_adapter(pl_module.model, path, extra=extra)
         self.last_path, self.last_bytes = path, size
         for logger in trainer.loggers:
             logger.log_metrics({"adapter/bytes": size}, step=trainer.global_step)
@@ -48,11 +55,11 @@ class AdapterExport(pl.Callback):
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
         if trainer.is_global_zero:
             name = f"adapter-epoch={trainer.current_epoch}-step={trainer.global_step}.safetensors"
-            self._save(trainer, pl_module, self._log_dir(trainer) / "checkpoints" / name)
+            self._save(trainer, pl_module, run_dir(trainer) / "checkpoints" / name)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.is_global_zero:
-            self._save(trainer, pl_module, self._log_dir(trainer) / self.filename)
+            self._save(trainer, pl_module, run_dir(trainer) / self.filename)
 
 
 class PeakMemory:
@@ -139,7 +146,7 @@ class RunStats(pl.Callback):
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._memory is not None:
             peak = self._memory.stop()
-            pl_module.log("perf/peak_mem_mb", peak / 2**20)
+            pl_module.log("perf/peak_mem_mb", peak / 2**20, sync_dist=True, reduce_fx="max")  # the busiest rank
             self._memory.start(keep_baseline=True)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

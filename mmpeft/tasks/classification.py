@@ -15,16 +15,18 @@ __all__ = ["ImageClassification"]
 class ImageClassification(PeftTask):
     """Top-1 classification. Extra args: `label_smoothing` (0 by default, as in the VTAB recipes)."""
 
+    monitor = "val/acc"
+    monitor_mode = "max"
+
     def __init__(self, *args: Any, label_smoothing: float = 0.0, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.label_smoothing = label_smoothing
 
-    def loss_and_metrics(self, outputs: list[torch.Tensor], batch: Any, stage: str) -> torch.Tensor:
-        targets = batch[1]
+    def loss_and_metrics(self, output: torch.Tensor, targets: Any, stage: str) -> torch.Tensor:
         smoothing = self.label_smoothing if stage == "train" else 0.0
-        loss = F.cross_entropy(outputs[0], targets, label_smoothing=smoothing)  # further passes: the method's
-        acc = (outputs[0].argmax(-1) == targets).float().mean()
+        loss = F.cross_entropy(output, targets, label_smoothing=smoothing)
+        acc = (output.argmax(-1) == targets).float().mean()
         n = targets.shape[0]
-        self.log(f"{stage}/loss", loss.detach(), on_step=stage == "train", on_epoch=True, batch_size=n)
-        self.log(f"{stage}/acc", acc, on_step=False, on_epoch=True, prog_bar=stage != "train", batch_size=n)
+        self.log_epoch("loss", loss.detach(), n, stage)
+        self.log_epoch("acc", acc, n, stage, prog_bar=stage != "train")
         return loss

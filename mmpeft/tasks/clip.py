@@ -142,6 +142,9 @@ class CLIPClassification(ImageClassification):
         self.class_names = names
         method = method_from_spec(text_method) if text_method else None
         self.model.head = ZeroShotHead(text_tower, tokens, logit_scale, method, train_classifier)
+        self.model.head_config = None  # built from the text tower and the class names, not from a spec
         self.model.apply_frozen_mode()
+        if self.ema is not None:
+            self.ema.reset(self.model)
         if adapter:
             self.load_adapter(adapter)

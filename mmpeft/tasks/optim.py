@@ -10,19 +10,49 @@ from torch import nn
 
 from mmpeft.core.method import Method
 
-__all__ = ["param_groups", "warmup_cosine", "build_optimizer", "OPTIMIZERS"]
+__all__ = ["param_groups", "describe_groups", "warmup_cosine", "build_optimizer", "OPTIMIZERS"]
 
 OPTIMIZERS = ("adamw", "sgd")
 
 
-def param_groups(model: nn.Module, method: Method, weight_decay: float) -> list[dict]:
-    """Two groups of the trainable parameters: decayed, and exempt as the method says (1-D, prompts)."""
+def param_groups(model: nn.Module, method: Method, weight_decay: float, lr: float | None = None) -> list[dict]:
+    """The trainable parameters in optimizer groups: the method's own groups first (`Method.param_groups`:
+    lr multipliers or absolute rates, their own weight decay), then the rest, decayed or exempt as the
+    method says (1-D tensors and prompts by default). Each group is named; with `lr` given each gets
+    its starting rate (schedules scale it)."""
+    named = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    prefix = "backbone." if hasattr(model, "backbone") else ""
+    in_backbone = {n.removeprefix(prefix): p for n, p in named.items() if n.startswith(prefix)}
+    groups, claimed = [], set()
+    for spec in method.param_groups(in_backbone):
+        names = [prefix + n for n in spec["params"]]
+        unknown = [n for n in names if n not in named]
+        if unknown or claimed & set(names):
+            raise ValueError(f"method {method.name!r} group {spec.get('name')!r}: unknown or repeated {unknown[:3]}")
+        claimed |= set(names)
+        group = {"name": spec.get("name", f"{method.name}.{len(groups)}"), "params": [named[n] for n in names],
+                 "weight_decay": spec.get("weight_decay", weight_decay)}  # fmt: skip
+        if lr is not None:
+            group["lr"] = spec["lr"] if "lr" in spec else lr * spec.get("lr_scale", 1.0)
+        groups.append(group)
     decay, exempt = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
+    for name, p in named.items():
+        if name not in claimed:
             (exempt if method.weight_decay_exempt(name, p) else decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": exempt, "weight_decay": 0.0}]
+    for group_name, params, wd in (("decay", decay, weight_decay), ("no_decay", exempt, 0.0)):
+        group = {"name": group_name, "params": params, "weight_decay": wd, **({"lr": lr} if lr is not None else {})}
+        groups.append(group)
     return [g for g in groups if g["params"]]
+
+
+def describe_groups(groups: list[dict]) -> str:
+    """One line per group: name, tensors, parameters, lr, weight decay (for the run's log)."""
+    lines = []
+    for g in groups:
+        size = sum(p.numel() for p in g["params"])
+        lines.append(f"  {g.get('name', '?'):<12} {len(g['params']):>4} tensors {size:>12,} params  "
+                     f"lr {g.get('lr', float('nan')):.3g}  weight decay {g.get('weight_decay', 0.0):.3g}")  # fmt: skip
+    return "\n".join(lines)
 
 
 def build_optimizer(
