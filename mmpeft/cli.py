@@ -9,7 +9,6 @@ mmpeft methods [NAME]              the registered methods, or one method's optio
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
@@ -22,6 +21,7 @@ from mmpeft.core.errors import MmpeftError
 from mmpeft.core.method import create_method, get_method, list_methods
 from mmpeft.core.model import PeftModel
 from mmpeft.core.report import human, markdown_table, parameter_report
+from mmpeft.method_info import describe_method, describe_methods, methods_epilog
 
 __all__ = ["main", "params_table", "run_cli", "wandb_mode"]
 
@@ -87,70 +87,8 @@ def _sweep(args: argparse.Namespace) -> int:
 # -- methods -----------------------------------------------------------------------------------------------
 
 
-def method_summary(cls: type) -> str:
-    """The first sentence of a method's docstring, on one line."""
-    text = " ".join((cls.__doc__ or "").split())
-    for i, char in enumerate(text):
-        end = i + 1 == len(text) or text[i + 1] == " "
-        if char == "." and end and not text[:i].endswith(("e.g", "i.e", "et al", "cf", "vs")):
-            return text[: i + 1]
-    return text
-
-
-def spelling(value: Any) -> str:
-    """A value as written in YAML or on the command line (`null`, `true`, `[a, b]`, quoted when needed)."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, list | tuple):
-        return "[" + ", ".join(spelling(v) for v in value) + "]"
-    if isinstance(value, str):
-        plain = value[:1].isalpha() and all(c.isalnum() or c in "_.-/" for c in value)
-        keyword = value.lower() in ("null", "true", "false", "yes", "no", "on", "off")
-        return value if plain and not keyword else json.dumps(value)
-    return str(value)
-
-
-def _columns(rows: list[dict[str, str]], indent: str = "") -> str:
-    """Rows as aligned text columns (the last one unpadded, so long help wraps in the terminal)."""
-    keys = list(rows[0])
-    widths = [max(len(k), *(len(r[k]) for r in rows)) for k in keys[:-1]]
-    line = lambda cells: indent + "  ".join([*(c.ljust(w) for c, w in zip(cells, widths)), cells[-1]]).rstrip()
-    return "\n".join([line(keys), *(line([r[k] for k in keys]) for r in rows)])
-
-
-def methods_epilog() -> str:
-    """The registered methods, for `mmpeft fit --help` and the other LightningCLI subcommands."""
-    return (
-        f"methods for --model.method (NAME, or {{name: NAME, preset: PRESET, OPTION: VALUE}}; `mmpeft methods NAME` "
-        f"lists a method's options and presets): {', '.join(list_methods())}"
-    )
-
-
 def _methods(args: argparse.Namespace) -> int:
-    yes = lambda flag: "yes" if flag else "no"
-    if args.name is None:
-        classes = [get_method(n) for n in list_methods()]
-        print(_columns([
-            {"method": c.name, "mergeable": yes(c.mergeable), "token backbones only": yes(c.needs_tokens),
-             "summary": method_summary(c)}
-            for c in classes
-        ]))  # fmt: skip
-        print("\n`mmpeft methods NAME`: a method's options and presets; pick one with --model.method NAME")
-        return 0
-    cls = get_method(args.name)
-    print(f"{cls.name}: {method_summary(cls)}")
-    print(f"mergeable: {yes(cls.mergeable)}; token backbones only: {yes(cls.needs_tokens)}")
-    print(f"\noptions (--model.method '{{name: {cls.name}, OPTION: VALUE}}'):")
-    print(_columns([
-        {"option": o["name"], "type": o["type"],
-         "default": "(required)" if o["default"] is dataclasses.MISSING else spelling(o["default"]), "help": o["help"]}
-        for o in cls.options()
-    ], indent="  "))  # fmt: skip
-    print(f"\npresets (--model.method '{{name: {cls.name}, preset: PRESET}}'; options override them):")
-    values = {p: cls.preset(p).config() for p in ("default", *cls.presets)}
-    print(_columns([{"preset": p, **{k: spelling(v) for k, v in c.items()}} for p, c in values.items()], indent="  "))
+    print(describe_methods() if args.name is None else describe_method(args.name))
     return 0
 
 

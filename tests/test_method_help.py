@@ -9,8 +9,9 @@ from typing import ClassVar
 import pytest
 
 import mmpeft.methods  # noqa: F401  (registers the built-in methods)
-from mmpeft.cli import main, method_summary, spelling
+from mmpeft.cli import main
 from mmpeft.core.method import METHODS, get_method, list_methods
+from mmpeft.method_info import method_summary, spelling
 from mmpeft.methods import LoRA
 
 
