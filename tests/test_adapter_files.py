@@ -33,8 +33,9 @@ def test_file_holds_exactly_the_declared_set_and_config(tmp_path):
     size = save_adapter(m, tmp_path / "a.safetensors")
     tensors, header = read_adapter(tmp_path / "a.safetensors")
     assert set(tensors) == set(m.trainable_names())
-    assert header["method"] == {"name": "lora", "config": {"r": 4, "alpha": None, "dropout": 0.0, "targets": None,
-                                                           "b_lr_ratio": 1.0, "param_dtype": "float32"}}  # fmt: skip
+    config = {"r": 4, "alpha": None, "dropout": 0.0, "targets": None, "b_lr_ratio": 1.0, "init": "kaiming",
+              "param_dtype": "float32", "head_init": None}  # fmt: skip
+    assert header["method"] == {"name": "lora", "config": config}
     assert header["head"] == {"name": "linear", "num_classes": 3} and header["mmpeft_version"]
     assert header["backbone"]["name"] == "vit_base_patch16_224"
     n = sum(t.numel() for t in tensors.values())

@@ -20,7 +20,8 @@ def test_every_field_of_every_method_has_one_line_of_help(name):
     cls = get_method(name)
     fields = [f.name for f in dataclasses.fields(cls)]
     options = cls.options()
-    assert [o["name"] for o in options] == [*(f for f in fields if f != "param_dtype"), "param_dtype"]
+    shared = ["param_dtype", "head_init"]
+    assert [o["name"] for o in options] == [*(f for f in fields if f not in shared), *shared]
     for option in options:
         assert option["help"].strip(), f"{name}.{option['name']} has no help: add it to {cls.__name__}.help"
         assert "\n" not in option["help"], f"{name}.{option['name']}: help is one line"
@@ -36,7 +37,8 @@ def test_options_merge_help_along_the_class_hierarchy():
         width: int = 2
 
     options = {o["name"]: o for o in WideLoRA.options()}
-    assert list(options) == ["r", "alpha", "dropout", "targets", "b_lr_ratio", "width", "param_dtype"]
+    assert list(options) == ["r", "alpha", "dropout", "targets", "b_lr_ratio", "init", "width", "param_dtype",
+                             "head_init"]  # fmt: skip
     assert options["width"] == {"name": "width", "type": "int", "default": 2, "help": "how wide"}
     assert options["targets"]["type"] == "tuple[str, ...] | None"
     assert options["targets"]["help"] == LoRA.help["targets"]
@@ -66,10 +68,10 @@ def test_mmpeft_methods_lora_prints_options_and_presets(capsys):
         row = next(line for line in lines if line.split()[:1] == [option["name"]])
         assert option["type"] in row and f"  {spelling(option['default'])}  " in row and row.endswith(option["help"])
     header = next(line.split() for line in lines if line.split()[:1] == ["preset"])
-    assert header == ["preset", "r", "alpha", "dropout", "targets", "b_lr_ratio", "param_dtype"]
+    assert header == ["preset", "r", "alpha", "dropout", "targets", "b_lr_ratio", "init", "param_dtype", "head_init"]
     presets = {line.split()[0]: line.split()[1:] for line in lines if line.split()[:1] in (["default"], ["paper"])}
-    assert presets["default"] == ["8", "null", "0.0", "null", "1.0", "float32"]
-    assert presets["paper"] == ["8", "null", "0.0", '["attn.qkv[q,v]"]', "1.0", "float32"]
+    assert presets["default"] == ["8", "null", "0.0", "null", "1.0", "kaiming", "float32", "null"]
+    assert presets["paper"] == ["8", "null", "0.1", "[attn.qkv]", "1.0", "kaiming", "float32", '"trunc_normal:0.02"']
 
 
 def test_value_spelling_is_yaml():

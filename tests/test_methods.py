@@ -87,26 +87,54 @@ def test_adapter_rejects_the_both_zero_init():
         Bottleneck(8, 2, init="zeros")
 
 
-def test_adapter_down_projection_gets_gradients_at_init():
+def test_adapter_zero_up_init_trains_up_first_then_down():
+    """With up = 0 the down projection's gradient is exactly zero at step 0 (it flows through W_up); the
+    up projection's is not, so after one step up is non-zero and the down projection trains too."""
     torch.manual_seed(0)
     model = PeftModel(ToyRegViT(), "adapter", num_classes=3).train()
-    model(torch.randn(2, 3, 16, 16)).sum().backward()
-    adapter = model.backbone.blocks[0].site("mlp.branch")[0]
+    adapter = model.backbone.blocks[0].site("mlp.parallel")[0]
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    x = torch.randn(2, 3, 16, 16)
+    model(x).sum().backward()
     assert adapter.up.weight.grad.abs().sum() > 0, "zero-up init still trains the up projection"
-    assert adapter.down.weight.grad is not None
+    assert torch.count_nonzero(adapter.down.weight.grad) == 0, "nothing reaches down through W_up = 0 yet"
+    opt.step()
+    opt.zero_grad()
+    model(x).sum().backward()
+    assert adapter.down.weight.grad.abs().sum() > 0, "after one step the down projection trains"
 
 
-def test_adapter_sequential_position_and_paper_preset():
+@pytest.mark.parametrize("position", ["parallel", "sequential"])
+def test_adapter_position_site_and_drop_path(position):
+    """Parallel (AdaptFormer): on `mlp.parallel`, after LayerScale and drop-path, reading the block's
+    stream; sequential (Pfeiffer): on `mlp.branch`, reading the MLP output, dropped with it."""
+    from mmpeft.core.anatomy import ForwardContext
+
+    torch.manual_seed(0)
+    model = PeftModel(ToyRegViT(), create_method("adapter", position=position, dropout=0.0), num_classes=3)
+    block = model.backbone.blocks[0]
+    site = "mlp.parallel" if position == "parallel" else "mlp.branch"
+    assert len(block.site(site)) == 1 and sum(len(s) for _, s in block.named_sites()) == 1
+    adapter = block.site(site)[0]
+    randomize(model)
+    block.drop_path2.drop_prob = 1.0  # training drops the whole MLP branch
+    block.train()
+    x = torch.randn(2, 7, 32)  # tokens straight into the block
+    torch.manual_seed(1)
+    out = block(x, ForwardContext())
+    adapter.enabled = False
+    torch.manual_seed(1)
+    plain = block(x, ForwardContext())
+    if position == "parallel":  # the adapter's term survives the dropped branch
+        assert not torch.allclose(out, plain)
+    else:
+        assert torch.equal(out, plain), "a sequential adapter on the MLP output is dropped with it"
+    assert adapter.parallel == (position == "parallel")
+
+
+def test_adapter_paper_preset():
     paper = get_method("adapter").preset("paper")
     assert (paper.bottleneck, paper.scale, paper.dropout, paper.activation) == (64, 0.1, 0.1, "relu")
-    torch.manual_seed(0)
-    model = PeftModel(ToyRegViT(), create_method("adapter", position="sequential"), num_classes=3).eval()
-    randomize(model)
-    x = torch.randn(2, 3, 16, 16)
-    with torch.no_grad():
-        with model.disabled():
-            frozen = model(x)
-        assert not torch.allclose(model(x), frozen)
     with pytest.raises(ValueError, match="parallel' or 'sequential"):
         create_method("adapter", position="diagonal")
 

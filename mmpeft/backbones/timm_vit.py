@@ -113,6 +113,10 @@ class TimmViT(TokenBackbone):
         pretrained: fetch timm's pretrained weights from the hub (fails fast and clearly offline).
         device: build directly on this device ("meta" builds full-size models for free).
         img_size, drop_path_rate: the common `timm.create_model` options, named for YAML configs.
+        dropout: dropout as the original ViT code has it (google-research/vision_transformer, and the
+            ViT of KMnP/vpt and Theia-4869/MoSA `vit_backbones/vit.py`: `dropout_rate` 0.1 after the position
+            embedding and inside the MLP, after the activation and after fc2; attention dropout 0):
+            timm's `pos_drop_rate` and `proj_drop_rate`, with the attention projection's dropout off.
         timm_kwargs / **kwargs: any other `timm.create_model` options (e.g. {init_values: 1e-5}).
     """
 
@@ -124,13 +128,18 @@ class TimmViT(TokenBackbone):
         device: str | None = None,
         img_size: int | None = None,
         drop_path_rate: float = 0.0,
+        dropout: float = 0.0,
         timm_kwargs: dict[str, Any] | None = None,
         **kwargs: Any,
     ):
         super().__init__()
-        model = create_timm(
-            name, weights, pretrained, device, **_timm_kwargs(img_size, drop_path_rate, timm_kwargs, kwargs)
-        )
+        extra = _timm_kwargs(img_size, drop_path_rate, timm_kwargs, kwargs)
+        if dropout:
+            extra.update(pos_drop_rate=dropout, proj_drop_rate=dropout)
+        model = create_timm(name, weights, pretrained, device, **extra)
+        if dropout:  # the original ViT has no dropout after the attention projection
+            for block in model.blocks:
+                block.attn.proj_drop = nn.Identity()
         reason = is_token_vit(model)
         if reason:
             raise NotSupported(

@@ -2,8 +2,10 @@
 
 `{name: linear}` (the default) or `{name: mlp, hidden: [256, 256], norm: batch, dropout: 0.5}` (the
 point-cloud papers' head: Linear -> BatchNorm -> ReLU -> Dropout per hidden layer, then Linear).
-`init` sets the initialisation of every Linear in the head: "default" (PyTorch's), "zeros", or
-"normal:<std>" / "trunc_normal:<std>" (biases zero); unset, the method's `head_init()` decides.
+`init` sets the initialisation of every Linear in the head: "default" (PyTorch's), "zeros",
+"normal:<std>", "trunc_normal:<std>" or "kaiming_normal_fan_out", biases zero or ";bias=<value>";
+unset, the method's `head_init` (set by its `paper` preset where the official code initialises the
+head its own way) decides.
 """
 
 from __future__ import annotations
@@ -17,9 +19,13 @@ from torch import nn
 from mmpeft.core.errors import UnknownName
 from mmpeft.core.modules import make_activation
 
-__all__ = ["build_head", "head_spec", "init_head", "HEADS"]
+__all__ = ["build_head", "head_spec", "init_head", "HEADS", "VPT_HEAD"]
 
 HEADS = ("linear", "mlp")
+# VPT's head (KMnP/vpt `src/models/mlp.py` L53-57, `MLP(..., special_bias=True)` for every ViT transfer
+# type): kaiming-normal weight (fan_out) and the prior bias -log((1 - 0.01) / 0.01). MoSA, built on the
+# VPT codebase, keeps it (Theia-4869/MoSA `src/models/mlp.py` L52-57).
+VPT_HEAD = "kaiming_normal_fan_out;bias=-4.59511985013459"
 _MLP_KEYS = {"hidden", "norm", "dropout", "activation"}
 
 
@@ -59,24 +65,42 @@ def _mlp(in_features: int, spec: dict[str, Any]) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+_WEIGHT_INITS = ("default", "zeros", "normal", "trunc_normal", "kaiming_normal_fan_out")
+
+
+def _parse_init(init: str) -> tuple[str, float | None, float | None]:
+    """ "kind[:std][;bias=<value>]" -> (kind, std, bias)."""
+    weight, _, bias = init.partition(";")
+    kind, _, std = weight.partition(":")
+    needs_std = kind in ("normal", "trunc_normal")
+    if kind not in _WEIGHT_INITS or needs_std != bool(std) or (bias and not bias.startswith("bias=")):
+        raise ValueError(
+            f"unknown head init {init!r}; use default, zeros, normal:<std>, trunc_normal:<std> or "
+            "kaiming_normal_fan_out, optionally followed by ;bias=<value> (biases are zero otherwise)"
+        )
+    return kind, float(std) if std else None, float(bias[5:]) if bias else None
+
+
 @torch.no_grad()
 def init_head(head: nn.Module, init: str) -> None:
-    """Initialise every Linear of `head`: "default", "zeros", "normal:<std>" or "trunc_normal:<std>"."""
-    kind, _, std = init.partition(":")
+    """Initialise every Linear of `head`: "default" (PyTorch's), "zeros", "normal:<std>",
+    "trunc_normal:<std>" (timm's: cut at ±2 absolute), or "kaiming_normal_fan_out" (VPT's `MLP` head); biases
+    zero, or ";bias=<value>" (VPT's prior bias -log(99))."""
+    kind, std, bias = _parse_init(init)
     if kind == "default":
         return
-    if kind not in ("zeros", "normal", "trunc_normal") or (kind != "zeros" and not std):
-        raise ValueError(f"unknown head init {init!r}; use default, zeros, normal:<std> or trunc_normal:<std>")
     for layer in head.modules():
         if isinstance(layer, nn.Linear):
             if kind == "zeros":
                 nn.init.zeros_(layer.weight)
             elif kind == "normal":
-                nn.init.normal_(layer.weight, std=float(std))
+                nn.init.normal_(layer.weight, std=std)
+            elif kind == "trunc_normal":
+                nn.init.trunc_normal_(layer.weight, std=std)  # cut at ±2 absolute, as timm's trunc_normal_
             else:
-                nn.init.trunc_normal_(layer.weight, std=float(std), a=-2 * float(std), b=2 * float(std))
+                nn.init.kaiming_normal_(layer.weight, a=0, mode="fan_out")
             if layer.bias is not None:
-                nn.init.zeros_(layer.bias)
+                nn.init.constant_(layer.bias, bias or 0.0)
 
 
 def build_head(spec: dict[str, Any], in_features: int, default_init: str | None = None) -> nn.Module:

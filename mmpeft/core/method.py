@@ -73,9 +73,12 @@ class Method:
     help: ClassVar[dict[str, str]] = {
         "param_dtype": 'dtype of the method\'s own tensors: "float32" (fp32 even on fp16/bf16 backbones), '
         '"bfloat16", "float16", or "backbone" (the host\'s dtype); merging writes the host\'s dtype',
+        "head_init": "init of the task head's Linears unless the head spec sets one: trunc_normal:<std>, "
+        "kaiming_normal_fan_out, zeros, normal:<std>, with ;bias=<value>; unset: PyTorch's default",
     }
 
     param_dtype: str = "float32"
+    head_init: str | None = None
 
     # -- what subclasses implement ------------------------------------------------------------
     def inject(self, backbone: nn.Module) -> None:
@@ -90,10 +93,10 @@ class Method:
         (`forward_passes` of them, e.g. MoSA's two passes and their consistency term)."""
         return None
 
-    def head_init(self) -> str | None:
-        """How the task head is initialised when its spec does not say ("trunc_normal:0.01", "zeros", ...;
-        None: PyTorch's default). A method whose official code initialises the head overrides this."""
-        return None
+    def initial_head(self) -> str | None:
+        """How the task head is initialised when its spec does not say (`head_init`: "trunc_normal:0.02",
+        "kaiming_normal_fan_out;bias=-4.59511985013459", ...; None: PyTorch's default)."""
+        return self.head_init
 
     def param_groups(self, named: dict[str, nn.Parameter]) -> list[dict[str, Any]]:
         """Optimizer groups of its own among the trainable parameters `named` (name -> parameter):
@@ -261,7 +264,8 @@ class Method:
     def config(self) -> dict[str, Any]:
         """The method's options, its own first and the shared `param_dtype` last."""
         options = dataclasses.asdict(self)
-        options["param_dtype"] = options.pop("param_dtype")
+        for shared in ("param_dtype", "head_init"):
+            options[shared] = options.pop(shared)
         return options
 
     @classmethod
@@ -272,7 +276,7 @@ class Method:
         for klass in reversed(cls.__mro__):
             helps.update(vars(klass).get("help", {}))
         rows = []
-        for f in sorted(dataclasses.fields(cls), key=lambda f: f.name == "param_dtype"):
+        for f in sorted(dataclasses.fields(cls), key=lambda f: f.name in ("param_dtype", "head_init")):
             default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
             kind = f.type if isinstance(f.type, str) else f.type.__name__ if type(f.type) is type else str(f.type)
             rows.append({"name": f.name, "type": kind, "default": default, "help": helps.get(f.name, "")})

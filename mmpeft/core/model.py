@@ -59,7 +59,7 @@ class PeftModel(nn.Module):
         self.head_config = head_spec(head, num_classes) if not custom and num_classes else None
         self.backbone = self.method.apply(backbone)
         if not custom:
-            built = build_head(self.head_config, features, self.method.head_init()) if num_classes else None
+            built = build_head(self.head_config, features, self.method.initial_head()) if num_classes else None
             head = built.to(device=_device_of(backbone)) if built is not None else nn.Identity()
         self.head = head
         self.apply_frozen_mode()

@@ -24,6 +24,7 @@ from mmpeft.core.errors import UnknownName
 from mmpeft.data.fewshot import k_shot_indices
 from mmpeft.data.image_list import ImageList
 from mmpeft.data.metadata import class_names, load_metadata
+from mmpeft.data.transforms import TRAIN_CROPS, eval_transform, train_transform
 
 __all__ = ["FGVCDataModule", "make_splits", "verify_splits", "read_split", "names_from_class_folders", "MANIFEST"]
 
@@ -131,35 +132,14 @@ def verify_splits(root: str | Path) -> None:
             raise ValueError(f"{root / name} does not match its md5 in {MANIFEST}: the split file was modified")
 
 
-def _train_transform(image_size: int, mean, std):
-    from torchvision import transforms  # noqa: PLC0415
-
-    return transforms.Compose(
-        [
-            transforms.Resize(int(image_size * 256 / 224)),
-            transforms.RandomCrop(image_size),
-            transforms.RandomHorizontalFlip(),
-            transforms.ToTensor(),
-            transforms.Normalize(mean, std),
-        ]
-    )
-
-
-def _test_transform(image_size: int, mean, std):
-    from torchvision import transforms  # noqa: PLC0415
-
-    return transforms.Compose(
-        [
-            transforms.Resize(int(image_size * 256 / 224)),
-            transforms.CenterCrop(image_size),
-            transforms.ToTensor(),
-            transforms.Normalize(mean, std),
-        ]
-    )
-
-
 class FGVCDataModule(pl.LightningDataModule):
-    """One FGVC dataset from VPT's json splits (VPT's transforms: resize 256, crop 224, flip)."""
+    """One FGVC dataset from VPT's json splits.
+
+    Training augmentation: `train_crop="resize_crop"` (VPT's: resize to 256, random 224 crop, flip) or
+    `"random_resized_crop"` (SSF's `--simple-aug`: RandomResizedCrop over `crop_scale` of the area, flip).
+    Evaluation: resize to size / `crop_pct` (VPT 0.875: 256; SSF's timm config 0.9: 248), center crop.
+    `mean` / `std` normalise (SSF's in21k ViT uses 0.5 / 0.5). See `mmpeft.data.transforms`.
+    """
 
     def __init__(
         self,
@@ -173,8 +153,14 @@ class FGVCDataModule(pl.LightningDataModule):
         num_workers: int = 4,
         shots: int | None = None,
         shot_seed: int = 1,
+        train_crop: str = "resize_crop",
+        crop_scale: tuple[float, float] = (0.08, 1.0),
+        crop_pct: float = 0.875,
+        interpolation: str = "bilinear",
     ):
         super().__init__()
+        if train_crop not in TRAIN_CROPS:
+            raise UnknownName(f"unknown train_crop {train_crop!r}; choose one of {TRAIN_CROPS}")
         meta = load_metadata("fgvc")["datasets"]
         if dataset not in meta:
             raise UnknownName(f"unknown FGVC dataset {dataset!r}; datasets: {', '.join(meta)}")
@@ -210,8 +196,11 @@ class FGVCDataModule(pl.LightningDataModule):
 
     def _images(self, split: str, train: bool) -> ImageList:
         hp = self.hparams
-        make = _train_transform if train else _test_transform
-        return ImageList(self.root / self.meta["image_root"], self.items[split], make(hp.image_size, hp.mean, hp.std))
+        if train:
+            transform = train_transform(hp.image_size, hp.mean, hp.std, hp.train_crop, hp.crop_scale, hp.interpolation)
+        else:
+            transform = eval_transform(hp.image_size, hp.mean, hp.std, "center_crop", hp.crop_pct, hp.interpolation)
+        return ImageList(self.root / self.meta["image_root"], self.items[split], transform)
 
     def _loader(self, dataset, shuffle: bool) -> DataLoader:
         hp = self.hparams

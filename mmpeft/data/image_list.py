@@ -20,8 +20,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from mmpeft.data.fewshot import k_shot_indices
 from mmpeft.data.splits import SplitLoaders
+from mmpeft.data.transforms import TRAIN_CROPS, eval_transform, train_transform
 
-__all__ = ["ImageListDataModule", "ImageList", "read_list", "build_transform"]
+__all__ = ["ImageListDataModule", "ImageList", "read_list"]
 
 LAYOUT = __doc__.split("\n\n", 2)[2].rstrip()
 
@@ -37,20 +38,6 @@ def read_list(path: Path) -> list[tuple[str, int]]:
             raise ValueError(f"{path}:{n}: expected '<relative/path> <integer label>', got {line!r}")
         items.append((rel, int(label)))
     return items
-
-
-def build_transform(image_size: int, mean: tuple[float, ...], std: tuple[float, ...], interpolation: str = "bicubic"):
-    """Resize straight to a square (VTAB's direct resize), to tensor, normalise."""
-    from torchvision import transforms  # noqa: PLC0415
-
-    mode = transforms.InterpolationMode(interpolation)
-    return transforms.Compose(
-        [
-            transforms.Resize((image_size, image_size), interpolation=mode),
-            transforms.ToTensor(),
-            transforms.Normalize(mean, std),
-        ]
-    )
 
 
 class ImageList(Dataset):
@@ -74,6 +61,9 @@ class ImageListDataModule(SplitLoaders, pl.LightningDataModule):
         num_classes: head size; by default 1 + the largest label in the training list.
         image_size, mean, std, interpolation: preprocessing, logged with the run's config.
         shots, shot_seed: keep `shots` training images per class (few-shot runs), chosen with `shot_seed`.
+        train_crop, crop_scale: training augmentation: "resize" (direct resize, none: VTAB-1k) or
+            "random_resized_crop" over `crop_scale` of the area plus flip (CLIP-LoRA); evaluation always
+            resizes directly.
     """
 
     def __init__(
@@ -91,9 +81,13 @@ class ImageListDataModule(SplitLoaders, pl.LightningDataModule):
         num_workers: int = 2,
         shots: int | None = None,
         shot_seed: int = 1,
+        train_crop: str = "resize",
+        crop_scale: tuple[float, float] = (0.08, 1.0),
     ):
         super().__init__()
         self.save_hyperparameters()
+        if train_crop not in TRAIN_CROPS:
+            raise ValueError(f"unknown train_crop {train_crop!r}; choose one of {TRAIN_CROPS}")
         self.root = Path(root)
         self.lists = {k: v for k, v in (("train", train_list), ("val", val_list), ("test", test_list)) if v}
         self._check_layout()
@@ -118,9 +112,11 @@ class ImageListDataModule(SplitLoaders, pl.LightningDataModule):
                 raise ValueError(f"{split} list has labels outside [0, {self.num_classes}): e.g. {bad[:3]}")
 
     def transform(self, split: str):
-        """Direct resize + normalise for every split; subclasses add training augmentation."""
+        """The training crop for "train"; a direct resize for evaluation; normalised."""
         hp = self.hparams
-        return build_transform(hp.image_size, hp.mean, hp.std, hp.interpolation)
+        if split == "train":
+            return train_transform(hp.image_size, hp.mean, hp.std, hp.train_crop, hp.crop_scale, hp.interpolation)
+        return eval_transform(hp.image_size, hp.mean, hp.std, "resize", interpolation=hp.interpolation)
 
     def dataset(self, split: str) -> ImageList:
         if split not in self.items:

@@ -44,6 +44,8 @@ class VTAB1kDataModule(ImageListDataModule):
         num_workers: int = 4,
         shots: int | None = None,
         shot_seed: int = 1,
+        train_crop: str = "resize",
+        crop_scale: tuple[float, float] = (0.08, 1.0),
     ):
         tasks = vtab_tasks()
         if task not in tasks:
@@ -54,7 +56,7 @@ class VTAB1kDataModule(ImageListDataModule):
         super().__init__(
             f"{root.rstrip('/')}/{self.meta['folder']}", num_classes=self.meta["classes"], image_size=image_size,
             mean=mean, std=std, interpolation=interpolation, batch_size=batch_size, num_workers=num_workers,
-            shots=shots, shot_seed=shot_seed, **PROTOCOLS[protocol],
+            shots=shots, shot_seed=shot_seed, train_crop=train_crop, crop_scale=crop_scale, **PROTOCOLS[protocol],
         )  # fmt: skip
         self._check_split_sizes()
 

@@ -31,14 +31,19 @@ class SiteAdapter(Bottleneck):
 @dataclass
 class Adapter(Method):
     """AdaptFormer: beside every block's MLP, `s * up(act(down(x)))` reads the block's residual
-    stream (the MLP norm's input) and is added to the MLP output. Down is kaiming-uniform and up is
-    zero, so the model is the frozen backbone at step 0 (both-zero inits, VPT's bug, are refused).
-    Not mergeable: the activation sits between the projections.
+    stream (the MLP norm's input) and is added after the MLP branch's LayerScale and drop-path, as
+    the official code adds it (ShoufaChen/AdaptFormer `models/custom_modules.py`, `Block.forward`:
+    `x = residual + drop_path(mlp(norm2(x))) + adapt_x`, so the adapter is not dropped with the MLP).
+    Down is kaiming-uniform and up is zero, so the model is the frozen backbone at step 0 (both-zero
+    inits, VPT's bug, are refused). Not mergeable: the activation sits between the projections.
 
-    `position="sequential"` gives the Pfeiffer form on the MLP output instead. `norm=True` adds the
-    adapter's own LayerNorm (MoSA's baseline). The default bottleneck 8 is the VTAB-1k convention
-    (NOAH, V-PETL: 156,768 trainable on ViT-B/16); the `paper` preset is AdaptFormer's image recipe
-    (bottleneck 64, ReLU, scale 0.1, dropout 0.1).
+    `position="sequential"` gives the Pfeiffer form on the MLP output (inside LayerScale and
+    drop-path) instead. `norm=True` adds the adapter's own LayerNorm (MoSA's baseline). The default
+    bottleneck 8 is the VTAB-1k convention (NOAH, V-PETL: 156,768 trainable on ViT-B/16); the `paper`
+    preset is AdaptFormer's image recipe (`main_image.py`: bottleneck 64, ReLU, scale 0.1, dropout 0.1,
+    head trunc_normal(0.01) as MoCo v3). Not copied: AdaptFormer's image runs put a BatchNorm without
+    affine before the head (an MAE linear-probing convention, not part of the method) and keep the
+    head bias at PyTorch's default (mmpeft zeroes it with the init).
     """
 
     name: ClassVar[str] = "adapter"
@@ -46,7 +51,14 @@ class Adapter(Method):
     mergeable: ClassVar[bool] = False
     needs_tokens: ClassVar[bool] = True
     presets: ClassVar[dict] = {
-        "paper": {"bottleneck": 64, "scale": 0.1, "dropout": 0.1, "activation": "relu", "norm": False}
+        "paper": {
+            "bottleneck": 64,
+            "scale": 0.1,
+            "dropout": 0.1,
+            "activation": "relu",
+            "norm": False,
+            "head_init": "trunc_normal:0.01",
+        }
     }
     help: ClassVar[dict[str, str]] = {
         "bottleneck": "hidden width of the adapter (8: the VTAB-1k convention; the paper preset uses 64)",
@@ -71,7 +83,7 @@ class Adapter(Method):
 
     def inject(self, backbone: nn.Module) -> None:
         assert isinstance(backbone, TokenBackbone)
-        for _, site in backbone.sites("mlp.branch"):
+        for _, site in backbone.sites("mlp.parallel" if self.position == "parallel" else "mlp.branch"):
             ref = backbone.blocks[0].norm2.weight if hasattr(backbone.blocks[0].norm2, "weight") else None
             site.append(
                 SiteAdapter(

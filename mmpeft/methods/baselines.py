@@ -8,6 +8,7 @@ from typing import ClassVar
 from torch import nn
 
 from mmpeft.core.errors import NotSupported
+from mmpeft.core.heads import VPT_HEAD
 from mmpeft.core.inject import close_names, match_name
 from mmpeft.core.method import Method, register_method
 
@@ -27,7 +28,7 @@ class LinearProbe(Method):
     identity_at_init: ClassVar[bool] = True
     mergeable: ClassVar[bool] = True
     frozen_mode: ClassVar[str] = "eval"
-    presets: ClassVar[dict] = {"paper": {}}
+    presets: ClassVar[dict] = {"paper": {"head_init": VPT_HEAD}}
 
     def inject(self, backbone: nn.Module) -> None:
         if not getattr(backbone, "num_features", 1):
@@ -49,7 +50,7 @@ class FullFinetune(Method):
     identity_at_init: ClassVar[bool] = True
     mergeable: ClassVar[bool] = True
     trains_backbone: ClassVar[bool] = True
-    presets: ClassVar[dict] = {"paper": {}}
+    presets: ClassVar[dict] = {"paper": {"head_init": VPT_HEAD}}
 
     def unfrozen(self, backbone: nn.Module) -> list[str]:
         return [n for n, _ in backbone.named_parameters()]
@@ -71,7 +72,7 @@ class BitFit(Method):
     name: ClassVar[str] = "bitfit"
     identity_at_init: ClassVar[bool] = True
     mergeable: ClassVar[bool] = True
-    presets: ClassVar[dict] = {"paper": {}}
+    presets: ClassVar[dict] = {"paper": {"head_init": VPT_HEAD}}
     help: ClassVar[dict[str, str]] = {
         "targets": 'bias-name patterns (globs) narrowing the trained biases, each must match one, e.g. ["*attn*"]; '
         "unset: every bias",

@@ -40,10 +40,21 @@ def parse_target(target: str) -> tuple[str, tuple[str, ...]]:
     return (m["pattern"], tuple(m["parts"].split(","))) if m else (target, ())
 
 
+@torch.no_grad()
+def _trunc_normal_init(delta: LowRank) -> None:
+    """A and B ~ trunc_normal(0.02): what NOAH's released runs start from (its ViT's `init_weights` re-inits
+    every Linear after LoRA_a / LoRA_b were built kaiming / zero), so the delta is not zero at step 0."""
+    if delta.A.device.type == "meta":
+        return
+    for tensor in (delta.A, delta.B):
+        nn.init.trunc_normal_(tensor, std=0.02)
+
+
 class LoRADelta(AdapterModule):
     """Low-rank deltas on a Linear's or Conv2d's whole output, or on named thirds of a fused qkv output."""
 
-    def __init__(self, layer: nn.Module, parts: tuple[str, ...], r: int, alpha: float | None, dropout: float):
+    def __init__(self, layer: nn.Module, parts: tuple[str, ...], r: int, alpha: float | None, dropout: float,
+                 init: str = "kaiming"):  # fmt: skip
         super().__init__()
         self.parts = parts
         if parts:
@@ -52,6 +63,9 @@ class LoRADelta(AdapterModule):
             self.deltas = nn.ModuleDict({p: LowRank(layer.in_features, width, r, alpha, dropout, **kw) for p in parts})
         else:
             self.deltas = nn.ModuleDict({"all": LowRank.for_layer(layer, r, alpha, dropout)})
+        if init == "trunc_normal":
+            for delta in self.deltas.values():
+                _trunc_normal_init(delta)
 
     def forward(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         if not self.parts:
@@ -92,8 +106,16 @@ class LoRA(Method):
     add_v_proj` where present), as diffusers' DreamBooth LoRA. Merge folds `(alpha / r) B A` into the
     weight; unmerge subtracts it again.
 
-    The `paper` preset is NOAH's VTAB baseline ("LoRA-8"): rank 8 on q and v of the fused qkv, no
-    alpha/r scaling (scale 1), no dropout: 294,912 trainable on ViT-B/16. `b_lr_ratio` > 1 is LoRA+
+    The default keeps separate q and v pairs with peft's init (A kaiming-uniform, B zero). The
+    `paper` preset is NOAH's VTAB baseline ("LoRA-8"; Zhang et al., "Neural Prompt Search", 2022; code
+    ZhangYuanhan-AI/NOAH, `model/supernet_vision_transformer_timm.py`, `Attention`): one rank-8 pair on
+    the whole fused qkv output (one A shared by q, k and v; B is 2304 x 8), no alpha/r scaling, dropout
+    0.1 on the pair's input (`--drop_rate_LoRA`): 3,072·r = 294,912 trainable on ViT-B/16 — the same
+    count as the default's q and v pairs, a different function. Official bug, fixed: NOAH builds A
+    kaiming-uniform and B zero, then its ViT's `init_weights` (`_init_vit_weights`) re-initialises every
+    Linear, LoRA_a and LoRA_b included, to trunc_normal(0.02), so its released runs start from a random
+    non-zero delta; the preset keeps the intended init (the identity at step 0). `init="trunc_normal"`
+    reproduces the released runs' start. `b_lr_ratio` > 1 is LoRA+
     (Hayou et al., "LoRA+: Efficient Low Rank Adaptation of Large Models", ICML 2024): B in its own
     optimizer group at that multiple of the learning rate.
     """
@@ -101,7 +123,16 @@ class LoRA(Method):
     name: ClassVar[str] = "lora"
     identity_at_init: ClassVar[bool] = True
     mergeable: ClassVar[bool] = True
-    presets: ClassVar[dict] = {"paper": {"r": 8, "alpha": None, "dropout": 0.0, "targets": ("attn.qkv[q,v]",)}}
+    presets: ClassVar[dict] = {
+        "paper": {
+            "r": 8,
+            "alpha": None,
+            "dropout": 0.1,
+            "targets": ("attn.qkv",),
+            "init": "kaiming",
+            "head_init": "trunc_normal:0.02",
+        },
+    }
     help: ClassVar[dict[str, str]] = {
         "r": "rank r of the update B A",
         "alpha": "the update is scaled by alpha / r; unset: scale 1 (alpha = r)",
@@ -110,6 +141,8 @@ class LoRA(Method):
         "[q,k,v] selects parts of a fused qkv; unset: the backbone family's default (token backbones: attn.qkv[q,v]; "
         "UNets, DiTs: to_q, to_k, to_v, to_out.0)",
         "b_lr_ratio": "LoRA+: B trains at this multiple of the run's learning rate (A at the run's own); 1: plain LoRA",
+        "init": "kaiming: A kaiming-uniform, B zero (the identity at step 0); trunc_normal: A and B ~ N(0, 0.02) "
+        "truncated, as NOAH's released runs start (not the identity)",
     }
 
     r: int = 8
@@ -117,6 +150,11 @@ class LoRA(Method):
     dropout: float = 0.0
     targets: tuple[str, ...] | None = None  # None: the backbone family's default (see the docstring)
     b_lr_ratio: float = 1.0
+    init: str = "kaiming"
+
+    def __post_init__(self) -> None:
+        if self.init not in ("kaiming", "trunc_normal"):
+            raise ValueError(f"LoRA init must be 'kaiming' or 'trunc_normal', got {self.init!r}")
 
     def param_groups(self, named: dict[str, nn.Parameter]) -> list[dict]:
         """LoRA+ (Hayou et al., ICML 2024): the B matrices in their own group at `b_lr_ratio` x the lr."""
@@ -135,4 +173,4 @@ class LoRA(Method):
                 )
             if parts and not (isinstance(module, nn.Linear) and module.out_features % 3 == 0):
                 raise NotSupported(f"LoRA parts {parts} need a fused qkv linear; {name!r} is not one")
-            attach(module, "lora", LoRADelta(module, parts, self.r, self.alpha, self.dropout))
+            attach(module, "lora", LoRADelta(module, parts, self.r, self.alpha, self.dropout, self.init))

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmpeft.core.anatomy import ForwardContext, TokenBackbone
+from mmpeft.core.heads import VPT_HEAD
 from mmpeft.core.method import Method, register_method
 from mmpeft.core.modules import AdapterModule, make_activation
 
@@ -63,7 +64,7 @@ class MoSAAdapter(AdapterModule):
                  activation: str, generator: torch.Generator, block: int, device=None):  # fmt: skip
         super().__init__()
         self.n, self.share, self.scale, self.block = n, share, scale, block
-        self.norm = nn.LayerNorm(dim, device=device)
+        self.norm = nn.LayerNorm(dim, eps=1e-6, device=device)  # as released: `LayerNorm(hidden_size, eps=1e-6)`
         down, up = nn.Linear(dim, hidden, device=device), nn.Linear(hidden, dim, device=device)
         if down.weight.device.type != "meta":
             nn.init.kaiming_uniform_(down.weight, a=math.sqrt(5))
@@ -78,12 +79,19 @@ class MoSAAdapter(AdapterModule):
     def _project(self, layer: nn.Module, x: torch.Tensor, expert: int | None) -> torch.Tensor:
         return layer(x, expert) if isinstance(layer, _SplitLinear) else layer(x)
 
+    def _draw(self, ctx: ForwardContext, which: str) -> int:
+        return ctx.draw(f"mosa.expert.{self.block}.{which}", lambda g: int(torch.randint(self.n, (1,), generator=g)))
+
     def forward(self, m: torch.Tensor, ctx: ForwardContext, x_in: torch.Tensor | None = None,
                 expert: int | None = None) -> torch.Tensor:  # fmt: skip
+        """`expert` forces one expert for every split projection (tests, analysis); in training each split
+        projection draws its own, independently, as the released code does for `share="none"`."""
+        down_expert = up_expert = expert
         if expert is None and self.training:
-            expert = ctx.draw(f"mosa.expert.{self.block}", lambda g: int(torch.randint(self.n, (1,), generator=g)))
-        h = self.act(self._project(self.down, self.norm(x_in), expert))
-        return m + self._project(self.up, self.dropout(h), expert) * self.scale
+            down_expert = self._draw(ctx, "down") if isinstance(self.down, _SplitLinear) else None
+            up_expert = self._draw(ctx, "up") if isinstance(self.up, _SplitLinear) else None
+        h = self.act(self._project(self.down, self.norm(x_in), down_expert))
+        return m + self._project(self.up, self.dropout(h), up_expert) * self.scale
 
     def dense_state(self) -> dict[str, torch.Tensor]:
         """The merged dense adapter (mean over experts): norm, down and up weights and biases."""
@@ -133,9 +141,9 @@ class MoSA(Method):
     mergeable: ClassVar[bool] = False
     needs_tokens: ClassVar[bool] = True
     presets: ClassVar[dict] = {
-        "paper": {"bottleneck": 16, "experts": 4, "share": "down"},
-        "paper_fgvc": {"bottleneck": 64, "experts": 4, "share": "down"},
-        "paper_cars": {"bottleneck": 64, "experts": 2, "share": "up"},
+        "paper": {"bottleneck": 16, "experts": 4, "share": "down", "head_init": VPT_HEAD},
+        "paper_fgvc": {"bottleneck": 64, "experts": 4, "share": "down", "head_init": VPT_HEAD},
+        "paper_cars": {"bottleneck": 64, "experts": 2, "share": "up", "head_init": VPT_HEAD},
     }
     help: ClassVar[dict[str, str]] = {
         "bottleneck": "hidden width r of the adapter (16: VTAB; the paper_fgvc and paper_cars presets use 64)",

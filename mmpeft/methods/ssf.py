@@ -75,7 +75,7 @@ class SSF(Method):
     name: ClassVar[str] = "ssf"
     identity_at_init: ClassVar[bool] = False
     mergeable: ClassVar[bool] = True
-    presets: ClassVar[dict] = {"paper": {"init": "normal", "std": 0.02}}
+    presets: ClassVar[dict] = {"paper": {"init": "normal", "std": 0.02, "head_init": "trunc_normal:0.02"}}
     help: ClassVar[dict[str, str]] = {
         "targets": "module-name patterns (globs) of the layers whose output is scaled and shifted, each must match; "
         "unset: the 8 official ViT positions on token backbones, else every linear / conv / norm with a bias",

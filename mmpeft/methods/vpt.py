@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from mmpeft.core.anatomy import ForwardContext, TokenBackbone
+from mmpeft.core.heads import VPT_HEAD
 from mmpeft.core.method import Method, register_method
 from mmpeft.core.modules import AdapterModule, PromptTokens
 
@@ -72,8 +73,8 @@ class VPT(Method):
     needs_tokens: ClassVar[bool] = True
     frozen_mode: ClassVar[str] = "eval"
     presets: ClassVar[dict] = {
-        "paper": {"deep": True, "dropout": 0.1, "decay_prompts": True},
-        "paper_shallow": {"deep": False, "dropout": 0.0, "decay_prompts": True},
+        "paper": {"deep": True, "dropout": 0.1, "decay_prompts": True, "head_init": VPT_HEAD},
+        "paper_shallow": {"deep": False, "dropout": 0.0, "decay_prompts": True, "head_init": VPT_HEAD},
     }
     help: ClassVar[dict[str, str]] = {
         "length": "number p of prompt tokens (per block in deep mode)",

@@ -20,7 +20,7 @@ from mmpeft.core.model import PeftModel
 from mmpeft.core.report import parameter_report
 from mmpeft.core.state import load_adapter
 from mmpeft.tasks.ema import TrainableEMA
-from mmpeft.tasks.optim import build_optimizer, describe_groups, param_groups, warmup_cosine
+from mmpeft.tasks.optim import SCHEDULES, build_optimizer, describe_groups, param_groups, timm_cosine, warmup_cosine
 from mmpeft.tasks.step import step_loss
 
 __all__ = ["PeftTask"]
@@ -47,6 +47,10 @@ class PeftTask(pl.LightningModule):
         weight_decay: on trainable tensors except those the method exempts (1-D tensors and prompts by default).
         warmup_epochs: linear warmup from 0, in epochs (fractions allowed); then cosine to `min_lr`.
         min_lr: the learning rate the cosine ends at.
+        schedule: "warmup_cosine" (per step: warmup from 0, cosine over the rest) or "timm_cosine" (per epoch,
+            timm's `CosineLRScheduler` as SSF runs it: warmup from `warmup_lr`, cosine over `max_epochs -
+            cooldown_epochs`, then `min_lr` held for the cooldown).
+        warmup_lr, cooldown_epochs: the "timm_cosine" schedule's start lr and held epochs.
         grad_checkpointing: recompute each block in backward, same gradients.
         ema_decay: keep an exponential moving average of the trainable set (e.g. 0.9998, SSF's FGVC recipe);
             validation, testing, the adapter files and the final model use it.
@@ -67,11 +71,16 @@ class PeftTask(pl.LightningModule):
         weight_decay: float = 0.0,
         warmup_epochs: float = 0.0,
         min_lr: float = 0.0,
+        schedule: str = "warmup_cosine",
+        warmup_lr: float = 0.0,
+        cooldown_epochs: int = 0,
         grad_checkpointing: bool = False,
         ema_decay: float | None = None,
         adapter: str | None = None,
     ):
         super().__init__()
+        if schedule not in SCHEDULES:
+            raise ValueError(f"unknown schedule {schedule!r}; choose one of {SCHEDULES}")
         self.save_hyperparameters(ignore=["backbone", "text_tower"])
         if grad_checkpointing:
             if not hasattr(backbone, "set_grad_checkpointing"):
@@ -157,8 +166,13 @@ class PeftTask(pl.LightningModule):
         groups = param_groups(self.model, self.method, hp.weight_decay, hp.lr)
         optimizer = build_optimizer(groups, hp.optimizer, hp.lr)
         rank_zero_info(f"optimizer {hp.optimizer}, peak lr per group:\n{describe_groups(groups)}")
-        total = int(self.trainer.estimated_stepping_batches)
         epochs = max(self.trainer.max_epochs or 1, 1)
+        if hp.schedule == "timm_cosine":  # per epoch; each group's own base lr, timm's absolute warmup / min lr
+            factors = [timm_cosine(epochs, int(hp.warmup_epochs), hp.cooldown_epochs, g["lr"], hp.warmup_lr, hp.min_lr)
+                       for g in optimizer.param_groups]  # fmt: skip
+            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factors)
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+        total = int(self.trainer.estimated_stepping_batches)
         warmup = int(round(hp.warmup_epochs * total / epochs))
         factor = warmup_cosine(total, warmup, hp.min_lr / hp.lr if hp.lr else 0.0)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

@@ -10,7 +10,17 @@ from torch import nn
 
 from mmpeft.core.method import Method
 
-__all__ = ["param_groups", "describe_groups", "warmup_cosine", "build_optimizer", "OPTIMIZERS"]
+__all__ = [
+    "param_groups",
+    "describe_groups",
+    "warmup_cosine",
+    "timm_cosine",
+    "build_optimizer",
+    "OPTIMIZERS",
+    "SCHEDULES",
+]
+
+SCHEDULES = ("warmup_cosine", "timm_cosine")
 
 OPTIMIZERS = ("adamw", "sgd")
 
@@ -80,3 +90,22 @@ def warmup_cosine(total_steps: int, warmup_steps: int, min_ratio: float = 0.0) -
         return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
     return factor
+
+
+def timm_cosine(
+    epochs: int, warmup_epochs: int, cooldown_epochs: int, base_lr: float, warmup_lr: float, min_lr: float
+) -> Callable[[int], float]:
+    """lr multiplier per epoch of timm's `CosineLRScheduler` as SSF's scripts create it (`--sched cosine`,
+    `t_in_epochs`, no warmup prefix): linear from `warmup_lr` during warmup, then the cosine over the first
+    `epochs - cooldown_epochs` epochs counted from epoch 0 (warmup included), then `min_lr` held through
+    the cooldown epochs timm adds to the run (SSF: 100 + 10)."""
+    t_initial = max(epochs - cooldown_epochs, 1)
+
+    def lr_at(epoch: int) -> float:
+        if epoch < warmup_epochs:
+            return warmup_lr + epoch * (base_lr - warmup_lr) / warmup_epochs
+        if epoch < t_initial:
+            return min_lr + 0.5 * (base_lr - min_lr) * (1 + math.cos(math.pi * epoch / t_initial))
+        return min_lr
+
+    return lambda epoch: lr_at(epoch) / base_lr if base_lr else 0.0
