@@ -132,8 +132,16 @@ class MoSA(Method):
     merged experts for export. Masks are drawn from `mask_seed` (3407, the released seed) and
     rebuilt from it, so adapter files need not store them.
 
-    Presets (spec vision.md §1.8): `paper` is the VTAB recipe (r=16, N=4, share down); `paper_fgvc`
-    r=64, N=4, share down; `paper_cars` r=64, N=2, share up (the Stanford Cars exception).
+    As released (Theia-4869/MoSA `src/models/vit_adapter/vit_mosa.py`): the adapter's LayerNorm has
+    eps 1e-6; each split projection draws its expert independently per block and forward (`share="none"`
+    splits down and up, each with its own draw); the frozen ViT keeps its dropout 0.1 active in
+    training (`vit_models.py` L28-34 leaves the encoder in train mode for MoSA runs; the shipped configs
+    set the backbone's `dropout: 0.1`, and MoSA's frozen mode is "train").
+
+    Presets (`scripts/mosa/vit/*`): `paper` is the VTAB recipe (r=16, N=4, share down); `paper_fgvc`
+    r=64, N=4, share down; `paper_cars` r=64, N=2, share up (the Stanford Cars exception). Each
+    initialises the head as the VPT codebase does (`src/models/mlp.py`: kaiming-normal fan_out, bias
+    -log(99)).
     """
 
     name: ClassVar[str] = "mosa"

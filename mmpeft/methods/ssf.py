@@ -70,6 +70,10 @@ class SSF(Method):
     exactly the backbone's keys and shapes (a layer without bias, e.g. a bias-free qkv, makes
     `merge` refuse, since folding the shift would need a new tensor) and loads into plain timm (the paper describes this
     re-parameterisation; the official repo ships no merge code, SSF issue #19).
+    The `paper` preset also initialises the head as SSF's timm ViT does (`models/vision_transformer.py`
+    `init_weights_vit_timm`: trunc_normal(0.02), zero bias). The rest of the recipe lives in the configs:
+    timm's per-epoch cosine with 10 cooldown epochs at the minimum lr (`schedule: timm_cosine`), and for
+    FGVC weight decay 0.05, a model EMA (0.9998) and RandomResizedCrop with 0.5 / 0.5 normalisation.
     """
 
     name: ClassVar[str] = "ssf"

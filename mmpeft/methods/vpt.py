@@ -63,7 +63,9 @@ class VPT(Method):
 
     Presets: `paper` is VPT-deep with prompt dropout 0.1 (the released demo runs); `paper_shallow`
     is VPT-shallow without dropout; both decay the prompts as VPT's SGD does (mmpeft's default
-    exempts prompts from weight decay, as for every other method). The per-task prompt length is a
+    exempts prompts from weight decay, as for every other method) and initialise the head as VPT's
+    `MLP(..., special_bias=True)` (KMnP/vpt `src/models/mlp.py` L53-57: kaiming-normal fan_out, bias
+    -log(99)); mmpeft's default keeps PyTorch's head init. The per-task prompt length is a
     config value (see configs/vtab).
     """
 
