@@ -1,7 +1,8 @@
 """Aggregating benchmark results: per-task means over seeds, group means, and both VTAB means.
 
-VTAB papers average two ways (spec vision.md §2.1): (G) the mean of the three group means
-(VPT, NOAH) and (T) the plain mean of the 19 tasks (SSF, V-PETL). Tables say which is which.
+VTAB papers average two ways: (G) the mean of the three group means (VPT, arXiv 2203.12119;
+NOAH, arXiv 2206.04673) and (T) the plain mean of the 19 tasks (SSF, arXiv 2210.08823; V-PETL Bench,
+synbol/Parameter-Efficient-Transfer-Learning-Benchmark README). Tables say which is which.
 
 Any scalar metric can be aggregated; a row (a sweep cell's result) holds it in `metrics[name]`, or,
 for `val/acc` / `test/acc`, in the legacy `val_acc` / `test_acc` keys of older summaries. The rule

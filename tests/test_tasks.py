@@ -111,7 +111,7 @@ def test_head_specs_inits_and_errors():
     assert spec == {"name": "linear", "init": "zeros", "num_classes": 5}
     assert torch.count_nonzero(build_head(spec, 8).weight) == 0
     wide = build_head(head_spec({"name": "linear", "init": "trunc_normal:0.02"}, 500), 500)
-    assert abs(wide.weight.std().item() - 0.02) < 0.003 and wide.weight.abs().max() <= 0.04
+    assert abs(wide.weight.std().item() - 0.02) < 0.003  # timm's trunc_normal_ cuts at ±2 absolute: a plain normal here
     assert torch.count_nonzero(build_head(head_spec("linear", 5), 8, default_init="zeros").weight) == 0
     with pytest.raises(Exception, match="unknown head 'mlpp'"):
         head_spec("mlpp", 3)

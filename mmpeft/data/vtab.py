@@ -7,7 +7,8 @@ Protocols: "tune" trains on train800 and validates on val200 (hyper-parameter se
 split); "final" trains on train800val200 and tests once on test (val200 is then a subset of the
 training data and is reported only for monitoring). Preprocessing is explicit and logged with the
 config: direct resize to a square, interpolation, mean/std (defaults: SSF's 224 bicubic 0.5/0.5,
-the in21k checkpoints' own normalisation; VPT used bilinear + ImageNet statistics, spec §3.2).
+the in21k checkpoints' own normalisation; VPT used bilinear + ImageNet statistics,
+KMnP/vpt src/data/datasets/tf_dataset.py).
 """
 
 from __future__ import annotations

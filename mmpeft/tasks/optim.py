@@ -78,7 +78,7 @@ def build_optimizer(
 def warmup_cosine(total_steps: int, warmup_steps: int, min_ratio: float = 0.0) -> Callable[[int], float]:
     """lr multiplier: 0 at step 0, linear to 1 at the end of warmup, cosine to `min_ratio` at the end.
 
-    Starting from 0 follows VPT's WarmupCosineSchedule (spec vision.md §6 item 10).
+    Starting from 0 follows VPT's WarmupCosineSchedule (KMnP/vpt src/solver/lr_scheduler.py).
     """
     total_steps = max(total_steps, 1)
     warmup_steps = min(max(warmup_steps, 0), total_steps)
