@@ -5,7 +5,10 @@ the embedding (token backbones) or the first layer (`conv_in` of a UNet, the pat
 DiT, a convnet's stem), so backward reaches the whole network but computes no weight gradients.
 Ratios to the floor show what a method itself costs. The backbone supplies the batch and the loss
 (images and cross-entropy; noisy latents, timesteps, conditioning and the noise-prediction MSE).
-Results go to CSV and markdown.
+Results go to CSV and markdown under `--out` (default `runs/bench/`, ignored by git); an existing result
+file is never replaced without `--overwrite`. Method names are checked before any worker starts. A method
+that is not supported on the backbone keeps its row (with the reason); one that fails in its worker for
+any other reason gets a `failed: ...` row, and the command exits 1 once the other rows are written.
 """
 
 from __future__ import annotations
@@ -26,12 +29,23 @@ from torch import nn
 
 from mmpeft.core.anatomy import ForwardContext, TokenBackbone
 from mmpeft.core.context import BackboneInput
+from mmpeft.core.errors import MmpeftError, NotSupported
 from mmpeft.core.inject import attach
-from mmpeft.core.method import Method, list_methods
+from mmpeft.core.method import Method, get_method, list_methods
 from mmpeft.core.modules import AdapterModule
 from mmpeft.core.report import markdown_table
 
-__all__ = ["add_bench_arguments", "run_bench", "Floor", "measure"]
+__all__ = ["add_bench_arguments", "run_bench", "bench_methods", "Floor", "measure", "BenchFailed", "ResultsExist"]
+
+DEFAULT_OUT = "runs/bench"  # not the committed experiments/bench (refresh: --out experiments/bench --overwrite)
+
+
+class BenchFailed(MmpeftError, RuntimeError):
+    """The floor could not be measured, so there is nothing to compare against and nothing is written."""
+
+
+class ResultsExist(MmpeftError, FileExistsError):
+    """The result file for this backbone, input, batch, device and precision exists and --overwrite was not given."""
 
 
 class _ShiftAfterEmbedding(AdapterModule):
@@ -89,7 +103,8 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-classes", type=int, default=100)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--precision", default="32", help="32 | bf16 (autocast on CUDA)")
-    p.add_argument("--out", default="experiments/bench", help="directory for the CSV and markdown tables")
+    p.add_argument("--out", default=DEFAULT_OUT, help=f"directory for the CSV and markdown tables ({DEFAULT_OUT})")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing result file (otherwise refused)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
 
 
@@ -158,39 +173,83 @@ def bench_backbone(args: argparse.Namespace) -> nn.Module:
     return create_backbone(args.backbone, img_size=args.img_size, **extra)
 
 
+def worker_row(args: argparse.Namespace, method: str) -> dict:
+    """The worker's answer: the measured row, or, when the method is not supported on this backbone, a row
+    with the reason (information, not a failure). Any other error propagates: the worker exits non-zero."""
+    try:
+        return measure(args, method)
+    except NotSupported as err:
+        return {"method": method, "error": str(err).split(";")[0]}
+
+
 def _run_worker(args: argparse.Namespace, method: str) -> dict:
+    """One method in its own process. A worker that exits non-zero (any error but NotSupported, or killed)
+    gives a row marked `failed` whose error is the last stderr line, with the exception's class."""
     cmd = [sys.executable, "-m", "mmpeft.bench", "--worker", method]
     for key in ("backbone", "img_size", "in_chans", "batch", "steps", "warmup", "num_classes", "device", "precision"):
         cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        last = done.stderr.strip().splitlines()[-1] if done.stderr else "failed"
-        return {"method": method, "error": last.split(": ", 1)[-1].split(";")[0]}  # the message, not its class path
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    lines = done.stdout.strip().splitlines()
+    if done.returncode == 0 and lines:
+        try:
+            return json.loads(lines[-1])
+        except ValueError:
+            pass
+    errors = done.stderr.strip().splitlines()
+    last = errors[-1].strip() if errors else f"worker exited with status {done.returncode}"
+    return {"method": method, "error": f"failed: {last[:200]}", "failed": True}
+
+
+def bench_methods(spec: str) -> list[str]:
+    """The methods to time, floor first: 'all' or comma-separated names, each checked (UnknownName with
+    close matches) before any worker starts."""
+    names = list_methods() if spec.strip() == "all" else [m.strip() for m in spec.split(",") if m.strip()]
+    return ["floor", *dict.fromkeys(get_method(m).name for m in names if m.lower() != "floor")]
+
+
+def _size(shape: str) -> str:
+    dims = shape.split("x")
+    return f"{dims[-1]}px" if len(dims) == 3 and dims[-1] == dims[-2] else shape  # images and latents: "224px"
+
+
+def result_stem(args: argparse.Namespace, floor: dict) -> str:
+    """`<backbone>-<size>-b<batch>-<device>-<precision>`, from the floor's measured input and device."""
+    safe = args.backbone.replace(":", "_").replace("/", "_")  # portable file names
+    return f"{safe}-{_size(floor['input'])}-b{args.batch}-{floor['device'].replace(' ', '_')}-{args.precision}"
 
 
 def run_bench(args: argparse.Namespace) -> list[dict]:
-    methods = list_methods() if args.methods == "all" else [m.strip() for m in args.methods.split(",")]
-    methods = ["floor", *[m for m in methods if m != "floor"]]
-    rows = []
-    for method in methods:
+    """Times the floor, then each method; writes `<out>/<stem>.csv` and `.md` and returns the rows (failed
+    ones carry `failed: True`). Raises UnknownName for a bad method name before anything runs, BenchFailed
+    when the floor does not run, and ResultsExist, right after the floor, when the result file is there
+    already and `args.overwrite` is not set (nothing is written then)."""
+    methods = bench_methods(args.methods)
+    print("bench: floor ...", file=sys.stderr, flush=True)
+    floor = _run_worker(args, "floor")
+    if "error" in floor:
+        reason = floor["error"].removeprefix("failed: ")
+        raise BenchFailed(f"the floor did not run on {args.backbone!r}; nothing was timed or written: {reason}")
+    out = Path(args.out)
+    stem = result_stem(args, floor)
+    paths = (out / f"{stem}.csv", out / f"{stem}.md")
+    existing = [str(path) for path in paths if path.exists()]
+    if existing and not getattr(args, "overwrite", False):
+        raise ResultsExist(
+            f"bench results already exist: {', '.join(existing)}; pass --overwrite to replace them, or --out DIR "
+            "to write elsewhere (nothing was written)"
+        )
+    rows = [floor]
+    for method in methods[1:]:
         print(f"bench: {method} ...", file=sys.stderr, flush=True)
         rows.append(_run_worker(args, method))
-    floor = next((r for r in rows if r["method"] == "floor" and "error" not in r), None)
     for r in rows:
-        if floor and "error" not in r:
+        if "error" not in r:
             r["time_vs_floor"] = round(r["step_ms"] / floor["step_ms"], 2)
             r["mem_vs_floor"] = round(r["peak_mem_mb"] / max(floor["peak_mem_mb"], 1e-9), 2)
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    device = next((r["device"] for r in rows if "device" in r), "unknown").replace(" ", "_")
-    shape = next((r["input"] for r in rows if "input" in r), "unknown")
-    dims = shape.split("x")
-    size = f"{dims[-1]}px" if len(dims) == 3 and dims[-1] == dims[-2] else shape  # images and latents: "224px"
-    safe = args.backbone.replace(":", "_").replace("/", "_")  # portable file names
-    stem = f"{safe}-{size}-b{args.batch}-{device}-{args.precision}"
+    device, shape, size = floor["device"].replace(" ", "_"), floor["input"], _size(floor["input"])
     columns = ["method", "trainable", "step_ms", "time_vs_floor", "peak_mem_mb", "mem_vs_floor", "device", "error"]
-    with open(out / f"{stem}.csv", "w", newline="") as f:
+    with open(paths[0], "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
@@ -200,8 +259,9 @@ def run_bench(args: argparse.Namespace) -> list[dict]:
         "peak memory above the post-build baseline; ratios against the floor.\n\n"
     )
     table = markdown_table([{c: r.get(c, "") for c in columns if any(c in x for x in rows)} for r in rows])
-    (out / f"{stem}.md").write_text(header + table + "\n")
+    paths[1].write_text(header + table + "\n")
     print(header + table)
+    print(f"bench: wrote {paths[0]} and {paths[1]}", file=sys.stderr)
     return rows
 
 
@@ -210,6 +270,8 @@ if __name__ == "__main__":
     add_bench_arguments(parser)
     ns = parser.parse_args()
     if ns.worker:
-        print(json.dumps(measure(ns, ns.worker)))
-    else:
-        run_bench(ns)
+        print(json.dumps(worker_row(ns, ns.worker)))
+    else:  # the same checks and exit codes as `mmpeft bench`
+        from mmpeft.cli import main  # noqa: PLC0415
+
+        sys.exit(main(["bench", *sys.argv[1:]]))

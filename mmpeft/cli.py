@@ -33,20 +33,36 @@ OWN_COMMANDS = ("params", "bench", "sweep", "methods")
 
 
 def params_table(backbone: str, num_classes: int = 100, preset: str = "default") -> list[dict]:
-    """One row per registered method; full-size backbones are built on the meta device (no memory)."""
-    from mmpeft.backbones import create_backbone  # noqa: PLC0415
+    """One row per registered method; full-size backbones are built on the meta device (no memory).
 
+    A preset that some methods lack marks their rows; one that no method has raises UnknownName."""
+    import difflib  # noqa: PLC0415
+
+    from mmpeft.backbones import create_backbone  # noqa: PLC0415
+    from mmpeft.core.errors import NotSupported, UnknownName  # noqa: PLC0415
+
+    known = sorted({"default", *(p for name in list_methods() for p in get_method(name).presets)})
+    if preset not in known:
+        close = difflib.get_close_matches(preset, known, n=3)
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise UnknownName(f"no method has preset {preset!r}{hint}; known presets: {', '.join(known)}")
     probe = create_backbone(backbone, device="meta")  # a bad name fails here, once, with its own message
     classes = num_classes if getattr(probe, "num_features", 0) else None  # denoisers take no head
     rows = []
     for name in list_methods():
         row: dict = {"method": name}
+        missing = {"trainable": "n/a", "no head": "n/a", "% of backbone": "n/a"}
         try:
             method = create_method(name, preset=preset)
+        except UnknownName:  # this method lacks the preset
+            rows.append({**row, **missing, "note": f"no preset {preset!r}"})
+            continue
+        try:
             model = PeftModel(create_backbone(backbone, device="meta"), method, num_classes=classes)
-        except MmpeftError as err:  # not supported on this backbone, or no such preset
-            note = "needs a TokenBackbone" if get_method(name).needs_tokens else str(err).split(";")[0][:80]
-            rows.append({**row, "trainable": "n/a", "no head": "n/a", "% of backbone": "n/a", "note": note})
+        except MmpeftError as err:  # not supported on this backbone
+            tokens = isinstance(err, NotSupported) and get_method(name).needs_tokens
+            note = "needs a TokenBackbone" if tokens else str(err).split(";")[0][:80]
+            rows.append({**row, **missing, "note": note})
             continue
         r = parameter_report(model)
         rows.append(
@@ -73,7 +89,11 @@ def _params(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     from mmpeft.bench import run_bench  # noqa: PLC0415
 
-    run_bench(args)
+    failed = [r for r in run_bench(args) if r.get("failed")]
+    if failed:  # the other rows are written; a method not supported on the backbone is a row, not a failure
+        lines = "\n".join(f"  {r['method']}: {r['error'].removeprefix('failed: ')}" for r in failed)
+        print(f"mmpeft: error: bench: {len(failed)} method(s) failed in their worker:\n{lines}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -140,8 +160,20 @@ def _make_cli_class():
     from pytorch_lightning import LightningDataModule  # noqa: PLC0415
     from pytorch_lightning.cli import LightningCLI, SaveConfigCallback  # noqa: PLC0415
 
+    from mmpeft.run_checks import (  # noqa: PLC0415
+        check_checkpoint_fits,
+        refuse_untrained_evaluation,
+        require_test_split,
+    )
     from mmpeft.tasks import PeftTask  # noqa: PLC0415
-    from mmpeft.tasks.callbacks import AdapterExport, RunStats, human_bytes, run_dir  # noqa: PLC0415
+    from mmpeft.tasks.callbacks import (  # noqa: PLC0415
+        AdapterExport,
+        PredictionWriter,
+        RunStats,
+        TerminationCheckpoint,
+        human_bytes,
+        run_dir,
+    )
 
     class RunConfig(SaveConfigCallback):
         """Saves the config in the run's own version directory and sends it to W&B."""
@@ -161,7 +193,11 @@ def _make_cli_class():
                 save_config_callback=RunConfig,
                 seed_everything_default=0,
                 auto_configure_optimizers=False,
-                parser_kwargs={"default_env": True, **{c: {"epilog": methods_epilog()} for c in LIGHTNING_COMMANDS}},
+                parser_kwargs={
+                    "default_env": True,
+                    "exit_on_error": False,  # parse errors reach `main` as one line, not a usage dump
+                    **{c: {"epilog": methods_epilog(), "exit_on_error": False} for c in LIGHTNING_COMMANDS},
+                },
                 args=args,
                 run=run,
             )
@@ -187,16 +223,26 @@ def _make_cli_class():
             trainer_config = config["trainer"]
             if trainer_config.get("logger") in (None, True):
                 trainer_config["logger"] = self._loggers(config)
-            extra = [AdapterExport(), RunStats()]
+            elif trainer_config.get("logger") is False and not trainer_config.get("default_root_dir"):
+                trainer_config["default_root_dir"] = str(self._unlogged_run_dir(config))  # never the cwd
+            extra = [AdapterExport(), RunStats(), TerminationCheckpoint(), PredictionWriter()]
             return super().instantiate_trainer(**{**kwargs, "callbacks": [*kwargs.get("callbacks", []), *extra]})
+
+        def _run_name(self, config: Any) -> str:
+            default = f"{self.model.method.name}-{type(self.datamodule).__name__.removesuffix('DataModule')}"
+            return config["run"]["name"] or default
+
+        def _unlogged_run_dir(self, config: Any) -> Path:
+            """`runs/<name>/version_N` for a run with `--trainer.logger false` (the next free N)."""
+            base = Path(config["run"]["dir"]) / self._run_name(config)
+            taken = [int(p.name.split("_")[1]) for p in base.glob("version_*") if p.name.split("_")[1].isdigit()]
+            return base / f"version_{max(taken, default=-1) + 1}"
 
         def _loggers(self, config: Any) -> list:
             from pytorch_lightning.loggers import CSVLogger  # noqa: PLC0415
 
             run = config["run"]
-            name = (
-                run["name"] or f"{self.model.method.name}-{type(self.datamodule).__name__.removesuffix('DataModule')}"
-            )
+            name = self._run_name(config)
             csv = CSVLogger(save_dir=run["dir"], name=name)
             loggers = [csv]
             mode = wandb_mode(run["wandb"])
@@ -215,12 +261,26 @@ def _make_cli_class():
                 )
             return loggers
 
-        def _load_adapter(self) -> None:
-            path = self._run_options().get("adapter")
-            if path:
-                self.model.load_adapter(path)
+        def _parse_ckpt_path(self) -> None:
+            """Lightning would overwrite the model config with the checkpoint's hyper-parameters; keep the config
+            and refuse a checkpoint that does not fit it (see `check_checkpoint_fits`)."""
+            subcommand = self.config.get("subcommand")
+            ckpt = self.config[subcommand].get("ckpt_path") if subcommand else None
+            if ckpt:
+                check_checkpoint_fits(self.config[subcommand]["model"], ckpt)
 
-        before_fit = before_validate = before_test = before_predict = _load_adapter
+        def _before_run(self) -> None:
+            """Refuse what would quietly go wrong, then load the adapter (see `mmpeft.run_checks`)."""
+            options = self._run_options()
+            adapter, ckpt = options.get("adapter"), options.get("ckpt_path")
+            if adapter:
+                self.model.load_adapter(adapter)
+            if self.subcommand in ("validate", "test", "predict") and not (adapter or ckpt):
+                refuse_untrained_evaluation(self.model, self.subcommand)
+            if self.subcommand == "fit" and options["run"]["test_after_fit"]:
+                require_test_split(self.datamodule)
+
+        before_fit = before_validate = before_test = before_predict = _before_run
 
         def _metrics(self) -> dict[str, float]:
             return {k: float(v) for k, v in self.trainer.callback_metrics.items() if v.numel() == 1}
@@ -281,20 +341,71 @@ def run_cli(args: Sequence[str] | None = None, run: bool = True):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Errors are one line naming the problem (exit 2 for bad input, 1 for anything else); `--debug` or
+    MMPEFT_DEBUG=1 shows the traceback instead. A run ended by SIGTERM exits 143."""
     from_shell = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("MMPEFT_DEBUG", "") not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
+    if from_shell:
+        sys.argv = [sys.argv[0], *argv]  # LightningCLI reads sys.argv itself when run from a shell
     try:
         if argv and argv[0] in LIGHTNING_COMMANDS:
-            run_cli(None if from_shell else argv)  # LightningCLI reads sys.argv itself when run from a shell
+            run_cli(None if from_shell else argv)
             return 0
         args = build_own_parser().parse_args(argv)
         return args.run(args)
+    except SystemExit as exit_:
+        if type(exit_).__name__ == "SIGTERMException":  # Lightning's, a SystemExit with code 0
+            return _terminated(argv)
+        raise
     except Exception as err:
-        cause = user_error(err)
-        if cause is None:
+        if debug:
             raise
-        print(f"mmpeft: error: {cause}", file=sys.stderr)
-        return 2
+        message, code = one_line_error(err)
+        print(f"mmpeft: error: {message}", file=sys.stderr)
+        return code
+
+
+def one_line_error(err: BaseException) -> tuple[str, int]:
+    """(message, exit code): the mmpeft or file error behind `err`, a condensed command-line parse error, or
+    the exception's first line with a pointer to `--debug`."""
+    cause = user_error(err)
+    if cause is not None:
+        return str(cause), 2
+    if type(err).__name__ == "ArgumentError":  # jsonargparse: a bad value, key or config file
+        return condense_parse_error(str(err)), 2
+    first = (str(err).strip().splitlines() or [""])[0]
+    return f"{type(err).__name__}: {first} (run with --debug or MMPEFT_DEBUG=1 for the traceback)", 1
+
+
+def condense_parse_error(text: str) -> str:
+    """jsonargparse's nested report ("Parser key "model": Does not validate against any of the Union subtypes
+    ... Parser key "lr": Expected a <class 'float'>. Got value: abc") as "model.lr: expected float, got 'abc'"."""
+    import re  # noqa: PLC0415
+
+    keys = re.findall(r'Parser key "([^"]+)"', text)
+    noise = ("Parser key", "Subtypes:", "Errors:", "Given value", "Expected a <class 'NoneType'>")
+    lines = [line.strip().lstrip("- ") for line in text.splitlines()]
+    reasons = [line for line in lines if line and "Union subtypes" not in line and not line.startswith(noise)]
+    reason = reasons[-1] if reasons else text.strip().splitlines()[-1]
+    reason = re.sub(r"<class '([\w.]+)'>", r"\1", reason).lstrip("- ")
+    where = ".".join(dict.fromkeys(keys))
+    return f"{where}: {reason} (see `mmpeft fit --help`)" if where else f"{reason} (see `mmpeft fit --help`)"
+
+
+def _terminated(argv: Sequence[str]) -> int:
+    """A run ended by SIGTERM exits 143 (128 + 15), so schedulers record a failure, and says how to resume."""
+    from mmpeft.tasks.callbacks import TerminationCheckpoint  # noqa: PLC0415
+
+    saved = TerminationCheckpoint.last_path
+    args = [a for a in argv if not a.startswith("--ckpt_path")]
+    if saved is not None:
+        print(f"mmpeft: terminated by SIGTERM; a resumable checkpoint is at {saved}\n"
+              f"  resume with: mmpeft {' '.join(args)} --ckpt_path {saved}", file=sys.stderr)  # fmt: skip
+    else:
+        print("mmpeft: terminated by SIGTERM before training started; nothing to resume", file=sys.stderr)
+    return 143
 
 
 def user_error(err: BaseException) -> BaseException | None:

@@ -14,20 +14,34 @@ Any scalar metric a run logs can select and be reported (cells read it from thei
 A finished cell whose summary lacks the metric its stage needs stops the sweep at once with a one-line
 error naming the metric, the cell and the metrics it has (a misspelt name should not cost a whole stage).
 
+The whole sweep is checked before the first cell runs (`check_sweep`): every task is in the dataset
+metadata (when `metadata` is set), every method config exists and parses with `mmpeft fit`'s own parser
+(unknown options, unknown method names and method options included), and every dotted key in `args`,
+`search` and `overrides` exists in it. All problems come in one `SweepError`, and nothing runs.
+
 Each cell is one `mmpeft fit` in its own process (crash isolation, a fresh CUDA context), with its
-log, run directory and adapter file kept. A cell is done when its result file exists, so a killed
-sweep resumes where it stopped; a cell's id carries a hash of its arguments, so editing the sweep
-file reruns exactly the cells it changes (`select` and `report` are not arguments: changing them
-reuses every cell). Results: `cells.csv` (every cell, with the select and report metrics as columns
-named by metric) and `results.md` (the report metric per task, mean ± std over seeds, parameters;
-for accuracies also group means and both VTAB means, see `mmpeft.results`). Modality-agnostic: the
-task and data-root keys are configurable, and groups come from the dataset metadata when known.
+log, run directory and adapter file kept. With `--parallel N` the cells are spread over the visible GPUs
+(`device_slots`: one `CUDA_VISIBLE_DEVICES` id per cell, cycling over them; nothing is set without a GPU).
+A cell is done when its result file exists, so a killed sweep resumes where it stopped. A cell's id
+hashes what defines it: the content (not the path) of its method's config files and of any config file
+they or its overrides refer to, its overrides, seed and stage. Editing the sweep file or a method config
+reruns exactly the cells it changes; comments, formatting and moving a file rerun nothing (`select` and
+`report` are not arguments: changing them reuses every cell). A method is one config file or a list of
+them (merged in order, as `mmpeft fit -c A -c B`). Selection ties go to the earliest point in grid
+order, whatever order cells finished or were resumed in.
+
+Results: `cells.csv` (every cell, with the select and report metrics as columns named by metric) and
+`results.md` (the report metric per task, mean ± std over seeds, parameters; for accuracies also group
+means and both VTAB means, see `mmpeft.results`). Modality-agnostic: the task and data-root keys are
+configurable, and groups come from the dataset metadata when known.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import difflib
+import functools
 import hashlib
 import itertools
 import json
@@ -38,7 +52,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -54,6 +68,9 @@ __all__ = [
     "Sweep",
     "SweepError",
     "load_sweep",
+    "check_sweep",
+    "config_fingerprint",
+    "device_slots",
     "plan_stage1",
     "plan_stage2",
     "select",
@@ -77,18 +94,65 @@ class Cell:
     seed: int
     point: dict[str, Any]
     args: dict[str, Any]  # every dotted override this cell passes, point included
-    config: str
+    configs: list[str]  # the method's config files, `-c` in this order
+    fingerprint: str  # their content and that of config files they or `args` refer to, not their paths
 
     @property
     def id(self) -> str:
-        digest = hashlib.sha1(json.dumps([self.config, self.args], sort_keys=True).encode()).hexdigest()[:8]
+        """Stage, task, method label and seed for people; a hash of everything that defines the cell for reuse."""
+        defined = [self.stage, self.seed, self.fingerprint, self.args]
+        digest = hashlib.sha1(json.dumps(defined, sort_keys=True, default=str).encode()).hexdigest()[:8]
         return f"s{self.stage}-{self.task}-{self.method}-seed{self.seed}-{digest}"
+
+
+CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
+
+
+def config_fingerprint(paths: Sequence[str | Path]) -> str:
+    """A hash of the parsed content of config files, in order, and of every config file they refer to.
+
+    Content, not paths: moving a file, or editing its comments or layout, keeps the fingerprint; any value
+    changed in it or in a config it refers to (a string value naming an existing .yaml / .yml / .json
+    file, relative to the referring file's folder or the working directory, as `mmpeft fit` reads it)
+    changes it. A file that cannot be read or parsed hashes as the error, so plans never crash on it."""
+    seen: set[Path] = set()
+
+    def content(path: Path) -> Any:
+        try:
+            data = yaml.safe_load(path.read_text())
+        except (OSError, yaml.YAMLError) as err:
+            return {"unreadable": type(err).__name__}
+        return {"content": data, "refers": [content(ref) for ref in _referred_files(data, path.parent, seen)]}
+
+    tree = [content(Path(p)) for p in paths]
+    return hashlib.sha1(json.dumps(tree, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def _referred_files(data: Any, folder: Path, seen: set[Path]) -> list[Path]:
+    """The config files a parsed config names as string values (each once, cycles cut)."""
+    found: list[Path] = []
+    stack = [data]
+    while stack:
+        node = stack.pop(0)
+        if isinstance(node, Mapping):
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+        elif isinstance(node, str) and node.endswith(CONFIG_SUFFIXES):
+            for candidate in (folder / node, Path(node)):
+                if candidate.is_file():
+                    resolved = candidate.resolve()
+                    if resolved not in seen:
+                        seen.add(resolved)
+                        found.append(candidate)
+                    break
+    return found
 
 
 @dataclass
 class Sweep:
     name: str
-    methods: dict[str, str]  # method label -> config file
+    methods: dict[str, str | list[str]]  # method label -> config file, or files merged in order (`-c A -c B`)
     tasks: list[str]
     seeds: list[int] = field(default_factory=lambda: [0])
     search: dict[str, list] = field(default_factory=dict)
@@ -112,6 +176,10 @@ class Sweep:
             self.report = _default_report(self.select["metric"])
         if not isinstance(self.report, str) or not self.report:
             raise SweepError(f"report must be a metric name such as 'test/acc', not {self.report!r}")
+
+    def configs(self, method: str) -> list[str]:
+        files = self.methods[method]
+        return [files] if isinstance(files, str) else list(files)
 
     def settings(self, task: str, method: str) -> tuple[dict[str, list], dict[str, Any]]:
         """(search grid, fixed args) for one (task, method): global, then matching overrides in order."""
@@ -146,7 +214,10 @@ def _default_report(metric: str) -> str:
 
 
 def load_sweep(path: str | Path) -> Sweep:
+    """The sweep file's keys and `select` / `report`; `check_sweep` checks what they name (tasks, configs, keys)."""
     raw = yaml.safe_load(Path(path).read_text())
+    if not isinstance(raw, Mapping):
+        raise SweepError(f"{path}: a sweep file is a mapping (name, methods, tasks, ...), not {type(raw).__name__}")
     unknown = set(raw) - set(Sweep.__dataclass_fields__)
     if unknown:
         raise SweepError(f"{path}: unknown sweep keys {sorted(unknown)}; known: {sorted(Sweep.__dataclass_fields__)}")
@@ -154,9 +225,6 @@ def load_sweep(path: str | Path) -> Sweep:
         sweep = Sweep(**raw)
     except SweepError as err:
         raise SweepError(f"{path}: {err}") from None
-    for label, config in sweep.methods.items():
-        if not Path(config).is_file():
-            raise FileNotFoundError(f"{path}: config {config!r} of method {label!r} does not exist")
     return sweep
 
 
@@ -165,22 +233,36 @@ def _grid(search: Mapping[str, list]) -> list[dict[str, Any]]:
     return [dict(zip(keys, values)) for values in itertools.product(*(search[k] for k in keys))] or [{}]
 
 
-def _cell(sweep: Sweep, stage: int, task: str, method: str, seed: int, point: dict, fixed: dict) -> Cell:
+def _cell_args(sweep: Sweep, stage: int, task: str, seed: int, point: dict, fixed: dict) -> dict[str, Any]:
     args = {**fixed, **point, sweep.task_key: task, sweep.protocol_key: sweep.protocols[stage - 1]}
     args["seed_everything"] = seed
     if sweep.data_root is not None:
         args[sweep.root_key] = sweep.data_root
-    return Cell(stage, task, method, seed, point, args, sweep.methods[method])
+    return args
+
+
+def _fingerprints(sweep: Sweep) -> dict[str, str]:
+    """Each method's config fingerprint, read once per plan (a config edited between stages is seen)."""
+    return {method: config_fingerprint(sweep.configs(method)) for method in sweep.methods}
+
+
+def _cell(sweep: Sweep, prints: dict, stage: int, task: str, method: str, seed: int, point: dict, fixed: dict) -> Cell:
+    args = _cell_args(sweep, stage, task, seed, point, fixed)
+    fingerprint = prints[method]
+    referred = _referred_files(args, Path.cwd(), set())  # an override naming a config file: its content counts
+    if referred:
+        fingerprint += "+" + config_fingerprint(referred)
+    return Cell(stage, task, method, seed, point, args, sweep.configs(method), fingerprint)
 
 
 def plan_stage1(sweep: Sweep) -> list[Cell]:
     """Every search point on the tuning split, first seed; (task, method) pairs with one point skip it."""
-    cells = []
+    cells, prints = [], _fingerprints(sweep)
     for task, method in itertools.product(sweep.tasks, sweep.methods):
         search, fixed = sweep.settings(task, method)
         points = _grid(search)
         if len(points) > 1:
-            cells += [_cell(sweep, 1, task, method, sweep.seeds[0], p, fixed) for p in points]
+            cells += [_cell(sweep, prints, 1, task, method, sweep.seeds[0], p, fixed) for p in points]
     return cells
 
 
@@ -197,7 +279,7 @@ def select(
 ) -> dict[tuple[str, str], dict[str, Any]]:
     """Best point per (task, method): highest `metric` (mode max) or lowest (min); ties keep the earlier result.
 
-    `Runner.run` returns results in grid order, so a tie goes to the earlier grid point."""
+    `plan_stage2` passes the results in grid order, so there a tie goes to the earlier grid point."""
     best: dict[tuple[str, str], tuple[float, dict[str, Any]]] = {}
     for r in results:
         key, score = (r["task"], r["method"]), _score(r, metric, mode)
@@ -206,14 +288,286 @@ def select(
     return {key: r for key, (_, r) in best.items()}
 
 
+def _in_grid_order(sweep: Sweep, results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Stage-1 results sorted by their point's place in the current grid of their (task, method).
+
+    The sort is what makes a tie go to the first grid point whatever order the results arrive in (finishing
+    order, resumed cells, a grid reordered since an earlier run); a point no longer in the grid sorts last."""
+    grids: dict[tuple[str, str], list[dict]] = {}
+
+    def rank(r: dict[str, Any]) -> int:
+        key = (r["task"], r["method"])
+        if key not in grids:
+            grids[key] = _grid(sweep.settings(*key)[0]) if r["method"] in sweep.methods else []
+        points = grids[key]
+        return points.index(r["point"]) if r["point"] in points else len(points)
+
+    return sorted(results, key=rank)
+
+
 def plan_stage2(sweep: Sweep, stage1: list[dict[str, Any]]) -> list[Cell]:
-    chosen = select(stage1, sweep.select["metric"], sweep.select["mode"])
-    cells = []
+    chosen = select(_in_grid_order(sweep, stage1), sweep.select["metric"], sweep.select["mode"])
+    cells, prints = [], _fingerprints(sweep)
     for task, method in itertools.product(sweep.tasks, sweep.methods):
         search, fixed = sweep.settings(task, method)
         point = chosen[(task, method)]["point"] if (task, method) in chosen else _grid(search)[0]
-        cells += [_cell(sweep, 2, task, method, seed, point, fixed) for seed in sweep.seeds]
+        cells += [_cell(sweep, prints, 2, task, method, seed, point, fixed) for seed in sweep.seeds]
     return cells
+
+
+# -- checking a sweep before it runs ---------------------------------------------------------------------------
+
+OVERRIDE_RULE_KEYS = ("task", "method", "search", "args")
+METHOD_KEYS = ("model.init_args.method", "model.init_args.text_method")  # method specs `mmpeft fit` builds
+
+
+def check_sweep(sweep: Sweep, where: str | Path = "sweep") -> None:
+    """Every problem of a sweep in one `SweepError` (one line): its structure, unknown tasks, missing or
+    unparsable method configs, unknown method names or options, and dotted keys the config does not have."""
+    problems = _check_structure(sweep)  # wrong types: nothing else can be checked
+    if not problems:
+        for i, rule in enumerate(sweep.overrides):
+            unknown = sorted(set(rule) - set(OVERRIDE_RULE_KEYS))
+            if unknown:
+                problems.append(f"overrides[{i}]: unknown keys {unknown}; known: {list(OVERRIDE_RULE_KEYS)}")
+        problems += _check_tasks(sweep)
+        problems += _check_methods(sweep)
+    if problems:
+        listed = "; ".join(f"({i}) {problem}" for i, problem in enumerate(problems, 1))
+        raise SweepError(f"{where}: {len(problems)} problem{'s' if len(problems) > 1 else ''}, no cell ran: {listed}")
+
+
+def _check_structure(sweep: Sweep) -> list[str]:
+    """Values of the wrong type (tasks not a list, a search value not a list, ...)."""
+    problems = []
+
+    def mapping_of_lists(value: Any, where: str) -> None:
+        if not isinstance(value, Mapping):
+            problems.append(f"{where} must map dotted keys to lists of values, not {value!r}")
+            return
+        for key, values in value.items():
+            if not isinstance(values, list) or not values:
+                problems.append(f"{where}.{key} must be a non-empty list of values, not {values!r}")
+
+    if not isinstance(sweep.tasks, list) or not sweep.tasks or not all(isinstance(t, str) for t in sweep.tasks):
+        problems.append(f"tasks must be a non-empty list of task names, not {sweep.tasks!r}")
+    if not isinstance(sweep.seeds, list) or not sweep.seeds or not all(isinstance(x, int) for x in sweep.seeds):
+        problems.append(f"seeds must be a non-empty list of integers, not {sweep.seeds!r}")
+    if not isinstance(sweep.methods, Mapping) or not sweep.methods:
+        problems.append(f"methods must map method labels to config files, not {sweep.methods!r}")
+    else:
+        for label, files in sweep.methods.items():
+            listed = isinstance(files, list) and files and all(isinstance(f, str) for f in files)
+            if not (isinstance(files, str) or listed):
+                problems.append(f"method {label!r}: a config file or a list of them, not {files!r}")
+    mapping_of_lists(sweep.search, "search")
+    if not isinstance(sweep.args, Mapping):
+        problems.append(f"args must map dotted keys to values, not {sweep.args!r}")
+    if not isinstance(sweep.overrides, list):
+        problems.append(f"overrides must be a list of {{task, method, search, args}} rules, not {sweep.overrides!r}")
+        return problems
+    for i, rule in enumerate(sweep.overrides):
+        where = f"overrides[{i}]"
+        if not isinstance(rule, Mapping):
+            problems.append(f"{where} must be a mapping with keys {list(OVERRIDE_RULE_KEYS)}, not {rule!r}")
+            continue
+        if "search" in rule:
+            mapping_of_lists(rule["search"], f"{where}.search")
+        if not isinstance(rule.get("args", {}), Mapping):
+            problems.append(f"{where}.args must map dotted keys to values, not {rule['args']!r}")
+    return problems
+
+
+def _check_tasks(sweep: Sweep) -> list[str]:
+    """With `metadata` set, every task, and every task an override rule names (a rule for a task the sweep does
+    not run is fine: one file can hold every task's settings), is one of that dataset metadata's tasks
+    (`mmpeft.data.metadata.load_metadata`; FGVC's: its datasets)."""
+    if not sweep.metadata:
+        return []
+    from mmpeft.data.metadata import load_metadata  # noqa: PLC0415
+
+    try:
+        meta = load_metadata(sweep.metadata)
+    except (FileNotFoundError, MmpeftError) as err:
+        return [f"metadata {sweep.metadata!r}: {err} (set `metadata: null` for tasks without metadata)"]
+    known = list(meta.get("tasks", meta.get("datasets", {})))
+    named = [(task, "") for task in sweep.tasks]
+    named += [(rule["task"], f" in overrides[{i}]") for i, rule in enumerate(sweep.overrides) if "task" in rule]
+    problems = []
+    for task, where in named:
+        if task not in known:
+            near = difflib.get_close_matches(str(task), known, n=1)
+            hint = f"did you mean {near[0]!r}?" if near else f"known: {', '.join(known)}"
+            problems.append(f"unknown task {task!r}{where} (not in the {sweep.metadata!r} dataset metadata; {hint})")
+    return problems
+
+
+def _check_methods(sweep: Sweep) -> list[str]:
+    """Each method's config files, parsed with `mmpeft fit`'s parser alone and with every distinct set of the
+    sweep's overrides for it; unknown dotted keys are collected over the whole sweep, one problem per key."""
+    problems: list[str] = []
+    unknown: dict[str, dict[str, None]] = {}  # unknown key -> the methods it is unknown for (ordered)
+    bad: dict[str, dict[str, str]] = {}  # a config's or a cell's problem -> {method: where it first shows}
+    known_keys: set[str] = set()
+    parser = None
+    for label in sweep.methods:
+        files = sweep.configs(label)
+        unreadable = [b for b in map(_unreadable, files) if b]
+        if unreadable:
+            problems += [f"method {label!r}: {b}" for b in unreadable]
+            continue
+        parser = parser or _config_parser()
+        base, err = _parse(parser, files, {})
+        if base is None:
+            problems.append(f"method {label!r} ({', '.join(files)}): {err}")
+            continue
+        known = {k for k in base.keys() if k != "config"}
+        known_keys |= known
+        for problem in _method_spec_problems(base):
+            bad.setdefault(problem, {})[label] = ""  # "": the config itself
+        seen: set[str] = set()
+        for where, overrides in _override_sets(sweep, label):
+            fingerprint = json.dumps(overrides, sort_keys=True, default=str)
+            if fingerprint in seen:
+                continue
+            seen.add(fingerprint)
+            parsed, err = _parse(parser, files, overrides)
+            missing = [k for k in overrides if not _known_key(k, known)] if parsed is None else []
+            for k in missing:
+                unknown.setdefault(k, {})[label] = None
+            if missing:  # the other keys may still hold a bad value
+                parsed, err = _parse(parser, files, {k: v for k, v in overrides.items() if k not in missing})
+            for problem in [err] if parsed is None else _method_spec_problems(parsed):
+                bad.setdefault(problem, {}).setdefault(label, f", {where}")  # once per method, where it shows first
+    for problem, wheres in bad.items():
+        label, where = next(iter(wheres.items()))
+        if len(wheres) == 1:
+            name = f"method {label!r} ({', '.join(sweep.configs(label))})"
+        else:
+            name = "methods " + ", ".join(map(repr, wheres))
+        problems.append(f"{name}{where}: {problem}")
+    for key, labels in unknown.items():
+        near = _near_key(key, known_keys)
+        hint = f"; did you mean {near!r}?" if near else ""
+        problems.append(f"unknown key {key!r} (method {', '.join(map(repr, labels))}){hint}")
+    return problems
+
+
+def _unreadable(path: str) -> str | None:
+    """Why a config file cannot be used (missing, not YAML, not a mapping), or None."""
+    if not Path(path).is_file():
+        return f"config {path!r} does not exist"
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark is not None else ""
+        return f"config {path!r} is not valid YAML{where}: {getattr(err, 'problem', None) or _one_line(err)}"
+    if not isinstance(data, Mapping):
+        return f"config {path!r} is not a mapping of options"
+    return None
+
+
+@functools.cache
+def _config_parser():
+    """`mmpeft`'s own LightningCLI parser (with its `run.*` options), built once and never run; `_parse` uses
+    its `fit` subcommand, whose options (`ckpt_path`, ...) are those of a cell's `mmpeft fit`.
+
+    Parsing checks every key and value against the classes' signatures without instantiating anything
+    (no backbone is built, no weights or data are read)."""
+    from mmpeft.cli import _make_cli_class  # noqa: PLC0415
+
+    class ParseOnly(_make_cli_class()):
+        def __init__(self) -> None:
+            super().__init__(args=[], run=True)
+
+        def init_parser(self, **kwargs: Any):
+            return super().init_parser(**{**kwargs, "exit_on_error": False})  # errors raise instead of exiting
+
+        def parse_arguments(self, parser, args) -> None:
+            self.config = {"subcommand": None}  # nothing parsed, so nothing runs
+
+        def _parse_ckpt_path(self) -> None:
+            pass
+
+        def _set_seed(self) -> None:
+            pass
+
+        def before_instantiate_classes(self) -> None:
+            pass
+
+        def instantiate_classes(self) -> None:
+            pass
+
+        def after_instantiate_classes(self) -> None:
+            pass
+
+    return ParseOnly().parser
+
+
+def _parse(parser, files: list[str], overrides: Mapping[str, Any]) -> tuple[Any, str]:
+    """(namespace, "") or (None, the parser's complaint on one line) for `mmpeft fit -c FILES... -c OVERRIDES`."""
+    args = ["fit", *(a for f in files for a in ("-c", f))]
+    if overrides:
+        args += ["--config", yaml.safe_dump(_nested(overrides))]  # jsonargparse reads a config given as a string
+    try:
+        return parser.parse_args(args)["fit"], ""
+    except Exception as err:  # noqa: BLE001 - jsonargparse's ArgumentError, or whatever a bad file raises
+        return None, _one_line(err)
+
+
+NOISE = ("Does not validate against any of the Union subtypes", "Subtypes:", "Errors:", "Given value",
+         "Expected a <class 'NoneType'>")  # fmt: skip
+
+
+def _one_line(err: BaseException) -> str:
+    """jsonargparse's indented, multi-line explanation as one line: the path to the problem, then the problem."""
+    lines = [line.strip().removeprefix("- ") for line in str(err).splitlines()]
+    return ": ".join(line.rstrip(":") for line in lines if line and not line.startswith(NOISE)) or type(err).__name__
+
+
+def _method_spec_problems(config: Any) -> list[str]:
+    """An unknown method name, preset or option in a parsed config's method specs (`method_from_spec`)."""
+    from mmpeft.core.method import method_from_spec  # noqa: PLC0415
+
+    problems = []
+    for key in METHOD_KEYS:
+        if key not in config:
+            continue
+        spec = config.get(key)
+        if key != METHOD_KEYS[0] and spec is None:
+            continue  # no text method
+        try:
+            method_from_spec(spec.as_dict() if hasattr(spec, "as_dict") else spec)
+        except (MmpeftError, TypeError, ValueError) as err:
+            problems.append(f"{key}: {_one_line(err)}")
+    return problems
+
+
+def _override_sets(sweep: Sweep, method: str) -> Iterable[tuple[str, dict[str, Any]]]:
+    """(where, dotted overrides) of every cell the sweep can run for `method`, task names set aside (`check_sweep`
+    checks them against the metadata) so that tasks sharing settings are parsed once."""
+    for task in sweep.tasks:
+        search, fixed = sweep.settings(task, method)
+        for point in _grid(search):
+            args = _cell_args(sweep, 1, sweep.tasks[0], sweep.seeds[0], point, fixed)
+            yield f"task {task!r}" + (f", point {point}" if point else ""), args
+
+
+def _known_key(key: str, known: set[str]) -> bool:
+    """A dotted key the parsed config has, or a group of them (`model.init_args.backbone`)."""
+    return key in known or any(k.startswith(key + ".") for k in known)
+
+
+def _near_key(key: str, known: Iterable[str]) -> str | None:
+    """The known key the misspelt `key` most likely meant: a sibling with a close name, else a close full key."""
+    parent, _, leaf = key.rpartition(".")
+    siblings = {k.rpartition(".")[2]: k for k in known if k.rpartition(".")[0] == parent}
+    near = difflib.get_close_matches(leaf, list(siblings), n=1)
+    if near:
+        return siblings[near[0]]
+    near = difflib.get_close_matches(key, list(known), n=1, cutoff=0.85)
+    return near[0] if near else None
 
 
 def _nested(dotted: Mapping[str, Any]) -> dict[str, Any]:
@@ -228,11 +582,36 @@ def _nested(dotted: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def device_slots(parallel: int, gpus: int, visible: str | None = None) -> list[str | None]:
+    """The `CUDA_VISIBLE_DEVICES` of each of the `parallel` cell slots: the GPUs in turn, cycling when there are
+    more slots than GPUs; None (nothing set) without a GPU.
+
+    gpus: `torch.cuda.device_count()`; visible: the sweep's own `CUDA_VISIBLE_DEVICES`, whose ids (numbers or
+    UUIDs) are the ones handed out, since a child's ids are read through it. `device_slots(4, 2)` is
+    ["0", "1", "0", "1"]; `device_slots(2, 2, "2,5")` is ["2", "5"]; `device_slots(3, 0)` is [None] * 3."""
+    parallel = max(parallel, 1)
+    ids = [i.strip() for i in visible.split(",") if i.strip()] if visible else []
+    ids = ids[:gpus] if ids else [str(i) for i in range(gpus)]  # CUDA stops at the first id it cannot use
+    if gpus <= 0 or not ids:
+        return [None] * parallel
+    return [ids[k % len(ids)] for k in range(parallel)]
+
+
+def _gpu_count() -> int:
+    try:
+        import torch  # noqa: PLC0415
+
+        return torch.cuda.device_count()
+    except Exception:  # noqa: BLE001 - no torch, or a broken driver: run on the CPU
+        return 0
+
+
 class Runner:
-    """Runs cells in subprocesses, `parallel` at a time (one GPU each when there are enough)."""
+    """Runs cells in subprocesses, `parallel` at a time, each slot on its own GPU (`device_slots`)."""
 
     def __init__(self, sweep: Sweep, out: Path, log=print):
         self.sweep, self.out, self.log = sweep, out, log
+        self.devices = device_slots(sweep.parallel, _gpu_count(), os.environ.get("CUDA_VISIBLE_DEVICES"))
         for sub in ("cells", "logs", "runs", "configs"):
             (out / sub).mkdir(parents=True, exist_ok=True)
         self.lock = threading.Lock()
@@ -256,7 +635,8 @@ class Runner:
         overrides.setdefault("trainer", {})["enable_progress_bar"] = False
         path = self.out / "configs" / f"{cell.id}.yaml"
         path.write_text(yaml.safe_dump(overrides, sort_keys=False))
-        return [sys.executable, "-m", "mmpeft.cli", "fit", "-c", cell.config, "-c", str(path)]
+        configs = [a for config in cell.configs for a in ("-c", config)]
+        return [sys.executable, "-m", "mmpeft.cli", "fit", *configs, "-c", str(path)]
 
     def run_one(self, cell: Cell, device: str | None) -> dict[str, Any] | None:
         env = dict(os.environ)
@@ -293,7 +673,7 @@ class Runner:
         if not todo:
             return results
         devices: queue.Queue = queue.Queue()
-        for device in self._devices():
+        for device in self.devices:
             devices.put(device)
         durations: list[float] = []
         start = time.perf_counter()
@@ -351,18 +731,6 @@ class Runner:
             f"{cell.task}/{cell.method} {cell.point or ''} {outcome}"
         )
 
-    def _devices(self) -> list[str | None]:
-        parallel = max(self.sweep.parallel, 1)
-        try:
-            import torch  # noqa: PLC0415
-
-            gpus = torch.cuda.device_count()
-        except Exception:  # noqa: BLE001
-            gpus = 0
-        if gpus >= parallel > 1:
-            return [str(i) for i in range(parallel)]
-        return [None] * parallel
-
 
 def _result(cell: Cell, summary: Mapping[str, Any]) -> dict[str, Any]:
     """A cell's result: its run's summary under the cell's own fields.
@@ -407,8 +775,11 @@ def run_sweep(path: str | Path, parallel: int | None = None, log=print) -> str:
     sweep = load_sweep(path)
     if parallel:
         sweep.parallel = parallel
+    check_sweep(sweep, path)  # every problem at once, before anything is written or run
     out = Path(sweep.out) / sweep.name
     runner = Runner(sweep, out, log)
+    if any(runner.devices):
+        log(f"{len(runner.devices)} cells at a time on CUDA_VISIBLE_DEVICES {', '.join(map(str, runner.devices))}")
     start = time.perf_counter()
     stage1 = runner.run(plan_stage1(sweep), stage=1, metric=sweep.select["metric"])
     if runner.failed:
@@ -423,4 +794,4 @@ def run_sweep(path: str | Path, parallel: int | None = None, log=print) -> str:
 
 def add_sweep_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("sweep", help="a sweep file, e.g. experiments/vtab1k.yaml")
-    p.add_argument("--parallel", type=int, default=None, help="cells at once (one GPU each when there are enough)")
+    p.add_argument("--parallel", type=int, default=None, help="cells at once, spread over the visible GPUs")

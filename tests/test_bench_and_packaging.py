@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
+import argparse
+import ast
 import csv
 import pathlib
 import re
+import shutil
+import subprocess
+import sys
+import tomllib
+import zipfile
 
+import pytest
+
+from mmpeft import bench
 from mmpeft.cli import main
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def test_bench_writes_rows_with_floor_ratios(tmp_path, capsys):
@@ -50,3 +62,162 @@ def test_bench_on_a_denoiser_uses_its_batch_and_loss_and_a_floor_after_the_first
     assert int(rows["floor"]["trainable"]) == 16  # one vector on the patch projection's 16 output channels
     assert int(rows["lora"]["trainable"]) == 2 * 8 * 4 * (16 + 16)  # 2 blocks x r=8 on to_q, to_k, to_v, to_out.0
     assert float(rows["lora"]["step_ms"]) > 0 and rows["lora"]["time_vs_floor"]
+
+
+# -- bench: names, existing results, failures -------------------------------------------------------------
+
+
+def _fake_rows(outcomes: dict[str, str]):
+    """A `_run_worker` stand-in: 'ok', 'unsupported' (a row with the reason) or 'failed' per method."""
+
+    def run(args, method):
+        kind = outcomes.get(method, "ok")
+        if kind == "unsupported":
+            return {"method": method, "error": f"method {method!r} attaches to the token anatomy"}
+        if kind == "failed":
+            return {"method": method, "error": "failed: RuntimeError: boom", "failed": True}
+        return {"method": method, "input": "4x16x16", "trainable": 16, "step_ms": 2.0, "peak_mem_mb": 1.0,
+                "device": "cpu"}  # fmt: skip
+
+    return run
+
+
+def _bench_args(out, *extra):
+    return ["bench", "--backbone", "tiny_dit", "--batch", "2", "--steps", "1", "--warmup", "1", "--out", str(out),
+            *extra]  # fmt: skip
+
+
+def test_bench_checks_method_names_before_any_worker_and_writes_nothing(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(bench, "_run_worker", lambda args, method: pytest.fail("a worker started"))
+    assert main(_bench_args(tmp_path / "out", "--methods", "lora,lroa")) == 2
+    assert "unknown method 'lroa'; did you mean lora?" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    default = argparse.ArgumentParser()
+    bench.add_bench_arguments(default)
+    assert default.parse_args([]).out == "runs/bench"  # not the committed experiments/bench
+
+
+def test_bench_refuses_existing_results_unless_overwrite(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(bench, "_run_worker", _fake_rows({"adapter": "unsupported"}))
+    assert main(_bench_args(tmp_path, "--methods", "lora,adapter")) == 0
+    table = tmp_path / "tiny_dit-16px-b2-cpu-32.csv"
+    rows = {r["method"]: r for r in csv.DictReader(table.open())}
+    assert list(rows) == ["floor", "lora", "adapter"] and "token anatomy" in rows["adapter"]["error"]
+    before = table.read_text()
+    capsys.readouterr()
+    assert main(_bench_args(tmp_path, "--methods", "lora")) == 2
+    err = capsys.readouterr().err
+    assert "already exist" in err and str(table) in err and "--overwrite" in err and "nothing was written" in err
+    assert table.read_text() == before
+    assert main(_bench_args(tmp_path, "--methods", "lora", "--overwrite")) == 0
+    assert [r["method"] for r in csv.DictReader(table.open())] == ["floor", "lora"]
+
+
+def test_bench_exits_nonzero_naming_failed_methods_after_writing_the_rest(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(bench, "_run_worker", _fake_rows({"ssf": "failed", "adapter": "unsupported"}))
+    assert main(_bench_args(tmp_path, "--methods", "lora,ssf,adapter")) == 1
+    err = capsys.readouterr().err
+    assert "1 method(s) failed" in err and "ssf: RuntimeError: boom" in err and "adapter:" not in err
+    rows = {r["method"]: r for r in csv.DictReader((tmp_path / "tiny_dit-16px-b2-cpu-32.csv").open())}
+    assert list(rows) == ["floor", "lora", "ssf", "adapter"]
+    assert rows["lora"]["time_vs_floor"] == "1.0" and rows["ssf"]["error"] == "failed: RuntimeError: boom"
+
+
+def test_bench_stops_when_the_floor_fails(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(bench, "_run_worker", _fake_rows({"floor": "failed"}))
+    assert main(_bench_args(tmp_path / "out", "--methods", "lora")) == 2
+    assert "the floor did not run on 'tiny_dit'; nothing was timed or written: RuntimeError" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_bench_worker_tells_unsupported_from_failed(monkeypatch):
+    parser = argparse.ArgumentParser()
+    bench.add_bench_arguments(parser)
+    args = parser.parse_args(["--backbone", "tiny_dit", "--batch", "2", "--steps", "1", "--warmup", "1"])
+    row = bench.worker_row(args, "adapter")  # NotSupported: a row with the reason, and the worker exits 0
+    assert row["method"] == "adapter" and "not a TokenBackbone" in row["error"] and "failed" not in row
+
+    def finished(code, stderr):
+        return lambda cmd, **kw: subprocess.CompletedProcess(cmd, code, stdout="", stderr=stderr)
+
+    trace = "Traceback (most recent call last):\n  ...\ntorch.OutOfMemoryError: CUDA out of memory; tried 2 GiB\n"
+    monkeypatch.setattr(bench.subprocess, "run", finished(1, trace))
+    row = bench._run_worker(args, "full")
+    assert row == {"method": "full", "error": "failed: torch.OutOfMemoryError: CUDA out of memory; tried 2 GiB",
+                   "failed": True}  # fmt: skip
+    monkeypatch.setattr(bench.subprocess, "run", finished(-9, ""))
+    assert bench._run_worker(args, "full")["error"] == "failed: worker exited with status -9"
+
+
+# -- packaging -------------------------------------------------------------------------------------------
+
+
+def test_dataset_metadata_ships_in_the_wheel_and_is_read_from_the_package(tmp_path):
+    """`mmpeft/datasets/*.yaml` is package data: built into the wheel, and read relative to the package (not
+    the checkout), so an installed wheel finds it."""
+    pytest.importorskip("setuptools")
+    import mmpeft
+    from mmpeft.data.metadata import DATASETS_DIR, load_metadata
+
+    package = pathlib.Path(mmpeft.__file__).parent
+    assert pathlib.Path(str(DATASETS_DIR)) == package / "datasets"
+    assert len(load_metadata("vtab1k")["tasks"]) == 19 and len(load_metadata("fgvc")["datasets"]) == 5
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, src / name)
+    shutil.copytree(ROOT / "mmpeft", src / "mmpeft", ignore=shutil.ignore_patterns("__pycache__"))
+    build = [sys.executable, "-m", "pip", "wheel", ".", "--no-deps", "--no-build-isolation", "-q", "-w", "whl"]
+    subprocess.run(build, cwd=src, check=True, capture_output=True, timeout=300)  # offline: the installed setuptools
+    (wheel,) = (src / "whl").glob("mmpeft-*.whl")
+    shipped = {f"mmpeft/datasets/{p.name}" for p in (package / "datasets").glob("*.yaml")}
+    assert {"mmpeft/datasets/vtab1k.yaml", "mmpeft/datasets/fgvc.yaml"} <= shipped
+    with zipfile.ZipFile(wheel) as zf:
+        assert shipped <= set(zf.namelist())
+
+
+def test_metadata_lookup_names_the_shipped_files():
+    from mmpeft.core.errors import UnknownName
+    from mmpeft.data.metadata import load_metadata, metadata_names
+
+    assert metadata_names() == ["fgvc", "vtab1k"]
+    with pytest.raises(UnknownName, match="no dataset metadata 'vtab'; shipped: fgvc, vtab1k"):
+        load_metadata("vtab")
+
+
+# Import names that differ from their distribution's, with the declared dists that provide them.
+IMPORT_DISTS = {
+    "yaml": ("pyyaml",),
+    "PIL": ("pillow", "torchvision"),  # Pillow comes with torchvision
+    "sklearn": ("scikit-learn",),
+    "open_clip": ("open-clip-torch",),
+    "pytorch_lightning": ("pytorch-lightning",),
+}
+
+
+def _dist(requirement: str) -> str:
+    return re.sub(r"[-_.]+", "-", re.match(r"[A-Za-z0-9_.-]+", requirement.strip())[0]).lower()
+
+
+def test_every_third_party_import_is_a_declared_dependency():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    extras = {k: v for k, v in project["optional-dependencies"].items() if k != "dev"}  # xformers: optional, guarded
+    declared = {_dist(r) for r in [*project["dependencies"], *(r for reqs in extras.values() for r in reqs)]}
+    imported: dict[str, set[str]] = {}
+    for path in (ROOT / "mmpeft").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            else:
+                continue
+            for top in {name.split(".")[0] for name in names} - set(sys.stdlib_module_names) - {"mmpeft"}:
+                imported.setdefault(top, set()).add(str(path.relative_to(ROOT)))
+    assert {"torch", "yaml", "psutil", "PIL"} <= set(imported)  # the scan sees the imports
+    missing = {
+        top: sorted(where)
+        for top, where in imported.items()
+        if not declared & set(IMPORT_DISTS.get(top, (_dist(top),)))
+    }
+    assert not missing, f"imported but not declared in pyproject dependencies: {missing}"

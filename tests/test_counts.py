@@ -67,6 +67,20 @@ def test_params_cli(capsys):
     assert "unknown backbone 'no_such_net'" in capsys.readouterr().err
 
 
+def test_params_rejects_a_preset_that_no_method_has(capsys):
+    assert main(["params", "--backbone", "vit_base_patch16_224", "--preset", "papr"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mmpeft: error: no method has preset 'papr' (did you mean paper?)")
+    assert "known presets: default, paper, paper_cars, paper_fgvc, paper_shallow" in err
+
+
+def test_params_marks_methods_that_lack_a_known_preset():
+    rows = {r["method"]: r for r in params_table("test_convnext", num_classes=10, preset="paper_shallow")}
+    assert rows["vpt"]["note"] == "needs a TokenBackbone"  # vpt has the preset; the convnet is the reason
+    assert rows["lora"]["trainable"] == "n/a" and rows["lora"]["note"] == "no preset 'paper_shallow'"
+    assert rows["adapter"]["note"] == "no preset 'paper_shallow'"  # the missing preset, not the backbone
+
+
 def test_console_script_runs():
     out = subprocess.run(
         [sys.executable, "-m", "mmpeft.cli", "params", "--backbone", "vit_base_patch16_224", "--num-classes", "10"],

@@ -17,7 +17,17 @@ import yaml
 
 from mmpeft.data.fixtures import write_vtab_fixture
 from mmpeft.results import MetricMissing, group_means, summarize
-from mmpeft.sweep import SweepError, load_sweep, plan_stage1, plan_stage2, run_sweep, select
+from mmpeft.sweep import (
+    SweepError,
+    check_sweep,
+    config_fingerprint,
+    device_slots,
+    load_sweep,
+    plan_stage1,
+    plan_stage2,
+    run_sweep,
+    select,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -125,8 +135,10 @@ def test_bad_sweep_files(tmp_path):
     with pytest.raises(ValueError, match="unknown sweep keys \\['seedz'\\]"):
         load_sweep(tmp_path / "a.yaml")
     (tmp_path / "b.yaml").write_text(yaml.safe_dump({"name": "x", "methods": {"m": "nope.yaml"}, "tasks": ["t"]}))
-    with pytest.raises(FileNotFoundError, match="config 'nope.yaml' of method 'm' does not exist"):
-        load_sweep(tmp_path / "b.yaml")
+    sweep = load_sweep(tmp_path / "b.yaml")  # what the keys name is checked by check_sweep, all at once
+    with pytest.raises(SweepError, match="2 problems, no cell ran: \\(1\\) unknown task 't' .*"
+                       "\\(2\\) method 'm': config 'nope.yaml' does not exist$"):  # fmt: skip
+        check_sweep(sweep)
 
 
 def test_shipped_sweeps_plan_with_the_papers_settings():
@@ -151,10 +163,11 @@ LRS = (0.1, 0.2, 0.3)
 FID = {0.1: 20.0, 0.2: 10.0, 0.3: 30.0}  # neither the lowest nor the highest is the first grid point
 
 
-def _fake_fit(monkeypatch, metrics_for, delay=lambda config: 0.0, legacy: bool = False) -> list[str]:
+def _fake_fit(monkeypatch, metrics_for, delay=lambda config: 0.0, legacy: bool = False, calls=None) -> list[str]:
     """Each cell's `mmpeft fit` writes summary.json with `metrics_for(lr, stage, seed)`; returns the run ids.
 
-    legacy: the old format, with only `val_acc` / `test_acc` (no `metrics`)."""
+    legacy: the old format, with only `val_acc` / `test_acc` (no `metrics`). calls: a list that gets
+    (run id, CUDA_VISIBLE_DEVICES or None, start, end) per cell."""
     real, ran = subprocess.run, []
 
     def run(cmd, **kwargs):
@@ -162,7 +175,11 @@ def _fake_fit(monkeypatch, metrics_for, delay=lambda config: 0.0, legacy: bool =
             return real(cmd, **kwargs)
         config = yaml.safe_load(Path(cmd[-1]).read_text())
         lr, seed, stage = config["model"]["init_args"]["lr"], config["seed_everything"], config["run"]["tags"][-1]
+        start = time.perf_counter()
         time.sleep(delay(config))
+        if calls is not None:
+            device = kwargs["env"].get("CUDA_VISIBLE_DEVICES")
+            calls.append((config["run"]["name"], device, start, time.perf_counter()))
         metrics = metrics_for(lr, int(stage[-1]), seed)
         summary = {"method": "some_peft_name", "monitor": "val/acc", "monitor_mode": "max", "metrics": metrics,
                    "val_acc": metrics.get("val/acc"), "test_acc": metrics.get("test/acc"), "trainable": 1234,
@@ -285,3 +302,235 @@ def test_bad_select_and_report(tmp_path):
     sweep = load(select={"mode": "min"})
     assert sweep.select == {"metric": "val/acc", "mode": "min"} and sweep.report == "test/acc"
     assert load().select == {"metric": "val/acc", "mode": "max"} and load().report == "test/acc"
+
+
+# -- a cell's id hashes what defines it: config content, not paths ----------------------------------------
+
+
+def _acc_by_lr(lr: float, stage: int, seed: int) -> dict[str, float]:
+    return {"val/acc": lr, "test/acc": 0.5} if stage == 1 else {"test/acc": 0.6 + 0.01 * seed}
+
+
+def _split_lora_config(folder: Path) -> Path:
+    """configs/vtab/lora.yaml with its backbone in a file of its own that it refers to (as `mmpeft fit` reads)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    config = yaml.safe_load((REPO / "configs/vtab/lora.yaml").read_text())
+    (folder / "backbone.yaml").write_text(yaml.safe_dump(config["model"]["init_args"].pop("backbone")))
+    config["model"]["init_args"]["backbone"] = "backbone.yaml"
+    (folder / "lora.yaml").write_text("# LoRA, split\n" + yaml.safe_dump(config, sort_keys=False))
+    return folder / "lora.yaml"
+
+
+def test_config_fingerprint_is_content_not_path(tmp_path):
+    lora = _split_lora_config(tmp_path / "a")
+    extra = tmp_path / "extra.yaml"
+    extra.write_text("trainer: {max_epochs: 3}\n")
+    first = config_fingerprint([lora, extra])
+    moved = _split_lora_config(tmp_path / "b")
+    moved.write_text(moved.read_text().replace("# LoRA, split\n", "# another comment\n\n"))
+    assert config_fingerprint([moved, extra]) == first, "another path, comments and layout: the same content"
+    assert config_fingerprint([extra, lora]) != first, "the -c order is part of the content"
+    assert config_fingerprint([lora]) != first
+    extra.write_text("trainer: {max_epochs: 4}\n")
+    assert config_fingerprint([lora, extra]) != first, "a second -c file's content"
+    extra.write_text("trainer: {max_epochs: 3}\n")
+    (tmp_path / "a/backbone.yaml").write_text((tmp_path / "a/backbone.yaml").read_text().replace("0.1", "0.2"))
+    assert config_fingerprint([lora, extra]) != first, "a config the method's config refers to"
+    assert config_fingerprint([tmp_path / "missing.yaml"]) != config_fingerprint([lora]), "a plan never crashes"
+
+
+def test_a_config_file_an_override_names_counts_by_content(tmp_path):
+    backbone = tmp_path / "backbone.yaml"
+    backbone.write_text(yaml.safe_dump({"class_path": "mmpeft.backbones.TimmViT", "init_args": {"name": "test_vit"}}))
+    path = _sweep_file(tmp_path, args={"model.init_args.backbone": str(backbone)})
+    before = [c.id for c in plan_stage1(load_sweep(path))]
+    backbone.write_text("# the same content\n" + backbone.read_text())
+    assert [c.id for c in plan_stage1(load_sweep(path))] == before
+    backbone.write_text(backbone.read_text().replace("test_vit", "vit_small_patch16_224"))
+    after = [c.id for c in plan_stage1(load_sweep(path))]
+    assert len(after) == len(before) == 2 * 2 * 3 and not set(after) & set(before)
+
+
+def test_editing_a_method_config_reruns_exactly_its_cells(tmp_path, monkeypatch):
+    ran = _fake_fit(monkeypatch, _acc_by_lr)
+    lora, extra = _split_lora_config(tmp_path / "cfg"), tmp_path / "cfg/extra.yaml"
+    extra.write_text("trainer: {max_epochs: 3}\n")
+    linear = tmp_path / "cfg/linear.yaml"
+    linear.write_text((REPO / "configs/vtab/linear.yaml").read_text())
+
+    def sweep(linear_path: Path = linear) -> list[str]:
+        ran.clear()
+        methods = {"lora": [str(lora), str(extra)], "linear": str(linear_path)}
+        run_sweep(_sweep_file(tmp_path, tasks=["eurosat"], methods=methods), log=lambda *_: None)
+        return sorted(ran)
+
+    assert len(sweep()) == 2 * (3 + 2)
+    assert sweep() == [], "nothing changed: every cell is reused"
+    lora.write_text("# a comment and another layout\n" + yaml.safe_dump(yaml.safe_load(lora.read_text())))
+    moved = tmp_path / "elsewhere/linear.yaml"
+    moved.parent.mkdir()
+    moved.write_text(linear.read_text())
+    assert sweep(moved) == [], "comments, layout and a moved file are not content"
+    lora.write_text(lora.read_text().replace("warmup_epochs: 10", "warmup_epochs: 5"))
+    _assert_only(sweep(moved), "lora")
+    extra.write_text("trainer: {max_epochs: 4}\n")
+    _assert_only(sweep(moved), "lora")  # the method's second -c file
+    (tmp_path / "cfg/backbone.yaml").write_text((tmp_path / "cfg/backbone.yaml").read_text().replace("0.1", "0.2"))
+    _assert_only(sweep(moved), "lora")  # a config the method's config refers to
+    moved.write_text(moved.read_text().replace("max_epochs: 100", "max_epochs: 99"))
+    _assert_only(sweep(moved), "linear")
+
+
+def _assert_only(ran: list[str], method: str) -> None:
+    """Exactly the cells of `method` ran (3 grid points in stage 1, 2 seeds in stage 2), and no other."""
+    assert len(ran) == 5 and all(f"-{method}-seed" in x for x in ran), ran
+    assert sum(x.startswith("s1-") for x in ran) == 3 and sum(x.startswith("s2-") for x in ran) == 2, ran
+
+
+# -- ties: the first grid point, whatever order results were made in ---------------------------------------
+
+
+def test_plan_stage2_ties_follow_the_grid_not_the_results_order(tmp_path):
+    sweep = load_sweep(_sweep_file(tmp_path, tasks=["eurosat"], seeds=[0]))
+    results = [{"task": c.task, "method": c.method, "point": c.point, "val_acc": 0.5} for c in plan_stage1(sweep)]
+    for order in (results, results[::-1], results[1:] + results[:1]):
+        assert {c.point["model.init_args.lr"] for c in plan_stage2(sweep, order)} == {LRS[0]}
+    sweep.search = {"model.init_args.lr": [LRS[2], LRS[0], LRS[1]]}  # the grid reordered: its new first point
+    assert {c.point["model.init_args.lr"] for c in plan_stage2(sweep, results)} == {LRS[2]}
+
+
+def test_ties_go_to_the_first_grid_point_when_results_come_from_an_earlier_run(tmp_path, monkeypatch):
+    ran = _fake_fit(monkeypatch, lambda lr, stage, seed: {"val/acc": 0.5, "test/acc": 0.5},
+                    delay=lambda config: 0.3 if config["model"]["init_args"]["lr"] == LRS[0] else 0.0)  # fmt: skip
+    lora = {"lora": str(REPO / "configs/vtab/lora.yaml")}
+
+    def sweep(lrs: list[float]) -> tuple[list[str], set[float]]:
+        ran.clear()
+        path = _sweep_file(tmp_path, tasks=["eurosat"], methods=lora, search={"model.init_args.lr": lrs}, parallel=2)
+        run_sweep(path, log=lambda *_: None)
+        cells = _cells(tmp_path / "out/fake")
+        stage2 = {c["point"]["model.init_args.lr"] for c in cells.values() if c["stage"] == 2 and c["id"] in ran}
+        return sorted(cells[x]["point"]["model.init_args.lr"] for x in ran if x.startswith("s1-")), stage2
+
+    assert sweep([LRS[2], LRS[1]]) == ([LRS[1], LRS[2]], {LRS[2]}), "an earlier run, the grid reversed: its first"
+    assert sweep(list(LRS)) == ([LRS[0]], {LRS[0]}), "two results from disk, the first point run now (and last)"
+    assert sweep([LRS[1], LRS[0], LRS[2]]) == ([], {LRS[1]}), "every result from disk: the grid's order decides"
+
+
+# -- GPUs: one per cell slot, cycling --------------------------------------------------------------------
+
+
+def test_device_slots_cycle_over_the_visible_gpus():
+    assert device_slots(4, 2) == ["0", "1", "0", "1"], "more cells than GPUs: they share, in turn"
+    assert device_slots(2, 4) == ["0", "1"] and device_slots(1, 8) == ["0"], "one GPU per cell, not all of them"
+    assert device_slots(3, 2, "3,5") == ["3", "5", "3"], "the ids of an existing CUDA_VISIBLE_DEVICES"
+    assert device_slots(2, 1, "GPU-a1b2, GPU-c3d4") == ["GPU-a1b2", "GPU-a1b2"], "UUIDs; only those CUDA can use"
+    assert device_slots(3, 0) == [None] * 3 and device_slots(2, 0, "") == [None] * 2, "no GPU: nothing is set"
+    assert device_slots(0, 2) == ["0"]
+
+
+@pytest.mark.parametrize(("gpus", "visible", "expected"), [(2, None, {"0", "1"}), (2, "4,6", {"4", "6"}),
+                                                           (0, None, {None})])  # fmt: skip
+def test_parallel_cells_run_on_different_gpus(tmp_path, monkeypatch, gpus, visible, expected):
+    import mmpeft.sweep  # noqa: PLC0415
+
+    monkeypatch.setattr(mmpeft.sweep, "_gpu_count", lambda: gpus)
+    if visible is None:
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    else:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    calls: list = []
+    _fake_fit(monkeypatch, _acc_by_lr, delay=lambda config: 0.2, calls=calls)
+    lines: list[str] = []
+    run_sweep(_sweep_file(tmp_path, tasks=["eurosat"], methods={"lora": str(REPO / "configs/vtab/lora.yaml")}),
+              parallel=2, log=lines.append)  # fmt: skip
+    assert len(calls) == 3 + 2 and {device for _, device, _, _ in calls} == expected
+    if gpus:
+        overlapping = [(a, b) for a in calls for b in calls if a[0] < b[0] and a[2] < b[3] and b[2] < a[3]]
+        assert overlapping and all(a[1] != b[1] for a, b in overlapping), "cells running together share no GPU"
+        assert f"2 cells at a time on CUDA_VISIBLE_DEVICES {', '.join(sorted(expected))}" in lines
+    else:
+        assert not any("CUDA_VISIBLE_DEVICES" in line for line in lines)
+
+
+# -- the whole sweep is checked before the first cell runs -------------------------------------------------
+
+
+def test_every_problem_of_a_sweep_in_one_line_before_any_cell_runs(tmp_path, monkeypatch, capsys):
+    ran = _fake_fit(monkeypatch, _acc_by_lr)
+    lora = (REPO / "configs/vtab/lora.yaml").read_text()
+    (tmp_path / "badname.yaml").write_text(lora.replace("name: lora, preset: paper", "name: loraa"))
+    (tmp_path / "badopt.yaml").write_text(lora.replace("name: lora, preset: paper", "name: lora, rr: 8"))
+    (tmp_path / "broken.yaml").write_text("model: [unclosed\n")
+    methods = {
+        "lora": str(REPO / "configs/vtab/lora.yaml"),
+        "missing": str(tmp_path / "nope.yaml"),
+        "badname": str(tmp_path / "badname.yaml"),
+        "badopt": str(tmp_path / "badopt.yaml"),
+        "broken": str(tmp_path / "broken.yaml"),
+    }
+    path = _sweep_file(
+        tmp_path,
+        tasks=["cifar10", "eurosat"],
+        methods=methods,
+        search={"model.init_args.lr": [0.1, 0.2], "model.init_args.weight_decy": [0.0]},
+        args={"trainer.max_epoch": 3},
+        overrides=[
+            {"task": "eurosat", "method": "lora", "args": {"model.init_args.method": {"name": "lora", "alpah": 2}}},
+            {"task": "dtdd", "args": {}},
+            {"methdo": "lora"},
+            {"method": "badname", "args": {"model.init_args.warmup_epochs": "many"}},
+        ],
+    )
+    with pytest.raises(SweepError) as err:
+        run_sweep(path, log=lambda *_: None)
+    message = str(err.value)
+    assert "\n" not in message and message.startswith(f"{path}: 11 problems, no cell ran: (1) ")
+    point = "point {'model.init_args.lr': 0.1, 'model.init_args.weight_decy': 0.0}"
+    for problem in (
+        "overrides[2]: unknown keys ['methdo']; known: ['task', 'method', 'search', 'args']",
+        "unknown task 'cifar10' (not in the 'vtab1k' dataset metadata; did you mean 'cifar'?)",
+        "unknown task 'dtdd' in overrides[1] (not in the 'vtab1k' dataset metadata; did you mean 'dtd'?)",
+        f"method 'broken': config '{tmp_path / 'broken.yaml'}' is not valid YAML (line 2): expected ','",
+        f"method 'missing': config '{tmp_path / 'nope.yaml'}' does not exist",
+        f"method 'badname' ({tmp_path / 'badname.yaml'}): model.init_args.method: unknown method 'loraa'",
+        f"method 'badname' ({tmp_path / 'badname.yaml'}), task 'cifar10', {point}: Parser key \"model\": Problem "
+        "with given class_path 'mmpeft.tasks.ImageClassification': Parser key \"warmup_epochs\": Expected a <class "
+        "'float'>. Got value: many",
+        f"method 'badopt' ({tmp_path / 'badopt.yaml'}): model.init_args.method: method 'lora' has no option(s) ['rr']",
+        f"method 'lora' ({REPO / 'configs/vtab/lora.yaml'}), task 'eurosat', {point}: "
+        "model.init_args.method: method 'lora' has no option(s) ['alpah']",
+        "unknown key 'trainer.max_epoch' (method 'badname', 'badopt', 'lora'); did you mean 'trainer.max_epochs'?",
+        "unknown key 'model.init_args.weight_decy' (method 'badname', 'badopt', 'lora'); "
+        "did you mean 'model.init_args.weight_decay'?",
+    ):
+        assert problem in message, problem
+    assert ran == [] and not (tmp_path / "out").exists(), "nothing ran, nothing was written"
+    from mmpeft.cli import main  # noqa: PLC0415
+
+    assert main(["sweep", str(path)]) == 2 and ran == []
+    assert capsys.readouterr().err == f"mmpeft: error: {message}\n"
+
+
+def test_task_names_are_checked_against_the_sweeps_metadata(tmp_path):
+    fgvc = {"linear": str(REPO / "configs/fgvc/linear.yaml")}
+
+    def check(**keys) -> None:
+        check_sweep(load_sweep(_sweep_file(tmp_path, methods=fgvc, **{"task_key": "data.init_args.dataset", **keys})))
+
+    unknown = "unknown task 'cubb' \\(not in the 'fgvc' dataset metadata; did you mean 'cub'\\?\\)"
+    with pytest.raises(SweepError, match=unknown):
+        check(tasks=["cubb", "nabirds"], metadata="fgvc")
+    check(tasks=["cub", "nabirds"], metadata="fgvc")
+    check(tasks=["my_own_birds"], metadata=None)  # no metadata: any name
+    with pytest.raises(SweepError, match="unknown key 'data.init_args.task' \\(method 'linear'\\); did you mean "
+                                         "'data.init_args.dataset'\\?"):  # fmt: skip
+        check(tasks=["cub"], metadata="fgvc", task_key="data.init_args.task")
+    with pytest.raises(SweepError, match="metadata 'fgcv': .*fgcv.* \\(set `metadata: null` for tasks without"):
+        check(tasks=["cub"], metadata="fgcv")
+
+
+@pytest.mark.parametrize("name", ["vtab1k", "fgvc", "clip_fewshot", "smoke"])
+def test_shipped_sweeps_check_out(name, monkeypatch):
+    monkeypatch.chdir(REPO)  # their config paths are relative to the repository
+    check_sweep(load_sweep(REPO / f"experiments/{name}.yaml"))

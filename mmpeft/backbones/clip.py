@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mmpeft.backbones.weights import from_hub
+from mmpeft.backbones.weights import from_hub, optional_path
 from mmpeft.core.anatomy import Attention, ForwardContext, TokenBackbone, TokenBlock
 from mmpeft.core.errors import NotSupported
 from mmpeft.core.method import list_methods
@@ -78,6 +78,7 @@ def create_open_clip(
     """An open_clip model from random init, a local checkpoint file, or a hub tag (clear error offline)."""
     import open_clip  # noqa: PLC0415
 
+    weights = optional_path(weights)
     _register_configs()
     if name not in open_clip.list_models():
         raise NotSupported(f"open_clip has no model {name!r}; see open_clip.list_models()")

@@ -15,12 +15,13 @@ from pathlib import Path
 import torch
 
 from mmpeft.backbones.timm_vit import TimmViT
-from mmpeft.backbones.weights import build_weights, load_weights, read_state_dict
+from mmpeft.backbones.weights import build_weights, load_weights, optional_path, read_state_dict
 
 __all__ = ["DigitsViT", "cache_dir", "ARCH", "RECIPE"]
 
 ARCH = {"img_size": 8, "patch_size": 2, "in_chans": 1, "embed_dim": 128, "depth": 4, "num_heads": 4}
-RECIPE = {"epochs": 40, "lr": 1e-3, "weight_decay": 0.05, "batch_size": 64, "warmup_epochs": 3, "seed": 0}
+# "order": the training order's version (2: a function of (seed, epoch)), part of the cache key
+RECIPE = {"epochs": 40, "lr": 1e-3, "weight_decay": 0.05, "batch_size": 64, "warmup_epochs": 3, "seed": 0, "order": 2}
 
 
 def cache_dir() -> Path:
@@ -44,6 +45,7 @@ class DigitsViT(TimmViT):
     def __init__(self, pretrained: bool = True, weights: str | None = None, epochs: int | None = None):
         super().__init__("vit_tiny_patch16_224", **ARCH)
         self.name = "digits_vit"
+        weights = optional_path(weights)
         if weights is None and pretrained:
             recipe = {**RECIPE, **({"epochs": epochs} if epochs else {})}
             path = cache_dir() / f"digits_vit-{_key(recipe)}.safetensors"

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mmpeft.backbones.weights import from_hub, load_weights, read_state_dict
+from mmpeft.backbones.weights import from_hub, load_weights, optional_path, read_state_dict
 from mmpeft.core.anatomy import Attention, TokenBackbone, TokenBlock
 from mmpeft.core.backbone import Backbone
 from mmpeft.core.context import BackboneInput, ForwardContext
@@ -44,6 +44,7 @@ def create_timm(
     timm = _timm()
     if not timm.is_model(name):
         raise NotSupported(f"timm has no model {name!r}; see timm.list_models('{name.split('_', maxsplit=1)[0]}*')")
+    weights = optional_path(weights)
     if weights is not None and pretrained:
         raise ValueError("pass either weights=FILE or pretrained=True (hub), not both")
     kwargs.setdefault("num_classes", 0)

@@ -14,7 +14,15 @@ from torch import nn
 
 from mmpeft.core.errors import WeightsUnavailable
 
-__all__ = ["read_state_dict", "load_weights", "hub_reachable", "from_hub", "register_weights_builder", "build_weights"]
+__all__ = [
+    "optional_path",
+    "read_state_dict",
+    "load_weights",
+    "hub_reachable",
+    "from_hub",
+    "register_weights_builder",
+    "build_weights",
+]
 
 # backbone name -> "package.module:function" that trains its weights into a file (mmpeft's own quickstart
 # backbones): registered as strings, so backbones import no training loop and no dataset
@@ -22,6 +30,14 @@ WEIGHTS_BUILDERS: dict[str, str] = {}
 
 T = TypeVar("T")
 _NESTED = ("state_dict", "model", "module", "model_state")
+
+
+def optional_path(value: str | os.PathLike | None) -> str | None:
+    """A weights argument as given on the command line: `--...weights null` after a YAML config reaches the
+    constructor as the string 'None' (jsonargparse's nested class arguments), which means no file."""
+    if value is None or str(value).strip() in ("", "None", "null", "none"):
+        return None
+    return str(value)
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:

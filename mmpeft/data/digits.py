@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from mmpeft.data.fewshot import k_shot_indices
+from mmpeft.data.sampling import split_loader
 from mmpeft.data.splits import SplitLoaders
 
 __all__ = ["DigitsDataModule", "digits_arrays", "UPSTREAM_FRACTION"]
@@ -125,8 +126,5 @@ class DigitsDataModule(SplitLoaders, pl.LightningDataModule):
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         self.setup()
-        g = torch.Generator().manual_seed(self.hparams.seed)
-        return DataLoader(
-            self.splits[split], batch_size=self.hparams.batch_size, shuffle=shuffle, generator=g,
-            num_workers=self.hparams.num_workers,
-        )  # fmt: skip
+        hp = self.hparams
+        return split_loader(self.splits[split], hp.batch_size, shuffle, hp.seed, num_workers=hp.num_workers)

@@ -21,33 +21,66 @@ import pytorch_lightning as pl
 from torch.utils.data import DataLoader
 
 from mmpeft.core.errors import UnknownName
+from mmpeft.data.checks import CheckedImages, Problems
 from mmpeft.data.fewshot import k_shot_indices
 from mmpeft.data.image_list import ImageList
 from mmpeft.data.metadata import class_names, load_metadata
+from mmpeft.data.sampling import split_loader
 from mmpeft.data.transforms import TRAIN_CROPS, eval_transform, train_transform
 
-__all__ = ["FGVCDataModule", "make_splits", "verify_splits", "read_split", "names_from_class_folders", "MANIFEST"]
+__all__ = [
+    "FGVCDataModule", "make_splits", "verify_splits", "read_split", "parse_split", "names_from_class_folders",
+    "MANIFEST",
+]  # fmt: skip
 
 MANIFEST = "splits.md5"
 SPLITS = ("train", "val", "test")
 LAYOUT = __doc__.split("\n\n")[1]
 
 
-def read_split(path: Path) -> dict[str, int | str]:
+def parse_split(path: Path, problems: Problems, name: str | None = None) -> dict[str, int | str]:
+    """The {relative path: label} entries of a json split file whose label is an integer or a string.
+
+    A missing file raises FileNotFoundError; invalid JSON, another JSON value than an object, and each
+    entry with another label type are added to `problems` under `name` (default: the path).
+    """
     if not path.is_file():
         raise FileNotFoundError(
             f"FGVC split file {path} is missing. Expected layout:\n{LAYOUT}\n"
             "Regenerate lost splits with scripts/make_fgvc_splits.py"
         )
-    data = json.loads(path.read_text())
+    name = name or str(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        problems.add("malformed split files", name, f'not valid JSON ({err}); expected {{"relative/path.jpg": label}}')
+        return {}
     if not isinstance(data, dict):
-        raise ValueError(f"{path} must hold one JSON object mapping image paths to labels")
+        problems.add(
+            "malformed split files", name,
+            f"must hold one JSON object mapping image paths to labels, not a {type(data).__name__}",
+        )  # fmt: skip
+        return {}
+    good = {}
+    for rel, label in data.items():
+        if isinstance(label, str) or (isinstance(label, int) and not isinstance(label, bool)):
+            good[rel] = label
+        else:
+            problems.add("labels that are not integers or strings", f"{name}[{json.dumps(rel)}]", f"label {label!r}")
+    return good
+
+
+def read_split(path: Path) -> dict[str, int | str]:
+    """A json split file's {relative path: label}; raises one `DataError` naming every problem in it."""
+    problems = Problems(f"FGVC split file {path}")
+    data = parse_split(path, problems)
+    problems.raise_if_any(f"Expected layout:\n{LAYOUT}")
     return data
 
 
 def sorted_labels(train: dict[str, int | str]) -> list[int | str]:
     """The label values of train.json in class-index order (the class map every split shares)."""
-    return sorted(set(train.values()))
+    return sorted(set(train.values()), key=lambda label: (isinstance(label, str), label))  # ints, then strings
 
 
 def _read_class_file(path: Path) -> dict[int, str]:
@@ -132,14 +165,20 @@ def verify_splits(root: str | Path) -> None:
             raise ValueError(f"{root / name} does not match its md5 in {MANIFEST}: the split file was modified")
 
 
-class FGVCDataModule(pl.LightningDataModule):
+class FGVCDataModule(CheckedImages, pl.LightningDataModule):
     """One FGVC dataset from VPT's json splits.
 
     Training augmentation: `train_crop="resize_crop"` (VPT's: resize to 256, random 224 crop, flip) or
     `"random_resized_crop"` (SSF's `--simple-aug`: RandomResizedCrop over `crop_scale` of the area, flip).
     Evaluation: resize to size / `crop_pct` (VPT 0.875: 256; SSF's timm config 0.9: 248), center crop.
     `mean` / `std` normalise (SSF's in21k ViT uses 0.5 / 0.5). See `mmpeft.data.transforms`.
+
+    The json files and labels are checked when the datamodule is built, the images of the splits in use in
+    `setup` (header only; `verify=True` decodes every image, which finds truncated files too); one
+    `DataError` names every bad entry.
     """
+
+    layout = LAYOUT
 
     def __init__(
         self,
@@ -157,6 +196,7 @@ class FGVCDataModule(pl.LightningDataModule):
         crop_scale: tuple[float, float] = (0.08, 1.0),
         crop_pct: float = 0.875,
         interpolation: str = "bilinear",
+        verify: bool = False,
     ):
         super().__init__()
         if train_crop not in TRAIN_CROPS:
@@ -170,29 +210,55 @@ class FGVCDataModule(pl.LightningDataModule):
         self.root, self.meta = Path(root), meta[dataset]
         if not self.root.is_dir():
             raise FileNotFoundError(f"FGVC folder {str(self.root)!r} does not exist. Expected layout:\n{LAYOUT}")
-        raw = {split: read_split(self.root / f"{split}.json") for split in SPLITS}
+        problems, raw = self.new_problems(), {}
+        for split in SPLITS:  # all three are read (and their labels checked) whatever the protocol
+            found = len(problems)
+            raw[split] = parse_split(self.root / f"{split}.json", problems, f"{split}.json")
+            if not raw[split] and len(problems) == found and split in self.splits_in_use:
+                problems.add("empty splits", f"{split}.json", f"the {split} split lists no images")
         self.class_map = {label: i for i, label in enumerate(sorted_labels(raw["train"]))}
-        self.items = {split: self._remap(split, items) for split, items in raw.items()}
+        if not raw["train"]:  # unreadable or empty (named above): no class map to check the other labels against
+            raw = dict.fromkeys(SPLITS, {})
+        self.items = {split: self._remap(split, items, problems) for split, items in raw.items()}
+        self.num_classes = len(self.class_map)
+        if raw["train"] and self.num_classes != self.meta["classes"]:
+            problems.add(
+                "class counts that differ from the dataset's", "train.json",
+                f"has {self.num_classes} classes, {self.meta['name']} has {self.meta['classes']}: another dataset's "
+                "split files?",
+            )  # fmt: skip
+        self.raise_with_images(problems)  # one error for bad json, labels and images alike
         if shots:  # few-shot: k training images per class, seeded
             keep = k_shot_indices([label for _, label in self.items["train"]], shots, shot_seed)
             self.items["train"] = [self.items["train"][i] for i in keep]
-        self.num_classes = len(self.class_map)
-        if self.num_classes != self.meta["classes"]:
-            raise ValueError(
-                f"{self.root / 'train.json'} has {self.num_classes} classes, {self.meta['name']} has "
-                f"{self.meta['classes']}: another dataset's split files?"
-            )
+
+    @property
+    def splits_in_use(self) -> tuple[str, ...]:
+        """The "tune" protocol trains on train and validates on val; "final" adds val to training, tests on test."""
+        return ("train", "val") if self.hparams.protocol == "tune" else SPLITS
+
+    def new_problems(self) -> Problems:
+        return Problems(f"FGVC {self.meta['name']} ({self.hparams.protocol} protocol) at {self.root}")
+
+    def image_entries(self) -> tuple[Path, list[tuple[str, str]]]:
+        """Every image the splits in use list (the training list after any k-shot cut), with its json file."""
+        entries = [(rel, f"{split}.json") for split in self.splits_in_use for rel, _ in self.items[split]]
+        return self.root / self.meta["image_root"], entries
 
     @property
     def class_names(self) -> list[str]:
         """Names in label order (for CLIP heads); NABirds reads them from `<root>/classes.txt`."""
         return class_names("fgvc", self.hparams.dataset, self.root)
 
-    def _remap(self, split: str, items: dict) -> list[tuple[str, int]]:
-        unknown = sorted({str(v) for v in items.values() if v not in self.class_map})
-        if unknown:
-            raise ValueError(f"{split}.json has labels that train.json lacks: {unknown[:5]}")
-        return [(path, self.class_map[label]) for path, label in items.items()]
+    def _remap(self, split: str, items: dict, problems: Problems) -> list[tuple[str, int]]:
+        """(path, class index) of every entry; each label that train.json lacks is added to `problems`."""
+        remapped = []
+        for path, label in items.items():
+            if label in self.class_map:
+                remapped.append((path, self.class_map[label]))
+            else:
+                problems.add("labels that train.json lacks", f"{split}.json[{json.dumps(path)}]", f"label {label!r}")
+        return remapped
 
     def _images(self, split: str, train: bool) -> ImageList:
         hp = self.hparams
@@ -202,9 +268,13 @@ class FGVCDataModule(pl.LightningDataModule):
             transform = eval_transform(hp.image_size, hp.mean, hp.std, "center_crop", hp.crop_pct, hp.interpolation)
         return ImageList(self.root / self.meta["image_root"], self.items[split], transform)
 
+    @property
+    def has_test_split(self) -> bool:
+        return self.hparams.protocol == "final"
+
     def _loader(self, dataset, shuffle: bool) -> DataLoader:
         hp = self.hparams
-        return DataLoader(dataset, batch_size=hp.batch_size, shuffle=shuffle, num_workers=hp.num_workers)
+        return split_loader(dataset, hp.batch_size, shuffle, num_workers=hp.num_workers)
 
     def train_dataloader(self) -> DataLoader:
         from torch.utils.data import ConcatDataset  # noqa: PLC0415

@@ -18,26 +18,49 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from mmpeft.data.checks import VERIFY_HINT, CheckedImages, DataError, Problems
 from mmpeft.data.fewshot import k_shot_indices
+from mmpeft.data.sampling import split_loader
 from mmpeft.data.splits import SplitLoaders
 from mmpeft.data.transforms import TRAIN_CROPS, eval_transform, train_transform
 
-__all__ = ["ImageListDataModule", "ImageList", "read_list"]
+__all__ = ["ImageListDataModule", "ImageList", "read_list", "parse_list"]
 
 LAYOUT = __doc__.split("\n\n", 2)[2].rstrip()
+LINE_FORMAT = "'<relative/path> <integer label>'"
+
+
+def parse_list(path: Path, problems: Problems, name: str | None = None) -> tuple[list[tuple[str, int, int]], int]:
+    """(relative path, label, line number) of every well-formed line, and the number of non-blank lines.
+
+    The path may contain spaces, the label is the last field. Each malformed line is added to `problems`
+    as `<name>:<line>` (`name` defaults to the path).
+    """
+    name = name or str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        problems.add("unreadable split files", name, f"not UTF-8 text ({err})")
+        return [], 0
+    entries, lines = [], 0
+    for n, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        lines += 1
+        rel, _, label = line.strip().rpartition(" ")
+        if not rel or not label.lstrip("-").isdigit():
+            problems.add("malformed lines", f"{name}:{n}", f"expected {LINE_FORMAT}, got {line!r}")
+            continue
+        entries.append((rel, int(label), n))
+    return entries, lines
 
 
 def read_list(path: Path) -> list[tuple[str, int]]:
-    """Parse a list file; the path may contain spaces, the label is the last field."""
-    items = []
-    for n, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        rel, _, label = line.strip().rpartition(" ")
-        if not rel or not label.lstrip("-").isdigit():
-            raise ValueError(f"{path}:{n}: expected '<relative/path> <integer label>', got {line!r}")
-        items.append((rel, int(label)))
-    return items
+    """Parse a list file; raises one `DataError` naming every malformed line."""
+    problems = Problems(f"list file {path}")
+    entries, _ = parse_list(path, problems)
+    problems.raise_if_any()
+    return [(rel, label) for rel, label, _ in entries]
 
 
 class ImageList(Dataset):
@@ -49,11 +72,19 @@ class ImageList(Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         rel, label = self.items[i]
-        with Image.open(self.root / rel) as image:
-            return self.transform(image.convert(self.channels)), label
+        path = self.root / rel
+        try:
+            with Image.open(path) as opened:
+                image = opened.convert(self.channels)  # decodes the pixels
+        except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, ...
+            raise DataError(
+                f"cannot read image {path} ({type(err).__name__}: {err}); fix or remove it from the split file, "
+                f"and {VERIFY_HINT} so every bad image is found at once"
+            ) from err
+        return self.transform(image), label
 
 
-class ImageListDataModule(SplitLoaders, pl.LightningDataModule):
+class ImageListDataModule(CheckedImages, SplitLoaders, pl.LightningDataModule):
     """Images listed in `train_list` / `val_list` / `test_list` under `root`.
 
     Args:
@@ -64,7 +95,12 @@ class ImageListDataModule(SplitLoaders, pl.LightningDataModule):
         train_crop, crop_scale: training augmentation: "resize" (direct resize, none: VTAB-1k) or
             "random_resized_crop" over `crop_scale` of the area plus flip (CLIP-LoRA); evaluation always
             resizes directly.
+        verify: before training, decode every listed image fully (finds truncated files; slower) instead of
+            opening its header only. Either way the split files and labels are checked when the datamodule is
+            built, the images in `setup`, and one `DataError` names every bad entry.
     """
+
+    layout = LAYOUT
 
     def __init__(
         self,
@@ -83,6 +119,7 @@ class ImageListDataModule(SplitLoaders, pl.LightningDataModule):
         shot_seed: int = 1,
         train_crop: str = "resize",
         crop_scale: tuple[float, float] = (0.08, 1.0),
+        verify: bool = False,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -91,13 +128,22 @@ class ImageListDataModule(SplitLoaders, pl.LightningDataModule):
         self.root = Path(root)
         self.lists = {k: v for k, v in (("train", train_list), ("val", val_list), ("test", test_list)) if v}
         self._check_layout()
-        self.items = {split: read_list(self.root / name) for split, name in self.lists.items()}
-        if shots:  # few-shot: k training images per class, seeded
-            keep = k_shot_indices([label for _, label in self.items["train"]], shots, shot_seed)
-            self.items["train"] = [self.items["train"][i] for i in keep]
+        problems = self.new_problems()
+        self.items, self._where, lines = {}, {}, {}  # _where: "<list file>:<line>" of each item
+        for split, name in self.lists.items():
+            entries, lines[split] = parse_list(self.root / name, problems, name)
+            self.items[split] = [(rel, label) for rel, label, _ in entries]
+            self._where[split] = [f"{name}:{n}" for *_, n in entries]
         labels = [label for _, label in self.items["train"]]
         self.num_classes = num_classes or (max(labels) + 1 if labels else 0)
-        self._check_labels()
+        # logged as resolved (not the argument's None), so it agrees with the model's head when Lightning merges them
+        self.save_hyperparameters({**self.hparams, "num_classes": self.num_classes})
+        self._check_lists(problems, lines)
+        self.raise_with_images(problems)  # one error for bad lines, labels and images alike
+        if shots:  # few-shot: k training images per class, seeded
+            keep = k_shot_indices(labels, shots, shot_seed)
+            self.items["train"] = [self.items["train"][i] for i in keep]
+            self._where["train"] = [self._where["train"][i] for i in keep]
 
     def _check_layout(self) -> None:
         missing = [name for name in self.lists.values() if not (self.root / name).is_file()]
@@ -105,11 +151,27 @@ class ImageListDataModule(SplitLoaders, pl.LightningDataModule):
             what = f"folder {str(self.root)!r} does not exist" if not self.root.is_dir() else f"missing {missing}"
             raise FileNotFoundError(f"image-list dataset: {what}. Expected layout:\n{LAYOUT}")
 
-    def _check_labels(self) -> None:
+    def new_problems(self) -> Problems:
+        return Problems(f"{type(self).__name__} at {self.root}")
+
+    def _check_lists(self, problems: Problems, lines: dict[str, int]) -> None:
+        """Every split in use lists images, every label lies in [0, num_classes); `lines`: non-blank lines."""
+        for split, name in self.lists.items():
+            if not lines[split]:
+                problems.add("empty splits", name, f"the {split} split lists no images")
+        if not self.num_classes:  # an empty training list and no num_classes: no range to check against
+            return
         for split, items in self.items.items():
-            bad = [label for _, label in items if not 0 <= label < self.num_classes]
-            if bad:
-                raise ValueError(f"{split} list has labels outside [0, {self.num_classes}): e.g. {bad[:3]}")
+            for (rel, label), where in zip(items, self._where[split]):
+                if not 0 <= label < self.num_classes:
+                    problems.add(f"labels outside [0, {self.num_classes})", where, f"label {label} ({rel})")
+
+    def image_entries(self) -> tuple[Path, list[tuple[str, str]]]:
+        """Every image the splits list (the training list after any k-shot cut), with where it is listed."""
+        entries = []
+        for split, items in self.items.items():
+            entries += [(rel, where) for (rel, _), where in zip(items, self._where[split])]
+        return self.root, entries
 
     def transform(self, split: str):
         """The training crop for "train"; a direct resize for evaluation; normalised."""
@@ -123,9 +185,11 @@ class ImageListDataModule(SplitLoaders, pl.LightningDataModule):
             raise ValueError(f"this datamodule has no {split!r} split (lists: {self.lists})")
         return ImageList(self.root, self.items[split], self.transform(split))
 
+    @property
+    def has_test_split(self) -> bool:
+        return "test" in self.lists
+
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         hp = self.hparams
-        return DataLoader(
-            self.dataset(split), batch_size=hp.batch_size, shuffle=shuffle, num_workers=hp.num_workers,
-            persistent_workers=hp.num_workers > 0,
-        )  # fmt: skip
+        return split_loader(self.dataset(split), hp.batch_size, shuffle, num_workers=hp.num_workers,
+                            persistent_workers=hp.num_workers > 0)  # fmt: skip

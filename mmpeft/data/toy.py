@@ -10,6 +10,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from mmpeft.data.sampling import split_loader
 from mmpeft.data.splits import SplitLoaders
 
 __all__ = ["ToyRegressionDataModule", "DigitLatentsDataModule", "digit_latents"]
@@ -51,9 +52,7 @@ class _SplitDataModule(SplitLoaders, pl.LightningDataModule):
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         self.setup()
-        generator = torch.Generator().manual_seed(self.seed)
-        return DataLoader(self.splits[split], batch_size=self.batch_size, shuffle=shuffle, generator=generator,
-                          num_workers=self.num_workers)  # fmt: skip
+        return split_loader(self.splits[split], self.batch_size, shuffle, self.seed, num_workers=self.num_workers)
 
 
 class ToyRegressionDataModule(_SplitDataModule):

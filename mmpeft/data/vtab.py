@@ -14,10 +14,13 @@ KMnP/vpt src/data/datasets/tf_dataset.py).
 from __future__ import annotations
 
 from mmpeft.core.errors import UnknownName
+from mmpeft.data.checks import Problems
 from mmpeft.data.image_list import ImageListDataModule
 from mmpeft.data.metadata import load_metadata
 
 __all__ = ["VTAB1kDataModule", "vtab_tasks", "PROTOCOLS"]
+
+LAYOUT = __doc__.split("\n\n")[1]
 
 PROTOCOLS = {
     "tune": {"train_list": "train800.txt", "val_list": "val200.txt", "test_list": None},
@@ -30,7 +33,13 @@ def vtab_tasks() -> dict[str, dict]:
 
 
 class VTAB1kDataModule(ImageListDataModule):
-    """One VTAB-1k task. `num_classes` comes from `datasets/vtab1k.yaml` (train800 may miss classes)."""
+    """One VTAB-1k task. `num_classes` comes from `datasets/vtab1k.yaml` (train800 may miss classes).
+
+    The split files must have VTAB-1k's sizes (800 / 200 / 1000 lines). `verify=True` decodes every image
+    of the splits in use before training (see `ImageListDataModule`).
+    """
+
+    layout = LAYOUT
 
     def __init__(
         self,
@@ -47,6 +56,7 @@ class VTAB1kDataModule(ImageListDataModule):
         shot_seed: int = 1,
         train_crop: str = "resize",
         crop_scale: tuple[float, float] = (0.08, 1.0),
+        verify: bool = False,
     ):
         tasks = vtab_tasks()
         if task not in tasks:
@@ -57,21 +67,25 @@ class VTAB1kDataModule(ImageListDataModule):
         super().__init__(
             f"{root.rstrip('/')}/{self.meta['folder']}", num_classes=self.meta["classes"], image_size=image_size,
             mean=mean, std=std, interpolation=interpolation, batch_size=batch_size, num_workers=num_workers,
-            shots=shots, shot_seed=shot_seed, train_crop=train_crop, crop_scale=crop_scale, **PROTOCOLS[protocol],
+            shots=shots, shot_seed=shot_seed, train_crop=train_crop, crop_scale=crop_scale, verify=verify,
+            **PROTOCOLS[protocol],
         )  # fmt: skip
-        self._check_split_sizes()
 
-    def _check_split_sizes(self) -> None:
+    def new_problems(self) -> Problems:
+        return Problems(f"VTAB-1k {self.task} ({self.protocol} protocol) at {self.root}")
+
+    def _check_lists(self, problems: Problems, lines: dict[str, int]) -> None:
+        """The base checks, and each split file holds VTAB-1k's number of lines (before any k-shot cut)."""
+        super()._check_lists(problems, lines)
         expected = load_metadata("vtab1k")["splits"]
         for split, name in self.lists.items():
-            if split == "train" and self.hparams.shots:
-                continue  # already cut down to k shots per class
             stem = name.removesuffix(".txt")
-            if stem in expected and len(self.items[split]) != expected[stem]:
-                raise ValueError(
-                    f"{self.root / name} has {len(self.items[split])} lines, VTAB-1k's {stem} has {expected[stem]}: "
-                    "an incomplete download or another dataset?"
-                )
+            if lines[split] and stem in expected and lines[split] != expected[stem]:  # an empty one is named already
+                problems.add(
+                    "split files of the wrong size", name,
+                    f"has {lines[split]} lines, VTAB-1k's {stem} has {expected[stem]}: an incomplete download or "
+                    "another dataset?",
+                )  # fmt: skip
 
     @property
     def group(self) -> str:

@@ -6,10 +6,12 @@ batch becomes the backbone's input and targets, and how outputs become a loss an
 from __future__ import annotations
 
 import contextlib
+import random
 import warnings
 from collections.abc import Iterator
 from typing import Any, ClassVar
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import rank_zero_info
@@ -23,10 +25,29 @@ from mmpeft.tasks.ema import TrainableEMA
 from mmpeft.tasks.optim import SCHEDULES, build_optimizer, describe_groups, param_groups, timm_cosine, warmup_cosine
 from mmpeft.tasks.step import step_loss
 
-__all__ = ["PeftTask"]
+__all__ = ["PeftTask", "rng_states", "set_rng_states"]
 
 # Frozen backbones run (partly) in eval mode by design: the frozen-mode policy, not a mistake.
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
+
+
+def rng_states() -> dict[str, Any]:
+    """Python's, NumPy's, torch's CPU and (when present) CUDA RNG states."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()  # as tensors and numbers: loads with weights_only
+    states = {"python": random.getstate(), "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss,
+                                                     gauss), "torch": torch.get_rng_state()}  # fmt: skip
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    random.setstate(states["python"])
+    kind, keys, pos, has_gauss, gauss = states["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
 
 
 class PeftTask(pl.LightningModule):
@@ -216,12 +237,17 @@ class PeftTask(pl.LightningModule):
 
     # -- checkpoints ---------------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Keep only the trainable set (and trained buffers): frozen weights come from the backbone config."""
+        """Keep only the trainable set (and trained buffers): frozen weights come from the backbone config.
+        The RNG states go in too, so a resumed run draws what the uninterrupted one drew (dropout, drop-path,
+        augmentation in the main process); the training order is a function of (seed, epoch) already."""
         keep = {f"model.{k}" for k in self.model.trainable_state_dict()}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
         if self.ema is not None:
             checkpoint["ema"] = self.ema.state_dict()
+        checkpoint["rng_states"] = rng_states()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.ema is not None and "ema" in checkpoint:
             self.ema.load_state_dict(checkpoint["ema"])
+        if "rng_states" in checkpoint:
+            set_rng_states(checkpoint["rng_states"])

@@ -16,7 +16,15 @@ import torch
 
 from mmpeft.core.state import save_adapter
 
-__all__ = ["AdapterExport", "RunStats", "PeakMemory", "human_bytes", "run_dir"]
+__all__ = [
+    "AdapterExport",
+    "RunStats",
+    "PeakMemory",
+    "TerminationCheckpoint",
+    "PredictionWriter",
+    "human_bytes",
+    "run_dir",
+]
 
 
 def human_bytes(n: int) -> str:
@@ -54,12 +62,25 @@ class AdapterExport(pl.Callback):
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
         if trainer.is_global_zero:
-            name = f"adapter-epoch={trainer.current_epoch}-step={trainer.global_step}.safetensors"
-            self._save(trainer, pl_module, run_dir(trainer) / "checkpoints" / name)
+            folder = run_dir(trainer) / "checkpoints"
+            tag = f"epoch={trainer.current_epoch}-step={trainer.global_step}"
+            self._prune(folder, keep=tag)
+            self._save(trainer, pl_module, folder / f"adapter-{tag}.safetensors")
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.is_global_zero:
+            self._prune(run_dir(trainer) / "checkpoints")
             self._save(trainer, pl_module, run_dir(trainer) / self.filename)
+
+    @staticmethod
+    def _prune(folder: Path, keep: str | None = None) -> None:
+        """Adapter files live only beside checkpoints that still exist (the checkpoint callback deletes the
+        ones it no longer keeps), so they do not pile up one per epoch."""
+        kept = {p.stem.rsplit("epoch=", 1)[-1] for p in folder.glob("*.ckpt")}
+        for adapter in folder.glob("adapter-epoch=*.safetensors"):
+            tag = adapter.stem.removeprefix("adapter-")
+            if tag != keep and tag.removeprefix("epoch=") not in kept:
+                adapter.unlink()
 
 
 class PeakMemory:
@@ -155,3 +176,69 @@ class RunStats(pl.Callback):
         if self.step_ms:
             for logger in trainer.loggers:
                 logger.log_metrics({"perf/median_step_ms": statistics.median(self.step_ms)}, step=trainer.global_step)
+
+
+class TerminationCheckpoint(pl.Callback):
+    """On SIGTERM (a scheduler's pre-emption, `kill`), save a resumable checkpoint before the run ends:
+    `<run dir>/checkpoints/terminated-epoch=E-step=S.ckpt` with the loops' position and the RNG states.
+    Lightning turns SIGTERM into `SIGTERMException` (a SystemExit with code 0); the CLI exits 143 and says
+    how to resume."""
+
+    last_path: Path | None = None  # the checkpoint this process wrote on SIGTERM (read by the CLI's exit message)
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        from pytorch_lightning.utilities.exceptions import SIGTERMException  # noqa: PLC0415
+
+        if not isinstance(exception, SIGTERMException) or trainer.state.fn != "fit":
+            return
+        name = f"terminated-epoch={trainer.current_epoch}-step={trainer.global_step}.ckpt"
+        path = run_dir(trainer) / "checkpoints" / name
+        trainer.save_checkpoint(path)  # every rank calls it; rank 0 writes
+        TerminationCheckpoint.last_path = path
+
+
+class PredictionWriter(pl.Callback):
+    """`mmpeft predict` writes what it computed: `<run dir>/predictions.csv` (one row per input: its id where
+    the dataset has one, e.g. the image path, else its index; the predicted class and its probability for
+    classifiers) and `predictions.pt` with the raw outputs. With DDP each rank writes its own share."""
+
+    def __init__(self) -> None:
+        self.outputs: list[torch.Tensor] = []
+        self.path: Path | None = None
+
+    def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.outputs = []
+
+    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self.outputs.append(outputs.detach().float().cpu())
+
+    def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self.outputs:
+            return
+        outputs = torch.cat(self.outputs)
+        suffix = f"-rank{trainer.global_rank}" if trainer.world_size > 1 else ""
+        folder = run_dir(trainer)
+        folder.mkdir(parents=True, exist_ok=True)
+        torch.save(outputs, folder / f"predictions{suffix}.pt")
+        ids = _input_ids(trainer, len(outputs))
+        lines = ["id,prediction,probability"] if outputs.dim() == 2 else ["id"]
+        probabilities = outputs.softmax(-1) if outputs.dim() == 2 else None
+        for i, ident in enumerate(ids):
+            if probabilities is None:
+                lines.append(f"{ident}")
+            else:
+                score, label = probabilities[i].max(-1)
+                lines.append(f"{ident},{int(label)},{float(score):.6f}")
+        self.path = folder / f"predictions{suffix}.csv"
+        self.path.write_text("\n".join(lines) + "\n")
+        print(f"predictions: {self.path} ({len(ids)} rows) and {self.path.with_suffix('.pt').name}")
+
+
+def _input_ids(trainer: pl.Trainer, count: int) -> list[str]:
+    """The dataset's own item names (image-list and FGVC datasets keep (path, label) items), else indices."""
+    loaders = trainer.predict_dataloaders
+    loader = loaders[0] if isinstance(loaders, list | tuple) else loaders
+    items = getattr(getattr(loader, "dataset", None), "items", None)
+    if items is not None and len(items) == count:
+        return [str(item[0]) if isinstance(item, tuple | list) else str(item) for item in items]
+    return [str(i) for i in range(count)]
