@@ -29,7 +29,7 @@ from torch import nn
 
 from mmpeft.core.anatomy import ForwardContext, TokenBackbone
 from mmpeft.core.context import BackboneInput
-from mmpeft.core.errors import MmpeftError, NotSupported
+from mmpeft.core.errors import MmpeftError, NotSupported, OutputExists
 from mmpeft.core.inject import attach
 from mmpeft.core.method import Method, get_method, list_methods
 from mmpeft.core.modules import AdapterModule
@@ -44,7 +44,7 @@ class BenchFailed(MmpeftError, RuntimeError):
     """The floor could not be measured, so there is nothing to compare against and nothing is written."""
 
 
-class ResultsExist(MmpeftError, FileExistsError):
+class ResultsExist(OutputExists):
     """The result file for this backbone, input, batch, device and precision exists and --overwrite was not given."""
 
 

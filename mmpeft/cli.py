@@ -132,6 +132,19 @@ def build_own_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("sweep", help="tasks x methods x seeds x search grid: tune on val, retrain, test once")
     add_sweep_arguments(s)
     s.set_defaults(run=_sweep)
+    from mmpeft.interop.commands import (  # noqa: PLC0415
+        add_export_arguments,
+        add_import_arguments,
+        export_lora_command,
+        import_lora_command,
+    )
+
+    e = sub.add_parser("export-lora", help="an mmpeft UNet LoRA adapter as a diffusers LoRA file (load_lora_weights)")
+    add_export_arguments(e)
+    e.set_defaults(run=export_lora_command)
+    i = sub.add_parser("import-lora", help="a diffusers / kohya LoRA file as an mmpeft adapter file")
+    add_import_arguments(i)
+    i.set_defaults(run=import_lora_command)
     m = sub.add_parser("methods", help="the registered methods, or one method's options (with help) and presets")
     m.add_argument("name", nargs="?", default=None, help="a method name: list its options and presets")
     m.set_defaults(run=_methods)

@@ -120,6 +120,18 @@ RECIPES: dict[str, dict] = {
         f"{M}.method": "full",
     },
     "fgvc/full.yaml": {**VIT_DROPOUT, f"{M}.optimizer": "adamw", f"{M}.weight_decay": 0.01, f"{M}.method": "full"},
+    "diffusion/difffit_dit.yaml": {  # DiffFit (arXiv 2304.06648): lr 10x DiT's pretraining one (facebookresearch/DiT
+        # train.py: AdamW lr 1e-4, weight_decay 0), the rule the paper states (quoted in mkshing/DiffFit-pytorch README)
+        f"{M}.method": {"name": "difffit", "preset": "paper"},
+        f"{M}.optimizer": "adamw",
+        f"{M}.lr": 1e-3,
+        f"{M}.weight_decay": 0.0,
+    },
+    "diffusion/difffit.yaml": {  # mkshing/DiffFit-pytorch's SD default: lr 1e-3, constant (no warmup)
+        f"{M}.method": {"name": "difffit", "preset": "sd"},
+        f"{M}.lr": 1e-3,
+        f"{M}.warmup_epochs": 0,
+    },
     "clip/lora.yaml": {  # MaxZanella/CLIP-LoRA run_utils.py L17-45 (--r 2 --alpha 1 --dropout_rate 0.25 --params
         # q k v --encoder both --lr 2e-4 --batch_size 32 --n_iters 500 --shots 16); loralib/layers.py L40-42
         # (scaling alpha / sqrt(r)); lora.py L73-76 (AdamW wd 1e-2, CosineAnnealingLR eta_min 1e-6 over

@@ -158,6 +158,31 @@ def expected_backbone_trainable(method: str, model: PeftModel) -> int:
         d, r, rg = backbone.embed_dim, model.method.rank, model.method.gate_rank
         norms = sum(p.numel() for m in modules if isinstance(m, torch.nn.LayerNorm) for p in m.parameters())
         return backbone.depth * 2 * ((2 * d * r + r + d) + (2 * d * rg + rg + d)) + norms
+    if method == "svfit" and backbone.family == "token":  # full spectrum of the q and v thirds of every fused qkv
+        return sum(2 * min(b.attn.qkv.in_features, b.attn.qkv.out_features // 3) for b in backbone.blocks)
+    if method == "svfit":  # denoisers: full spectrum min(out, in) of every attention's q, k, v, out projection
+        ends = ("to_q", "to_k", "to_v", "to_out.0", "add_k_proj", "add_v_proj")
+        linears = [m for n, m in backbone.named_modules() if n.endswith(ends) and isinstance(m, torch.nn.Linear)]
+        assert linears
+        return sum(min(m.in_features, m.out_features) for m in linears)
+    if method == "difffit":  # biases, LN/GN affines, class table, added LN affines, γ: 6·d per block (first half)
+        norms, table = (torch.nn.LayerNorm, torch.nn.GroupNorm), "class_embedder.embedding_table.weight"
+        count = sum(m.bias.numel() for m in modules if isinstance(getattr(m, "bias", None), torch.nn.Parameter))
+        count += sum(m.weight.numel() for m in modules if isinstance(m, norms) and m.weight is not None)
+        bare = [m for m in modules if isinstance(m, torch.nn.LayerNorm) and m.weight is None]
+        count += sum(2 * m.normalized_shape[-1] for m in bare)
+        count += sum(p.numel() for n, p in backbone.named_parameters() if n.endswith(table))
+        if backbone.family == "token":
+            for b in list(backbone.blocks)[: max(1, backbone.depth // 2)]:  # qkv, proj twice (γ1, out-proj γ), fc2
+                count += b.attn.qkv.out_features + 2 * b.attn.proj.out_features + b.mlp.fc2.out_features
+            return count
+        blocks = [m for m in modules if type(m).__name__ == "BasicTransformerBlock"]
+        blocks = blocks if backbone.family == "unet" else blocks[: len(blocks) // 2 or 1]  # every block on a UNet
+        for b in blocks:
+            attns = [a for a in (b.attn1, b.attn2) if a is not None]  # q, k, v; out-proj twice (γ1 and out-proj γ)
+            count += sum(a.to_q.out_features + a.to_k.out_features + a.to_v.out_features for a in attns)
+            count += sum(2 * a.to_out[0].out_features for a in attns) + b.ff.net[2].out_features
+        return count
     raise AssertionError(f"add the expected count of {method!r} to the conformance suite")
 
 

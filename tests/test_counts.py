@@ -30,6 +30,8 @@ def report(method: str, num_classes: int = 100, **config):
         ("adapter", {"bottleneck": 64}, 1_189_632),
         ("adapter", {"bottleneck": 16, "norm": True}, 304_320 + 18_432),
         ("bitfit", {}, 102_912),
+        ("svfit", {}, 12 * 2 * 768),  # full spectrum of q and v: configs/{vtab,fgvc}/svfit.yaml cite 18,432
+        ("difffit", {}, 102_912 + 25 * 768 + 6 * (3 * 768 + 2 * 768 + 768)),  # BitFit + LN weights + γ, blocks 0-5
         ("linear", {}, 0),
         ("full", {}, VIT_B16_PARAMS),
     ],
@@ -131,8 +133,20 @@ def test_diffusers_dit_xl_counts_match_the_spec():
     """diffusers' DiT-XL/2 keeps a timestep MLP and class table per block: 749,826,464 parameters, 551,840 biases."""
     from mmpeft.backbones import DiffusersDiT
 
-    r = parameter_report(PeftModel(DiffusersDiT(config=DIT_XL_2, device="meta"), "bitfit"))
+    r = parameter_report(PeftModel(DiffusersDiT(config=DIT_XL_2, device="meta", tie_embeddings=False), "bitfit"))
     assert (r.backbone, r.trainable) == (749_826_464, 551_840)
+
+
+def test_tied_dit_xl_counts_are_the_original_layouts():
+    """Tied (the default), diffusers' DiT-XL/2 has the original DiT's one timestep MLP and class table: 27 x
+    2,777,472 fewer parameters, BitFit 489,632 (the original's biases), + a Food-101 table = the paper's 0.61M."""
+    from mmpeft.backbones import DiffusersDiT
+
+    r = parameter_report(PeftModel(DiffusersDiT(config=DIT_XL_2, device="meta"), "bitfit"))
+    assert (r.backbone, r.trainable) == (749_826_464 - 27 * 2_777_472, 489_632) == (674_834_720, 489_632)
+    food = DiffusersDiT(config=DIT_XL_2, device="meta", num_classes=101)
+    tables = [p.numel() for n, p in food.named_parameters() if n.endswith("class_embedder.embedding_table.weight")]
+    assert tables == [102 * 1152] and 489_632 + sum(tables) == 607_136
 
 
 def test_params_table_on_denoisers_has_no_head_and_marks_token_methods():

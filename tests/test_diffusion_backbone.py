@@ -258,7 +258,10 @@ def test_meta_device_builds_without_reading_weights(saved, monkeypatch, prefix, 
 
     monkeypatch.setattr(safetensors.torch, "load_file", no_read)
     monkeypatch.setattr(torch, "load", no_read)
-    expected = params or sum(v.numel() for v in saved["dit"].values())
+    # a DiT on the meta device is tied (no values to compare; converted checkpoints have equal copies): one norm1.emb
+    expected = params or sum(
+        v.numel() for k, v in saved["dit"].items() if ".norm1.emb." not in k or k.startswith("transformer_blocks.0.")
+    )
     for source in (saved["root"] / "pipe", saved["root"] / "pipe" / sub):
         backbone = create_backbone(f"{prefix}:{source}", device="meta")
         assert all(p.device.type == "meta" for p in backbone.parameters())

@@ -66,9 +66,9 @@ def test_denoising_validation_noise_is_the_same_every_evaluation():
     for _ in range(2):
         task.on_validation_epoch_start()
         draws.append(task.prepare_batch((latents, cond), "val"))
-    assert torch.equal(draws[0][0].x, draws[1][0].x) and torch.equal(draws[0][1], draws[1][1])
+    assert torch.equal(draws[0][0].x, draws[1][0].x) and torch.equal(draws[0][1]["target"], draws[1][1]["target"])
     train = task.prepare_batch((latents, cond), "train")
-    assert not torch.equal(train[1], draws[0][1])
+    assert not torch.equal(train[1]["target"], draws[0][1]["target"])
     assert train[0].cond is cond and train[0].timestep.shape == (2,)
 
 
@@ -270,3 +270,24 @@ def test_ddp_on_two_cpu_processes_syncs_metrics_and_writes_one_adapter(tmp_path)
         header, values = rows[0].split(","), rows[-1].split(",")
         accs.append(float(values[header.index("val/acc")]))
     assert accs[0] == pytest.approx(accs[1], abs=1e-6) and 0 < accs[0] < 1
+
+
+def test_learned_variance_vlb_is_the_improved_ddpm_bound():
+    """Zero at the true posterior, positive elsewhere; trains only the variance channels."""
+    from diffusers import DDPMScheduler
+
+    from mmpeft.tasks.denoising import learned_variance_vlb
+
+    scheduler = DDPMScheduler(beta_schedule="linear")
+    x0, noise = torch.randn(3, 4, 2, 2), torch.randn(3, 4, 2, 2)
+    t = torch.tensor([10, 500, 900])
+    xt = scheduler.add_noise(x0, noise, t)
+    targets = {"latents": x0, "noisy": xt, "timesteps": t, "target": noise}
+    variance = torch.full((3, 4, 2, 2), -1.0, requires_grad=True)  # v = -1: the posterior variance itself
+    exact = learned_variance_vlb(torch.cat([noise, variance], 1), targets, scheduler)
+    assert exact.abs().max() < 1e-4, "the true eps and the posterior variance give a zero KL"
+    eps = torch.randn(3, 4, 2, 2, requires_grad=True)
+    off = learned_variance_vlb(torch.cat([eps, variance], 1), targets, scheduler)
+    assert (off > exact).all()
+    off.sum().backward()
+    assert (eps.grad is None or not eps.grad.any()) and variance.grad.abs().sum() > 0

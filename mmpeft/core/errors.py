@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
-__all__ = ["MmpeftError", "NotSupported", "NotMergeable", "UnknownName", "AdapterMismatch", "WeightsUnavailable"]
+__all__ = [
+    "MmpeftError",
+    "NotSupported",
+    "NotMergeable",
+    "UnknownName",
+    "AdapterMismatch",
+    "WeightsUnavailable",
+    "OutputExists",
+]
 
 
 class MmpeftError(Exception):
@@ -30,3 +38,7 @@ class AdapterMismatch(MmpeftError, ValueError):
 
 class WeightsUnavailable(MmpeftError, OSError):
     """Pretrained weights could not be loaded (offline hub name, missing or foreign file)."""
+
+
+class OutputExists(MmpeftError, FileExistsError):
+    """An output file is already there; it is replaced only when the user asks (--overwrite)."""

@@ -74,14 +74,36 @@ class PeftModel(nn.Module):
 
     def apply_frozen_mode(self) -> None:
         apply_frozen_mode(self.backbone, self.training, self.method.frozen_mode)
+        for name, module in getattr(self, "components", {}).items():
+            method = self.component_methods.get(name)
+            if method is None:
+                module.eval()
+            else:
+                apply_frozen_mode(module, self.training, method.frozen_mode)
 
     def disabled(self):
         """Run with the method switched off: the pristine frozen backbone (plus the head)."""
         return disabled(self.backbone)
 
+    def add_component(self, name: str, module: nn.Module, method: Method | str | dict[str, Any] | None = None) -> None:
+        """A frozen module the task uses beside the backbone (a diffusion model's text encoder), optionally
+        with a method of its own (diffusers' `--train_text_encoder`). Its trained tensors go in the same
+        adapter file, keyed `components.<name>.`; without a method it stays frozen and stores nothing."""
+        if not hasattr(self, "components"):
+            self.components = nn.ModuleDict()
+            self.component_methods: dict[str, Method] = {}
+        if method is None:
+            module.requires_grad_(False)
+        else:
+            self.component_methods[name] = method_from_spec(method)
+            self.component_methods[name].apply(module)
+        self.components[name] = module
+
     def trainable_names(self) -> list[str]:
         """The declared trainable set, as names in this model's state dict."""
         declared = [f"backbone.{n}" for n in self.method.declared_trainable(self.backbone)]
+        for name, method in getattr(self, "component_methods", {}).items():
+            declared += [f"components.{name}.{n}" for n in method.declared_trainable(self.components[name])]
         if hasattr(self.head, "declared_trainable"):  # a head with frozen parts (CLIP's zero-shot head)
             return declared + [f"head.{n}" for n in self.head.declared_trainable()]
         return declared + [f"head.{n}" for n, _ in self.head.named_parameters()]

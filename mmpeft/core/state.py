@@ -36,6 +36,9 @@ def save_adapter(model: PeftModel, path: str | os.PathLike, extra: dict[str, Any
         "method": json.dumps({"name": model.method.name, "config": model.method.config()}),
         "backbone": json.dumps(backbone_signature(model.backbone)),
         "head": json.dumps(model.head_config),
+        "components": json.dumps(
+            {n: {"name": m.name, "config": m.config()} for n, m in getattr(model, "component_methods", {}).items()}
+        ),
         "extra": json.dumps(extra or {}),
     }
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
@@ -68,6 +71,7 @@ def read_adapter(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
     header["format"] = raw["format"]
     header["mmpeft_version"] = raw.get("mmpeft_version")  # absent in files written before it was recorded
     header.setdefault("head", None)
+    header.setdefault("components", {})
     return tensors, header
 
 
@@ -93,13 +97,17 @@ def _describe(sig: dict[str, Any]) -> str:
     return f"{sig['name']!r} ({sig['class']}, {sig['num_features']} features, {sig['num_tensors']} tensors)"
 
 
-def load_adapter(model: PeftModel, path: str | os.PathLike) -> dict[str, Any]:
+def load_adapter(model: PeftModel, path: str | os.PathLike, components: bool = True) -> dict[str, Any]:
     """Load an adapter file into a model built with the same backbone, method and head.
 
     Everything is checked before anything is written, so a refused file leaves the model as it was.
-    Returns the file's header.
+    `components=False` loads the backbone's part of a file that also adapts other components (the text
+    encoder of a latent-diffusion run) into a model without them. Returns the file's header.
     """
     tensors, header = read_adapter(path)
+    if not components:
+        tensors = {k: v for k, v in tensors.items() if not k.startswith("components.")}
+        header = {**header, "components": {}}
     file_sig, model_sig = header["backbone"], backbone_signature(model.backbone)
     if file_sig != model_sig:
         raise AdapterMismatch(
@@ -117,6 +125,14 @@ def load_adapter(model: PeftModel, path: str | os.PathLike) -> dict[str, Any]:
         raise AdapterMismatch(
             f"adapter file {str(path)!r} holds method {file_method['name']!r} {theirs}, but the model has "
             f"{model_method['name']!r} {ours} ({detail}); build the model from the file's method config"
+        )
+    ours = {n: json.loads(json.dumps({"name": m.name, "config": m.config()}))
+            for n, m in getattr(model, "component_methods", {}).items()}  # fmt: skip
+    theirs = {n: _filled(m, path) for n, m in header["components"].items()}
+    if theirs != ours:
+        raise AdapterMismatch(
+            f"adapter file {str(path)!r} holds component methods {theirs}, but the model has {ours}; build the "
+            "model with the file's components (e.g. the same text_method)"
         )
     structure = lambda h: {k: v for k, v in h.items() if k != "init"} if h else h  # noqa: E731
     if header["head"] is not None and structure(header["head"]) != structure(model.head_config):

@@ -2,10 +2,24 @@
 
 from mmpeft.methods.adapter import Adapter
 from mmpeft.methods.baselines import BitFit, FullFinetune, LinearProbe
+from mmpeft.methods.difffit import DiffFit
 from mmpeft.methods.lora import LoRA
 from mmpeft.methods.mosa import MoSA
 from mmpeft.methods.ssf import SSF
+from mmpeft.methods.svfit import SVFit
 from mmpeft.methods.vl_pet import VLPET
 from mmpeft.methods.vpt import VPT
 
-__all__ = ["Adapter", "BitFit", "FullFinetune", "LinearProbe", "LoRA", "MoSA", "SSF", "VLPET", "VPT"]
+__all__ = [
+    "Adapter",
+    "BitFit",
+    "DiffFit",
+    "FullFinetune",
+    "LinearProbe",
+    "LoRA",
+    "MoSA",
+    "SSF",
+    "SVFit",
+    "VLPET",
+    "VPT",
+]

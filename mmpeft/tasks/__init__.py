@@ -4,6 +4,7 @@ from mmpeft.tasks.base import PeftTask
 from mmpeft.tasks.classification import ImageClassification
 from mmpeft.tasks.clip import CLIPClassification
 from mmpeft.tasks.denoising import Denoising
+from mmpeft.tasks.latent_diffusion import LatentDiffusion
 from mmpeft.tasks.regression import Regression
 
-__all__ = ["PeftTask", "ImageClassification", "CLIPClassification", "Denoising", "Regression"]
+__all__ = ["PeftTask", "ImageClassification", "CLIPClassification", "Denoising", "LatentDiffusion", "Regression"]

@@ -24,7 +24,8 @@ __all__ = ["Denoising"]
 class Denoising(PeftTask):
     """Args (beyond `PeftTask`'s): `num_train_timesteps`, `beta_schedule`, `beta_start`, `beta_end` (the
     DDPM schedule; defaults: Stable Diffusion's scaled-linear 0.00085 -> 0.012 over 1000 steps),
-    `prediction_type` ("epsilon" or "v_prediction")."""
+    `prediction_type` ("epsilon" or "v_prediction"), `vlb` (add the variational-bound term for
+    learned-variance models, as DiT trains)."""
 
     monitor = "val/loss"
     monitor_mode = "min"
@@ -37,9 +38,11 @@ class Denoising(PeftTask):
         beta_start: float = 0.00085,
         beta_end: float = 0.012,
         prediction_type: str = "epsilon",
+        vlb: bool = True,
         **kwargs: Any,
     ):
         super().__init__(*args, **kwargs)
+        self.vlb = vlb
         from diffusers import DDPMScheduler  # noqa: PLC0415
 
         if prediction_type not in ("epsilon", "v_prediction"):
@@ -59,8 +62,13 @@ class Denoising(PeftTask):
 
     on_test_epoch_start = on_validation_epoch_start
 
-    def prepare_batch(self, batch: Any, stage: str) -> tuple[BackboneInput, torch.Tensor]:
-        latents, cond = batch[0], (batch[1] if len(batch) > 1 else None)
+    def encode(self, batch: Any, stage: str) -> tuple[torch.Tensor, Any]:
+        """(latents, conditioning) of a batch; here the batch holds them already. `LatentDiffusion` encodes
+        images with its VAE and prompts with its text encoder instead."""
+        return batch[0], (batch[1] if len(batch) > 1 else None)
+
+    def prepare_batch(self, batch: Any, stage: str) -> tuple[BackboneInput, dict[str, torch.Tensor]]:
+        latents, cond = self.encode(batch, stage)
         generator = None
         if stage in ("val", "test"):  # the same noise and timesteps for every evaluation of this batch
             generator = torch.Generator(device=latents.device).manual_seed(10_000 + self._eval_batches)
@@ -73,10 +81,57 @@ class Denoising(PeftTask):
             target = self.scheduler.get_velocity(latents, noise, timesteps)
         else:
             target = noise
-        return BackboneInput(x=noisy, timestep=timesteps, cond=cond), target
+        targets = {"target": target, "latents": latents, "noisy": noisy, "timesteps": timesteps}
+        return BackboneInput(x=noisy, timestep=timesteps, cond=cond), targets
 
-    def loss_and_metrics(self, output: torch.Tensor, targets: torch.Tensor, stage: str) -> torch.Tensor:
-        """MSE on the predicted channels (a learned-variance model's extra channels are not part of it)."""
-        loss = F.mse_loss(output[:, : targets.shape[1]].float(), targets.float())
-        self.log_epoch("loss", loss.detach(), targets.shape[0], stage, prog_bar=stage != "train")
+    def loss_and_metrics(self, output: torch.Tensor, targets: Any, stage: str) -> torch.Tensor:
+        """MSE on the predicted channels; a learned-variance model (DiT: `out_channels` = 2 x latent channels)
+        adds the variational bound of the sampled timestep (see `learned_variance_vlb`)."""
+        target = targets["target"] if isinstance(targets, dict) else targets
+        channels = target.shape[1]
+        loss = F.mse_loss(output[:, :channels].float(), target.float())
+        if output.shape[1] == 2 * channels and isinstance(targets, dict) and self.vlb:
+            vlb = learned_variance_vlb(output, targets, self.scheduler).mean()
+            self.log_epoch("vlb", vlb.detach(), target.shape[0], stage)
+            loss = loss + vlb
+        self.log_epoch("loss", loss.detach(), target.shape[0], stage, prog_bar=stage != "train")
         return loss
+
+
+def _gaussian_kl(mean1, logvar1, mean2, logvar2):
+    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
+
+
+def learned_variance_vlb(output: torch.Tensor, targets: dict[str, torch.Tensor], scheduler: Any) -> torch.Tensor:
+    """The variational-bound term of one sampled timestep per sample, in bits per dimension (Nichol &
+    Dhariwal, "Improved DDPM", 2021; as DiT trains its learned Σ): KL(q(x_{t-1} | x_t, x_0) ‖ p(x_{t-1} | x_t))
+    with p's mean from the *detached* ε prediction (the bound trains only the variance) and its log-variance
+    interpolated between log β_t and the clipped posterior log-variance by the model's extra channels; at
+    t = 0 the Gaussian NLL of x_0. Adding it once per sampled t to the MSE is L_simple + λ·L_vlb with
+    λ = 1/T = 0.001 for T = 1000, the paper's hybrid loss. Deviation: the t = 0 term is a continuous
+    Gaussian NLL (latents are not 8-bit pixels; iDDPM's decoder NLL is discretised)."""
+    x0, xt, t = targets["latents"].float(), targets["noisy"].float(), targets["timesteps"]
+    channels = x0.shape[1]
+    eps, var_values = output[:, :channels].detach().float(), output[:, channels:].float()
+    betas = scheduler.betas.to(x0.device, torch.float64)
+    alphas = 1.0 - betas
+    cumprod = torch.cumprod(alphas, 0)
+    cumprod_prev = torch.cat([cumprod.new_ones(1), cumprod[:-1]])
+    posterior_var = betas * (1 - cumprod_prev) / (1 - cumprod)
+    posterior_logvar = torch.log(torch.cat([posterior_var[1:2], posterior_var[1:]]))
+    coef1 = betas * cumprod_prev.sqrt() / (1 - cumprod)
+    coef2 = (1 - cumprod_prev) * alphas.sqrt() / (1 - cumprod)
+    shape = (-1,) + (1,) * (x0.dim() - 1)
+    take = lambda table: table[t].float().view(shape)  # noqa: E731
+    true_mean, true_logvar = take(coef1) * x0 + take(coef2) * xt, take(posterior_logvar)
+    fraction = (var_values + 1) / 2
+    model_logvar = fraction * take(torch.log(betas)) + (1 - fraction) * true_logvar
+    pred_x0 = (1 / take(cumprod)).sqrt() * xt - (1 / take(cumprod) - 1).sqrt() * eps
+    model_mean = take(coef1) * pred_x0 + take(coef2) * xt
+    log2 = torch.log(torch.tensor(2.0, device=x0.device))
+    kl = _gaussian_kl(true_mean, true_logvar, model_mean, model_logvar).flatten(1).mean(1) / log2
+    nll = 0.5 * (
+        model_logvar + (x0 - model_mean) ** 2 * torch.exp(-model_logvar) + torch.log(2 * torch.pi * x0.new_ones(1))
+    )
+    nll = nll.flatten(1).mean(1) / log2
+    return torch.where(t == 0, nll, kl)

@@ -1,0 +1,298 @@
+"""SVFit (Sun et al., "SVFit: Parameter-Efficient Fine-Tuning of Large Pre-Trained Models Using Singular
+Values", arXiv 2409.05926, 2024).
+
+No official code exists; this file is mmpeft's reading of the paper (see `SVFit`'s docstring for what is
+the paper's and what is ours).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mmpeft.core.errors import NotSupported
+from mmpeft.core.inject import attach
+from mmpeft.core.method import Method, register_method
+from mmpeft.core.modules import AdapterModule, adapter_modules
+from mmpeft.core.targets import select_modules
+from mmpeft.methods.lora import DENOISER_TARGETS, parse_target
+
+__all__ = [
+    "SVFit",
+    "SVFitDelta",
+    "Spectrum",
+    "energy_rank",
+    "svfit_ranks",
+    "derived_state_bytes",
+    "DEFAULT_TARGETS",
+    "ENERGY_OF",
+]
+
+_PARTS = "qkv"
+ENERGY_OF = ("sq", "sum")
+
+# Default targets per backbone family. Token backbones: the q and v thirds of every fused qkv, the matrices
+# LoRA's default adapts, so the two methods are compared matrix for matrix (full spectrum: d per d x d
+# matrix against LoRA-r8's 16 d, the paper's "16 times fewer"). Denoisers: the attention projections
+# (to_q, to_k, to_v, to_out.0, plus add_k_proj / add_v_proj where present), as the spec's SD1.5 comparison.
+DEFAULT_TARGETS = {"token": ("attn.qkv[q,v]",), "unet": DENOISER_TARGETS, "dit": DENOISER_TARGETS}
+
+
+def energy_rank(sigma: torch.Tensor, threshold: float, of: str = "sq") -> int:
+    """The smallest r whose top-r singular values hold at least `threshold` of the spectrum's energy.
+
+    `of="sq"`: E(r) = sum_{i<=r} sigma_i^2 / sum_i sigma_i^2 (the squared Frobenius norm kept by the best
+    rank-r approximation); `of="sum"`: E(r) = sum_{i<=r} sigma_i / sum_i sigma_i. `sigma` is sorted in
+    descending order (as an SVD returns it). An all-zero spectrum gives r = 1. At least 1, at most len(sigma).
+    """
+    if of not in ENERGY_OF:
+        raise ValueError(f"energy_of must be one of {ENERGY_OF}, got {of!r}")
+    if not 0.0 < threshold <= 1.0:
+        raise ValueError(f"an energy threshold is in (0, 1], got {threshold}")
+    values = sigma.detach().to(torch.float64).flatten()
+    energy = values.square() if of == "sq" else values.abs()
+    cumulative = energy.cumsum(0)
+    total = cumulative[-1]
+    if total <= 0:
+        return 1
+    below = int((cumulative < threshold * total).sum())
+    return min(below + 1, values.numel())
+
+
+def _svd64(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Thin SVD in float64 on the matrix's device (on the CPU where float64 is unavailable, e.g. MPS)."""
+    device = matrix.device if matrix.device.type in ("cpu", "cuda") else torch.device("cpu")
+    return torch.linalg.svd(matrix.detach().to(device=device, dtype=torch.float64), full_matrices=False)
+
+
+class Spectrum(AdapterModule):
+    """The top-r singular values of one frozen matrix W (out x in; a convolution's kernel reshaped to
+    out x in·kh·kw) as trainable `sigma`, with its delta `U_r diag(sigma - sigma0) V_r^T`.
+
+    `sigma` starts at `sigma0`, so the delta is exactly zero at init. `U` (out x r), `Vh` (r x in·kh·kw) and
+    `sigma0` are derived state (non-persistent buffers): recomputed from the frozen weight whenever the method
+    is applied, never saved. On the meta device no SVD is possible: the tensors get their shapes only (a
+    fixed `rank` is then required).
+    """
+
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        rank: int | None = None,
+        energy: float | None = None,
+        energy_of: str = "sq",
+        kernel_size: tuple[int, int] | None = None,
+        stride: tuple[int, int] | int = 1,
+        padding: tuple[int, int] | int | str = 0,
+        dilation: tuple[int, int] | int = 1,
+    ):
+        super().__init__()
+        out, cols = weight.shape[0], math.prod(weight.shape[1:])
+        full = min(out, cols)
+        self.conv = kernel_size is not None
+        self.kernel = tuple(kernel_size) if kernel_size is not None else ()
+        self.stride, self.padding, self.dilation = stride, padding, dilation
+        # fp32 at least here; `Method.apply` then casts the piece to its `param_dtype`
+        factory = {"device": weight.device, "dtype": torch.promote_types(weight.dtype, torch.float32)}
+        if weight.device.type == "meta":
+            if energy is not None:
+                raise NotSupported(
+                    "SVFit's energy-threshold ranks need the weights' singular values, and a meta-device backbone "
+                    "has none; set a fixed r (or leave r and energy unset for the full spectrum) to count on meta"
+                )
+            r = min(rank or full, full)
+            u, s, vh = (torch.empty(shape, **factory) for shape in ((out, r), (r,), (r, cols)))
+        else:
+            u, s, vh = _svd64(weight.reshape(out, cols))
+            r = energy_rank(s, energy, energy_of) if energy is not None else full
+            r = min(r, rank) if rank is not None else r
+            u, s, vh = (t.to(**factory) for t in (u[:, :r], s[:r], vh[:r]))
+        self.rank = r
+        self.sigma = nn.Parameter(s.clone())
+        self.register_derived("U", u.contiguous())
+        self.register_derived("Vh", vh.contiguous())
+        self.register_derived("sigma0", s.clone())
+
+    def extra_repr(self) -> str:
+        return f"rank={self.rank}, out={self.U.shape[0]}, in={self.Vh.shape[1]}{', conv' if self.conv else ''}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """U_r ((sigma - sigma0) * (V_r^T x)): the delta's output only (the frozen layer supplies W x)."""
+        shift = self.sigma - self.sigma0
+        if self.conv:
+            down = self.Vh.view(self.rank, -1, *self.kernel)
+            h = F.conv2d(x, down, None, self.stride, self.padding, self.dilation)
+            return F.conv2d(h * shift.view(1, -1, 1, 1), self.U.view(*self.U.shape, 1, 1))
+        return F.linear(F.linear(x, self.Vh) * shift, self.U)
+
+    def delta_weight(self) -> torch.Tensor:
+        """U_r diag(sigma - sigma0) V_r^T in float64, shaped like the matrix (out x in·kh·kw)."""
+        shift = (self.sigma.double() - self.sigma0.double()).unsqueeze(0)
+        return (self.U.double() * shift) @ self.Vh.double()
+
+    def derived_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.U, self.Vh, self.sigma0))
+
+
+class SVFitDelta(AdapterModule):
+    """SVFit on a Linear's or Conv2d's whole weight (`spectra["all"]`), or on named thirds (q / k / v) of
+    a fused qkv linear, each third with its own SVD. Attached as an output hook: y + delta(x)."""
+
+    def __init__(self, layer: nn.Module, parts: tuple[str, ...], r: int | None, energy: float | None,
+                 energy_of: str):  # fmt: skip
+        super().__init__()
+        self.parts = parts
+        spectrum = lambda w, **kw: Spectrum(w, r, energy, energy_of, **kw)  # noqa: E731
+        if parts:
+            width = layer.out_features // 3
+            rows = {p: layer.weight[_PARTS.index(p) * width : (_PARTS.index(p) + 1) * width] for p in parts}
+            self.spectra = nn.ModuleDict({p: spectrum(w) for p, w in rows.items()})
+        elif isinstance(layer, nn.Conv2d):
+            if layer.groups != 1 or layer.padding_mode != "zeros":
+                raise NotSupported(
+                    f"SVFit needs an ungrouped, zero-padded Conv2d (groups={layer.groups}, "
+                    f"padding_mode={layer.padding_mode!r})"
+                )
+            geometry = {"kernel_size": layer.kernel_size, "stride": layer.stride, "padding": layer.padding,
+                        "dilation": layer.dilation}  # fmt: skip
+            self.spectra = nn.ModuleDict({"all": spectrum(layer.weight, **geometry)})
+        else:
+            self.spectra = nn.ModuleDict({"all": spectrum(layer.weight)})
+
+    def forward(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        if not self.parts:
+            return y + self.spectra["all"](x)
+        chunks = list(y.chunk(3, dim=-1))
+        for p, spectrum in self.spectra.items():
+            i = _PARTS.index(p)
+            chunks[i] = chunks[i] + spectrum(x)
+        return torch.cat(chunks, dim=-1)
+
+    def _delta_weight(self, host: nn.Module) -> torch.Tensor:
+        """The whole delta of the host's weight, float64, in the weight's shape."""
+        if not self.parts:
+            return self.spectra["all"].delta_weight().view(host.weight.shape).to(host.weight.device)
+        full = torch.zeros(host.weight.shape, device=host.weight.device, dtype=torch.float64)
+        width = host.out_features // 3
+        for p, spectrum in self.spectra.items():
+            i = _PARTS.index(p)
+            full[i * width : (i + 1) * width] = spectrum.delta_weight().to(full.device)
+        return full
+
+    def merge_updates(self, host: nn.Module) -> dict[str, torch.Tensor]:
+        """W' = W + U_r diag(sigma - sigma0) V_r^T (computed in float64, written in the weight's dtype)."""
+        return {"weight": (host.weight.double() + self._delta_weight(host)).to(host.weight.dtype)}
+
+    def unmerge_updates(self, host: nn.Module) -> dict[str, torch.Tensor]:
+        return {"weight": (host.weight.double() - self._delta_weight(host)).to(host.weight.dtype)}
+
+
+def _spectra(backbone: nn.Module) -> Iterator[tuple[str, Spectrum]]:
+    for name, module in adapter_modules(backbone):
+        if isinstance(module, Spectrum):
+            yield name, module
+
+
+def svfit_ranks(backbone: nn.Module) -> dict[str, int]:
+    """Per adapted matrix (`<layer>.svfit.spectra.<all|q|k|v>`), the number of singular values that train."""
+    return {name: s.rank for name, s in _spectra(backbone)}
+
+
+def derived_state_bytes(backbone: nn.Module) -> int:
+    """Bytes of SVFit's derived state (U_r, V_r, sigma0 of every adapted matrix) held in memory beside the
+    backbone: r (out + in·kh·kw + 1) elements per matrix, in the pieces' dtype. None of it is in the adapter
+    file, and a merged-and-unloaded model drops it."""
+    return sum(s.derived_bytes() for _, s in _spectra(backbone))
+
+
+def _pattern(target: str) -> str:
+    return _parse(target)[0]
+
+
+def _parse(target: str) -> tuple[str, tuple[str, ...]]:
+    try:
+        return parse_target(target)
+    except ValueError as err:
+        raise ValueError(str(err).replace("LoRA", "SVFit")) from None
+
+
+@register_method
+@dataclass
+class SVFit(Method):
+    """SVFit: the singular values of frozen weights train. For each targeted W = U S V^T the top-r
+    singular values sigma train; U_r and V_r stay frozen. A Conv2d's kernel is decomposed as the
+    out x (in·kh·kw) matrix and applied exactly as a k×k convolution by V_r^T then a 1×1 one by U_r.
+
+    The paper's description (no official code exists) and mmpeft's reading of it: the paper splits
+    W = W_r + W_e, freezes W_e and the singular vectors, and trains Sigma_r, initialised to the top-r
+    singular values, so W' = W at init. mmpeft computes the same function in delta form,
+    y = W x + U_r ((sigma - sigma0) ⊙ (V_r^T x)), which keeps no second copy of W (no W_e buffer) and is
+    exactly the frozen layer at init (sigma = sigma0 bit for bit, so the delta is exactly zero). sigma holds
+    the absolute singular values, as in the paper; sigma0 (the initial singular values), U_r and V_r are
+    derived state: recomputed from the frozen weight when the method is applied (a float64 SVD on the
+    weight's device, stored in the pieces' dtype), never written to the adapter file, which holds only the
+    trained sigma and the method config. Only the products u_i v_i^T enter the delta, and those do not
+    depend on the SVD's sign convention, so a reload needs no fixed signs; on the same machine and software
+    it reproduces the outputs bit for bit. Cost: r (out + in + 1) derived numbers per matrix in memory
+    (`derived_state_bytes`), and the delta's two thin products per forward until merged.
+
+    Rank: `r` fixed (capped at min(out, in); unset: the full spectrum), or per matrix by `energy`: the
+    smallest r with sum_{i<=r} sigma_i^2 / sum_i sigma_i^2 >= energy (`energy_of="sq"`; `"sum"` uses
+    sigma_i instead of sigma_i^2; `r`, if also set, caps it). The paper keeps the singular values that
+    "capture over 99% of the matrix's information" per matrix without a formula, so whether it means
+    sigma or sigma^2 is open: the `paper` preset uses energy 0.99 on sigma^2 (the Frobenius energy of the
+    best rank-r approximation). The SVD needs real weights, so on the meta device only a fixed r counts.
+
+    Targets are module-name patterns with globs, each must match; a fused qkv takes a trailing `[q,v]`
+    as with LoRA (each third gets its own SVD). Unset, the family's default: token backbones
+    `attn.qkv[q,v]` (LoRA's default matrices: the full spectrum is d per matrix against LoRA-r8's 16 d,
+    the paper's "16 times fewer"); UNets and DiTs `to_q, to_k, to_v, to_out.0` (plus `add_k_proj,
+    add_v_proj` where present): 93,696 on SD1.5's 128 attention linears at full spectrum. Merge folds
+    U_r diag(sigma - sigma0) V_r^T into the weight (float64, written in the weight's dtype); unmerge
+    subtracts it. sigma is 1-D, so it is exempt from weight decay.
+    """
+
+    name: ClassVar[str] = "svfit"
+    identity_at_init: ClassVar[bool] = True
+    mergeable: ClassVar[bool] = True
+    presets: ClassVar[dict] = {"paper": {"r": None, "energy": 0.99, "energy_of": "sq"}}
+    help: ClassVar[dict[str, str]] = {
+        "r": "singular values trained per matrix (capped at min(out, in·kh·kw)); unset: the full spectrum; with "
+        "energy set it caps the energy rank",
+        "energy": "per matrix, the smallest r whose top-r singular values hold this share (0, 1] of the spectrum's "
+        "energy (see energy_of); unset: r decides; needs real weights (not meta)",
+        "energy_of": "what the energy threshold sums: sq (sigma^2, the Frobenius energy) or sum (sigma)",
+        "targets": "module-name patterns (globs) of the Linear / Conv2d layers to adapt, each must match; a trailing "
+        "[q,k,v] selects parts of a fused qkv; unset: the backbone family's default (token backbones: attn.qkv[q,v]; "
+        "UNets, DiTs: to_q, to_k, to_v, to_out.0)",
+    }
+
+    r: int | None = None  # None: the full spectrum min(out, in·kh·kw)
+    energy: float | None = None
+    energy_of: str = "sq"
+    targets: tuple[str, ...] | None = None  # None: the backbone family's default (see the docstring)
+
+    def __post_init__(self) -> None:
+        if self.r is not None and self.r < 1:
+            raise ValueError(f"SVFit r must be positive (or unset for the full spectrum), got {self.r}")
+        if self.energy is not None and not 0.0 < self.energy <= 1.0:
+            raise ValueError(f"SVFit energy is a share in (0, 1], got {self.energy}")
+        if self.energy_of not in ENERGY_OF:
+            raise ValueError(f"SVFit energy_of must be one of {ENERGY_OF}, got {self.energy_of!r}")
+
+    def inject(self, backbone: nn.Module) -> None:
+        for target, name, module in select_modules(backbone, "SVFit", self.targets, DEFAULT_TARGETS, _pattern):
+            parts = _parse(target)[1]
+            if not isinstance(module, nn.Linear | nn.Conv2d):
+                raise NotSupported(
+                    f"SVFit target {name!r} is a {type(module).__name__}; SVFit supports nn.Linear and nn.Conv2d"
+                )
+            if parts and not (isinstance(module, nn.Linear) and module.out_features % 3 == 0):
+                raise NotSupported(f"SVFit parts {parts} need a fused qkv linear; {name!r} is not one")
+            attach(module, "svfit", SVFitDelta(module, parts, self.r, self.energy, self.energy_of))

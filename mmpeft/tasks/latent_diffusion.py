@@ -1,0 +1,150 @@
+"""Latent diffusion on images: Stable Diffusion (text-conditioned UNet) and DiT (class-conditional).
+
+The denoiser is the backbone and carries the method; the VAE and the text encoder come from the same
+local diffusers pipeline folder (or the shipped tiny one, `pipeline: tiny_sd`) and stay frozen. The text
+encoder may carry a method of its own (`text_method`, diffusers' `--train_text_encoder`), saved in the
+same adapter file under `components.text_encoder.`. Because both encoders are frozen, the VAE's latent
+distribution of each training image and the text states of each prompt are computed once and cached
+(`cache`); latents are sampled from the cached distribution at every step, as diffusers' cached-latents
+training does, and evaluation uses the distribution's mean. The scheduler is the pipeline's own
+(prediction type ε or v), and a learned-Σ DiT adds the variational bound (see `Denoising`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from mmpeft.tasks.denoising import Denoising
+
+__all__ = ["LatentDiffusion", "pipeline_folder"]
+
+
+def pipeline_folder(pipeline: str) -> Path:
+    """A local diffusers pipeline folder; "tiny_sd" builds (once, cached) the random tiny SD pipeline."""
+    if pipeline == "tiny_sd":
+        from mmpeft.interop.tiny_sd import tiny_sd_folder  # noqa: PLC0415
+
+        return Path(tiny_sd_folder())
+    folder = Path(pipeline).expanduser()
+    if not (folder / "model_index.json").is_file() and not (folder / "vae").is_dir():
+        from mmpeft.core.errors import WeightsUnavailable  # noqa: PLC0415
+
+        raise WeightsUnavailable(
+            f"{str(folder)!r} is not a diffusers pipeline folder (expected model_index.json and vae/, "
+            "text_encoder/, tokenizer/, scheduler/ inside); pass a local pipeline folder or 'tiny_sd'"
+        )
+    return folder
+
+
+def _key(tensor: torch.Tensor) -> str:
+    return hashlib.sha1(tensor.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
+
+
+class LatentDiffusion(Denoising):
+    """Args (beyond `Denoising`'s): `pipeline` (a local diffusers pipeline folder, or "tiny_sd"),
+    `prompt` (one prompt for every image, DreamBooth's instance prompt; else batches carry captions, or
+    class labels for a DiT), `text_method` (a method on the text encoder), `cache` (cache latents and
+    text states of the frozen encoders), `attention` ("auto": xformers on CUDA when its kernels load,
+    else SDPA; "sdpa"; "xformers"). Batches are (images in [-1, 1], captions or labels)."""
+
+    def __init__(
+        self,
+        *args: Any,
+        pipeline: str = "tiny_sd",
+        prompt: str | None = None,
+        text_method: str | dict[str, Any] | None = None,
+        cache: bool = True,
+        attention: str = "auto",
+        **kwargs: Any,
+    ):
+        from diffusers import AutoencoderKL, DDPMScheduler  # noqa: PLC0415
+
+        kwargs["num_classes"] = None  # a denoiser has no head, whatever classes the image folder has
+        folder = pipeline_folder(pipeline)
+        config = DDPMScheduler.load_config(str(folder), subfolder="scheduler")
+        for key in ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end", "prediction_type"):
+            if key in config:
+                kwargs.setdefault(key, config[key])
+        super().__init__(*args, **kwargs)
+        self.vae = AutoencoderKL.from_pretrained(str(folder), subfolder="vae", local_files_only=True).eval()
+        self.vae.requires_grad_(False)
+        self.prompt, self.cache = prompt, cache
+        self.text_conditioned = getattr(self.model.backbone, "family", "") == "unet"
+        if self.text_conditioned:
+            from transformers import CLIPTextModel, CLIPTokenizer  # noqa: PLC0415
+
+            self.tokenizer = CLIPTokenizer.from_pretrained(str(folder), subfolder="tokenizer", local_files_only=True)
+            encoder = CLIPTextModel.from_pretrained(str(folder), subfolder="text_encoder", local_files_only=True)
+            self.model.add_component("text_encoder", encoder, text_method)
+        elif text_method is not None:
+            raise ValueError("text_method needs a text-conditioned UNet; a DiT is conditioned on class labels")
+        self._latent_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._text_cache: dict[str, torch.Tensor] = {}
+        self.attention = attention
+
+    def setup(self, stage: str) -> None:
+        """diffusers' own attention processors: xformers when its kernels load on CUDA, SDPA otherwise (the
+        method's tensors live in Linear modules, so a processor swap keeps them)."""
+        from mmpeft.backbones.diffusers_attention import use_fast_attention  # noqa: PLC0415
+
+        device = self.trainer.strategy.root_device if self._trainer is not None else self.device
+        self.attention_backend = use_fast_attention(self.model.backbone, self.attention, device=device)
+
+    def on_fit_end(self) -> None:
+        """A LoRA on a UNet is also written as `diffusers_lora/pytorch_lora_weights.safetensors`, the file
+        `StableDiffusionPipeline.load_lora_weights` takes."""
+        if self.method.name != "lora" or not self.text_conditioned or not self.trainer.is_global_zero:
+            return
+        from mmpeft.interop.diffusers_lora import export_diffusers_lora  # noqa: PLC0415
+        from mmpeft.tasks.callbacks import run_dir  # noqa: PLC0415
+
+        with self.evaluation_weights():
+            path = export_diffusers_lora(self.model, run_dir(self.trainer) / "diffusers_lora")
+        self.print(f"diffusers LoRA file: {path}")
+
+    @property
+    def text_encoder(self) -> nn.Module:
+        return self.model.components["text_encoder"]
+
+    # -- encoders ---------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _latent_distribution(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, std) of the VAE posterior, scaled to the denoiser's latent space, cached per image."""
+        keys = [_key(image) for image in images] if self.cache else []
+        missing = [i for i, k in enumerate(keys) if k not in self._latent_cache] if self.cache else range(len(images))
+        if missing:
+            dist = self.vae.encode(images[list(missing)].to(self.vae.dtype)).latent_dist
+            scale = self.vae.config.scaling_factor
+            for j, i in enumerate(missing):
+                if self.cache:
+                    self._latent_cache[keys[i]] = (dist.mean[j] * scale, dist.std[j] * scale)
+            if not self.cache:
+                return dist.mean * scale, dist.std * scale
+        pairs = [self._latent_cache[k] for k in keys]
+        return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+
+    def _text_states(self, prompts: list[str]) -> torch.Tensor:
+        frozen = "text_encoder" not in getattr(self.model, "component_methods", {})
+        if frozen and self.cache and all(p in self._text_cache for p in prompts):
+            return torch.stack([self._text_cache[p] for p in prompts])
+        ids = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt").input_ids.to(self.device)  # fmt: skip
+        with torch.set_grad_enabled(not frozen and torch.is_grad_enabled()):
+            states = self.text_encoder(ids)[0]
+        if frozen and self.cache:
+            self._text_cache.update({p: s.detach() for p, s in zip(prompts, states)})
+        return states
+
+    def encode(self, batch: Any, stage: str) -> tuple[torch.Tensor, Any]:
+        images, conditioning = batch[0], batch[1]
+        mean, std = self._latent_distribution(images)
+        latents = mean if stage in ("val", "test") else mean + std * torch.randn_like(std)
+        if not self.text_conditioned:
+            return latents, conditioning  # class labels
+        prompts = [self.prompt] * len(images) if self.prompt is not None else list(conditioning)
+        return latents, self._text_states(prompts)
