@@ -13,6 +13,7 @@ register_foreign_backbone("DiTTransformer2DModel", "mmpeft.backbones.diffusion:D
 from mmpeft.backbones.weights import register_weights_builder  # noqa: E402
 
 register_weights_builder("digits_vit", "mmpeft.pretrain.digits:pretrain_digits_vit")
+register_weights_builder("shapes_point", "mmpeft.pretrain.shapes:pretrain_shapes_point")
 from mmpeft.core import (  # noqa: E402
     PeftModel,
     create_method,

@@ -38,6 +38,15 @@ def tiny_dit(**overrides) -> nn.Module:
     return DiffusersDiT(config={**TINY_DIT, **overrides}, name="tiny_dit", example_size=8)
 
 
+def tiny_point(**overrides) -> nn.Module:
+    """Point-MAE's layout at toy size: 64 points, 8 groups of 8, 2 blocks of 32."""
+    from mmpeft.backbones import PointTransformer
+
+    config = dict(num_points=64, num_group=8, group_size=8, depth=2, embed_dim=32, num_heads=4, encoder_dims=32,
+                  pointnet_widths=(16, 32, 64), drop_path_rate=0.1)  # fmt: skip
+    return PointTransformer("point_mae", **{**config, **overrides})
+
+
 def backbone_cases() -> list[BackboneCase]:
     from mmpeft.backbones import TimmModel, TimmViT
     from mmpeft.backbones.clip import ClipImageTower, ClipTextTower
@@ -51,6 +60,7 @@ def backbone_cases() -> list[BackboneCase]:
         ),
         BackboneCase("toy_text", ToyTextTower, lambda: ToyTextTower(depth=3)),
         BackboneCase("toy_point", ToyPointTower, lambda: ToyPointTower(dim=48)),
+        BackboneCase("point_mae", tiny_point, lambda: tiny_point(depth=3)),
         BackboneCase("toy_reg_vit", ToyRegViT, lambda: ToyRegViT(regs=3)),
         BackboneCase(
             "clip_image", lambda: ClipImageTower(model=tiny_clip()), lambda: ClipImageTower(model=tiny_clip(width=48))

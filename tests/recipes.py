@@ -160,6 +160,34 @@ RECIPES: dict[str, dict] = {
     },
 }
 
+POINT_MAE = {  # Pang-Yatian/Point-MAE cfgs/finetune_scan_hardest.yaml and finetune_modelnet.yaml: AdamW lr 5e-4,
+    # wd 0.05; CosLR (timm CosineLRScheduler per epoch: t_initial 300, lr_min 1e-6, warmup_lr_init 1e-6, warmup_t 10);
+    # total_bs 32, grad_norm_clip 10; model: trans_dim 384, depth 12, drop_path_rate 0.1, group_size 32
+    f"{M}.optimizer": "adamw",
+    f"{M}.lr": 5e-4,
+    f"{M}.weight_decay": 0.05,
+    f"{M}.schedule": "timm_cosine",
+    f"{M}.warmup_epochs": 10,
+    f"{M}.warmup_lr": 1e-6,
+    f"{M}.min_lr": 1e-6,
+    f"{T}.max_epochs": 300,
+    f"{T}.gradient_clip_val": 10,
+    f"{D}.batch_size": 32,
+    f"{B}.drop_path_rate": 0.1,
+    f"{B}.group_size": 32,
+    f"{D}.augment": "scale_translate",  # datasets/data_transforms.py PointcloudScaleAndTranslate
+}
+POINT_METHODS = ("full", "linear", "bitfit", "lora", "adapter", "vpt_deep", "ssf", "mosa", "vl_pet")
+RECIPES |= {
+    f"point/scanobjectnn/{m}.yaml": {**POINT_MAE, f"{D}.num_points": 2048, f"{B}.num_points": 2048,
+                                     f"{B}.num_group": 128}  # finetune_scan_hardest.yaml: npoints 2048, num_group 128
+    for m in POINT_METHODS
+} | {
+    f"point/modelnet40/{m}.yaml": {**POINT_MAE, f"{D}.num_points": 1024, f"{B}.num_points": 1024,
+                                   f"{B}.num_group": 64}  # finetune_modelnet.yaml: npoints 1024, num_group 64
+    for m in POINT_METHODS
+}  # fmt: skip
+
 # The head each method's `paper` preset initialises, as the official code does.
 VPT_HEAD = "kaiming_normal_fan_out;bias=-4.59511985013459"  # KMnP/vpt src/models/mlp.py L53-57: -log(0.99 / 0.01)
 HEAD_INITS = {

@@ -30,14 +30,15 @@ def test_digits_configs_compose_with_the_quickstart(override, capsys):
 
 
 STANDALONE = [QUICKSTART, CONFIGS / "image_list.yaml", *sorted(CONFIGS.glob("vtab/*.yaml")),
-              *sorted(CONFIGS.glob("fgvc/*.yaml")), *sorted(CONFIGS.glob("clip/*.yaml"))]  # fmt: skip
+              *sorted(CONFIGS.glob("fgvc/*.yaml")), *sorted(CONFIGS.glob("clip/*.yaml")),
+              *sorted(CONFIGS.glob("point/*/*.yaml")), CONFIGS / "point" / "quickstart.yaml"]  # fmt: skip
 
 
 @pytest.mark.parametrize("path", STANDALONE, ids=lambda p: f"{p.parent.name}/{p.stem}")
 def test_standalone_configs_parse(path, capsys):
     config = _parse(path, capsys=capsys)
     method = method_from_spec(config["model"]["init_args"]["method"])
-    if path.parent.name in ("vtab", "fgvc"):
+    if path.parent.name in ("vtab", "fgvc", "scanobjectnn", "modelnet40"):
         expected = {"vpt_shallow": "vpt", "vpt_deep": "vpt"}.get(path.stem, path.stem)
         assert method.name == expected
         assert config["run"]["test_after_fit"] and config["data"]["init_args"]["protocol"] == "final"

@@ -10,6 +10,8 @@ from torch import nn
 from mmpeft.backbones.clip import ClipImageTower, ClipTextTower
 from mmpeft.backbones.diffusion import TINY_DIT, TINY_SD_UNET, DiffusersDiT, DiffusersUNet
 from mmpeft.backbones.digits import DigitsViT
+from mmpeft.backbones.point import PointTransformer
+from mmpeft.backbones.shapes import ShapesPointTransformer
 from mmpeft.backbones.timm_vit import TimmModel, TimmViT, create_timm, is_token_vit
 from mmpeft.core.errors import NotSupported, UnknownName
 
@@ -17,6 +19,8 @@ __all__ = [
     "ClipImageTower",
     "ClipTextTower",
     "DigitsViT",
+    "PointTransformer",
+    "ShapesPointTransformer",
     "DiffusersUNet",
     "DiffusersDiT",
     "TimmViT",
@@ -32,6 +36,9 @@ BACKBONES: dict[str, Callable[..., nn.Module]] = {
     "digits_vit": DigitsViT,
     "tiny_sd_unet": lambda **kw: DiffusersUNet(config=TINY_SD_UNET, name="tiny_sd_unet", **kw),
     "tiny_dit": lambda **kw: DiffusersDiT(config=TINY_DIT, name="tiny_dit", **kw),
+    "point_mae": lambda **kw: PointTransformer("point_mae", **kw),
+    "point_bert": lambda **kw: PointTransformer("point_bert", **kw),
+    "shapes_point": ShapesPointTransformer,
 }
 # "<prefix>:<local folder or file>"
 PREFIXED: dict[str, Callable[..., nn.Module]] = {
@@ -49,9 +56,9 @@ def register_backbone(name: str) -> Callable[[Callable[..., nn.Module]], Callabl
 
 
 def create_backbone(name: str, **kwargs: Any) -> nn.Module:
-    """A registered mmpeft backbone (`digits_vit`, `tiny_sd_unet`, `tiny_dit`), a prefixed one
-    (`diffusers_unet:<folder>`, `diffusers_dit:<folder>`, `open_clip:<model>:image|text`), a timm ViT as
-    a `TimmViT`, or any other timm model as `TimmModel`."""
+    """A registered mmpeft backbone (`digits_vit`, `shapes_point`, `tiny_sd_unet`, `tiny_dit`, `point_mae`,
+    `point_bert`), a prefixed one (`diffusers_unet:<folder>`, `diffusers_dit:<folder>`,
+    `open_clip:<model>:image|text`), a timm ViT as a `TimmViT`, or any other timm model as `TimmModel`."""
     if name in BACKBONES:
         return BACKBONES[name](**kwargs)
     prefix, _, rest = name.partition(":")

@@ -7,30 +7,14 @@ the cache key is a hash of the architecture and the pretraining recipe, so chang
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-from pathlib import Path
-
-import torch
-
 from mmpeft.backbones.timm_vit import TimmViT
-from mmpeft.backbones.weights import build_weights, load_weights, optional_path, read_state_dict
+from mmpeft.backbones.weights import cache_dir, load_weights, optional_path, pretrained_weights, read_state_dict
 
 __all__ = ["DigitsViT", "cache_dir", "ARCH", "RECIPE"]
 
 ARCH = {"img_size": 8, "patch_size": 2, "in_chans": 1, "embed_dim": 128, "depth": 4, "num_heads": 4}
 # "order": the training order's version (2: a function of (seed, epoch)), part of the cache key
 RECIPE = {"epochs": 40, "lr": 1e-3, "weight_decay": 0.05, "batch_size": 64, "warmup_epochs": 3, "seed": 0, "order": 2}
-
-
-def cache_dir() -> Path:
-    """`$MMPEFT_CACHE`, else `~/.cache/mmpeft`."""
-    return Path(os.environ.get("MMPEFT_CACHE", Path.home() / ".cache" / "mmpeft"))
-
-
-def _key(recipe: dict) -> str:
-    return hashlib.sha1(json.dumps({"arch": ARCH, "recipe": recipe}, sort_keys=True).encode()).hexdigest()[:10]
 
 
 class DigitsViT(TimmViT):
@@ -48,12 +32,6 @@ class DigitsViT(TimmViT):
         weights = optional_path(weights)
         if weights is None and pretrained:
             recipe = {**RECIPE, **({"epochs": epochs} if epochs else {})}
-            path = cache_dir() / f"digits_vit-{_key(recipe)}.safetensors"
-            if not path.is_file():
-                with torch.random.fork_rng():  # a fresh and a cached run then draw the same numbers afterwards
-                    info = build_weights("digits_vit", path, recipe=recipe, arch=ARCH)
-                print(f"pretrained the digits ViT in {info['seconds']} s, upstream val acc "
-                      f"{info['upstream_val_acc']:.3f}; cached at {path}")  # fmt: skip
-            weights = str(path)
+            weights = str(pretrained_weights("digits_vit", ARCH, recipe))
         if weights is not None:
             load_weights(self, read_state_dict(weights), weights)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import socket
 from collections.abc import Callable, Iterable
@@ -22,6 +24,8 @@ __all__ = [
     "from_hub",
     "register_weights_builder",
     "build_weights",
+    "cache_dir",
+    "pretrained_weights",
 ]
 
 # backbone name -> "package.module:function" that trains its weights into a file (mmpeft's own quickstart
@@ -146,3 +150,22 @@ def build_weights(name: str, path: Path, **options: object) -> dict:
 
     module, _, function = WEIGHTS_BUILDERS[name].partition(":")
     return getattr(importlib.import_module(module), function)(path, **options)
+
+
+def cache_dir() -> Path:
+    """`$MMPEFT_CACHE`, else `~/.cache/mmpeft`."""
+    return Path(os.environ.get("MMPEFT_CACHE", Path.home() / ".cache" / "mmpeft"))
+
+
+def pretrained_weights(name: str, arch: dict, recipe: dict) -> Path:
+    """The cached weights of one of mmpeft's quickstart backbones, pretrained on first use by the builder
+    registered for `name`. The file name holds a hash of the architecture and the recipe, so changing either
+    builds anew; the torch RNG is forked, so a fresh and a cached run draw the same numbers afterwards."""
+    key = hashlib.sha1(json.dumps({"arch": arch, "recipe": recipe}, sort_keys=True).encode()).hexdigest()[:10]
+    path = cache_dir() / f"{name}-{key}.safetensors"
+    if not path.is_file():
+        with torch.random.fork_rng():
+            info = build_weights(name, path, recipe=recipe, arch=arch)
+        print(f"pretrained {name} in {info['seconds']} s, upstream val acc {info['upstream_val_acc']:.3f}; "
+              f"cached at {path}")  # fmt: skip
+    return path

@@ -33,8 +33,9 @@ class PeftModel(nn.Module):
             for the linear probe.
         num_classes: builds a head on `backbone.num_features`; 0 or None keeps the backbone's output
             (features, or a denoiser's prediction).
-        head: the head's spec (`"linear"`, the default, or `{name: mlp, hidden: [256, 256], norm: batch,
-            dropout: 0.5}`; see `mmpeft.core.heads`), recorded in adapter files; or a custom module.
+        head: the head's spec (`"linear"`, or `{name: mlp, hidden: [256, 256], norm: batch, dropout: 0.5}`; see
+            `mmpeft.core.heads`), recorded in adapter files; or a custom module. Unset: the backbone's
+            `default_head` (the paper's head, e.g. the point transformers' MLP-BN head), else linear.
     """
 
     def __init__(
@@ -56,6 +57,8 @@ class PeftModel(nn.Module):
             )
         if not custom and head is not None and not num_classes:
             raise ValueError(f"a head ({head!r}) needs num_classes")
+        if head is None:
+            head = getattr(backbone, "default_head", None)
         self.head_config = head_spec(head, num_classes) if not custom and num_classes else None
         self.backbone = self.method.apply(backbone)
         if not custom:

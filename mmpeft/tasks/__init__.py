@@ -5,6 +5,15 @@ from mmpeft.tasks.classification import ImageClassification
 from mmpeft.tasks.clip import CLIPClassification
 from mmpeft.tasks.denoising import Denoising
 from mmpeft.tasks.latent_diffusion import LatentDiffusion
+from mmpeft.tasks.point import PointClassification
 from mmpeft.tasks.regression import Regression
 
-__all__ = ["PeftTask", "ImageClassification", "CLIPClassification", "Denoising", "LatentDiffusion", "Regression"]
+__all__ = [
+    "PeftTask",
+    "ImageClassification",
+    "CLIPClassification",
+    "Denoising",
+    "LatentDiffusion",
+    "PointClassification",
+    "Regression",
+]

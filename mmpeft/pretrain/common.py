@@ -1,0 +1,53 @@
+"""The upstream pretraining every quickstart backbone shares: full training of a fresh backbone and head
+on the upstream task through the same training step as every other run (`mmpeft.tasks.step`), then
+the backbone's weights written atomically with what made them."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from mmpeft.core.model import PeftModel
+from mmpeft.tasks.optim import build_optimizer, param_groups, warmup_cosine
+from mmpeft.tasks.step import fit_steps
+
+__all__ = ["pretrain_classifier"]
+
+
+def pretrain_classifier(model: PeftModel, data: pl.LightningDataModule, path: Path, recipe: dict[str, Any],
+                        arch: dict[str, Any], desc: str, progress: bool = True) -> dict[str, Any]:  # fmt: skip
+    """Train `model` (a fresh backbone with method "full" and a head) on `data`'s train split with AdamW,
+    warmup then cosine (`recipe`: epochs, lr, weight_decay, warmup_epochs); write the backbone's weights
+    to `path` with the upstream validation accuracy, the time, the recipe and the arch as metadata."""
+    train = data.train_dataloader()
+    optimizer = build_optimizer(param_groups(model, model.method, recipe["weight_decay"]), "adamw", recipe["lr"])
+    steps = recipe["epochs"] * len(train)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(steps, recipe["warmup_epochs"] * len(train)))
+    start = time.perf_counter()
+    bar = tqdm(range(recipe["epochs"]), desc=desc, disable=not progress)
+    for _ in bar:
+        losses = fit_steps(model, train, optimizer, model.backbone.example_loss, scheduler)
+        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    model.eval()
+    correct = total = 0
+    with torch.no_grad():
+        for inputs, labels in data.val_dataloader():
+            correct += int((model(inputs).argmax(-1) == labels).sum())
+            total += len(labels)
+    info = {"upstream_val_acc": correct / total, "seconds": round(time.perf_counter() - start, 1),
+            "recipe": recipe, "arch": arch}  # fmt: skip
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    os.close(fd)
+    save_file(model.backbone.state_dict(), tmp, metadata={"info": json.dumps(info)})
+    os.replace(tmp, path)
+    return info

@@ -1,0 +1,215 @@
+"""The Point-MAE / Point-BERT transformer: exact counts, official checkpoints, the forward the papers run."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mmpeft.backbones import PointTransformer, create_backbone
+from mmpeft.backbones.point import load_point_checkpoint, official_state_dict
+from mmpeft.backbones.point_ops import group
+from mmpeft.cli import main
+from mmpeft.core.errors import WeightsUnavailable
+from mmpeft.core.model import PeftModel
+from mmpeft.core.report import parameter_report
+from tests.conftest import tiny_point
+
+
+def count(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def test_point_mae_counts_on_meta_match_the_spec():
+    b = create_backbone("point_mae", device="meta")
+    assert count(b) == 21_825_792
+    assert count(b.encoder) == 494_464 and count(b.pos_embed) == 50_048 and count(b.blocks[0]) == 1_773_312
+    assert b.blocks[0].attn.qkv.bias is None and b.blocks[0].attn.proj.bias is not None
+    assert b.num_features == 768
+    for classes, head in ((15, 267_535), (40, 273_960)):
+        r = parameter_report(PeftModel(create_backbone("point_mae", device="meta"), "linear", num_classes=classes))
+        assert r.backbone == 21_825_792 and r.trainable == head
+
+
+def test_point_bert_counts_on_meta_match_the_spec():
+    b = create_backbone("point_bert", device="meta")
+    assert count(b) == 21_858_816
+    assert count(b.encoder) == 428_800 and count(b.reduce_dim) == 98_688
+    r = parameter_report(PeftModel(create_backbone("point_bert", device="meta"), "linear", num_classes=40))
+    assert r.trainable == 207_144  # Point-BERT's smaller head, 40 logits (its ScanObjectNN configs too)
+
+
+def test_params_cli_on_the_point_backbone(capsys):
+    assert main(["params", "--backbone", "point_mae", "--num-classes", "15"]) == 0
+    out = capsys.readouterr().out
+    assert "| linear | 267,535 | 0 |" in out and "| vpt |" in out and "| ssf |" in out
+
+
+def official_forward(model: PointTransformer, xyz: torch.Tensor) -> torch.Tensor:
+    """Point-MAE's fine-tuning forward written out as the official code runs it (`x = block(x + pos)`)."""
+    neighbourhood, centres = group(xyz, model.num_group, model.group_size)
+    x = torch.cat([model.cls_token.expand(len(xyz), -1, -1), model.encoder(neighbourhood)], dim=1)
+    pos = torch.cat([model.cls_pos.expand(len(xyz), -1, -1), model.pos_embed(centres)], dim=1)
+    for block in model.blocks:
+        x = x + pos
+        h = block.norm1(x)
+        b, n, c = h.shape
+        heads = block.attn.num_heads
+        q, k, v = (h @ block.attn.qkv.weight.T).reshape(b, n, 3, heads, c // heads).permute(2, 0, 3, 1, 4)
+        attn = ((q @ k.transpose(-2, -1)) * (c // heads) ** -0.5).softmax(-1)
+        x = x + block.attn.proj((attn @ v).transpose(1, 2).reshape(b, n, c))
+        x = x + block.mlp.fc2(F.gelu(block.mlp.fc1(block.norm2(x))))
+    x = model.norm(x)
+    return torch.cat([x[:, 0], x[:, 1:].max(1).values], dim=-1)
+
+
+def test_forward_is_the_official_one_with_positions_before_every_block():
+    model = tiny_point().eval()
+    xyz = torch.randn(3, 64, 3)
+    with torch.no_grad():
+        torch.testing.assert_close(model(xyz), official_forward(model, xyz), atol=1e-5, rtol=1e-5)
+
+
+def test_batch_shuffle_permutes_outputs_identically():
+    model = tiny_point(drop_path_rate=0.0)
+    xyz = torch.randn(6, 64, 3)
+    perm = torch.randperm(6)
+    for mode in (False, True):  # eval, and training with the fixed FPS start (frozen BatchNorms in eval)
+        peft = PeftModel(model, "linear", num_classes=4, head="linear").train(mode)  # no head dropout
+        with torch.no_grad():
+            torch.testing.assert_close(peft(xyz)[perm], peft(xyz[perm]), atol=1e-5, rtol=1e-5)
+        model = tiny_point(drop_path_rate=0.0)
+
+
+def test_point_order_does_not_matter_when_fps_starts_at_the_same_point():
+    model = tiny_point().eval()
+    xyz = torch.randn(2, 64, 3)
+    perm = torch.cat([torch.zeros(1, dtype=torch.long), 1 + torch.randperm(63)])
+    with torch.no_grad():
+        torch.testing.assert_close(model(xyz), model(xyz[:, perm]), atol=1e-5, rtol=1e-5)
+
+
+def test_random_fps_start_is_drawn_in_training_only_and_replayed():
+    model = tiny_point(fps_start="random", drop_path_rate=0.0)
+    xyz = torch.randn(2, 64, 3)
+    model.train()
+    torch.manual_seed(1)
+    a = model(xyz)
+    torch.manual_seed(2)
+    b = model(xyz)
+    assert not torch.allclose(a, b), "another seed draws other FPS starts"
+    torch.manual_seed(1)
+    torch.testing.assert_close(model(xyz), a)
+    model.eval()
+    torch.manual_seed(3)
+    first = model(xyz)
+    torch.manual_seed(4)
+    torch.testing.assert_close(model(xyz), first)
+
+
+def test_frozen_batchnorms_stay_in_eval_mode_and_keep_their_statistics():
+    model = PeftModel(tiny_point(), "lora", num_classes=4).train()
+    bn = model.backbone.encoder.first_conv[1]
+    assert not bn.training
+    before = bn.running_mean.clone()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    F.cross_entropy(model(torch.randn(4, 64, 3)), torch.tensor([0, 1, 2, 3])).backward()
+    opt.step()
+    assert torch.equal(bn.running_mean, before)
+
+
+def test_default_head_is_the_papers_and_a_config_can_replace_it():
+    model = PeftModel(tiny_point(), "linear", num_classes=5)
+    kinds = [type(m).__name__ for m in model.head]
+    assert kinds == ["Linear", "BatchNorm1d", "ReLU", "Dropout", "Linear", "BatchNorm1d", "ReLU", "Dropout", "Linear"]
+    assert model.head_config["hidden"] == [256, 256]
+    assert isinstance(PeftModel(tiny_point(), "linear", num_classes=5, head="linear").head, torch.nn.Linear)
+    bert = PeftModel(PointTransformer("point_bert", device="meta"), "linear", num_classes=40).head
+    assert [type(m).__name__ for m in bert] == ["Linear", "ReLU", "Dropout", "Linear"]
+
+
+def test_bad_inputs_are_refused_with_the_expected_shape():
+    with pytest.raises(ValueError, match=r"\[B, N, 3\] point clouds"):
+        tiny_point()(torch.randn(2, 3, 64))
+
+
+# -- official checkpoints -----------------------------------------------------------------------------------
+def _official(model: PointTransformer, prefix: str, extra: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    keys = official_state_dict(model.state_dict())
+    assert "blocks.blocks.0.attn.qkv.weight" in keys
+    return {f"module.{prefix}{k}": v.clone() for k, v in keys.items()} | extra
+
+
+def test_point_mae_pretrain_checkpoint_loads_and_reports_fresh_tensors(tmp_path, capsys):
+    source = tiny_point()
+    state = _official(source, "MAE_encoder.", {
+        "module.MAE_decoder.blocks.blocks.0.norm1.weight": torch.ones(32),
+        "module.mask_token": torch.zeros(1, 1, 32),
+        "module.increase_dim.0.weight": torch.zeros(8, 32, 1),
+    })  # fmt: skip
+    for fresh in ("cls_token", "cls_pos"):  # the pretraining encoder has no cls token
+        del state[f"module.MAE_encoder.{fresh}"]
+    path = tmp_path / "pretrain.pth"
+    torch.save({"base_model": state, "epoch": 300, "metrics": {"acc": 0.0}}, path)
+    target = tiny_point()
+    report = load_point_checkpoint(target, str(path))
+    assert report["fresh"] == ["cls_pos", "cls_token"]
+    assert len(report["ignored"]) == 3
+    for key, value in source.state_dict().items():
+        if key not in ("cls_token", "cls_pos"):
+            assert torch.equal(target.state_dict()[key], value), key
+    assert "fresh: ['cls_pos', 'cls_token']" in capsys.readouterr().out
+
+
+def test_finetuned_checkpoint_with_its_head_loads_the_cls_token(tmp_path):
+    source = tiny_point()
+    state = _official(source, "", {"module.cls_head_finetune.0.weight": torch.zeros(256, 64)})
+    path = tmp_path / "ckpt-best.pth"
+    torch.save({"base_model": state}, path)
+    target = tiny_point(weights=str(path))
+    assert torch.equal(target.cls_token, source.cls_token)
+    assert target.load_report["fresh"] == [] and target.load_report["ignored"] == ["cls_head_finetune.0.weight"]
+
+
+def test_point_bert_checkpoint_keeps_the_query_encoder_only(tmp_path):
+    tiny = dict(num_points=64, num_group=8, group_size=8, depth=2, embed_dim=32, num_heads=4, encoder_dims=16,
+                pointnet_widths=(16, 32, 64))  # fmt: skip
+    source = PointTransformer("point_bert", **tiny)
+    state = _official(source, "transformer_q.", {})
+    state |= {k.replace("transformer_q.", "transformer_k."): v * 0 for k, v in state.items()}  # momentum copy
+    state["module.transformer_q.cls_head_finetune.0.weight"] = torch.zeros(4, 4)
+    state["module.dvae.encoder.first_conv.0.weight"] = torch.zeros(4, 3, 1)
+    path = tmp_path / "Point-BERT.pth"
+    torch.save({"base_model": state}, path)
+    target = PointTransformer("point_bert", weights=str(path), **tiny)
+    assert all(torch.equal(target.state_dict()[k], v) for k, v in source.state_dict().items())
+    assert target.load_report["fresh"] == []
+
+
+def test_checkpoints_of_another_model_are_refused_and_load_nothing(tmp_path):
+    path = tmp_path / "other.pth"
+    torch.save({"base_model": _official(tiny_point(), "MAE_encoder.", {})}, path)
+    target = tiny_point(depth=3)
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    with pytest.raises(WeightsUnavailable, match=r"does not fit point_mae \(depth 3.*blocks\.2\."):
+        load_point_checkpoint(target, str(path))
+    torch.save({"base_model": _official(tiny_point(depth=3, embed_dim=48), "MAE_encoder.", {})}, path)
+    with pytest.raises(WeightsUnavailable, match="another shape"):
+        load_point_checkpoint(target, str(path))
+    assert all(torch.equal(target.state_dict()[k], v) for k, v in before.items())
+
+
+class _Payload:
+    def __reduce__(self):
+        return (print, ("executed",))
+
+
+def test_pickled_code_in_a_checkpoint_is_refused(tmp_path, capsys):
+    path = tmp_path / "evil.pth"
+    with open(path, "wb") as f:
+        pickle.dump({"base_model": {"x": _Payload()}}, f)
+    with pytest.raises(WeightsUnavailable, match="weights_only"):
+        load_point_checkpoint(tiny_point(), str(path))
+    assert "executed" not in capsys.readouterr().out
