@@ -103,6 +103,8 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-classes", type=int, default=100)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--precision", default="32", help="32 | bf16 (autocast on CUDA)")
+    p.add_argument("--memory", action="store_true", help="also attribute the tensors saved for backward to modules "
+                   "and method pieces (<stem>-memory.md)")  # fmt: skip
     p.add_argument("--out", default=DEFAULT_OUT, help=f"directory for the CSV and markdown tables ({DEFAULT_OUT})")
     p.add_argument("--overwrite", action="store_true", help="replace an existing result file (otherwise refused)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -148,9 +150,11 @@ def measure(args: argparse.Namespace, method_name: str) -> dict:
         if step >= args.warmup:
             times.append(1000 * (time.perf_counter() - start))
     peak = memory.stop()
+    breakdown = _breakdown(model, x, y, backbone.example_loss, method_name) if getattr(args, "memory", False) else None
     report = parameter_report(model)
     shown = x.x if isinstance(x, BackboneInput) else x
     return {
+        **({"breakdown": breakdown} if breakdown else {}),
         "method": method_name,
         "input": "x".join(str(d) for d in shown.shape[1:]),
         "trainable": report.trainable,
@@ -162,15 +166,29 @@ def measure(args: argparse.Namespace, method_name: str) -> dict:
 
 def bench_backbone(args: argparse.Namespace) -> nn.Module:
     """The backbone to time: registered and prefixed names bring their own input size; timm names take
-    `--img-size` / `--in-chans`. The digits ViT skips its pretraining (speed does not depend on weights)."""
+    `--img-size` / `--in-chans`. mmpeft's quickstart backbones (digits, shapes) skip their pretraining: speed
+    does not depend on the weights."""
     from mmpeft.backbones import BACKBONES, create_backbone  # noqa: PLC0415
+    from mmpeft.backbones.weights import WEIGHTS_BUILDERS  # noqa: PLC0415
 
-    if args.backbone == "digits_vit":
+    if args.backbone in WEIGHTS_BUILDERS:
         return create_backbone(args.backbone, pretrained=False)
     if args.backbone in BACKBONES or ":" in args.backbone:
         return create_backbone(args.backbone)
     extra = {"in_chans": args.in_chans} if args.in_chans != 3 else {}
     return create_backbone(args.backbone, img_size=args.img_size, **extra)
+
+
+def _breakdown(model: nn.Module, x, y, loss_fn, method_name: str) -> str:
+    """The saved-for-backward table of one training step (`mmpeft.memory`), step_loss's way (MoSA's two passes)."""
+    from mmpeft.memory import breakdown_markdown, saved_tensors  # noqa: PLC0415
+    from mmpeft.tasks.step import step_loss  # noqa: PLC0415
+
+    model.zero_grad(set_to_none=True)
+    saved = saved_tensors(
+        model, x, y, lambda loss, _: loss, forward=lambda m, inputs: step_loss(m, inputs, y, loss_fn).loss
+    )
+    return breakdown_markdown(method_name, saved)
 
 
 def worker_row(args: argparse.Namespace, method: str) -> dict:
@@ -188,6 +206,8 @@ def _run_worker(args: argparse.Namespace, method: str) -> dict:
     cmd = [sys.executable, "-m", "mmpeft.bench", "--worker", method]
     for key in ("backbone", "img_size", "in_chans", "batch", "steps", "warmup", "num_classes", "device", "precision"):
         cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
+    if getattr(args, "memory", False):
+        cmd.append("--memory")
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     lines = done.stdout.strip().splitlines()
     if done.returncode == 0 and lines:
@@ -232,7 +252,8 @@ def run_bench(args: argparse.Namespace) -> list[dict]:
     out = Path(args.out)
     stem = result_stem(args, floor)
     paths = (out / f"{stem}.csv", out / f"{stem}.md")
-    existing = [str(path) for path in paths if path.exists()]
+    extra = (out / f"{stem}-memory.md",) if getattr(args, "memory", False) else ()
+    existing = [str(path) for path in paths + extra if path.exists()]
     if existing and not getattr(args, "overwrite", False):
         raise ResultsExist(
             f"bench results already exist: {', '.join(existing)}; pass --overwrite to replace them, or --out DIR "
@@ -262,6 +283,13 @@ def run_bench(args: argparse.Namespace) -> list[dict]:
     paths[1].write_text(header + table + "\n")
     print(header + table)
     print(f"bench: wrote {paths[0]} and {paths[1]}", file=sys.stderr)
+    if getattr(args, "memory", False):
+        memory = extra[0]
+        intro = ("Tensors saved for backward in one training step, by the module running when each was saved "
+                 "(each storage once; parameters excluded; block indices folded). `mmpeft.memory`.\n\n")  # fmt: skip
+        memory.write_text(header.replace("# mmpeft bench:", "# mmpeft bench --memory:", 1) + intro
+                          + "\n".join(r["breakdown"] for r in rows if "breakdown" in r))  # fmt: skip
+        print(f"bench: wrote {memory}", file=sys.stderr)
     return rows
 
 
