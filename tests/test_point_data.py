@@ -22,7 +22,6 @@ from mmpeft.data.point import (
     MissingPointData,
     load_modelnet_pickle,
     stratified_split,
-    vote_logits,
 )
 from mmpeft.data.point_fixtures import write_modelnet40_fixture, write_scanobjectnn_fixture
 from mmpeft.data.point_transforms import (
@@ -33,6 +32,7 @@ from mmpeft.data.point_transforms import (
     farthest_point_order,
     normalize_unit_sphere,
 )
+from mmpeft.tasks.point import vote_logits
 
 
 @pytest.fixture(scope="module")

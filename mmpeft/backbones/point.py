@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mmpeft.backbones.weights import optional_path
+from mmpeft.backbones.weights import optional_path, read_state_dict
 from mmpeft.core.anatomy import Attention, TokenBackbone, TokenBlock
 from mmpeft.core.context import ForwardContext
 from mmpeft.core.errors import UnknownName, WeightsUnavailable
@@ -76,24 +76,12 @@ class MiniPointNet(nn.Module):
         return x.max(dim=2).values.reshape(b, g, self.out_dim)
 
 
-class _Mlp(nn.Module):
-    """fc1 -> GELU -> dropout -> fc2 -> dropout (the official `Mlp`; keys fc1, fc2)."""
-
-    def __init__(self, dim: int, hidden: int, drop: float = 0.0):
-        super().__init__()
-        self.fc1, self.act, self.fc2 = nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim)
-        self.drop = nn.Dropout(drop)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
-
-
 def _block(dim: int, heads: int, mlp_ratio: float, drop_path: float) -> TokenBlock:
-    from timm.layers import DropPath  # noqa: PLC0415 - keeps `import mmpeft` light
+    from timm.layers import DropPath, Mlp  # noqa: PLC0415 - keeps `import mmpeft` light
 
     attn = Attention(nn.Linear(dim, 3 * dim, bias=False), nn.Linear(dim, dim), heads)
     path = (lambda: DropPath(drop_path)) if drop_path > 0 else nn.Identity
-    return TokenBlock(nn.LayerNorm(dim), attn, nn.LayerNorm(dim), _Mlp(dim, int(dim * mlp_ratio)), None, None,
+    return TokenBlock(nn.LayerNorm(dim), attn, nn.LayerNorm(dim), Mlp(dim, int(dim * mlp_ratio)), None, None,
                       path(), path())  # fmt: skip
 
 
@@ -170,7 +158,8 @@ class PointTransformer(TokenBackbone):
         b, n, _ = xyz.shape
         start: int | torch.Tensor = 0
         if self.fps_start == "random" and ctx.training:
-            start = ctx.draw("fps_start", lambda g: torch.randint(0, n, (b,), generator=g)).to(xyz.device)
+            # drawn and range-checked on the CPU (point_ops moves it): no device sync per step
+            start = ctx.draw("fps_start", lambda g: torch.randint(0, n, (b,), generator=g))
         from mmpeft.backbones.point_ops import group  # noqa: PLC0415
 
         neighbourhood, centres = group(xyz, self.num_group, self.group_size, start)
@@ -211,29 +200,6 @@ def official_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
     return {("blocks." + k if k.startswith("blocks.") else k): v for k, v in state.items()}
 
 
-def _read_official(path: str) -> dict[str, torch.Tensor]:
-    if not os.path.isfile(path):
-        raise WeightsUnavailable(f"point checkpoint {path!r} does not exist; pass the path of a local checkpoint file")
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file  # noqa: PLC0415
-
-        return load_file(path)
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise WeightsUnavailable(
-            f"could not read point checkpoint {path!r} ({type(err).__name__}: {err}); mmpeft reads it with "
-            "torch.load(weights_only=True), which refuses pickled code"
-        ) from err
-    for key in ("base_model", "model", "state_dict"):
-        if isinstance(blob, dict) and isinstance(blob.get(key), dict):
-            blob = blob[key]
-            break
-    if not isinstance(blob, dict) or not all(isinstance(v, torch.Tensor) for v in blob.values()):
-        raise WeightsUnavailable(f"{path!r} holds no state dict of tensors (expected 'base_model' or a flat dict)")
-    return blob
-
-
 def load_point_checkpoint(backbone: PointTransformer, path: str) -> dict[str, list[str]]:
     """Load an official Point-MAE / Point-BERT checkpoint (or one of this backbone's own state dicts).
 
@@ -244,7 +210,7 @@ def load_point_checkpoint(backbone: PointTransformer, path: str) -> dict[str, li
     head: those stay fresh and are reported. Every block, the mini-PointNet and the position MLP must be
     there with the right shapes, or nothing is loaded and the error says what is wrong.
     Returns {"loaded", "fresh", "ignored"} key lists (also printed as one line)."""
-    raw = {k.removeprefix("module."): v for k, v in _read_official(str(path)).items()}
+    raw = {k.removeprefix("module."): v for k, v in read_state_dict(path).items()}
     prefixes = _ENCODER_PREFIXES[backbone.variant]
     state: dict[str, torch.Tensor] = {}
     ignored: list[str] = []

@@ -33,7 +33,7 @@ __all__ = [
 WEIGHTS_BUILDERS: dict[str, str] = {}
 
 T = TypeVar("T")
-_NESTED = ("state_dict", "model", "module", "model_state")
+_NESTED = ("state_dict", "model", "module", "model_state", "base_model")  # base_model: Point-MAE / Point-BERT
 
 
 def optional_path(value: str | os.PathLike | None) -> str | None:

@@ -4,7 +4,7 @@ raw txt files), read as the official repositories read them.
 Batches are `(points [B, N, C], labels [B])`, float32 / int64, C = 3 (xyz) or 6 (xyz + normals, ModelNet40 with
 `use_normals`). With `votes=V > 1` the test loader yields `[B, V, N, C]`: V augmented copies of every cloud, each
 a fresh random N-of-ceil(1.2 N) subset plus `vote_augment` (Point-MAE's ModelNet40 voting), seeded by (seed, item),
-so a task averages the logits of the V passes (`vote_logits`). Validation never votes.
+so a task averages the logits of the V passes (`mmpeft.tasks.point.vote_logits`). Validation never votes.
 
 Resampling follows the official "FPS to 1.2 N (capped at the cloud's size), then a random N-subset" for training
 and "FPS to N" for evaluation. Clouds are stored in farthest-point order once, when loaded: Point-BERT's pickles
@@ -27,7 +27,6 @@ from __future__ import annotations
 import math
 import pickle
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +52,7 @@ from mmpeft.data.sampling import split_loader
 from mmpeft.data.splits import SplitLoaders
 
 __all__ = [
-    "ScanObjectNNDataModule", "ModelNet40DataModule", "PointClouds", "MissingPointData", "vote_logits",
+    "ScanObjectNNDataModule", "ModelNet40DataModule", "PointClouds", "MissingPointData",
     "stratified_split", "read_scanobjectnn_h5", "load_modelnet_pickle", "SCANOBJECTNN_FILES", "SCANOBJECTNN_CLASSES",
     "MODELNET40_CLASSES", "SCANOBJECTNN_LAYOUT", "MODELNET40_LAYOUT", "PROTOCOLS",
 ]  # fmt: skip
@@ -140,15 +139,6 @@ class PointClouds(Dataset):
             return torch.stack([self.transform(cloud, generator) for _ in range(self.votes)]), label
         generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, ()).item()))
         return self.transform(cloud, generator), label
-
-
-def vote_logits(forward: Callable[[torch.Tensor], torch.Tensor], points: torch.Tensor) -> torch.Tensor:
-    """Logits [B, classes] of a batch: `forward(points)` for [B, N, C], the mean over the V passes for [B, V, N, C]
-    (Point-MAE averages the logits of its votes)."""
-    if points.dim() != 4:
-        return forward(points)
-    b, v = points.shape[:2]
-    return forward(points.flatten(0, 1)).unflatten(0, (b, v)).mean(dim=1)
 
 
 def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -3,11 +3,12 @@
 Upstream: ten primitives (sphere, cube, cylinder, cone, torus, pyramid, disc, helix, cross, capsule),
 on which mmpeft pretrains a small point transformer. Downstream: nine objects composed of those
 primitives (snowman, three-ball snowman, dumbbell, table, stool, chair, mushroom, lamp, arrow), classes
-the backbone never saw and some of them alike, so a probe or a PEFT method on top of it measures a real
-transfer. Every cloud is sampled on the surface with each shape's proportions jittered per sample, cut
-by a random plane (a one-sided scan keeping 70-100% of the object), rotated about the up (y) axis,
-scaled anisotropically, jittered with Gaussian noise, centred and scaled into the unit sphere, as the
-ScanObjectNN / ModelNet40 loaders return them. Everything is a function of the seed: no files.
+the backbone never saw and some of them alike, lying on their side where the upstream shapes stand upright,
+so a probe or a PEFT method on top of it measures a real transfer. Every cloud is sampled on the surface
+with each shape's proportions jittered per sample, cut by a random plane (a one-sided scan keeping
+70-100% of the object), rotated about the up (y) axis, scaled anisotropically, jittered with Gaussian
+noise, centred and scaled into the unit sphere, as the ScanObjectNN / ModelNet40 loaders return them.
+Everything is a function of the seed: no files.
 """
 
 from __future__ import annotations
@@ -18,8 +19,10 @@ from collections.abc import Callable
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
+from mmpeft.data.point import PointClouds
+from mmpeft.data.point_transforms import RandomSubset
 from mmpeft.data.sampling import split_loader
 from mmpeft.data.splits import SplitLoaders
 
@@ -248,11 +251,14 @@ def occlude(p: torch.Tensor, g: torch.Generator, keep: float) -> torch.Tensor:
     return kept[torch.randint(0, len(kept), (len(p),), generator=g)]
 
 
-def make_shape(part: Part, num_points: int, g: torch.Generator, noise: float = 0.03, keep: float = 0.7) -> torch.Tensor:
-    """One cloud of class `part`: sampled, partly occluded (a random share in [keep, 1] remains), rotated
-    about y, scaled per axis, jittered, in the unit sphere."""
+def make_shape(part: Part, num_points: int, g: torch.Generator, noise: float = 0.03, keep: float = 0.7,
+               lying: bool = False) -> torch.Tensor:  # fmt: skip
+    """One cloud of class `part`: sampled, partly occluded (a random share in [keep, 1] remains), laid on its
+    side (`lying`: up becomes x), rotated about y, scaled per axis, jittered, in the unit sphere."""
     p = part(num_points, g)
     p = occlude(p, g, float(_u(g, keep, 1.0)))
+    if lying:
+        p = sideways(p)
     angle = float(_u(g, -math.pi, math.pi))
     c, s = math.cos(angle), math.sin(angle)
     rot = torch.tensor([[c, 0.0, s], [0.0, 1.0, 0.0], [-s, 0.0, c]])
@@ -272,31 +278,13 @@ def shapes_arrays(task: str, per_class: int, num_points: int, seed: int) -> tupl
     try:
         for label, part in enumerate(TASKS[task].values()):
             for _ in range(per_class):
-                clouds.append(make_shape(part, num_points, g))
+                clouds.append(make_shape(part, num_points, g, lying=task == "downstream"))
                 labels.append(label)
     finally:
         torch.set_num_threads(threads)
     if not clouds:
         return np.zeros((0, num_points, 3), np.float32), np.zeros(0, np.int64)
     return torch.stack(clouds).numpy().astype(np.float32), np.asarray(labels, dtype=np.int64)
-
-
-class _Clouds(Dataset):
-    """Clouds; training shuffles the point order (drawn from the loader's RNG), so FPS, which starts at
-    the first point, picks other centres each epoch, as in the papers' training."""
-
-    def __init__(self, clouds: np.ndarray, labels: np.ndarray, shuffle_points: bool):
-        self.clouds, self.labels = torch.from_numpy(clouds), torch.from_numpy(labels)
-        self.shuffle_points = shuffle_points
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        cloud = self.clouds[i]
-        if self.shuffle_points:
-            cloud = cloud[torch.randperm(len(cloud))]
-        return cloud, self.labels[i]
 
 
 class ShapesDataModule(SplitLoaders, pl.LightningDataModule):
@@ -331,7 +319,7 @@ class ShapesDataModule(SplitLoaders, pl.LightningDataModule):
         self.per_class = {"train": train_per_class, "val": val_per_class, "test": test_per_class}
         self.class_names = list(TASKS[task])
         self.num_classes = len(self.class_names)
-        self.datasets: dict[str, _Clouds] = {}
+        self.datasets: dict[str, PointClouds] = {}
 
     def setup(self, stage: str | None = None) -> None:
         for offset, split in enumerate(("train", "val", "test")):
@@ -339,7 +327,11 @@ class ShapesDataModule(SplitLoaders, pl.LightningDataModule):
                 # one stream per (task, split): changing a split's size never changes another split
                 stream = self.seed * 1000 + offset * 10 + list(TASKS).index(self.task)
                 clouds, labels = shapes_arrays(self.task, self.per_class[split], self.num_points, stream)
-                self.datasets[split] = _Clouds(clouds, labels, split == "train")
+                # training shuffles the point order each epoch, so FPS (which starts at the first point) picks
+                # other centres, as in the papers' training
+                shuffle = RandomSubset(self.num_points, self.num_points) if split == "train" else None
+                self.datasets[split] = PointClouds(torch.from_numpy(clouds), torch.from_numpy(labels), self.num_points,
+                                                   shuffle)  # fmt: skip
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         self.setup()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -10,6 +9,7 @@ import torch
 from torch import nn
 
 from mmpeft.core.errors import NotSupported
+from mmpeft.core.fused import add_to_parts, parse_fused_target, parts_delta_weight
 from mmpeft.core.inject import attach
 from mmpeft.core.method import Method, register_method
 from mmpeft.core.modules import AdapterModule, LowRank
@@ -17,8 +17,6 @@ from mmpeft.core.targets import select_modules
 
 __all__ = ["LoRA", "LoRADelta", "parse_target", "DEFAULT_TARGETS"]
 
-_PARTS = "qkv"
-_LETTERS_SUFFIX = re.compile(r"^(?P<pattern>.+?)\[(?P<parts>[A-Za-z,]+)\]$")
 
 # Default targets per backbone family. Denoisers: the attention projections, as diffusers'
 # DreamBooth LoRA script (plus the added key / value projections of models that have them).
@@ -28,16 +26,8 @@ DEFAULT_TARGETS = {"token": ("attn.qkv[q,v]",), "unet": DENOISER_TARGETS, "dit":
 
 def parse_target(target: str) -> tuple[str, tuple[str, ...]]:
     """`"attn.qkv[q,v]"` -> ("attn.qkv", ("q", "v")): a low-rank delta on the q and v thirds of a
-    fused qkv linear. Only a trailing `[...]` of comma-separated q / k / v names parts; any other
-    brackets are glob character classes (`"blocks.[0-5].mlp.fc1"`)."""
-    target = target.replace(" ", "")
-    m = _LETTERS_SUFFIX.match(target)
-    if not target or (m and not all(p in _PARTS for p in m["parts"].split(","))):
-        raise ValueError(
-            f"bad LoRA target {target!r}; use a module name pattern (globs allowed), optionally with a trailing "
-            "[q,k,v] selection of fused-qkv parts"
-        )
-    return (m["pattern"], tuple(m["parts"].split(","))) if m else (target, ())
+    fused qkv linear (`mmpeft.core.fused`)."""
+    return parse_fused_target(target, "LoRA")
 
 
 @torch.no_grad()
@@ -70,21 +60,12 @@ class LoRADelta(AdapterModule):
     def forward(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         if not self.parts:
             return y + self.deltas["all"](x)
-        chunks = list(y.chunk(3, dim=-1))
-        for p, delta in self.deltas.items():
-            i = _PARTS.index(p)
-            chunks[i] = chunks[i] + delta(x)
-        return torch.cat(chunks, dim=-1)
+        return add_to_parts(y, self.deltas, x)
 
     def _delta_weight(self, host: nn.Module) -> torch.Tensor:
         if not self.parts:
             return self.deltas["all"].delta_weight().float()
-        full = torch.zeros(host.weight.shape, device=host.weight.device, dtype=torch.float32)
-        width = host.out_features // 3
-        for p, delta in self.deltas.items():
-            i = _PARTS.index(p)
-            full[i * width : (i + 1) * width] = delta.delta_weight().float()
-        return full
+        return parts_delta_weight(host, {p: d.delta_weight for p, d in self.deltas.items()}, torch.float32)
 
     def merge_updates(self, host: nn.Module) -> dict[str, torch.Tensor]:
         return {"weight": (host.weight.float() + self._delta_weight(host)).to(host.weight.dtype)}

@@ -17,11 +17,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmpeft.core.errors import NotSupported
+from mmpeft.core.fused import add_to_parts, parse_fused_target, part_rows, parts_delta_weight
 from mmpeft.core.inject import attach
 from mmpeft.core.method import Method, register_method
 from mmpeft.core.modules import AdapterModule, adapter_modules
 from mmpeft.core.targets import select_modules
-from mmpeft.methods.lora import DENOISER_TARGETS, parse_target
+from mmpeft.methods.lora import DENOISER_TARGETS
 
 __all__ = [
     "SVFit",
@@ -34,7 +35,6 @@ __all__ = [
     "ENERGY_OF",
 ]
 
-_PARTS = "qkv"
 ENERGY_OF = ("sq", "sum")
 
 # Default targets per backbone family. Token backbones: the q and v thirds of every fused qkv, the matrices
@@ -150,8 +150,7 @@ class SVFitDelta(AdapterModule):
         self.parts = parts
         spectrum = lambda w, **kw: Spectrum(w, r, energy, energy_of, **kw)  # noqa: E731
         if parts:
-            width = layer.out_features // 3
-            rows = {p: layer.weight[_PARTS.index(p) * width : (_PARTS.index(p) + 1) * width] for p in parts}
+            rows = {p: layer.weight[part_rows(p, layer.out_features)] for p in parts}
             self.spectra = nn.ModuleDict({p: spectrum(w) for p, w in rows.items()})
         elif isinstance(layer, nn.Conv2d):
             if layer.groups != 1 or layer.padding_mode != "zeros":
@@ -168,22 +167,13 @@ class SVFitDelta(AdapterModule):
     def forward(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         if not self.parts:
             return y + self.spectra["all"](x)
-        chunks = list(y.chunk(3, dim=-1))
-        for p, spectrum in self.spectra.items():
-            i = _PARTS.index(p)
-            chunks[i] = chunks[i] + spectrum(x)
-        return torch.cat(chunks, dim=-1)
+        return add_to_parts(y, self.spectra, x)
 
     def _delta_weight(self, host: nn.Module) -> torch.Tensor:
         """The whole delta of the host's weight, float64, in the weight's shape."""
         if not self.parts:
             return self.spectra["all"].delta_weight().view(host.weight.shape).to(host.weight.device)
-        full = torch.zeros(host.weight.shape, device=host.weight.device, dtype=torch.float64)
-        width = host.out_features // 3
-        for p, spectrum in self.spectra.items():
-            i = _PARTS.index(p)
-            full[i * width : (i + 1) * width] = spectrum.delta_weight().to(full.device)
-        return full
+        return parts_delta_weight(host, {p: s.delta_weight for p, s in self.spectra.items()}, torch.float64)
 
     def merge_updates(self, host: nn.Module) -> dict[str, torch.Tensor]:
         """W' = W + U_r diag(sigma - sigma0) V_r^T (computed in float64, written in the weight's dtype)."""
@@ -216,10 +206,7 @@ def _pattern(target: str) -> str:
 
 
 def _parse(target: str) -> tuple[str, tuple[str, ...]]:
-    try:
-        return parse_target(target)
-    except ValueError as err:
-        raise ValueError(str(err).replace("LoRA", "SVFit")) from None
+    return parse_fused_target(target, "SVFit")
 
 
 @register_method

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -9,7 +10,16 @@ from pytorch_lightning.utilities import rank_zero_warn
 
 from mmpeft.tasks.classification import ImageClassification
 
-__all__ = ["PointClassification"]
+__all__ = ["PointClassification", "vote_logits"]
+
+
+def vote_logits(forward: Callable[[torch.Tensor], torch.Tensor], points: torch.Tensor) -> torch.Tensor:
+    """Logits [B, classes] of a batch: `forward(points)` for [B, N, C], the mean over the V passes for [B, V, N, C]
+    (Point-MAE averages the logits of its votes)."""
+    if points.dim() != 4:
+        return forward(points)
+    b, v = points.shape[:2]
+    return forward(points.flatten(0, 1)).unflatten(0, (b, v)).mean(dim=1)
 
 
 class PointClassification(ImageClassification):
@@ -21,10 +31,7 @@ class PointClassification(ImageClassification):
     papers' `protocol: paper`) has its `protocol_note` repeated in the run log when fitting starts."""
 
     def forward(self, inputs: Any) -> torch.Tensor:
-        if isinstance(inputs, torch.Tensor) and inputs.dim() == 4:
-            b, v = inputs.shape[:2]
-            return self.model(inputs.flatten(0, 1)).view(b, v, -1).mean(1)
-        return self.model(inputs)
+        return vote_logits(self.model, inputs) if isinstance(inputs, torch.Tensor) else self.model(inputs)
 
     def on_fit_start(self) -> None:
         super().on_fit_start()
