@@ -1,14 +1,34 @@
-"""`mmpeft bench`: per method, in its own process, the median training-step time after warm-up, the
-peak memory above the process's post-build baseline, and the trainable count, next to full
-fine-tuning and the *floor*: the same backbone whose only trainable tensor is added right after
-the embedding (token backbones) or the first layer (`conv_in` of a UNet, the patch projection of a
-DiT, a convnet's stem), so backward reaches the whole network but computes no weight gradients.
-Ratios to the floor show what a method itself costs. The backbone supplies the batch and the loss
-(images and cross-entropy; noisy latents, timesteps, conditioning and the noise-prediction MSE).
-Results go to CSV and markdown under `--out` (default `runs/bench/`, ignored by git); an existing result
-file is never replaced without `--overwrite`. Method names are checked before any worker starts. A method
-that is not supported on the backbone keeps its row (with the reason); one that fails in its worker for
-any other reason gets a `failed: ...` row, and the command exits 1 once the other rows are written.
+"""`mmpeft bench`: what each method costs a training step and an inference pass, against the same backbone.
+
+Protocol (one result file per backbone, input, batch, device and precision):
+- Rounds: `--rounds N` times, every row runs once, each in its own fresh process, in an order rotated by one
+  per round, so drift of the machine (thermals, other load) is spread over every row instead of biasing the
+  ones that ran last. A row is a method, a labelled variant (`lora_qkv`, `peft_lora`) or a method with
+  activation checkpointing (`<method>+ckpt`, `--checkpointing both`).
+- Time: in each process, `--warmup` untimed steps, then the median of `--steps` timed training steps (AdamW).
+  Reported: the median over rounds with its min..max, and the ratio to the floor taken per round (paired:
+  both ran in the same round) and summarised the same way.
+- Memory: the process's own peak above its post-build baseline (`mmpeft.memory.ProcessPeak`: the kernel's
+  resident-set high-water mark, reset after the build through /proc/self/clear_refs; CUDA's allocator peak on
+  a GPU); no sampling thread. Also the bytes autograd saves for backward in one step (`saved_mb`, the
+  allocator-independent part of it; `--memory` writes the per-module breakdown).
+- Inference: the median eval-mode forward of the model as trained (`infer_ms`) and, for mergeable methods,
+  after `merge()` (`infer_merged_ms`), against the plain backbone's (the floor row's `infer_ms`, with its piece
+  off).
+- The *floor*: the same backbone whose only trainable tensor is added right after the embedding (token
+  backbones) or the first layer (`conv_in` of a UNet, the patch projection of a DiT, a convnet's stem), so
+  backward reaches the whole network but computes no weight gradients. Ratios to the floor show what a
+  method itself costs.
+- Variants: `vpt_deep` (10 prompts per block; `vpt` is shallow). Peers: `peft_lora` is Hugging Face peft's
+  LoRA (r = 8, alpha = 8) on the fused `attn.qkv`, and `lora_qkv` mmpeft's LoRA on the same linear with the
+  same rank (peft cannot target the q, v thirds); `lora` is mmpeft's default (q and v thirds).
+- Precision `32` or `bf16` (autocast to bfloat16 on CPU or CUDA; trainable tensors and AdamW state stay fp32).
+
+Results go to CSV and markdown under `--out` (default `runs/bench/`, ignored by git), the markdown headed by
+the exact command, versions and machine; an existing result file is never replaced without `--overwrite`.
+Method names are checked before any worker starts. A row not supported on the backbone keeps its line (with
+the reason); one that fails in its worker for any other reason gets a `failed: ...` row, and the command
+exits 1 once the other rows are written.
 """
 
 from __future__ import annotations
@@ -33,7 +53,6 @@ from mmpeft.core.errors import MmpeftError, NotSupported, OutputExists
 from mmpeft.core.inject import attach
 from mmpeft.core.method import Method, get_method, list_methods
 from mmpeft.core.modules import AdapterModule
-from mmpeft.core.report import markdown_table
 
 __all__ = ["add_bench_arguments", "run_bench", "bench_methods", "Floor", "measure", "BenchFailed", "ResultsExist"]
 
@@ -92,19 +111,37 @@ class Floor(Method):
         attach(layer, "floor", _ShiftAfterLayer(width, channel_dim, device))
 
 
+CKPT = "+ckpt"  # row suffix: the method with activation checkpointing on
+
+# labelled rows that are not plain method names: label -> (method spec, what it is)
+VARIANTS: dict[str, tuple[dict | None, str]] = {
+    "lora_qkv": ({"name": "lora", "r": 8, "targets": ["attn.qkv"]}, "mmpeft LoRA r=8 on the whole fused attn.qkv"),
+    "peft_lora": (None, "Hugging Face peft's LoRA r=8 (alpha 8) on the fused attn.qkv"),
+    "vpt_deep": ({"name": "vpt", "length": 10, "deep": True}, "VPT-deep, 10 prompts per block"),
+}
+
+
 def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backbone", default="vit_base_patch16_224", help="mmpeft or timm backbone name")
     p.add_argument("--img-size", type=int, default=224, help="image size of timm backbones (others bring theirs)")
     p.add_argument("--in-chans", type=int, default=3)
     p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--methods", default="all", help="comma-separated method names, or 'all' (floor is always added)")
-    p.add_argument("--steps", type=int, default=5, help="timed steps per method")
+    p.add_argument("--methods", default="all", help="comma-separated method names or variants (lora_qkv, "
+                   "peft_lora, vpt_deep), or 'all' (every method and variant; the floor always)")  # fmt: skip
+    p.add_argument("--rounds", type=int, default=3, help="times every row runs, each in a fresh process, interleaved")
+    p.add_argument("--steps", type=int, default=5, help="timed training steps per process")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    p.add_argument("--infer-steps", type=int, default=3, help="timed inference passes (0: skip inference)")
+    p.add_argument("--checkpointing", choices=("off", "on", "both"), default="off", help="activation "
+                   "checkpointing: off, on (every row), both (each row also as <method>+ckpt)")  # fmt: skip
     p.add_argument("--num-classes", type=int, default=100)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    p.add_argument("--precision", default="32", help="32 | bf16 (autocast on CUDA)")
+    p.add_argument("--precision", default="32", choices=("32", "bf16"), help="32, or bf16: autocast to "
+                   "bfloat16 (CPU or CUDA), trainable tensors and optimizer state fp32")  # fmt: skip
     p.add_argument("--memory", action="store_true", help="also attribute the tensors saved for backward to modules "
                    "and method pieces (<stem>-memory.md)")  # fmt: skip
+    p.add_argument("--wandb", default="offline", help="log every row as a W&B run grouped by the result stem: "
+                   "offline (default), online or disabled (WANDB_MODE overrides)")  # fmt: skip
     p.add_argument("--out", default=DEFAULT_OUT, help=f"directory for the CSV and markdown tables ({DEFAULT_OUT})")
     p.add_argument("--overwrite", action="store_true", help="replace an existing result file (otherwise refused)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -116,52 +153,149 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def measure(args: argparse.Namespace, method_name: str) -> dict:
-    """One method's numbers, measured in this process (the worker side)."""
+def _row_method(row: str) -> tuple[str, bool]:
+    """'lora+ckpt' -> ('lora', True)."""
+    return (row[: -len(CKPT)], True) if row.endswith(CKPT) else (row, False)
+
+
+def _peft_lora_model(backbone: nn.Module, num_classes: int | None) -> nn.Module:
+    """A linear probe with peft's LoRA injected into every `qkv` linear of the backbone (the head trains too)."""
     from mmpeft.core.model import PeftModel  # noqa: PLC0415
+
+    try:
+        from peft import LoraConfig, inject_adapter_in_model  # noqa: PLC0415
+    except ImportError as err:
+        raise NotSupported("peft_lora needs Hugging Face peft: pip install peft") from err
+    if not any(name.endswith("qkv") and isinstance(m, nn.Linear) for name, m in backbone.named_modules()):
+        raise NotSupported(f"peft_lora targets a fused attn.qkv linear, which {type(backbone).__name__} has not")
+    model = PeftModel(backbone, "linear", num_classes=num_classes)
+    inject_adapter_in_model(LoraConfig(r=8, lora_alpha=8, target_modules=["qkv"]), model.backbone)
+    for name, p in model.named_parameters():
+        p.requires_grad_("lora_" in name or name.startswith("head."))
+    return model
+
+
+def _build(args: argparse.Namespace, row: str, device: torch.device):
+    from mmpeft.core.model import PeftModel  # noqa: PLC0415
+
+    name, checkpointing = _row_method(row)
+    checkpointing = checkpointing or args.checkpointing == "on"
+    backbone = bench_backbone(args)
+    classes = args.num_classes if backbone.num_features else None
+    if name == "peft_lora":
+        model = _peft_lora_model(backbone, classes)
+    else:
+        spec = VARIANTS[name][0] if name in VARIANTS else name
+        model = PeftModel(backbone, Floor() if name == "floor" else spec, num_classes=classes)
+        if name == "floor":
+            model.head.requires_grad_(False)
+    if checkpointing:
+        if not hasattr(backbone, "set_grad_checkpointing"):
+            raise NotSupported(f"{type(backbone).__name__} has no activation checkpointing")
+        backbone.set_grad_checkpointing(True)
+    return model.to(device), backbone, classes
+
+
+def _median_ms(fn, warmup: int, steps: int, device: torch.device) -> list[float]:
+    times = []
+    for step in range(warmup + steps):
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if step >= warmup:
+            times.append(1000 * (time.perf_counter() - start))
+    return times
+
+
+def measure(args: argparse.Namespace, row: str) -> dict:
+    """One row's numbers, measured in this process (the worker side)."""
     from mmpeft.core.report import parameter_report  # noqa: PLC0415
-    from mmpeft.tasks.callbacks import PeakMemory  # noqa: PLC0415
+    from mmpeft.memory import ProcessPeak  # noqa: PLC0415
     from mmpeft.tasks.step import optimizer_step, step_loss  # noqa: PLC0415
 
     torch.manual_seed(0)
     device = _device(args.device)
-    backbone = bench_backbone(args)
-    method = Floor() if method_name == "floor" else method_name
-    classes = args.num_classes if backbone.num_features else None
-    model = PeftModel(backbone, method, num_classes=classes).to(device)
-    if method_name == "floor":
-        model.head.requires_grad_(False)
+    model, backbone, classes = _build(args, row, device)
     model.train()
     x, y = backbone.example_batch(args.batch, torch.Generator().manual_seed(0), classes)
     x = x.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=args.precision == "bf16" and device.type == "cuda")
-    memory = PeakMemory(device)
-    memory.start()
-    times = []
-    for step in range(args.warmup + args.steps):
-        start = time.perf_counter()
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
+
+    def train_step() -> None:
         with autocast:  # the method's whole step: MoSA runs two passes plus its consistency term
             loss = step_loss(model, x, y, backbone.example_loss).loss
         optimizer_step(loss, optimizer)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        if step >= args.warmup:
-            times.append(1000 * (time.perf_counter() - start))
-    peak = memory.stop()
-    breakdown = _breakdown(model, x, y, backbone.example_loss, method_name) if getattr(args, "memory", False) else None
-    report = parameter_report(model)
-    shown = x.x if isinstance(x, BackboneInput) else x
-    return {
-        **({"breakdown": breakdown} if breakdown else {}),
-        "method": method_name,
-        "input": "x".join(str(d) for d in shown.shape[1:]),
-        "trainable": report.trainable,
-        "step_ms": round(statistics.median(times), 2),
-        "peak_mem_mb": round(peak / 2**20, 1),
-        "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
-    }
+
+    peak = ProcessPeak(device)
+    peak.start()
+    times = _median_ms(train_step, args.warmup, args.steps, device)
+    peak_bytes = peak.stop()
+    result = {"method": row, "input": "x".join(str(d) for d in (x.x if isinstance(x, BackboneInput) else x).shape[1:]),
+              "trainable": parameter_report(model).trainable, "step_ms": round(statistics.median(times), 2),
+              "peak_mem_mb": round(peak_bytes / 2**20, 1), "peak_kind": peak.kind,
+              "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device)}  # fmt: skip
+    saved = _saved(model, x, y, backbone.example_loss, autocast)
+    result["saved_mb"] = round(saved.total / 2**20, 1)
+    if getattr(args, "memory", False):
+        from mmpeft.memory import breakdown_markdown  # noqa: PLC0415
+
+        result["breakdown"] = breakdown_markdown(row, saved)
+    if args.infer_steps > 0:
+        result.update(_inference(model, x, args, device, autocast, plain=row == "floor"))
+    return result
+
+
+def _saved(model, x, y, loss_fn, autocast):
+    """What autograd saves for backward in one training step (`mmpeft.memory.saved_tensors`)."""
+    from mmpeft.memory import saved_tensors  # noqa: PLC0415
+    from mmpeft.tasks.step import step_loss  # noqa: PLC0415
+
+    def forward(m, inputs):
+        with autocast:
+            return step_loss(m, inputs, y, loss_fn).loss
+
+    model.zero_grad(set_to_none=True)
+    saved = saved_tensors(model, x, y, lambda loss, _: loss, forward=forward)
+    model.zero_grad(set_to_none=True)
+    return saved
+
+
+def _inference(model, x, args, device, autocast, plain: bool) -> dict:
+    """Median eval forward as trained and, if the method merges, after merge(); `plain`: the bare backbone
+    (the floor's piece switched off), the reference of the merged ratios."""
+    from mmpeft.core.pristine import disabled  # noqa: PLC0415
+
+    model.eval()
+
+    def forward() -> None:
+        with torch.no_grad(), autocast:
+            model(x)
+
+    if plain:
+        with disabled(model.backbone):
+            return {"infer_ms": round(statistics.median(_median_ms(forward, 1, args.infer_steps, device)), 2)}
+    out = {"infer_ms": round(statistics.median(_median_ms(forward, 1, args.infer_steps, device)), 2)}
+    if _merge(model):
+        out["infer_merged_ms"] = round(statistics.median(_median_ms(forward, 1, args.infer_steps, device)), 2)
+    return out
+
+
+def _merge(model: nn.Module) -> bool:
+    """Merge for inference: mmpeft's `merge()`, and peft's own layer merge for the peer row; False when
+    nothing merges (the method is not mergeable)."""
+    peft_layers = [m for m in model.modules() if type(m).__module__.startswith("peft.") and hasattr(m, "merge")]
+    for layer in peft_layers:
+        layer.merge()
+    if peft_layers:
+        return True
+    method = getattr(model, "method", None)
+    if method is None or not getattr(method, "mergeable", False):
+        return False
+    model.merge()
+    return True
 
 
 def bench_backbone(args: argparse.Namespace) -> nn.Module:
@@ -179,18 +313,6 @@ def bench_backbone(args: argparse.Namespace) -> nn.Module:
     return create_backbone(args.backbone, img_size=args.img_size, **extra)
 
 
-def _breakdown(model: nn.Module, x, y, loss_fn, method_name: str) -> str:
-    """The saved-for-backward table of one training step (`mmpeft.memory`), step_loss's way (MoSA's two passes)."""
-    from mmpeft.memory import breakdown_markdown, saved_tensors  # noqa: PLC0415
-    from mmpeft.tasks.step import step_loss  # noqa: PLC0415
-
-    model.zero_grad(set_to_none=True)
-    saved = saved_tensors(
-        model, x, y, lambda loss, _: loss, forward=lambda m, inputs: step_loss(m, inputs, y, loss_fn).loss
-    )
-    return breakdown_markdown(method_name, saved)
-
-
 def worker_row(args: argparse.Namespace, method: str) -> dict:
     """The worker's answer: the measured row, or, when the method is not supported on this backbone, a row
     with the reason (information, not a failure). Any other error propagates: the worker exits non-zero."""
@@ -200,11 +322,15 @@ def worker_row(args: argparse.Namespace, method: str) -> dict:
         return {"method": method, "error": str(err).split(";")[0]}
 
 
+WORKER_OPTIONS = ("backbone", "img_size", "in_chans", "batch", "steps", "warmup", "infer_steps", "checkpointing",
+                  "num_classes", "device", "precision")  # fmt: skip
+
+
 def _run_worker(args: argparse.Namespace, method: str) -> dict:
-    """One method in its own process. A worker that exits non-zero (any error but NotSupported, or killed)
+    """One row in its own process. A worker that exits non-zero (any error but NotSupported, or killed)
     gives a row marked `failed` whose error is the last stderr line, with the exception's class."""
     cmd = [sys.executable, "-m", "mmpeft.bench", "--worker", method]
-    for key in ("backbone", "img_size", "in_chans", "batch", "steps", "warmup", "num_classes", "device", "precision"):
+    for key in WORKER_OPTIONS:
         cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
     if getattr(args, "memory", False):
         cmd.append("--memory")
@@ -220,11 +346,21 @@ def _run_worker(args: argparse.Namespace, method: str) -> dict:
     return {"method": method, "error": f"failed: {last[:200]}", "failed": True}
 
 
-def bench_methods(spec: str) -> list[str]:
-    """The methods to time, floor first: 'all' or comma-separated names, each checked (UnknownName with
-    close matches) before any worker starts."""
-    names = list_methods() if spec.strip() == "all" else [m.strip() for m in spec.split(",") if m.strip()]
-    return ["floor", *dict.fromkeys(get_method(m).name for m in names if m.lower() != "floor")]
+def bench_methods(spec: str, checkpointing: str = "off") -> list[str]:
+    """The rows to run, floor first: 'all' (every method and the peer variants) or comma-separated method
+    names / variants, each checked (UnknownName with close matches) before any worker starts; with
+    checkpointing 'both', each row also as '<row>+ckpt' (the linear probe has no backward through the backbone)."""
+    if spec.strip() == "all":
+        rows = [*list_methods(), *VARIANTS]
+    else:
+        rows = []
+        for m in (m.strip() for m in spec.split(",") if m.strip()):
+            base, _ = _row_method(m)
+            rows.append(base if base in VARIANTS else get_method(base).name)
+    rows = ["floor", *dict.fromkeys(r for r in rows if r.lower() != "floor")]
+    if checkpointing == "both":
+        rows += [r + CKPT for r in rows if r != "linear"]
+    return rows
 
 
 def _size(shape: str) -> str:
@@ -233,64 +369,166 @@ def _size(shape: str) -> str:
 
 
 def result_stem(args: argparse.Namespace, floor: dict) -> str:
-    """`<backbone>-<size>-b<batch>-<device>-<precision>`, from the floor's measured input and device."""
+    """`<backbone>-<size>-b<batch>-<device>-<precision>[-ckpt]`, from the floor's measured input and device."""
     safe = args.backbone.replace(":", "_").replace("/", "_")  # portable file names
-    return f"{safe}-{_size(floor['input'])}-b{args.batch}-{floor['device'].replace(' ', '_')}-{args.precision}"
+    ckpt = "-ckpt" if getattr(args, "checkpointing", "off") == "on" else ""
+    return f"{safe}-{_size(floor['input'])}-b{args.batch}-{floor['device'].replace(' ', '_')}-{args.precision}{ckpt}"
+
+
+def _spread(values: list[float], digits: int = 2) -> tuple[float, float, float]:
+    return round(statistics.median(values), digits), round(min(values), digits), round(max(values), digits)
+
+
+def summarize(rounds: list[dict[str, dict]], order: list[str]) -> list[dict]:
+    """One row per method over the rounds: median and min..max of step time, peak memory and inference, and
+    the per-round (paired) ratios to the floor, summarised the same way."""
+    rows = []
+    for name in order:
+        measured = [r[name] for r in rounds if name in r]
+        ok = [m for m in measured if "error" not in m]
+        failed = [m for m in measured if m.get("failed")]
+        if failed or not ok:  # a failure in any round is reported; "not supported" is the same every round
+            rows.append(dict(failed[0] if failed else measured[-1]))
+            continue
+        row = {k: ok[-1][k] for k in ("method", "input", "trainable", "device", "peak_kind", "saved_mb") if k in ok[-1]}
+        for key, out in (("step_ms", "step_ms"), ("peak_mem_mb", "peak_mem_mb"), ("infer_ms", "infer_ms"),
+                         ("infer_merged_ms", "infer_merged_ms")):  # fmt: skip
+            values = [m[key] for m in ok if key in m]
+            if values:
+                row[out], row[f"{out}_min"], row[f"{out}_max"] = _spread(values, 1 if key == "peak_mem_mb" else 2)
+        for key, ratio, ref in (("step_ms", "time_vs_floor", "step_ms"), ("peak_mem_mb", "mem_vs_floor", "peak_mem_mb"),
+                                ("infer_merged_ms", "merged_vs_plain", "infer_ms")):  # fmt: skip
+            paired = [r[name][key] / r["floor"][ref] for r in rounds
+                      if key in r.get(name, {}) and ref in r.get("floor", {}) and r["floor"][ref] > 0]  # fmt: skip
+            if paired:
+                row[ratio], row[f"{ratio}_min"], row[f"{ratio}_max"] = _spread(paired)
+        row["rounds"] = len(ok)
+        rows.append(row)
+    return rows
+
+
+COLUMNS = ["method", "trainable", "step_ms", "step_ms_min", "step_ms_max", "time_vs_floor", "time_vs_floor_min",
+           "time_vs_floor_max", "peak_mem_mb", "peak_mem_mb_min", "peak_mem_mb_max", "mem_vs_floor",
+           "mem_vs_floor_min", "mem_vs_floor_max", "saved_mb", "infer_ms", "infer_merged_ms", "merged_vs_plain",
+           "merged_vs_plain_min", "merged_vs_plain_max", "rounds", "precision", "device", "error"]  # fmt: skip
+
+
+def _cell(row: dict, key: str) -> str:
+    value = row.get(key, "")
+    if key in ("step_ms", "peak_mem_mb", "infer_ms", "infer_merged_ms", "time_vs_floor", "mem_vs_floor",
+               "merged_vs_plain") and f"{key}_min" in row:  # fmt: skip
+        fmt = "{:,.2f}" if "vs" in key else "{:,.0f}" if "mem" in key else "{:,.1f}"
+        return f"{fmt.format(value)} ({fmt.format(row[key + '_min'])}..{fmt.format(row[key + '_max'])})"
+    return f"{value:,}" if isinstance(value, int) else str(value)
+
+
+def markdown(rows: list[dict]) -> str:
+    shown = ["method", "trainable", "step_ms", "time_vs_floor", "peak_mem_mb", "mem_vs_floor", "saved_mb",
+             "infer_ms", "infer_merged_ms", "merged_vs_plain", "error"]  # fmt: skip
+    shown = [c for c in shown if any(c in r for r in rows)]
+    lines = ["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
+    lines += ["| " + " | ".join(_cell(r, c) for c in shown) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def command_line(argv: list[str] | None = None) -> str:
+    import shlex  # noqa: PLC0415
+
+    argv = sys.argv[1:] if argv is None else argv
+    argv = argv[1:] if argv[:1] == ["bench"] else argv  # `mmpeft bench ...` or `python -m mmpeft.bench ...`
+    return "mmpeft bench " + " ".join(shlex.quote(a) for a in argv)
 
 
 def run_bench(args: argparse.Namespace) -> list[dict]:
-    """Times the floor, then each method; writes `<out>/<stem>.csv` and `.md` and returns the rows (failed
-    ones carry `failed: True`). Raises UnknownName for a bad method name before anything runs, BenchFailed
-    when the floor does not run, and ResultsExist, right after the floor, when the result file is there
-    already and `args.overwrite` is not set (nothing is written then)."""
-    methods = bench_methods(args.methods)
-    print("bench: floor ...", file=sys.stderr, flush=True)
-    floor = _run_worker(args, "floor")
-    if "error" in floor:
-        reason = floor["error"].removeprefix("failed: ")
-        raise BenchFailed(f"the floor did not run on {args.backbone!r}; nothing was timed or written: {reason}")
+    """Runs every row `--rounds` times, interleaved, each in its own process; writes `<out>/<stem>.csv` and
+    `.md` and returns the summarised rows (failed ones carry `failed: True`). Raises UnknownName for a bad
+    method name before anything runs, BenchFailed when the floor does not run, and ResultsExist, right after
+    the first floor, when the result file is there already and `args.overwrite` is not set (nothing is
+    written then)."""
+    from mmpeft.memory import process_environment  # noqa: PLC0415
+
+    order = bench_methods(args.methods, getattr(args, "checkpointing", "off"))
+    rounds: list[dict[str, dict]] = []
+    paths: tuple[Path, ...] = ()
+    others = order[1:]
+    for r in range(max(1, getattr(args, "rounds", 1))):
+        shift = r % max(len(others), 1)
+        results: dict[str, dict] = {}
+        for name in ["floor", *others[shift:], *others[:shift]]:  # the floor first: it gives the file name
+            print(f"bench: round {r + 1}/{args.rounds}: {name} ...", file=sys.stderr, flush=True)
+            results[name] = _run_worker(args, name)
+            if name == "floor" and "error" in results[name]:
+                reason = results[name]["error"].removeprefix("failed: ")
+                raise BenchFailed(f"the floor did not run on {args.backbone!r}; nothing was timed or written: {reason}")
+            if name == "floor" and not paths:
+                paths = _check_outputs(args, results[name])
+        rounds.append(results)
+    rows = summarize(rounds, order)
+    for row in rows:
+        row["precision"] = args.precision
+    _write(args, rows, rounds, paths, process_environment())
+    return rows
+
+
+def _check_outputs(args: argparse.Namespace, floor: dict) -> tuple[Path, ...]:
     out = Path(args.out)
     stem = result_stem(args, floor)
     paths = (out / f"{stem}.csv", out / f"{stem}.md")
-    extra = (out / f"{stem}-memory.md",) if getattr(args, "memory", False) else ()
-    existing = [str(path) for path in paths + extra if path.exists()]
+    if getattr(args, "memory", False):
+        paths += (out / f"{stem}-memory.md",)
+    existing = [str(path) for path in paths if path.exists()]
     if existing and not getattr(args, "overwrite", False):
         raise ResultsExist(
             f"bench results already exist: {', '.join(existing)}; pass --overwrite to replace them, or --out DIR "
             "to write elsewhere (nothing was written)"
         )
-    rows = [floor]
-    for method in methods[1:]:
-        print(f"bench: {method} ...", file=sys.stderr, flush=True)
-        rows.append(_run_worker(args, method))
-    for r in rows:
-        if "error" not in r:
-            r["time_vs_floor"] = round(r["step_ms"] / floor["step_ms"], 2)
-            r["mem_vs_floor"] = round(r["peak_mem_mb"] / max(floor["peak_mem_mb"], 1e-9), 2)
-    out.mkdir(parents=True, exist_ok=True)
-    device, shape, size = floor["device"].replace(" ", "_"), floor["input"], _size(floor["input"])
-    columns = ["method", "trainable", "step_ms", "time_vs_floor", "peak_mem_mb", "mem_vs_floor", "device", "error"]
+    return paths
+
+
+def _write(args: argparse.Namespace, rows: list[dict], rounds: list[dict], paths: tuple[Path, ...],
+           env: dict[str, str]) -> None:  # fmt: skip
+    floor = rows[0]
+    paths[0].parent.mkdir(parents=True, exist_ok=True)
     with open(paths[0], "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
+    device, shape = floor["device"].replace(" ", "_"), floor["input"]
+    versions = ", ".join(f"{k} {v}" for k, v in env.items())
     header = (
-        f"# mmpeft bench: {args.backbone}, {size} (input {shape}), batch {args.batch}, {device}, precision "
-        f"{args.precision}\n\nMedian of {args.steps} training steps after {args.warmup} warm-up steps (AdamW); "
-        "peak memory above the post-build baseline; ratios against the floor.\n\n"
+        f"# mmpeft bench: {args.backbone}, {_size(shape)} (input {shape}), batch {args.batch}, {device}, precision "
+        f"{args.precision}\n\n`{command_line(getattr(args, 'argv', None))}`\n\n{versions}; "
+        f"{time.strftime('%Y-%m-%d')}\n\n"
+        f"{args.rounds} rounds, every row once per round in its own process (order rotated per round); per "
+        f"process the median of {args.steps} training steps (AdamW) after {args.warmup} warm-up steps. Cells: "
+        "median over rounds (min..max); ratios to the floor paired per round. Peak memory: the process's peak "
+        f"above its post-build baseline ({floor.get('peak_kind', '')}); saved_mb: what autograd keeps for "
+        "backward in one step; merged_vs_plain: merged inference against the bare backbone (the floor row's "
+        "infer_ms).\n\n"
     )
-    table = markdown_table([{c: r.get(c, "") for c in columns if any(c in x for x in rows)} for r in rows])
-    paths[1].write_text(header + table + "\n")
+    table = markdown(rows)
+    paths[1].write_text(header + table)
     print(header + table)
     print(f"bench: wrote {paths[0]} and {paths[1]}", file=sys.stderr)
     if getattr(args, "memory", False):
-        memory = extra[0]
         intro = ("Tensors saved for backward in one training step, by the module running when each was saved "
                  "(each storage once; parameters excluded; block indices folded). `mmpeft.memory`.\n\n")  # fmt: skip
-        memory.write_text(header.replace("# mmpeft bench:", "# mmpeft bench --memory:", 1) + intro
-                          + "\n".join(r["breakdown"] for r in rows if "breakdown" in r))  # fmt: skip
-        print(f"bench: wrote {memory}", file=sys.stderr)
-    return rows
+        last = rounds[-1]
+        paths[2].write_text(header.replace("# mmpeft bench:", "# mmpeft bench --memory:", 1) + intro
+                            + "\n".join(last[r["method"]]["breakdown"] for r in rows
+                                        if "breakdown" in last.get(r["method"], {})))  # fmt: skip
+        print(f"bench: wrote {paths[2]}", file=sys.stderr)
+    _log_wandb(args, rows, paths[0].stem, env)
+
+
+def _log_wandb(args: argparse.Namespace, rows: list[dict], stem: str, env: dict[str, str]) -> None:
+    """Every row as a W&B run in group `stem` (offline by default; WANDB_MODE overrides; 'disabled' logs nothing)."""
+    from mmpeft.plot import log_table_to_wandb  # noqa: PLC0415
+
+    config = {"backbone": args.backbone, "batch": args.batch, "precision": args.precision, **env}
+    clean = [{k: v for k, v in r.items() if k not in ("breakdown", "failed")} for r in rows]
+    log_table_to_wandb(clean, group=stem, job_type="bench", config=config, mode=args.wandb,
+                       save_dir=str(Path(args.out)))  # fmt: skip
 
 
 if __name__ == "__main__":

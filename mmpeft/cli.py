@@ -4,6 +4,7 @@ mmpeft fit|validate|test|predict -c CONFIG.yaml [--adapter FILE] [--ckpt_path CK
 mmpeft params --backbone NAME      trainable-parameter table of every registered method
 mmpeft bench  --backbone NAME      step time and peak memory per method, against the floor
 mmpeft methods [NAME]              the registered methods, or one method's options and presets
+mmpeft plot   CSV [CSV ...]        accuracy vs trainable parameters, or step time and memory, as PNGs
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from mmpeft.method_info import describe_method, describe_methods, methods_epilog
 __all__ = ["main", "params_table", "run_cli", "wandb_mode"]
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
-OWN_COMMANDS = ("params", "bench", "sweep", "methods")
+OWN_COMMANDS = ("params", "bench", "sweep", "methods", "plot")
 
 
 # -- params ------------------------------------------------------------------------------------------------
@@ -148,6 +149,11 @@ def build_own_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("methods", help="the registered methods, or one method's options (with help) and presets")
     m.add_argument("name", nargs="?", default=None, help="a method name: list its options and presets")
     m.set_defaults(run=_methods)
+    from mmpeft.plot import add_plot_arguments, plot_command  # noqa: PLC0415
+
+    pl = sub.add_parser("plot", help="PNGs from result CSVs: accuracy vs trainable parameters, step time and memory")
+    add_plot_arguments(pl)
+    pl.set_defaults(run=plot_command)
     return parser
 
 
@@ -367,6 +373,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             run_cli(None if from_shell else argv)
             return 0
         args = build_own_parser().parse_args(argv)
+        args.argv = argv  # the exact command, for result headers
         return args.run(args)
     except SystemExit as exit_:
         if type(exit_).__name__ == "SIGTERMException":  # Lightning's, a SystemExit with code 0

@@ -12,6 +12,7 @@ keeps (a linear's weight, for its input gradient) are not activation memory and 
 
 from __future__ import annotations
 
+import os
 import re
 from collections import defaultdict
 from collections.abc import Callable
@@ -23,7 +24,14 @@ from torch import nn
 
 from mmpeft.core.modules import adapter_modules
 
-__all__ = ["SavedTensors", "saved_tensors", "rows_by_pattern", "breakdown_markdown"]
+__all__ = [
+    "SavedTensors",
+    "saved_tensors",
+    "rows_by_pattern",
+    "breakdown_markdown",
+    "ProcessPeak",
+    "process_environment",
+]
 
 
 @dataclass
@@ -136,3 +144,73 @@ def breakdown_markdown(method: str, saved: SavedTensors, top: int = 15) -> str:
         rest = sum(r["MiB"] for r in rows[top:])
         lines.append(f"| ({len(rows) - top} more) | {rest:.2f} | | | |")
     return "\n".join(lines) + "\n"
+
+
+class ProcessPeak:
+    """This process's peak memory above a baseline taken at `start()`: CUDA's allocator peak on a GPU; on Linux
+    the kernel's own high-water mark of the resident set (VmHWM), reset at `start()` by writing 5 to
+    /proc/self/clear_refs, so the peak is exact (no sampling) and belongs to what runs after `start()`.
+    Elsewhere (no /proc, or not writable) it falls back to sampling the RSS (`tasks.callbacks.PeakMemory`);
+    `kind` says which was used."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.baseline, self.kind = device, 0, ""
+        self._sampler = None
+
+    @staticmethod
+    def _status(field: str) -> int:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+        raise OSError(f"{field} not in /proc/self/status")
+
+    def start(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.baseline, self.kind = torch.cuda.memory_allocated(self.device), "cuda_peak"
+            return
+        try:
+            self.baseline = self._status("VmRSS")
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            self.kind = "vmhwm"
+        except OSError:
+            from mmpeft.tasks.callbacks import PeakMemory  # noqa: PLC0415
+
+            self._sampler, self.kind = PeakMemory(self.device), "sampled_rss"
+            self._sampler.start()
+
+    def stop(self) -> int:
+        """Bytes of the peak above the baseline."""
+        if self.kind == "cuda_peak":
+            torch.cuda.synchronize(self.device)
+            return torch.cuda.max_memory_allocated(self.device) - self.baseline
+        if self._sampler is not None:
+            return self._sampler.stop()
+        return max(self._status("VmHWM") - self.baseline, 0)
+
+
+def process_environment() -> dict[str, str]:
+    """What a benchmark number depends on: versions, threads, CPU / GPU model."""
+    import platform  # noqa: PLC0415
+
+    import mmpeft  # noqa: PLC0415
+
+    env = {"python": platform.python_version(), "torch": torch.__version__, "mmpeft": mmpeft.__version__,
+           "threads": str(torch.get_num_threads())}  # fmt: skip
+    for package in ("timm", "peft", "diffusers"):
+        try:
+            env[package] = __import__(package).__version__
+        except ImportError:
+            pass
+    try:
+        with open("/proc/cpuinfo") as f:
+            env["cpu"] = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        env["cpu"] = platform.processor() or "unknown"
+    env["cpus"] = str(os.cpu_count())
+    if torch.cuda.is_available():
+        env["gpu"] = torch.cuda.get_device_name(0)
+    return env

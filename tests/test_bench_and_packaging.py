@@ -23,7 +23,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 def test_bench_writes_rows_with_floor_ratios(tmp_path, capsys):
     args = ["bench", "--backbone", "digits_vit", "--img-size", "8", "--in-chans", "1", "--batch", "4", "--methods",
-            "lora,full", "--steps", "2", "--warmup", "1", "--num-classes", "10", "--out", str(tmp_path)]  # fmt: skip
+            "lora,full", "--steps", "2", "--warmup", "1", "--num-classes", "10", "--rounds", "1",
+            "--out", str(tmp_path)]  # fmt: skip
     assert main(args) == 0
     (table,) = tmp_path.glob("*.csv")
     rows = {r["method"]: r for r in csv.DictReader(table.open())}
@@ -54,7 +55,7 @@ def test_checkpoints_are_loaded_safely():
 
 def test_bench_on_a_denoiser_uses_its_batch_and_loss_and_a_floor_after_the_first_layer(tmp_path):
     args = ["bench", "--backbone", "tiny_dit", "--batch", "2", "--methods", "lora", "--steps", "1",
-            "--warmup", "1", "--out", str(tmp_path)]  # fmt: skip
+            "--warmup", "1", "--rounds", "1", "--out", str(tmp_path)]  # fmt: skip
     assert main(args) == 0
     (table,) = tmp_path.glob("*.csv")
     assert table.name.startswith("tiny_dit-16px-b2-")
@@ -83,8 +84,8 @@ def _fake_rows(outcomes: dict[str, str]):
 
 
 def _bench_args(out, *extra):
-    return ["bench", "--backbone", "tiny_dit", "--batch", "2", "--steps", "1", "--warmup", "1", "--out", str(out),
-            *extra]  # fmt: skip
+    return ["bench", "--backbone", "tiny_dit", "--batch", "2", "--steps", "1", "--warmup", "1", "--rounds", "1",
+            "--out", str(out), *extra]  # fmt: skip
 
 
 def test_bench_checks_method_names_before_any_worker_and_writes_nothing(tmp_path, capsys, monkeypatch):
@@ -221,3 +222,45 @@ def test_every_third_party_import_is_a_declared_dependency():
         if not declared & set(IMPORT_DISTS.get(top, (_dist(top),)))
     }
     assert not missing, f"imported but not declared in pyproject dependencies: {missing}"
+
+
+def test_bench_rounds_interleave_rows_and_report_median_spread_and_paired_ratios(tmp_path, monkeypatch):
+    calls = []
+    steps = {"floor": [10.0, 20.0, 10.0], "lora": [11.0, 22.0, 30.0], "ssf": [12.0, 24.0, 12.0]}
+
+    def worker(args, method):
+        r = sum(1 for c in calls if c == method)
+        calls.append(method)
+        return {"method": method, "input": "4x16x16", "trainable": 16, "step_ms": steps[method][r],
+                "peak_mem_mb": 100.0 + r, "infer_ms": 5.0, "device": "cpu"}  # fmt: skip
+
+    monkeypatch.setattr(bench, "_run_worker", worker)
+    args = _bench_args(tmp_path, "--methods", "lora,ssf")
+    args[args.index("--rounds") + 1] = "3"
+    assert main(args) == 0
+    assert calls == ["floor", "lora", "ssf", "floor", "ssf", "lora", "floor", "lora", "ssf"]
+    rows = {r["method"]: r for r in csv.DictReader((tmp_path / "tiny_dit-16px-b2-cpu-32.csv").open())}
+    lora = rows["lora"]
+    assert (lora["step_ms"], lora["step_ms_min"], lora["step_ms_max"]) == ("22.0", "11.0", "30.0")
+    # paired per round: 11/10, 22/20, 30/10 -> median 1.1, not 22/10
+    assert (lora["time_vs_floor"], lora["time_vs_floor_min"], lora["time_vs_floor_max"]) == ("1.1", "1.1", "3.0")
+    assert rows["ssf"]["time_vs_floor"] == "1.2" and rows["floor"]["rounds"] == "3"
+    md = (tmp_path / "tiny_dit-16px-b2-cpu-32.md").read_text()
+    assert "`mmpeft bench --backbone tiny_dit" in md and "torch " in md and "3 rounds" in md
+    assert "| lora | 16 | 22.0 (11.0..30.0) | 1.10 (1.10..3.00) |" in md
+
+
+def test_bench_peer_rows_have_equal_trainable_counts_and_merged_inference(tmp_path):
+    parser = argparse.ArgumentParser()
+    bench.add_bench_arguments(parser)
+    args = parser.parse_args(["--backbone", "test_vit", "--img-size", "32", "--batch", "2", "--steps", "1",
+                              "--warmup", "0", "--infer-steps", "1"])  # fmt: skip
+    peft_row, ours, floor = (bench.measure(args, name) for name in ("peft_lora", "lora_qkv", "floor"))
+    assert peft_row["trainable"] == ours["trainable"] == 6 * 8 * (64 + 3 * 64) + 64 * 100 + 100
+    assert "infer_merged_ms" in ours and "infer_merged_ms" in peft_row and floor["infer_ms"] > 0
+    assert "infer_merged_ms" not in bench.measure(args, "adapter")  # not mergeable
+    assert peft_row["peak_kind"] == "vmhwm" and peft_row["peak_mem_mb"] >= 0
+    ckpt = bench.measure(args, "lora_qkv+ckpt")
+    assert ckpt["saved_mb"] < ours["saved_mb"] and ckpt["trainable"] == ours["trainable"]
+    assert bench.bench_methods("lora,peft_lora", "both") == ["floor", "lora", "peft_lora", "floor+ckpt",
+                                                             "lora+ckpt", "peft_lora+ckpt"]  # fmt: skip

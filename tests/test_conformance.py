@@ -400,3 +400,32 @@ def test_activation_checkpointing_gives_identical_gradients(method, case):
     assert grads[0].keys() == grads[1].keys() and grads[0]
     for name in grads[0]:
         assert torch.equal(grads[0][name], grads[1][name]), name
+
+
+# -- bf16 mixed precision on CPU (Lightning's `bf16-mixed` is torch.autocast("cpu", bfloat16)) -------------
+
+
+BF16_CASES = ("timm_vit", "point_mae", "timm_resnet", "sd_unet", "dit")  # one backbone per family
+
+
+@pytest.mark.parametrize(("method", "case"), [p for p in SUPPORTED if p.values[1] in BF16_CASES])
+def test_bf16_autocast_step_on_cpu_trains_fp32_tensors_and_follows_fp32(method, case):
+    """Under CPU bf16 autocast every method runs a training step: trainable tensors, their gradients and the
+    optimizer stay fp32, frozen tensors are untouched, and the loss follows the fp32 loss (bf16's 8-bit mantissa)."""
+    model = build(method, case)
+    model.train()
+    x, y = inputs(model)
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    torch.manual_seed(5)
+    reference = model.backbone.example_loss(model(x), y).detach()
+    torch.manual_seed(5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model.backbone.example_loss(model(x), y)
+    loss.float().backward()
+    trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    assert trained and all(p.dtype == torch.float32 for _, p in trained)
+    grads = [(n, p.grad) for n, p in trained if p.grad is not None]
+    assert grads and all(g.dtype == torch.float32 and torch.isfinite(g).all() for _, g in grads)
+    torch.optim.AdamW([p for _, p in trained], lr=1e-3).step()
+    assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
+    assert torch.isfinite(loss) and abs(loss.item() - reference.item()) <= 0.05 * abs(reference.item()) + 0.05

@@ -226,3 +226,15 @@ def test_warmup_cosine_schedule():
     assert f(0) == 0.0 and f(5) == 0.5 and f(10) == 1.0
     assert math.isclose(f(55), 0.1 + 0.9 * 0.5, abs_tol=1e-9)
     assert math.isclose(f(100), 0.1)
+
+
+def test_bf16_mixed_precision_trains_on_cpu_with_fp32_trainable_tensors(tmp_path):
+    """`--trainer.precision bf16-mixed` on CPU: autocast to bfloat16 in the step, adapter and optimizer in fp32."""
+    cli = fit(tmp_path, "--trainer.precision=bf16-mixed", "--trainer.limit_train_batches=3",
+              "--trainer.limit_val_batches=1", method="ssf")  # fmt: skip
+    assert cli.trainer.precision == "bf16-mixed"
+    trained = [p for p in cli.model.parameters() if p.requires_grad]
+    assert trained and all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in trained)
+    states = [s for s in cli.trainer.optimizers[0].state.values() if "exp_avg" in s]
+    assert states and all(s["exp_avg"].dtype == torch.float32 for s in states)
+    assert torch.isfinite(torch.tensor(float(cli.trainer.callback_metrics["train/loss_step"])))

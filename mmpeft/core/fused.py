@@ -11,9 +11,12 @@ import re
 from collections.abc import Callable, Mapping
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["QKV", "parse_fused_target", "part_rows", "add_to_parts", "parts_delta_weight"]
+from mmpeft.core.modules import LowRank, add_matmul
+
+__all__ = ["QKV", "parse_fused_target", "part_rows", "add_to_parts", "add_low_rank_to_parts", "parts_delta_weight"]
 
 QKV = "qkv"
 _PARTS_SUFFIX = re.compile(r"^(?P<pattern>.+?)\[(?P<parts>[A-Za-z,]+)\]$")
@@ -46,6 +49,22 @@ def add_to_parts(y: torch.Tensor, pieces: Mapping[str, nn.Module], x: torch.Tens
         i = QKV.index(part)
         chunks[i] = chunks[i] + piece(x)
     return torch.cat(chunks, dim=-1)
+
+
+def add_low_rank_to_parts(y: torch.Tensor, deltas: Mapping[str, LowRank], x: torch.Tensor) -> torch.Tensor:
+    """`y` plus each part's low-rank delta in its third, as one rank-(r · parts) update: the parts' A stacked
+    into one down-projection, their B placed in a block matrix that is zero on the unselected thirds, and one
+    `addmm` into a single new tensor. The per-part route (`add_to_parts`) allocates each part's delta, the sum
+    per third and the concatenation; this one allocates the output only (the same work as peft's LoRA on the
+    whole fused linear, the extra zero rows cost r · parts MACs per output). The parts share one dropout mask."""
+    parts = list(deltas)
+    first = deltas[parts[0]]
+    if first.conv or any(d.scale != first.scale or d.rank != first.rank for d in deltas.values()):
+        return add_to_parts(y, deltas, x)
+    h = F.linear(first.dropout(x), torch.cat([deltas[p].A for p in parts]))
+    zeros = first.B.new_zeros(first.B.shape)
+    blocks = [torch.cat([deltas[p].B if p == part else zeros for p in parts], dim=1) for part in QKV]
+    return add_matmul(y, h, torch.cat(blocks), first.scale)
 
 
 def parts_delta_weight(host: nn.Linear, deltas: Mapping[str, Callable[[], torch.Tensor]],

@@ -111,6 +111,12 @@ def make_activation(name: str) -> nn.Module:
     return _ACTIVATIONS[name]()
 
 
+def add_matmul(y: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
+    """`y + alpha * h @ weight.T` over the last dimension, in one fused op (one output tensor)."""
+    out = torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1]), weight.t(), alpha=alpha)
+    return out.view(y.shape)
+
+
 class LowRank(AdapterModule):
     """A low-rank weight delta `scale * B @ A` (A: kaiming-uniform, B: zero, so identity at init).
 
@@ -170,6 +176,14 @@ class LowRank(AdapterModule):
             return F.conv2d(F.conv2d(x, self.A, None, self.stride, self.padding, self.dilation), self.B) * self.scale
         return F.linear(F.linear(x, self.A), self.B) * self.scale
 
+    def add_to(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """`y + self(x)`, on a linear as one `addmm` into a single new tensor: the delta, its scaled copy and
+        the sum are never materialised apart, so a step allocates and frees two fewer output-sized blocks per
+        layer (on CPU those transient blocks are what fragments the heap and lifts peak memory)."""
+        if self.conv:
+            return y + self(x)
+        return add_matmul(y, F.linear(self.dropout(x), self.A), self.B, self.scale)
+
     def delta_weight(self) -> torch.Tensor:
         delta = self.B.flatten(1) @ self.A.flatten(1)
         return delta.view(self.B.shape[0], *self.A.shape[1:]) * self.scale
@@ -222,8 +236,67 @@ class Bottleneck(AdapterModule):
         return self.up(self.dropout(self.act(self.down(self.norm(x))))) * self.scale
 
 
+class _ScaleShiftSavingOutput(torch.autograd.Function):
+    """`y * gamma + beta` that keeps `out` for backward instead of `y`: gamma's gradient needs y, recovered as
+    (out - beta) / gamma. When the next layer keeps `out` for its own backward (the GELU after fc1, attention
+    after qkv), the two share one tensor and SSF's save costs nothing."""
+
+    @staticmethod
+    def forward(ctx, y: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, shape: tuple[int, ...]):
+        out = torch.addcmul(beta.view(shape), y, gamma.view(shape))
+        ctx.save_for_backward(out, gamma, beta)
+        ctx.shape, ctx.y_dtype = shape, y.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        try:
+            out, gamma, beta = ctx.saved_tensors
+        except RuntimeError as err:
+            if "inplace" not in str(err):
+                raise
+            raise RuntimeError(
+                "a scale-shift kept its output for backward (memory-lean mode) and a later in-place operation "
+                "changed it; turn the lean mode off for this layer (SSF: lean_memory: false)"
+            ) from err
+        g, b = gamma.view(ctx.shape), beta.view(ctx.shape)
+        dims = [d for d, size in enumerate(ctx.shape) if size == 1]  # every dimension but the channel's
+        grad_y = (grad * g).to(ctx.y_dtype) if ctx.needs_input_grad[0] else None
+        grad_gamma = grad_beta = None
+        if ctx.needs_input_grad[1]:
+            grad_gamma = (grad * ((out - b) / g)).sum(dims).to(gamma.dtype)
+        if ctx.needs_input_grad[2]:
+            grad_beta = grad.sum(dims).to(beta.dtype)
+        return grad_y, grad_gamma, grad_beta, None
+
+
+# Norms whose forward is exactly `F.layer_norm` / `F.group_norm` with their weight and bias (timm's and
+# open_clip's LayerNorm cast back to the input dtype, which the composed call does too).
+_COMPOSABLE_NORMS = {
+    "torch.nn.modules.normalization.LayerNorm": "layer_norm",
+    "timm.layers.norm.LayerNorm": "layer_norm",
+    "open_clip.transformer.LayerNorm": "layer_norm",
+    "torch.nn.modules.normalization.GroupNorm": "group_norm",
+}
+
+
+def composable_norm(module: nn.Module) -> str | None:
+    """ "layer_norm" / "group_norm" when `module` computes exactly that functional with its affine (so a
+    scale-shift after it is the same norm with a composed affine), else None."""
+    kind = _COMPOSABLE_NORMS.get(f"{type(module).__module__}.{type(module).__qualname__}")
+    return kind if kind and getattr(module, "weight", None) is not None and module.bias is not None else None
+
+
 class ScaleShift(AdapterModule):
-    """Per-channel `y * gamma + beta` (SSF). `channel_dim=1` for NCHW convolution outputs."""
+    """Per-channel `y * gamma + beta` (SSF). `channel_dim=1` for NCHW convolution outputs.
+
+    Memory: gamma's gradient needs the pre-scale `y`. With `save_output` the piece keeps its output instead
+    and recovers y as (out - beta) / gamma (`_ScaleShiftSavingOutput`; exact up to rounding unless a gamma
+    is near zero), which is free when the next layer keeps that output anyway. Attached with
+    `where="replace"` on a LayerNorm / GroupNorm (`composable_norm`), the piece runs the norm itself with the
+    composed affine (weight * gamma, bias * gamma + beta): the norm keeps only its input, as it does without
+    SSF, so the scale-shift saves nothing at all.
+    """
 
     def __init__(
         self,
@@ -233,9 +306,10 @@ class ScaleShift(AdapterModule):
         channel_dim: int = -1,
         device: torch.device | None = None,
         dtype: torch.dtype | None = None,
+        save_output: bool = False,
     ):
         super().__init__()
-        self.channel_dim = channel_dim
+        self.channel_dim, self.save_output = channel_dim, save_output
         self.gamma = nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
         self.beta = nn.Parameter(torch.zeros(dim, device=device, dtype=dtype))
         if init == "normal":
@@ -250,9 +324,21 @@ class ScaleShift(AdapterModule):
             return (-1,)
         return (-1,) + (1,) * (y.dim() - 1 - self.channel_dim % y.dim())
 
-    def forward(self, y: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, y: torch.Tensor | nn.Module, x: torch.Tensor | None = None, *args, **kwargs) -> torch.Tensor:
+        if isinstance(y, nn.Module):  # attached with where="replace": run the host norm with the composed affine
+            return self.composed_norm(y, x)
         shape = self._shape(y)
+        if self.save_output and torch.is_grad_enabled() and (self.gamma.requires_grad or y.requires_grad):
+            full = (1,) * (y.dim() - len(shape)) + shape  # one entry per dimension: -1 at the channel
+            return _ScaleShiftSavingOutput.apply(y, self.gamma, self.beta, full)
         return y * self.gamma.view(shape) + self.beta.view(shape)
+
+    def composed_norm(self, host: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        weight = (host.weight * self.gamma).to(host.weight.dtype)
+        bias = (host.bias * self.gamma + self.beta).to(host.bias.dtype)
+        if composable_norm(host) == "group_norm":
+            return F.group_norm(x, host.num_groups, weight, bias, host.eps)
+        return F.layer_norm(x, host.normalized_shape, weight, bias, host.eps).to(x.dtype)
 
     def can_merge_into(self, host: nn.Module) -> bool:
         """Foldable into the layer that produced `y` when it has a weight and a bias (a shift needs the bias)."""

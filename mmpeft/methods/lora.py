@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from mmpeft.core.errors import NotSupported
-from mmpeft.core.fused import add_to_parts, parse_fused_target, parts_delta_weight
+from mmpeft.core.fused import add_low_rank_to_parts, parse_fused_target, parts_delta_weight
 from mmpeft.core.inject import attach
 from mmpeft.core.method import Method, register_method
 from mmpeft.core.modules import AdapterModule, LowRank
@@ -59,8 +59,8 @@ class LoRADelta(AdapterModule):
 
     def forward(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         if not self.parts:
-            return y + self.deltas["all"](x)
-        return add_to_parts(y, self.deltas, x)
+            return self.deltas["all"].add_to(y, x)
+        return add_low_rank_to_parts(y, self.deltas, x)
 
     def _delta_weight(self, host: nn.Module) -> torch.Tensor:
         if not self.parts:

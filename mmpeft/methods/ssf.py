@@ -12,7 +12,7 @@ from torch.nn.modules.conv import _ConvNd
 from mmpeft.core.errors import NotSupported
 from mmpeft.core.inject import attach
 from mmpeft.core.method import Method, register_method
-from mmpeft.core.modules import ScaleShift
+from mmpeft.core.modules import ScaleShift, composable_norm
 from mmpeft.core.targets import select_modules
 
 __all__ = ["SSF", "VIT_POSITIONS", "DEFAULT_TARGETS"]
@@ -70,6 +70,13 @@ class SSF(Method):
     exactly the backbone's keys and shapes (a layer without bias, e.g. a bias-free qkv, makes
     `merge` refuse, since folding the shift would need a new tensor) and loads into plain timm (the paper describes this
     re-parameterisation; the official repo ships no merge code, SSF issue #19).
+    Memory (`lean_memory`, on by default; `mmpeft bench --memory` shows it): the official code keeps each
+    pre-scale activation for gamma's gradient, 8 per block. Here a scale-shift after a LayerNorm runs the norm
+    with the composed affine (weight·γ, bias·γ + β), so it keeps nothing beyond the norm's input, and one
+    after a linear keeps its own output, which the next layer (GELU after fc1, attention after qkv) keeps
+    anyway, and recovers the activation as (out − β)/γ (`ScaleShift`). Convolutions and BatchNorms keep the
+    official save (convnets follow them with in-place activations, which would change a kept output).
+    Outputs and gradients are the same up to rounding (a test checks both); it does not change the recipe.
     The `paper` preset also initialises the head as SSF's timm ViT does (`models/vision_transformer.py`
     `init_weights_vit_timm`: trunc_normal(0.02), zero bias). The rest of the recipe lives in the configs:
     timm's per-epoch cosine with 10 cooldown epochs at the minimum lr (`schedule: timm_cosine`), and for
@@ -85,11 +92,15 @@ class SSF(Method):
         "unset: the 8 official ViT positions on token backbones, else every linear / conv / norm with a bias",
         "init": '"normal" (gamma ~ N(1, std), beta ~ N(0, std), as released) or "identity" (gamma 1, beta 0)',
         "std": "standard deviation of the normal init of gamma and beta",
+        "lean_memory": "keep no activation of its own for backward: after a norm, run the norm with the composed "
+        "affine; elsewhere recover the pre-scale activation from the saved output (same function and gradients, "
+        "up to rounding); false: save the pre-scale activation, as the official code",
     }
 
     targets: tuple[str, ...] | None = None  # None: the family default (the 8 ViT positions on token backbones)
     init: str = "normal"
     std: float = 0.02
+    lean_memory: bool = True
 
     def inject(self, backbone: nn.Module) -> None:
         for _, name, module in select_modules(backbone, "SSF", self.targets, DEFAULT_TARGETS):
@@ -102,5 +113,7 @@ class SSF(Method):
             if getattr(module, "weight", None) is None:
                 raise NotSupported(f"SSF target {name!r} has no affine weight to scale")
             width, channel_dim = _width_and_channel_dim(module)
-            scale_shift = ScaleShift(width, self.init, self.std, channel_dim, device=module.weight.device)
-            attach(module, "ssf", scale_shift)
+            compose = self.lean_memory and composable_norm(module) is not None
+            scale_shift = ScaleShift(width, self.init, self.std, channel_dim, device=module.weight.device,
+                                     save_output=self.lean_memory and isinstance(module, nn.Linear))  # fmt: skip
+            attach(module, "ssf", scale_shift, where="replace" if compose else "output")

@@ -17,8 +17,10 @@ import torch
 from pytorch_lightning.utilities import rank_zero_info
 from torch import nn
 
+from mmpeft.core.cache import DEFAULT_MAX_BYTES, ContentCache
 from mmpeft.core.method import method_from_spec
 from mmpeft.core.model import PeftModel
+from mmpeft.core.modules import adapter_modules
 from mmpeft.core.report import parameter_report
 from mmpeft.core.state import load_adapter
 from mmpeft.tasks.ema import TrainableEMA
@@ -26,6 +28,8 @@ from mmpeft.tasks.optim import SCHEDULES, build_optimizer, describe_groups, para
 from mmpeft.tasks.step import step_loss
 
 __all__ = ["PeftTask", "rng_states", "set_rng_states"]
+
+FEATURE_CACHE_STAGES = ("train", "val")  # test and predict run once each: nothing to reuse
 
 # Frozen backbones run (partly) in eval mode by design: the frozen-mode policy, not a mistake.
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
@@ -76,6 +80,12 @@ class PeftTask(pl.LightningModule):
         ema_decay: keep an exponential moving average of the trainable set (e.g. 0.9998, SSF's FGVC recipe);
             validation, testing, the adapter files and the final model use it.
         adapter: an adapter file to start from (evaluate it, or continue training it).
+        feature_cache: cache the frozen backbone's pooled features per training / validation sample and run
+            only the head on them (the cached linear probe; see `ImageClassification`): True, False, or "auto"
+            (on exactly when nothing in the backbone trains and no method piece is attached). Off here by default;
+            `ImageClassification` defaults to "auto".
+        feature_cache_bytes: the byte budget of each feature cache (training, validation); beyond it samples are
+            computed every time.
     """
 
     monitor: ClassVar[str] = "val/loss"
@@ -98,6 +108,8 @@ class PeftTask(pl.LightningModule):
         grad_checkpointing: bool = False,
         ema_decay: float | None = None,
         adapter: str | None = None,
+        feature_cache: bool | str = False,
+        feature_cache_bytes: int = DEFAULT_MAX_BYTES,
     ):
         super().__init__()
         if schedule not in SCHEDULES:
@@ -113,6 +125,8 @@ class PeftTask(pl.LightningModule):
         self.strict_loading = False  # checkpoints hold the trainable set only; the frozen rest comes from config
         if adapter:
             self.load_adapter(adapter)
+        self._feature_caches = self._feature_caches_for(feature_cache, feature_cache_bytes)
+        self._feature_mode_checked: int | None = None  # the epoch whose frozen modes were checked
 
     # -- the method's view -----------------------------------------------------------------------------
     @property
@@ -145,16 +159,18 @@ class PeftTask(pl.LightningModule):
     # -- Lightning hooks -------------------------------------------------------------------------------------
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         inputs, targets = self.prepare_batch(batch, "train")
-        result = step_loss(
-            self.model, inputs, targets, lambda out, tgt: self.loss_and_metrics(out, tgt, "train"), batch
-        )
+        cache = self._feature_cache("train", inputs)
+        model = self.model if cache is None else _HeadOnCachedFeatures(self, cache)
+        result = step_loss(model, inputs, targets, lambda out, tgt: self.loss_and_metrics(out, tgt, "train"), batch)
         if result.extra_loss is not None:
             self.log("train/extra_loss", result.extra_loss.detach())
         return result.loss
 
     def _evaluate(self, batch: Any, stage: str) -> None:
         inputs, targets = self.prepare_batch(batch, stage)
-        self.loss_and_metrics(self(inputs), targets, stage)
+        cache = self._feature_cache(stage, inputs)
+        output = self(inputs) if cache is None else self.model.head(self._cached_features(cache, inputs))
+        self.loss_and_metrics(output, targets, stage)
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         self._evaluate(batch, "val")
@@ -181,6 +197,8 @@ class PeftTask(pl.LightningModule):
             f"({report.trainable_no_head:,} without head, {report.percent:.3f}% of the "
             f"{report.backbone:,}-parameter backbone)"
         )
+        if self._feature_caches:
+            self.print("feature cache on: the frozen backbone runs once per training / validation input")
 
     def configure_optimizers(self):
         hp = self.hparams
@@ -199,6 +217,76 @@ class PeftTask(pl.LightningModule):
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    # -- the cached linear probe -------------------------------------------------------------------------------
+    def _feature_caches_for(self, spec: bool | str, max_bytes: int) -> dict[str, ContentCache]:
+        """The feature caches (training, validation) the `feature_cache` option asks for and the model allows."""
+        if spec not in (True, False, "auto"):
+            raise ValueError(f"feature_cache must be true, false or 'auto', got {spec!r}")
+        why = self.feature_cache_refusal() if spec else None
+        if spec is True and why:
+            raise ValueError(
+                f"feature_cache=true caches the frozen backbone's features, which only a pure linear probe allows: "
+                f"{why} (feature_cache: auto turns it on exactly when it is valid)"
+            )
+        if not spec or why:
+            return {}
+        return {stage: ContentCache(f"{stage} backbone-feature", max_bytes) for stage in FEATURE_CACHE_STAGES}
+
+    def feature_cache_refusal(self) -> str | None:
+        """Why the backbone's features cannot be cached (None: they can): something in the backbone trains, a
+        method piece is attached, or the task computes its output in a forward of its own."""
+        name = self.method.name
+        if type(self).forward is not PeftTask.forward:
+            return f"{type(self).__name__} computes its output in a forward of its own"
+        trained = [n for n, p in self.model.backbone.named_parameters() if p.requires_grad]
+        if trained:
+            return f"method {name!r} trains {len(trained)} backbone tensor(s) ({trained[0]}, ...)"
+        pieces = [n for n, _ in adapter_modules(self.model.backbone)]
+        if pieces:
+            return f"method {name!r} attaches pieces to the backbone ({pieces[0] or 'the backbone'}, ...)"
+        return None
+
+    def _feature_cache(self, stage: str, inputs: Any) -> ContentCache | None:
+        """The stage's feature cache when it is in use for these inputs (test and predict run once: no cache)."""
+        cache = self._feature_caches.get(stage)
+        if cache is None or not cache.enabled:
+            return None
+        if not isinstance(inputs, torch.Tensor):
+            cache.disable(f"feature cache off: the {stage} inputs are a {type(inputs).__name__}, not a tensor")
+            return None
+        if stage == "train" and self._feature_mode_checked != self.current_epoch:  # once an epoch: the policy is fixed
+            self._feature_mode_checked = self.current_epoch
+            stochastic = next((n or "the backbone" for n, m in self.model.backbone.named_modules() if m.training), None)
+            if stochastic is not None:  # a frozen module in train mode (dropout, drop-path): features are random
+                cache.disable(
+                    f"feature cache off: the frozen backbone runs {stochastic} in train mode (method "
+                    f"{self.method.name!r} has frozen_mode {self.method.frozen_mode!r}), so its features are not a "
+                    "function of the input"
+                )
+                return None
+        return cache
+
+    def _cached_features(self, cache: ContentCache, inputs: torch.Tensor) -> torch.Tensor:
+        """The frozen backbone's features of a batch: cached rows from the cache, the new inputs from one backbone
+        forward (of the whole batch when every input is new, as in the first epoch)."""
+        backbone = self.model.backbone
+
+        def features(batch: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad():
+                return backbone(batch)
+
+        out = cache.get_or_compute(inputs, features)
+        world = self.trainer.world_size if self._trainer is not None else 1
+        cache.check_repeats(expected=1.0 / max(world, 1))  # under DDP a rank sees another shard every epoch
+        return out
+
+    def _start_feature_pass(self, stage: str) -> None:
+        if stage in self._feature_caches:
+            self._feature_caches[stage].start_pass()
+
+    def on_train_epoch_start(self) -> None:
+        self._start_feature_pass("train")
+
     # -- EMA of the trainable set ---------------------------------------------------------------------------
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self.ema is not None:
@@ -211,11 +299,16 @@ class PeftTask(pl.LightningModule):
 
     def on_validation_epoch_start(self) -> None:
         self._swap_ema(True)
+        if self._trainer is not None and self.trainer.validating:  # a full pass: not a sanity check, not a test
+            self._start_feature_pass("val")
 
     def on_validation_epoch_end(self) -> None:
         self._swap_ema(False)
 
-    on_test_epoch_start = on_predict_epoch_start = on_validation_epoch_start
+    def on_test_epoch_start(self) -> None:
+        self._swap_ema(True)
+
+    on_predict_epoch_start = on_test_epoch_start
     on_test_epoch_end = on_predict_epoch_end = on_validation_epoch_end
 
     def on_train_end(self) -> None:
@@ -251,3 +344,13 @@ class PeftTask(pl.LightningModule):
             self.ema.load_state_dict(checkpoint["ema"])
         if "rng_states" in checkpoint:
             set_rng_states(checkpoint["rng_states"])
+
+
+class _HeadOnCachedFeatures:
+    """What `step_loss` runs for a cached probe: the head on the cached features; the model's method."""
+
+    def __init__(self, task: PeftTask, cache: ContentCache):
+        self.task, self.cache, self.method = task, cache, task.model.method
+
+    def __call__(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self.task.model.head(self.task._cached_features(self.cache, inputs))

@@ -5,20 +5,21 @@ local diffusers pipeline folder (or the shipped tiny one, `pipeline: tiny_sd`) a
 encoder may carry a method of its own (`text_method`, diffusers' `--train_text_encoder`), saved in the
 same adapter file under `components.text_encoder.`. Because both encoders are frozen, the VAE's latent
 distribution of each training image and the text states of each prompt are computed once and cached
-(`cache`); latents are sampled from the cached distribution at every step, as diffusers' cached-latents
-training does, and evaluation uses the distribution's mean. The scheduler is the pipeline's own
-(prediction type ε or v), and a learned-Σ DiT adds the variational bound (see `Denoising`).
+(`cache`; a `mmpeft.core.cache.ContentCache` each, the mechanism the cached linear probe shares); latents
+are sampled from the cached distribution at every step, as diffusers' cached-latents training does, and
+evaluation uses the distribution's mean. The scheduler is the pipeline's own (prediction type ε or v),
+and a learned-Σ DiT adds the variational bound (see `Denoising`).
 """
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from mmpeft.core.cache import ContentCache
 from mmpeft.tasks.denoising import Denoising
 
 __all__ = ["LatentDiffusion", "pipeline_folder"]
@@ -39,10 +40,6 @@ def pipeline_folder(pipeline: str) -> Path:
             "text_encoder/, tokenizer/, scheduler/ inside); pass a local pipeline folder or 'tiny_sd'"
         )
     return folder
-
-
-def _key(tensor: torch.Tensor) -> str:
-    return hashlib.sha1(tensor.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
 
 
 class LatentDiffusion(Denoising):
@@ -83,8 +80,8 @@ class LatentDiffusion(Denoising):
             self.model.add_component("text_encoder", encoder, text_method)
         elif text_method is not None:
             raise ValueError("text_method needs a text-conditioned UNet; a DiT is conditioned on class labels")
-        self._latent_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._text_cache: dict[str, torch.Tensor] = {}
+        self._latent_cache = ContentCache("VAE latent")  # the one cache mechanism (mmpeft.core.cache)
+        self._text_cache = ContentCache("text-encoder state")
         self.attention = attention
 
     def setup(self, stage: str) -> None:
@@ -115,30 +112,28 @@ class LatentDiffusion(Denoising):
     @torch.no_grad()
     def _latent_distribution(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean, std) of the VAE posterior, scaled to the denoiser's latent space, cached per image."""
-        keys = [_key(image) for image in images] if self.cache else []
-        missing = [i for i, k in enumerate(keys) if k not in self._latent_cache] if self.cache else range(len(images))
-        if missing:
-            dist = self.vae.encode(images[list(missing)].to(self.vae.dtype)).latent_dist
+
+        def encode(batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            dist = self.vae.encode(batch.to(self.vae.dtype)).latent_dist
             scale = self.vae.config.scaling_factor
-            for j, i in enumerate(missing):
-                if self.cache:
-                    self._latent_cache[keys[i]] = (dist.mean[j] * scale, dist.std[j] * scale)
-            if not self.cache:
-                return dist.mean * scale, dist.std * scale
-        pairs = [self._latent_cache[k] for k in keys]
-        return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+            return dist.mean * scale, dist.std * scale
+
+        if not self.cache:
+            return encode(images)
+        return self._latent_cache.get_or_compute(images, encode)  # only the images not cached are encoded
 
     def _text_states(self, prompts: list[str]) -> torch.Tensor:
         frozen = "text_encoder" not in getattr(self.model, "component_methods", {})
-        if frozen and self.cache and all(p in self._text_cache for p in prompts):
-            return torch.stack([self._text_cache[p] for p in prompts])
-        ids = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
-                             truncation=True, return_tensors="pt").input_ids.to(self.device)  # fmt: skip
-        with torch.set_grad_enabled(not frozen and torch.is_grad_enabled()):
-            states = self.text_encoder(ids)[0]
-        if frozen and self.cache:
-            self._text_cache.update({p: s.detach() for p, s in zip(prompts, states)})
-        return states
+
+        def encode(batch: list[str]) -> torch.Tensor:
+            ids = self.tokenizer(batch, padding="max_length", max_length=self.tokenizer.model_max_length,
+                                 truncation=True, return_tensors="pt").input_ids.to(self.device)  # fmt: skip
+            with torch.set_grad_enabled(not frozen and torch.is_grad_enabled()):
+                return self.text_encoder(ids)[0]
+
+        if not (frozen and self.cache):
+            return encode(prompts)
+        return self._text_cache.get_or_compute(prompts, encode, whole_batch=True)  # prompts are their own keys
 
     def encode(self, batch: Any, stage: str) -> tuple[torch.Tensor, Any]:
         images, conditioning = batch[0], batch[1]
