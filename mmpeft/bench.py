@@ -369,9 +369,10 @@ def _size(shape: str) -> str:
 
 
 def result_stem(args: argparse.Namespace, floor: dict) -> str:
-    """`<backbone>-<size>-b<batch>-<device>-<precision>[-ckpt]`, from the floor's measured input and device."""
+    """`<backbone>-<size>-b<batch>-<device>-<precision>[-ckpt|-ckpt-both]`, from the floor's measured input and
+    device."""
     safe = args.backbone.replace(":", "_").replace("/", "_")  # portable file names
-    ckpt = "-ckpt" if getattr(args, "checkpointing", "off") == "on" else ""
+    ckpt = {"on": "-ckpt", "both": "-ckpt-both"}.get(getattr(args, "checkpointing", "off"), "")
     return f"{safe}-{_size(floor['input'])}-b{args.batch}-{floor['device'].replace(' ', '_')}-{args.precision}{ckpt}"
 
 
@@ -527,8 +528,7 @@ def _log_wandb(args: argparse.Namespace, rows: list[dict], stem: str, env: dict[
 
     config = {"backbone": args.backbone, "batch": args.batch, "precision": args.precision, **env}
     clean = [{k: v for k, v in r.items() if k not in ("breakdown", "failed")} for r in rows]
-    log_table_to_wandb(clean, group=stem, job_type="bench", config=config, mode=args.wandb,
-                       save_dir=str(Path(args.out)))  # fmt: skip
+    log_table_to_wandb(clean, group=stem, job_type="bench", config=config, mode=args.wandb)  # WANDB_DIR or ./wandb
 
 
 if __name__ == "__main__":

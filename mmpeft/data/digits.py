@@ -4,7 +4,8 @@ The 1,797 images are split once, with a fixed seed, into an *upstream* pool (70%
 digits, trained with one-pixel shift augmentation) used by mmpeft to pretrain a small ViT, and a
 *downstream* pool (the other 30%) whose images are rotated by 90 degrees: the same classes seen
 from a new angle, so pretrained features help but do not solve it. The downstream pool is split
-into train / val / test with the run's seed, optionally down to k shots per class.
+into train / val / test with the run's seed; few-shot runs keep k training images per class of that split
+(`shots`, drawn with `shot_seed`), so val and test stay the same whichever subset trains.
 """
 
 from __future__ import annotations
@@ -83,7 +84,9 @@ class DigitsDataModule(SplitLoaders, pl.LightningDataModule):
         batch_size: per step.
         seed: the train / val / test split of the pool (stratified).
         train_fraction, val_fraction: of the pool; the rest is the test split.
-        shots: keep k training images per class (few-shot), seeded.
+        shots: keep k training images per class (few-shot) of the training split; val and test are unchanged.
+        shot_seed: the seed of that subset (default `seed + 1`); vary it alone for k-shot runs over seeds on the
+            same val / test splits.
         shift: random pixel shift of training images (upstream default 1, downstream 0).
     """
 
@@ -98,12 +101,15 @@ class DigitsDataModule(SplitLoaders, pl.LightningDataModule):
         train_fraction: float = 0.5,
         val_fraction: float = 0.2,
         shots: int | None = None,
+        shot_seed: int | None = None,
         shift: int | None = None,
         num_workers: int = 0,
     ):
         super().__init__()
         if task not in TASKS:
             raise ValueError(f"digits task must be one of {TASKS}, got {task!r}")
+        if shots is not None and shots < 1:
+            raise ValueError(f"shots must be a positive number of images per class, got {shots}")
         if not (0 < train_fraction and 0 <= val_fraction and train_fraction + val_fraction <= 1):
             raise ValueError("need 0 < train_fraction and train_fraction + val_fraction <= 1")
         self.save_hyperparameters()
@@ -117,7 +123,8 @@ class DigitsDataModule(SplitLoaders, pl.LightningDataModule):
         images, labels = digits_arrays(hp.task)
         train, val, test = _split(labels, (hp.train_fraction, hp.val_fraction), hp.seed)
         if hp.shots:
-            train = train[k_shot_indices(labels[train], hp.shots, hp.seed + 1)]
+            shot_seed = hp.seed + 1 if hp.shot_seed is None else hp.shot_seed
+            train = train[k_shot_indices(labels[train], hp.shots, shot_seed)]
         self.splits = {
             "train": ShiftedDigits(images[train], labels[train], self.shift),
             "val": ShiftedDigits(images[val], labels[val]),

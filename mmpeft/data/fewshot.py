@@ -11,6 +11,8 @@ __all__ = ["k_shot_indices"]
 
 def k_shot_indices(labels: Sequence[int], shots: int, seed: int) -> list[int]:
     """Sorted indices of `shots` examples of every class present in `labels`."""
+    if shots < 1:
+        raise ValueError(f"shots must be a positive number of examples per class, got {shots}")
     labels = np.asarray(labels)
     rng = np.random.default_rng(seed)
     chosen: list[int] = []

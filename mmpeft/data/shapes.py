@@ -21,6 +21,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
 
+from mmpeft.data.fewshot import k_shot_indices
 from mmpeft.data.point import PointClouds
 from mmpeft.data.point_transforms import RandomSubset
 from mmpeft.data.sampling import split_loader
@@ -288,7 +289,7 @@ def shapes_arrays(task: str, per_class: int, num_points: int, seed: int) -> tupl
 
 
 class ShapesDataModule(SplitLoaders, pl.LightningDataModule):
-    """The shapes quickstart's data: `task` "upstream" (10 primitives) or "downstream" (6 composed objects).
+    """The shapes quickstart's data: `task` "upstream" (10 primitives) or "downstream" (9 composed objects).
 
     Args:
         task: which class set.
@@ -297,6 +298,10 @@ class ShapesDataModule(SplitLoaders, pl.LightningDataModule):
         num_points: points per cloud.
         batch_size, num_workers: loaders.
         seed: generation and training order.
+        shots: keep k training clouds per class of the generated training split (few-shot); val and test are
+            unchanged. k may not exceed `train_per_class`.
+        shot_seed: the seed of that subset (default `seed + 1`); vary it alone for k-shot runs over seeds on the
+            same val / test splits.
     """
 
     def __init__(
@@ -309,10 +314,15 @@ class ShapesDataModule(SplitLoaders, pl.LightningDataModule):
         batch_size: int = 32,
         num_workers: int = 0,
         seed: int = 0,
+        shots: int | None = None,
+        shot_seed: int | None = None,
     ):
         super().__init__()
         if task not in TASKS:
             raise ValueError(f"unknown shapes task {task!r}; tasks: {', '.join(TASKS)}")
+        if shots is not None and not 1 <= shots <= train_per_class:
+            raise ValueError(f"shots must be in [1, train_per_class={train_per_class}] clouds per class, got {shots}")
+        self.shots, self.shot_seed = shots, seed + 1 if shot_seed is None else shot_seed
         self.task, self.num_points, self.batch_size, self.num_workers, self.seed = (
             task, num_points, batch_size, num_workers, seed
         )  # fmt: skip
@@ -327,6 +337,9 @@ class ShapesDataModule(SplitLoaders, pl.LightningDataModule):
                 # one stream per (task, split): changing a split's size never changes another split
                 stream = self.seed * 1000 + offset * 10 + list(TASKS).index(self.task)
                 clouds, labels = shapes_arrays(self.task, self.per_class[split], self.num_points, stream)
+                if split == "train" and self.shots:  # few-shot: k of the generated training clouds per class
+                    keep = k_shot_indices(labels.tolist(), self.shots, self.shot_seed)
+                    clouds, labels = clouds[keep], labels[keep]
                 # training shuffles the point order each epoch, so FPS (which starts at the first point) picks
                 # other centres, as in the papers' training
                 shuffle = RandomSubset(self.num_points, self.num_points) if split == "train" else None

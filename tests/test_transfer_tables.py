@@ -1,0 +1,157 @@
+"""k-shot subsets of the quickstart data and the k-shot transfer tables (`python -m mmpeft.quickstart --shots`),
+with `run_one` faked: no training here."""
+
+from __future__ import annotations
+
+import csv
+import statistics
+
+import pytest
+import torch
+
+from mmpeft import quickstart as q
+from mmpeft.data.digits import DigitsDataModule
+from mmpeft.data.shapes import ShapesDataModule
+
+
+def _keys(images: torch.Tensor) -> set[bytes]:
+    return {x.numpy().tobytes() for x in images}
+
+
+def _digits(**kwargs) -> DigitsDataModule:
+    d = DigitsDataModule(train_fraction=0.55, val_fraction=0.2, **kwargs)
+    d.setup()
+    return d
+
+
+def test_digits_k_shot_is_k_per_class_seeded_and_leaves_val_and_test_alone():
+    full, c = _digits(), _digits(shots=5, shot_seed=1)
+    a, b = _digits(shots=5, shot_seed=0), _digits(shots=5, shot_seed=0)
+    assert torch.equal(torch.bincount(a.splits["train"].labels), torch.full((10,), 5))
+    assert _keys(a.splits["train"].images) <= _keys(full.splits["train"].images), "drawn from the training split"
+    assert torch.equal(a.splits["train"].images, b.splits["train"].images), "same seed, same subset"
+    assert _keys(a.splits["train"].images) != _keys(c.splits["train"].images), "another seed, another subset"
+    for split in ("val", "test"):
+        assert torch.equal(a.splits[split].images, full.splits[split].images)
+        assert torch.equal(c.splits[split].images, full.splits[split].images)
+    assert torch.equal(torch.bincount(_digits(shots=20, shot_seed=2).splits["train"].labels), torch.full((10,), 20))
+
+
+def test_digits_k_shot_refuses_more_shots_than_a_class_has():
+    with pytest.raises(ValueError, match="class 6 has only 18 training examples, fewer than shots=20"):
+        DigitsDataModule(shots=20).setup()  # the quickstart's 50% training share: 18 images of digit 6
+    with pytest.raises(ValueError, match="positive"):
+        DigitsDataModule(shots=0)
+
+
+def _shapes(**kwargs) -> ShapesDataModule:
+    d = ShapesDataModule(train_per_class=6, val_per_class=1, test_per_class=1, num_points=16, **kwargs)
+    d.setup()
+    return d
+
+
+def test_shapes_k_shot_is_k_per_class_seeded_and_leaves_val_and_test_alone():
+    full, c = _shapes(), _shapes(shots=3, shot_seed=1)
+    a, b = _shapes(shots=3, shot_seed=0), _shapes(shots=3, shot_seed=0)
+    assert torch.equal(torch.bincount(a.datasets["train"].labels), torch.full((9,), 3))
+    assert _keys(a.datasets["train"].points) <= _keys(full.datasets["train"].points)
+    assert torch.equal(a.datasets["train"].points, b.datasets["train"].points)
+    assert _keys(a.datasets["train"].points) != _keys(c.datasets["train"].points)
+    for split in ("val", "test"):
+        assert torch.equal(a.datasets[split].points, full.datasets[split].points)
+    with pytest.raises(ValueError, match=r"shots must be in \[1, train_per_class=6\]"):
+        ShapesDataModule(train_per_class=6, shots=7)
+
+
+# -- the table machinery, with run_one faked ----------------------------------------------------------------
+ACC = {0: 0.50, 1: 0.60, 2: 0.70}  # test accuracy by seed
+
+
+@pytest.fixture
+def fake_runs(monkeypatch):
+    calls = []
+
+    def run_one(method, pretrained, lr, epochs, runs_dir, name, pretrain_epochs=None, seed=0, config=q.CONFIG,
+                shots=None, precision="32", extra=()):  # fmt: skip
+        calls.append({"method": method, "pretrained": pretrained, "lr": lr, "epochs": epochs, "seed": seed,
+                      "shots": shots, "precision": precision, "extra": list(extra), "config": config})  # fmt: skip
+        bonus = 0.1 if shots == 20 else 0.0
+        return {"val_acc": ACC[seed] + bonus, "test_acc": ACC[seed] + bonus, "trainable": 1000 + len(str(method))}
+
+    monkeypatch.setattr(q, "run_one", run_one)
+    return calls
+
+
+def _main(tmp_path, *extra: str) -> list[str]:
+    argv = ["--shots", "5,20", "--seeds", "0,1,2", "--methods", "linear,lora,vpt", "--epochs", "7",
+            "--runs-dir", str(tmp_path / "runs"), "--out-dir", str(tmp_path / "out"), *extra]  # fmt: skip
+    q.main(argv)
+    return argv
+
+
+def test_kshot_table_aggregates_writes_and_names_the_command(tmp_path, fake_runs, capsys):
+    argv = _main(tmp_path)
+    assert len(fake_runs) == 3 * 2 * 3, "every method x k x seed"
+    assert {c["precision"] for c in fake_runs} == {"32"} and {c["epochs"] for c in fake_runs} == {7}
+    assert all(c["extra"] == [*q.KSHOT_DATA["digits"], "--trainer.check_val_every_n_epoch=7"] for c in fake_runs)
+    lora = [c for c in fake_runs if c["method"] is None]  # the quickstart config's own method
+    assert {c["lr"] for c in lora} == {q.RUNS["lora (quickstart)"][2]}, "the quickstart's lr is reused"
+    assert sorted((c["shots"], c["seed"]) for c in lora) == [(5, 0), (5, 1), (5, 2), (20, 0), (20, 1), (20, 2)]
+
+    rows = list(csv.DictReader((tmp_path / "out" / "digits-kshot.csv").open()))
+    assert list(rows[0])[:8] == ["method", "shots", "seeds", "acc_mean", "acc_std", "trainable", "epochs", "precision"]
+    assert [(r["method"], r["shots"]) for r in rows] == [(m, k) for m in ("linear", "lora", "vpt") for k in ("5", "20")]
+    k5 = next(r for r in rows if r["method"] == "linear" and r["shots"] == "5")
+    assert float(k5["acc_mean"]) == pytest.approx(60.0)
+    assert float(k5["acc_std"]) == pytest.approx(statistics.stdev([50.0, 60.0, 70.0]), abs=0.01)
+    assert k5["seeds"] == "0;1;2" and k5["epochs"] == "7" and k5["precision"] == "32"
+    assert float(next(r for r in rows if r["method"] == "linear" and r["shots"] == "20")["acc_mean"]) == 70.0
+
+    md = (tmp_path / "out" / "digits-kshot.md").read_text()
+    header = md.split("\n| method")[0]
+    assert "python -m mmpeft.quickstart " + " ".join(argv) in header
+    assert "precision 32" in header and f"torch {torch.__version__}" in header and "mmpeft " in header
+    assert "| method | trainable | k=5 acc mean ± std | k=20 acc mean ± std |" in md
+    assert "| 60.00 ± 10.00 | 70.00 ± 10.00 |" in md
+    assert "digits-kshot.md" in capsys.readouterr().out
+
+
+def test_kshot_table_refuses_to_overwrite(tmp_path, fake_runs, capsys):
+    _main(tmp_path)
+    before = (tmp_path / "out" / "digits-kshot.csv").read_text()
+    n = len(fake_runs)
+    with pytest.raises(SystemExit):
+        _main(tmp_path)
+    assert "--overwrite" in capsys.readouterr().err and len(fake_runs) == n, "refused before training anything"
+    assert (tmp_path / "out" / "digits-kshot.csv").read_text() == before
+    _main(tmp_path, "--overwrite")
+    assert len(fake_runs) == 2 * n
+
+
+def test_kshot_precision_reaches_the_trainer_and_the_file_name(tmp_path, fake_runs):
+    _main(tmp_path, "--precision", "bf16-mixed", "--task", "shapes")
+    assert {c["precision"] for c in fake_runs} == {"bf16-mixed"}
+    assert {c["config"] for c in fake_runs} == {q.QUICKSTARTS["shapes"][0]}
+    assert (tmp_path / "out" / "shapes-kshot-bf16-mixed.md").exists()
+    assert "precision bf16-mixed" in (tmp_path / "out" / "shapes-kshot-bf16-mixed.md").read_text()
+    assert not (tmp_path / "out" / "shapes-kshot.md").exists()
+
+
+def test_kshot_rejects_unknown_methods(tmp_path, fake_runs, capsys):
+    with pytest.raises(ValueError, match="unknown k-shot method"):
+        q.kshot_table("digits", [5], [0], ["lora", "nope"], runs_dir=str(tmp_path))
+    with pytest.raises(SystemExit):
+        q.main(["--shots", "5", "--methods", "lora,nope", "--out-dir", str(tmp_path)])
+    assert "unknown method(s) nope" in capsys.readouterr().err
+    assert not fake_runs
+
+
+def test_every_kshot_method_is_registered_and_covers_both_tasks():
+    from mmpeft.core.method import list_methods
+
+    for task in q.QUICKSTARTS:
+        runs = q.kshot_runs(task)
+        assert list(runs) == q.ORDER
+        names = {m if isinstance(m, str) else m["name"] for m, _, _ in runs.values() if m is not None}
+        assert names <= set(list_methods())
+        assert runs["random_probe"][1] is False and runs["scratch"][1] is False and runs["linear"][1] is True
