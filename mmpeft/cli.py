@@ -47,7 +47,15 @@ def params_table(backbone: str, num_classes: int = 100, preset: str = "default")
         close = difflib.get_close_matches(preset, known, n=3)
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
         raise UnknownName(f"no method has preset {preset!r}{hint}; known presets: {', '.join(known)}")
-    probe = create_backbone(backbone, device="meta")  # a bad name fails here, once, with its own message
+
+    def build():  # quickstart backbones are small and built without their cached pretraining (counts only)
+        from mmpeft.backbones.weights import WEIGHTS_BUILDERS  # noqa: PLC0415
+
+        if backbone in WEIGHTS_BUILDERS:
+            return create_backbone(backbone, pretrained=False)
+        return create_backbone(backbone, device="meta")
+
+    probe = build()  # a bad name fails here, once, with its own message
     classes = num_classes if getattr(probe, "num_features", 0) else None  # denoisers take no head
     rows = []
     for name in list_methods():
@@ -59,7 +67,7 @@ def params_table(backbone: str, num_classes: int = 100, preset: str = "default")
             rows.append({**row, **missing, "note": f"no preset {preset!r}"})
             continue
         try:
-            model = PeftModel(create_backbone(backbone, device="meta"), method, num_classes=classes)
+            model = PeftModel(build(), method, num_classes=classes)
         except MmpeftError as err:  # not supported on this backbone
             tokens = isinstance(err, NotSupported) and get_method(name).needs_tokens
             note = "needs a TokenBackbone" if tokens else str(err).split(";")[0][:80]

@@ -160,3 +160,11 @@ def test_params_table_on_denoisers_has_no_head_and_marks_token_methods():
     assert rows["full"]["trainable"] == 1_427_012
     assert rows["vpt"]["note"] == "needs a TokenBackbone" and rows["linear"]["trainable"] == "n/a"
     assert rows["lora"]["at inference"] == 0 and rows["ssf"]["at inference"] == 0
+
+
+def test_params_table_on_the_quickstart_backbones_builds_without_pretraining():
+    from mmpeft.cli import params_table
+
+    rows = {r["method"]: r for r in params_table("digits_vit", num_classes=10)}
+    assert rows["linear"]["trainable"] == 1_290 and rows["full"]["trainable"] == 797_578
+    assert params_table("shapes_point", num_classes=15)
