@@ -113,11 +113,11 @@ class Floor(Method):
 
 CKPT = "+ckpt"  # row suffix: the method with activation checkpointing on
 
-# labelled rows that are not plain method names: label -> (method spec, what it is)
-VARIANTS: dict[str, tuple[dict | None, str]] = {
-    "lora_qkv": ({"name": "lora", "r": 8, "targets": ["attn.qkv"]}, "mmpeft LoRA r=8 on the whole fused attn.qkv"),
-    "peft_lora": (None, "Hugging Face peft's LoRA r=8 (alpha 8) on the fused attn.qkv"),
-    "vpt_deep": ({"name": "vpt", "length": 10, "deep": True}, "VPT-deep, 10 prompts per block"),
+# labelled rows that are not plain method names: label -> method spec (peft_lora is built by peft itself)
+VARIANTS: dict[str, dict | None] = {
+    "lora_qkv": {"name": "lora", "r": 8, "targets": ["attn.qkv"]},  # mmpeft LoRA on the whole fused qkv
+    "peft_lora": None,  # Hugging Face peft's LoRA r=8 (alpha 8) on the fused attn.qkv
+    "vpt_deep": {"name": "vpt", "length": 10, "deep": True},  # 10 prompts per block
 }
 
 
@@ -185,7 +185,7 @@ def _build(args: argparse.Namespace, row: str, device: torch.device):
     if name == "peft_lora":
         model = _peft_lora_model(backbone, classes)
     else:
-        spec = VARIANTS[name][0] if name in VARIANTS else name
+        spec = VARIANTS.get(name, name)
         model = PeftModel(backbone, Floor() if name == "floor" else spec, num_classes=classes)
         if name == "floor":
             model.head.requires_grad_(False)

@@ -24,16 +24,27 @@ def _digits(**kwargs) -> DigitsDataModule:
     return d
 
 
-def test_digits_k_shot_is_k_per_class_seeded_and_leaves_val_and_test_alone():
-    full, c = _digits(), _digits(shots=5, shot_seed=1)
-    a, b = _digits(shots=5, shot_seed=0), _digits(shots=5, shot_seed=0)
-    assert torch.equal(torch.bincount(a.splits["train"].labels), torch.full((10,), 5))
-    assert _keys(a.splits["train"].images) <= _keys(full.splits["train"].images), "drawn from the training split"
-    assert torch.equal(a.splits["train"].images, b.splits["train"].images), "same seed, same subset"
-    assert _keys(a.splits["train"].images) != _keys(c.splits["train"].images), "another seed, another subset"
+def _check_k_shot(make, train, split_of, k: int, classes: int) -> None:
+    """k per class, drawn from the training split, same seed same subset, another seed another one, val and
+    test untouched."""
+    full, c = make(), make(shots=k, shot_seed=1)
+    a, b = make(shots=k, shot_seed=0), make(shots=k, shot_seed=0)
+    assert torch.equal(torch.bincount(split_of(a, "train").labels), torch.full((classes,), k))
+    assert _keys(train(a)) <= _keys(train(full)), "drawn from the training split"
+    assert torch.equal(train(a), train(b)), "same seed, same subset"
+    assert _keys(train(a)) != _keys(train(c)), "another seed, another subset"
     for split in ("val", "test"):
-        assert torch.equal(a.splits[split].images, full.splits[split].images)
-        assert torch.equal(c.splits[split].images, full.splits[split].images)
+        for module in (a, c):
+            assert torch.equal(_inputs(split_of(module, split)), _inputs(split_of(full, split)))
+
+
+def _inputs(dataset) -> torch.Tensor:
+    return dataset.images if hasattr(dataset, "images") else dataset.points
+
+
+def test_digits_k_shot_is_k_per_class_seeded_and_leaves_val_and_test_alone():
+    split_of = lambda d, split: d.splits[split]  # noqa: E731
+    _check_k_shot(_digits, lambda d: d.splits["train"].images, split_of, 5, 10)
     assert torch.equal(torch.bincount(_digits(shots=20, shot_seed=2).splits["train"].labels), torch.full((10,), 20))
 
 
@@ -51,14 +62,8 @@ def _shapes(**kwargs) -> ShapesDataModule:
 
 
 def test_shapes_k_shot_is_k_per_class_seeded_and_leaves_val_and_test_alone():
-    full, c = _shapes(), _shapes(shots=3, shot_seed=1)
-    a, b = _shapes(shots=3, shot_seed=0), _shapes(shots=3, shot_seed=0)
-    assert torch.equal(torch.bincount(a.datasets["train"].labels), torch.full((9,), 3))
-    assert _keys(a.datasets["train"].points) <= _keys(full.datasets["train"].points)
-    assert torch.equal(a.datasets["train"].points, b.datasets["train"].points)
-    assert _keys(a.datasets["train"].points) != _keys(c.datasets["train"].points)
-    for split in ("val", "test"):
-        assert torch.equal(a.datasets[split].points, full.datasets[split].points)
+    split_of = lambda d, split: d.datasets[split]  # noqa: E731
+    _check_k_shot(_shapes, lambda d: d.datasets["train"].points, split_of, 3, 9)
     with pytest.raises(ValueError, match=r"shots must be in \[1, train_per_class=6\]"):
         ShapesDataModule(train_per_class=6, shots=7)
 

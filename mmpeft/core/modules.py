@@ -324,7 +324,7 @@ class ScaleShift(AdapterModule):
             return (-1,)
         return (-1,) + (1,) * (y.dim() - 1 - self.channel_dim % y.dim())
 
-    def forward(self, y: torch.Tensor | nn.Module, x: torch.Tensor | None = None, *args, **kwargs) -> torch.Tensor:
+    def forward(self, y: torch.Tensor | nn.Module, x: torch.Tensor | None = None) -> torch.Tensor:
         if isinstance(y, nn.Module):  # attached with where="replace": run the host norm with the composed affine
             return self.composed_norm(y, x)
         shape = self._shape(y)
