@@ -189,14 +189,22 @@ def test_activation_checkpointing_saves_less_on_every_backbone():
 
 
 def test_process_peak_is_the_peak_after_start_not_before():
+    """Anonymous mappings give fresh pages whatever the allocator keeps from earlier tests (a freed heap block
+    reused by a new tensor would not raise the resident-set peak at all)."""
+    import mmap
+
     from mmpeft.memory import ProcessPeak
 
-    before = torch.ones(40 * 2**20 // 4)  # 40 MiB touched and freed before start: not counted
-    del before
+    def touch(mib: int) -> None:
+        block, chunk = mmap.mmap(-1, mib * 2**20), b"x" * 2**20
+        for _ in range(mib):  # every page resident, in 1 MiB writes (no second copy of the block)
+            block.write(chunk)
+        block.close()
+
+    touch(40)  # before start: not counted
     peak = ProcessPeak(torch.device("cpu"))
     peak.start()
-    block = torch.ones(64 * 2**20 // 4)
-    del block
+    touch(64)
     measured = peak.stop() / 2**20
     assert 60 <= measured < 100, (measured, peak.kind)
 
