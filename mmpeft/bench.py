@@ -23,6 +23,10 @@ Protocol (one result file per backbone, input, batch, device and precision):
   LoRA (r = 8, alpha = 8) on the fused `attn.qkv`, and `lora_qkv` mmpeft's LoRA on the same linear with the
   same rank (peft cannot target the q, v thirds); `lora` is mmpeft's default (q and v thirds).
 - Precision `32` or `bf16` (autocast to bfloat16 on CPU or CUDA; trainable tensors and AdamW state stay fp32).
+- Allocator (CPU): glibc keeps freed heap blocks, so a CPU peak RSS holds the live tensors plus whatever the
+  order of a method's allocations left fragmented (it varies by method and run). `--allocator live` runs the
+  workers with a fixed 128 KiB mmap threshold, so the peak is that of live tensors (what CUDA's allocator peak
+  measures on a GPU); result names end in `-live`.
 
 Results go to CSV and markdown under `--out` (default `runs/bench/`, ignored by git), the markdown headed by
 the exact command, versions and machine; an existing result file is never replaced without `--overwrite`.
@@ -36,6 +40,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -111,6 +116,7 @@ class Floor(Method):
         attach(layer, "floor", _ShiftAfterLayer(width, channel_dim, device))
 
 
+LIVE_MMAP_THRESHOLD = 128 * 1024  # glibc's M_MMAP_THRESHOLD for --allocator live (its initial default, kept fixed)
 CKPT = "+ckpt"  # row suffix: the method with activation checkpointing on
 
 # labelled rows that are not plain method names: label -> method spec (peft_lora is built by peft itself)
@@ -138,6 +144,10 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--precision", default="32", choices=("32", "bf16"), help="32, or bf16: autocast to "
                    "bfloat16 (CPU or CUDA), trainable tensors and optimizer state fp32")  # fmt: skip
+    p.add_argument("--allocator", choices=("default", "live"), default="default", help="CPU only. default: the "
+                   "C allocator as it is (peak RSS includes heap blocks it keeps after freeing); live: every block "
+                   f"of {LIVE_MMAP_THRESHOLD // 1024} KiB or more its own mapping, returned when freed, so the peak "
+                   "is the live tensors' (slower: compare its times only with each other)")  # fmt: skip
     p.add_argument("--memory", action="store_true", help="also attribute the tensors saved for backward to modules "
                    "and method pieces (<stem>-memory.md)")  # fmt: skip
     p.add_argument("--wandb", default="offline", help="log every row as a W&B run grouped by the result stem: "
@@ -334,7 +344,10 @@ def _run_worker(args: argparse.Namespace, method: str) -> dict:
         cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
     if getattr(args, "memory", False):
         cmd.append("--memory")
-    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    env = dict(os.environ)
+    if getattr(args, "allocator", "default") == "live":  # a fixed threshold also stops glibc from raising it
+        env["MALLOC_MMAP_THRESHOLD_"] = str(LIVE_MMAP_THRESHOLD)
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
     lines = done.stdout.strip().splitlines()
     if done.returncode == 0 and lines:
         try:
@@ -373,6 +386,7 @@ def result_stem(args: argparse.Namespace, floor: dict) -> str:
     device."""
     safe = args.backbone.replace(":", "_").replace("/", "_")  # portable file names
     ckpt = {"on": "-ckpt", "both": "-ckpt-both"}.get(getattr(args, "checkpointing", "off"), "")
+    ckpt += "-live" if getattr(args, "allocator", "default") == "live" else ""
     return f"{safe}-{_size(floor['input'])}-b{args.batch}-{floor['device'].replace(' ', '_')}-{args.precision}{ckpt}"
 
 
@@ -507,6 +521,11 @@ def _write(args: argparse.Namespace, rows: list[dict], rounds: list[dict], paths
         "backward in one step; merged_vs_plain: merged inference against the bare backbone (the floor row's "
         "infer_ms).\n\n"
     )
+    if getattr(args, "allocator", "default") == "live":
+        header += (f"Allocator: live (MALLOC_MMAP_THRESHOLD_={LIVE_MMAP_THRESHOLD}): every block of 128 KiB or "
+                   "more is its own mapping, unmapped when freed, so the peak is that of live tensors, not of the "
+                   "heap glibc keeps; steps are slower (page faults): compare these times only with each other."
+                   "\n\n")  # fmt: skip
     table = markdown(rows)
     paths[1].write_text(header + table)
     print(header + table)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import ast
 import csv
+import json
+import os
 import pathlib
 import re
 import shutil
@@ -264,3 +266,25 @@ def test_bench_peer_rows_have_equal_trainable_counts_and_merged_inference(tmp_pa
     assert ckpt["saved_mb"] < ours["saved_mb"] and ckpt["trainable"] == ours["trainable"]
     assert bench.bench_methods("lora,peft_lora", "both") == ["floor", "lora", "peft_lora", "floor+ckpt",
                                                              "lora+ckpt", "peft_lora+ckpt"]  # fmt: skip
+
+
+def test_bench_live_allocator_reaches_the_workers_and_names_the_result(tmp_path, capsys, monkeypatch):
+    """`--allocator live` fixes glibc's mmap threshold in every worker's environment (so the CPU peak is the
+    live tensors'), says so in the markdown and keeps its results apart (`-live`)."""
+    envs = []
+
+    def fake_run(cmd, env=None, **kwargs):
+        envs.append(env)
+        method = cmd[cmd.index("--worker") + 1]
+        row = {"method": method, "input": "4x16x16", "trainable": 1, "step_ms": 1.0, "peak_mem_mb": 1.0,
+               "saved_mb": 0.0, "device": "cpu"}  # fmt: skip
+        return subprocess.CompletedProcess(cmd, 0, stdout=json.dumps(row) + "\n", stderr="")
+
+    monkeypatch.setattr(bench.subprocess, "run", fake_run)
+    assert main(_bench_args(tmp_path, "--methods", "lora", "--allocator", "live")) == 0
+    assert [e["MALLOC_MMAP_THRESHOLD_"] for e in envs] == [str(128 * 1024)] * 2
+    assert "Allocator: live" in (tmp_path / "tiny_dit-16px-b2-cpu-32-live.md").read_text()
+    envs.clear()
+    assert main(_bench_args(tmp_path, "--methods", "lora")) == 0
+    assert all(e.get("MALLOC_MMAP_THRESHOLD_") == os.environ.get("MALLOC_MMAP_THRESHOLD_") for e in envs)
+    assert (tmp_path / "tiny_dit-16px-b2-cpu-32.md").exists()

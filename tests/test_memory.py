@@ -157,19 +157,40 @@ def test_lean_ssf_merges_exactly_and_switches_off_with_the_method():
     assert not torch.allclose(plain, before)
 
 
-def test_lean_ssf_gradient_on_a_convolution_channel_dim():
-    from mmpeft.core.modules import ScaleShift
+def test_scaled_linear_equals_the_linear_then_the_scale_shift_in_outputs_and_gradients():
+    from mmpeft.core.modules import ScaleShift, linear_then_scale
 
     torch.manual_seed(0)
-    pieces = [ScaleShift(6, "normal", 0.1, channel_dim=1, save_output=flag) for flag in (False, True)]
-    pieces[1].load_state_dict(pieces[0].state_dict())
-    y = torch.randn(2, 6, 5, 5, requires_grad=True)
-    grad = torch.randn(2, 6, 5, 5)
-    outs = [p(y) for p in pieces]
-    torch.testing.assert_close(outs[0], outs[1])
-    for a, b in zip(torch.autograd.grad(outs[0], [y, *pieces[0].parameters()], grad),
-                    torch.autograd.grad(outs[1], [y, *pieces[1].parameters()], grad)):  # fmt: skip
+    host, piece = torch.nn.Linear(5, 6), ScaleShift(6, "normal", 0.1)
+    host.weight.requires_grad_(False)  # frozen weight, trainable bias (SSF with BitFit-style bias tuning)
+    x = torch.randn(2, 3, 5, requires_grad=True)
+    grad = torch.randn(2, 3, 6)
+    lean, plain = linear_then_scale(host, x, piece.gamma, piece.beta), piece(host(x))
+    torch.testing.assert_close(lean, plain)
+    wrt = [x, host.bias, piece.gamma, piece.beta]
+    for a, b in zip(torch.autograd.grad(lean, wrt, grad), torch.autograd.grad(plain, wrt, grad)):
         torch.testing.assert_close(a, b)
+    with torch.no_grad():
+        torch.testing.assert_close(linear_then_scale(host, x, piece.gamma, piece.beta), plain)
+    scale_only = linear_then_scale(host, x, piece.gamma)  # DiffFit's γ: no shift
+    wrt = [x, host.bias, piece.gamma]
+    for a, b in zip(torch.autograd.grad(scale_only, wrt, grad),
+                    torch.autograd.grad(host(x) * piece.gamma, wrt, grad)):  # fmt: skip
+        torch.testing.assert_close(a, b)
+
+
+def test_lean_ssf_keeps_bf16_outputs_under_autocast():
+    """Under autocast the linear's output is bf16; the in-place scale-shift keeps that dtype (as the merged
+    layer would), so attention and GELU keep the same tensor instead of a bf16 copy of an fp32 one."""
+    from mmpeft.core.modules import ScaleShift, linear_then_scale
+
+    host, piece = torch.nn.Linear(8, 8), ScaleShift(8, "normal", 0.1)
+    x = torch.randn(4, 8, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = linear_then_scale(host, x, piece.gamma, piece.beta)
+    assert out.dtype == torch.bfloat16
+    out.float().sum().backward()
+    assert piece.gamma.grad.dtype == torch.float32 and torch.isfinite(piece.gamma.grad).all()
 
 
 def test_activation_checkpointing_saves_less_on_every_backbone():
@@ -209,13 +230,48 @@ def test_process_peak_is_the_peak_after_start_not_before():
     assert 60 <= measured < 100, (measured, peak.kind)
 
 
+def test_process_peak_windows_share_the_first_baseline_and_the_sampler_fallback_agrees(monkeypatch):
+    """Per-epoch windows (`RunStats`) measure against the post-build baseline; where /proc is missing a
+    sampling thread stands in and reads the same kind of number."""
+    import mmap
+    import time
+
+    from mmpeft.memory import ProcessPeak
+
+    def hold(mib: int) -> None:
+        block, chunk = mmap.mmap(-1, mib * 2**20), b"x" * 2**20
+        for _ in range(mib):
+            block.write(chunk)
+        time.sleep(0.05)  # long enough for the sampler to see it
+        block.close()
+
+    peak = ProcessPeak(torch.device("cpu"))
+    peak.start()
+    hold(64)
+    first = peak.stop() / 2**20
+    peak.start(keep_baseline=True)
+    hold(32)
+    second = peak.stop() / 2**20
+    assert peak.kind == "vmhwm" and 60 <= first < 100 and 28 <= second < first, (first, second)
+
+    def no_proc(field: str) -> int:
+        raise OSError("no /proc")
+
+    monkeypatch.setattr(ProcessPeak, "_status", staticmethod(no_proc))
+    sampled = ProcessPeak(torch.device("cpu"))
+    sampled.start()
+    hold(64)
+    measured = sampled.stop() / 2**20
+    assert sampled.kind == "sampled_rss" and 60 <= measured < 100, measured
+
+
 def test_lean_scale_shift_names_the_fix_when_a_later_in_place_op_changes_its_output():
     import pytest
 
-    from mmpeft.core.modules import ScaleShift
+    from mmpeft.core.modules import ScaleShift, linear_then_scale
 
-    piece = ScaleShift(4, "normal", save_output=True)
-    out = piece(torch.randn(3, 4, requires_grad=True))
+    piece = ScaleShift(4, "normal")
+    out = linear_then_scale(torch.nn.Linear(4, 4), torch.randn(3, 4, requires_grad=True), piece.gamma, piece.beta)
     torch.relu_(out)
     with pytest.raises(RuntimeError, match="lean_memory: false"):
         out.sum().backward()

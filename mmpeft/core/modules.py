@@ -237,15 +237,19 @@ class Bottleneck(AdapterModule):
 
 
 class _ScaleShiftSavingOutput(torch.autograd.Function):
-    """`y * gamma + beta` that keeps `out` for backward instead of `y`: gamma's gradient needs y, recovered as
-    (out - beta) / gamma. When the next layer keeps `out` for its own backward (the GELU after fc1, attention
-    after qkv), the two share one tensor and SSF's save costs nothing."""
+    """`y * gamma (+ beta)` computed in place on `y`, keeping the result for backward: gamma's gradient needs
+    the pre-scale y, recovered as (out - beta) / gamma. When the next layer keeps `out` for its own backward
+    (the GELU after fc1, attention after qkv) the two share one tensor and the scale's save costs nothing; in
+    place, the step allocates no second activation (on CPU those transients fragment the heap) and `out` keeps
+    y's dtype (bf16 under autocast, as the merged layer's output would be). `y` must be a fresh tensor that
+    nothing else holds: `linear_then_scale` passes the output of the addmm it just ran."""
 
     @staticmethod
-    def forward(ctx, y: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, shape: tuple[int, ...]):
-        out = torch.addcmul(beta.view(shape), y, gamma.view(shape))
+    def forward(ctx, y: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor | None):
+        ctx.mark_dirty(y)
+        out = y.mul_(gamma) if beta is None else y.mul_(gamma).add_(beta)
         ctx.save_for_backward(out, gamma, beta)
-        ctx.shape, ctx.y_dtype = shape, y.dtype
+        ctx.y_dtype = y.dtype
         return out
 
     @staticmethod
@@ -256,18 +260,37 @@ class _ScaleShiftSavingOutput(torch.autograd.Function):
             if "inplace" not in str(err):
                 raise
             raise RuntimeError(
-                "a scale-shift kept its output for backward (memory-lean mode) and a later in-place operation "
-                "changed it; turn the lean mode off for this layer (SSF: lean_memory: false)"
+                "a scale kept its output for backward (memory-lean mode) and a later in-place operation changed "
+                "it; turn the lean mode off for this layer (SSF: lean_memory: false; DiffFit: lean_memory: false)"
             ) from err
-        g, b = gamma.view(ctx.shape), beta.view(ctx.shape)
-        dims = [d for d, size in enumerate(ctx.shape) if size == 1]  # every dimension but the channel's
-        grad_y = (grad * g).to(ctx.y_dtype) if ctx.needs_input_grad[0] else None
         grad_gamma = grad_beta = None
-        if ctx.needs_input_grad[1]:
-            grad_gamma = (grad * ((out - b) / g)).sum(dims).to(gamma.dtype)
-        if ctx.needs_input_grad[2]:
-            grad_beta = grad.sum(dims).to(beta.dtype)
-        return grad_y, grad_gamma, grad_beta, None
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            grad_sum = grad.sum(0, dtype=torch.float32) if beta is not None else None
+            if ctx.needs_input_grad[2]:
+                grad_beta = grad_sum.to(beta.dtype)
+            if ctx.needs_input_grad[1]:  # sum(grad * (out - beta)) / gamma, with one temporary instead of three
+                grad_out = (grad * out).sum(0, dtype=torch.float32)
+                if beta is not None:
+                    grad_out = grad_out - beta.float() * grad_sum
+                grad_gamma = (grad_out / gamma.float()).to(gamma.dtype)
+        grad_y = (grad * gamma).to(ctx.y_dtype) if ctx.needs_input_grad[0] else None
+        return grad_y, grad_gamma, grad_beta
+
+
+def linear_then_scale(host: nn.Linear, x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor | None = None):
+    """`host(x) * gamma (+ beta)`, per output channel, keeping no activation of its own for backward: the linear
+    runs as one addmm on the flattened input (F.linear's own kernel) and the scale applies in place on that
+    fresh output, which is what backward keeps (`_ScaleShiftSavingOutput`). Exact up to rounding while no
+    gamma is near zero."""
+    flat = x.reshape(-1, x.shape[-1])
+    weight = host.weight.t()
+    y = torch.addmm(host.bias, flat, weight) if host.bias is not None else torch.mm(flat, weight)
+    params = (gamma, beta) if beta is not None else (gamma,)
+    if torch.is_grad_enabled() and (y.requires_grad or any(t.requires_grad for t in params)):
+        y = _ScaleShiftSavingOutput.apply(y, gamma, beta)
+    else:
+        y = y.mul_(gamma) if beta is None else y.mul_(gamma).add_(beta)
+    return y.view(*x.shape[:-1], y.shape[-1])
 
 
 # Norms whose forward is exactly `F.layer_norm` / `F.group_norm` with their weight and bias (timm's and
@@ -290,12 +313,12 @@ def composable_norm(module: nn.Module) -> str | None:
 class ScaleShift(AdapterModule):
     """Per-channel `y * gamma + beta` (SSF). `channel_dim=1` for NCHW convolution outputs.
 
-    Memory: gamma's gradient needs the pre-scale `y`. With `save_output` the piece keeps its output instead
-    and recovers y as (out - beta) / gamma (`_ScaleShiftSavingOutput`; exact up to rounding unless a gamma
-    is near zero), which is free when the next layer keeps that output anyway. Attached with
-    `where="replace"` on a LayerNorm / GroupNorm (`composable_norm`), the piece runs the norm itself with the
-    composed affine (weight * gamma, bias * gamma + beta): the norm keeps only its input, as it does without
-    SSF, so the scale-shift saves nothing at all.
+    Memory: gamma's gradient needs the pre-scale `y`, which an output hook keeps. Attached with
+    `where="replace"` the piece runs its host itself and keeps nothing of its own: on an `nn.Linear` it
+    scales the fresh addmm output in place and keeps that output (`linear_then_scale`), which the next layer
+    keeps anyway when it is attention or GELU; on a LayerNorm / GroupNorm (`composable_norm`) it runs the
+    norm with the composed affine (weight * gamma, bias * gamma + beta), which keeps only the norm's input,
+    as it does without SSF.
     """
 
     def __init__(
@@ -306,10 +329,9 @@ class ScaleShift(AdapterModule):
         channel_dim: int = -1,
         device: torch.device | None = None,
         dtype: torch.dtype | None = None,
-        save_output: bool = False,
     ):
         super().__init__()
-        self.channel_dim, self.save_output = channel_dim, save_output
+        self.channel_dim = channel_dim
         self.gamma = nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
         self.beta = nn.Parameter(torch.zeros(dim, device=device, dtype=dtype))
         if init == "normal":
@@ -325,12 +347,11 @@ class ScaleShift(AdapterModule):
         return (-1,) + (1,) * (y.dim() - 1 - self.channel_dim % y.dim())
 
     def forward(self, y: torch.Tensor | nn.Module, x: torch.Tensor | None = None) -> torch.Tensor:
-        if isinstance(y, nn.Module):  # attached with where="replace": run the host norm with the composed affine
+        if isinstance(y, nn.Module):  # attached with where="replace": run the host with the piece inside
+            if type(y) is nn.Linear:
+                return linear_then_scale(y, x, self.gamma, self.beta)
             return self.composed_norm(y, x)
         shape = self._shape(y)
-        if self.save_output and torch.is_grad_enabled() and (self.gamma.requires_grad or y.requires_grad):
-            full = (1,) * (y.dim() - len(shape)) + shape  # one entry per dimension: -1 at the channel
-            return _ScaleShiftSavingOutput.apply(y, self.gamma, self.beta, full)
         return y * self.gamma.view(shape) + self.beta.view(shape)
 
     def composed_norm(self, host: nn.Module, x: torch.Tensor) -> torch.Tensor:

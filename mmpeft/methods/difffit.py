@@ -15,7 +15,7 @@ from mmpeft.core.anatomy import TokenBackbone
 from mmpeft.core.errors import NotMergeable, NotSupported
 from mmpeft.core.inject import attach, find_modules, placements
 from mmpeft.core.method import Method, register_method
-from mmpeft.core.modules import AdapterModule, adapter_modules
+from mmpeft.core.modules import AdapterModule, adapter_modules, linear_then_scale
 
 __all__ = ["DiffFit", "BranchScale", "NormAffine", "POSITIONS"]
 
@@ -46,7 +46,9 @@ class BranchScale(AdapterModule):
             out = out * gamma
         return out
 
-    def forward(self, y: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, y: torch.Tensor | nn.Module, x: torch.Tensor | None = None) -> torch.Tensor:
+        if isinstance(y, nn.Module):  # attached with where="replace" on an nn.Linear: keep no input of its own
+            return linear_then_scale(y, x, self.scale())
         shape = (-1,) if self.channel_dim == -1 else (-1,) + (1,) * (y.dim() - 2)
         return y * self.scale().view(shape)
 
@@ -233,6 +235,9 @@ class DiffFit(Method):
     modulation Linear that follows it (`NormAffine.fold_rows`: exact, since shift and scale are affine in the
     conditioning embedding); the merged model is the backbone's own architecture. Where an added affine has
     no known modulation to fold into (a non-affine LayerNorm outside a DiT), merge refuses and says so.
+    Memory (`lean_memory`, default on; recipe unchanged): γ after an `nn.Linear` runs the linear itself, scales
+    its fresh output in place and keeps that output for γ's gradient (`core.modules.linear_then_scale`), which
+    attention keeps anyway after q, k, v; γ after a convolution keeps its input, as a plain hook would.
     `disabled()` runs the pristine denoiser (biases, norms and the class table are trained in place; their
     step-0 values are kept).
     """
@@ -257,6 +262,8 @@ class DiffFit(Method):
         "class_table": "train the DiT's class embedding table (y_embed)",
         "targets": "module-name patterns (globs) of the layers γ follows, each must match; replaces blocks / "
         "positions / resnets; unset: the block layout",
+        "lean_memory": "γ on a linear scales the linear's output in place and keeps that output for its gradient "
+        "(no activation of its own; same function and gradients up to rounding); false: keep the pre-scale input",
     }
 
     blocks: tuple[int, int] | str | None = None
@@ -267,6 +274,7 @@ class DiffFit(Method):
     biases: bool = True
     class_table: bool = True
     targets: tuple[str, ...] | None = None
+    lean_memory: bool = True
 
     def __post_init__(self) -> None:
         unknown = set(self.positions) - set(POSITIONS)
@@ -331,7 +339,9 @@ class DiffFit(Method):
     def inject(self, backbone: nn.Module) -> None:
         for name, layer, positions in self.gamma_layers(backbone):
             width, channel_dim = _width(layer, name)
-            attach(layer, "difffit", BranchScale(width, positions, channel_dim, device=layer.weight.device))
+            piece = BranchScale(width, positions, channel_dim, device=layer.weight.device)
+            lean = self.lean_memory and type(layer) is nn.Linear
+            attach(layer, "difffit", piece, where="replace" if lean else "output")
         if self.ln_affine:
             folds = _dit_folds(backbone)
             for module in list(backbone.modules()):

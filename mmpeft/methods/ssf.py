@@ -73,8 +73,10 @@ class SSF(Method):
     Memory (`lean_memory`, on by default; `mmpeft bench --memory` shows it): the official code keeps each
     pre-scale activation for gamma's gradient, 8 per block. Here a scale-shift after a LayerNorm runs the norm
     with the composed affine (weight·γ, bias·γ + β), so it keeps nothing beyond the norm's input, and one
-    after a linear keeps its own output, which the next layer (GELU after fc1, attention after qkv) keeps
-    anyway, and recovers the activation as (out − β)/γ (`ScaleShift`). Convolutions and BatchNorms keep the
+    after a linear runs the linear, scales its fresh output in place and keeps that output, which the next
+    layer (GELU after fc1, attention after qkv) keeps anyway, recovering the activation as (out − β)/γ
+    (`ScaleShift`); in place, the step allocates no second activation and under bf16 autocast the kept output
+    stays bf16, shared with attention's. Convolutions and BatchNorms keep the
     official save (convnets follow them with in-place activations, which would change a kept output).
     Outputs and gradients are the same up to rounding (a test checks both); it does not change the recipe.
     The `paper` preset also initialises the head as SSF's timm ViT does (`models/vision_transformer.py`
@@ -113,7 +115,6 @@ class SSF(Method):
             if getattr(module, "weight", None) is None:
                 raise NotSupported(f"SSF target {name!r} has no affine weight to scale")
             width, channel_dim = _width_and_channel_dim(module)
-            compose = self.lean_memory and composable_norm(module) is not None
-            scale_shift = ScaleShift(width, self.init, self.std, channel_dim, device=module.weight.device,
-                                     save_output=self.lean_memory and isinstance(module, nn.Linear))  # fmt: skip
-            attach(module, "ssf", scale_shift, where="replace" if compose else "output")
+            runs_host = type(module) is nn.Linear or composable_norm(module) is not None  # see ScaleShift
+            scale_shift = ScaleShift(width, self.init, self.std, channel_dim, device=module.weight.device)
+            attach(module, "ssf", scale_shift, where="replace" if self.lean_memory and runs_host else "output")

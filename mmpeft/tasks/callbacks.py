@@ -3,9 +3,7 @@ step-time / peak-memory logging."""
 
 from __future__ import annotations
 
-import os
 import statistics
-import threading
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -15,11 +13,11 @@ import pytorch_lightning as pl
 import torch
 
 from mmpeft.core.state import save_adapter
+from mmpeft.memory import ProcessPeak
 
 __all__ = [
     "AdapterExport",
     "RunStats",
-    "PeakMemory",
     "TerminationCheckpoint",
     "PredictionWriter",
     "human_bytes",
@@ -83,52 +81,6 @@ class AdapterExport(pl.Callback):
                 adapter.unlink()
 
 
-class PeakMemory:
-    """Peak memory above a baseline: CUDA allocator stats on GPU, sampled RSS on CPU."""
-
-    def __init__(self, device: torch.device, interval: float = 0.005):
-        self.device, self.interval = device, interval
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self.baseline = self.peak = 0
-
-    @staticmethod
-    def _rss() -> int:
-        import psutil  # noqa: PLC0415 - a dependency of wandb and lightning
-
-        return psutil.Process(os.getpid()).memory_info().rss
-
-    def start(self, keep_baseline: bool = False) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            if not keep_baseline:
-                self.baseline = torch.cuda.memory_allocated(self.device)
-            return
-        self.peak = self._rss()
-        if not keep_baseline:
-            self.baseline = self.peak
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-
-    def _sample(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self._rss())
-            time.sleep(self.interval)
-
-    def stop(self) -> int:
-        """Bytes above the baseline at the peak since `start`."""
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            return torch.cuda.max_memory_allocated(self.device) - self.baseline
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-        self.peak = max(self.peak, self._rss())
-        return self.peak - self.baseline
-
-
 class RunStats(pl.Callback):
     """Logs the training step time (ms) and, per epoch, peak memory above the post-build baseline.
 
@@ -137,14 +89,13 @@ class RunStats(pl.Callback):
     (`mmpeft bench` synchronises explicitly for its own measurements.)
     """
 
-    def __init__(self, memory_interval: float = 0.05) -> None:
+    def __init__(self) -> None:
         self.step_ms: list[float] = []
         self._last: float | None = None
-        self._memory: PeakMemory | None = None
-        self.memory_interval = memory_interval
+        self._memory: ProcessPeak | None = None
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._memory = PeakMemory(pl_module.device, self.memory_interval)
+        self._memory = ProcessPeak(pl_module.device)
         self._memory.start()
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
