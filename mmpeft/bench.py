@@ -274,8 +274,10 @@ def _saved(model, x, y, loss_fn, autocast):
 
 
 def _inference(model, x, args, device, autocast, plain: bool) -> dict:
-    """Median eval forward as trained and, if the method merges, after merge(); `plain`: the bare backbone
-    (the floor's piece switched off), the reference of the merged ratios."""
+    """Median eval forward as trained; `plain`: the bare backbone (the floor's piece switched off). For a
+    method that merges, merged and bare-backbone passes alternate in this process (unmerge, `disabled`, merge
+    again between timed passes), so `merged_vs_plain` compares the two on the same heap and cache state: the
+    median of the per-pass ratios."""
     from mmpeft.core.pristine import disabled  # noqa: PLC0415
 
     model.eval()
@@ -288,23 +290,37 @@ def _inference(model, x, args, device, autocast, plain: bool) -> dict:
         with disabled(model.backbone):
             return {"infer_ms": round(statistics.median(_median_ms(forward, 1, args.infer_steps, device)), 2)}
     out = {"infer_ms": round(statistics.median(_median_ms(forward, 1, args.infer_steps, device)), 2)}
-    if _merge(model):
-        out["infer_merged_ms"] = round(statistics.median(_median_ms(forward, 1, args.infer_steps, device)), 2)
+    if getattr(getattr(model, "method", None), "trains_backbone", False) or not _merge(model, True):
+        return out  # full fine-tuning has no frozen backbone to compare with, and nothing to merge
+    merged, bare = [], []
+    for _ in range(args.infer_steps + 1):  # the first pair warms up
+        merged += _median_ms(forward, 0, 1, device)
+        _merge(model, False)
+        with disabled(model.backbone):
+            bare += _median_ms(forward, 0, 1, device)
+        _merge(model, True)
+    merged, bare = merged[1:], bare[1:]
+    out["infer_merged_ms"] = round(statistics.median(merged), 2)
+    out["infer_plain_ms"] = round(statistics.median(bare), 2)
+    out["merged_vs_plain"] = round(statistics.median(m / b for m, b in zip(merged, bare)), 4)
     return out
 
 
-def _merge(model: nn.Module) -> bool:
-    """Merge for inference: mmpeft's `merge()`, and peft's own layer merge for the peer row; False when
-    nothing merges (the method is not mergeable)."""
+def _merge(model: nn.Module, merge: bool) -> bool:
+    """Merge (or unmerge) for inference: mmpeft's `merge()`, and peft's own layer merge for the peer row;
+    False when nothing merges (the method is not mergeable)."""
     peft_layers = [m for m in model.modules() if type(m).__module__.startswith("peft.") and hasattr(m, "merge")]
     for layer in peft_layers:
-        layer.merge()
+        if merge and not layer.merged:
+            layer.merge()
+        elif not merge and layer.merged:
+            layer.unmerge()
     if peft_layers:
         return True
     method = getattr(model, "method", None)
     if method is None or not getattr(method, "mergeable", False):
         return False
-    model.merge()
+    model.merge() if merge else model.unmerge()
     return True
 
 
@@ -411,12 +427,15 @@ def summarize(rounds: list[dict[str, dict]], order: list[str]) -> list[dict]:
             values = [m[key] for m in ok if key in m]
             if values:
                 row[out], row[f"{out}_min"], row[f"{out}_max"] = _spread(values, 1 if key == "peak_mem_mb" else 2)
-        for key, ratio, ref in (("step_ms", "time_vs_floor", "step_ms"), ("peak_mem_mb", "mem_vs_floor", "peak_mem_mb"),
-                                ("infer_merged_ms", "merged_vs_plain", "infer_ms")):  # fmt: skip
+        for key, ratio, ref in (("step_ms", "time_vs_floor", "step_ms"),
+                                ("peak_mem_mb", "mem_vs_floor", "peak_mem_mb")):  # fmt: skip
             paired = [r[name][key] / r["floor"][ref] for r in rounds
                       if key in r.get(name, {}) and ref in r.get("floor", {}) and r["floor"][ref] > 0]  # fmt: skip
             if paired:
                 row[ratio], row[f"{ratio}_min"], row[f"{ratio}_max"] = _spread(paired)
+        in_process = [m["merged_vs_plain"] for m in ok if "merged_vs_plain" in m]  # paired inside each worker
+        if in_process:
+            row["merged_vs_plain"], row["merged_vs_plain_min"], row["merged_vs_plain_max"] = _spread(in_process)
         row["rounds"] = len(ok)
         rows.append(row)
     return rows
@@ -518,8 +537,8 @@ def _write(args: argparse.Namespace, rows: list[dict], rounds: list[dict], paths
         f"process the median of {args.steps} training steps (AdamW) after {args.warmup} warm-up steps. Cells: "
         "median over rounds (min..max); ratios to the floor paired per round. Peak memory: the process's peak "
         f"above its post-build baseline ({floor.get('peak_kind', '')}); saved_mb: what autograd keeps for "
-        "backward in one step; merged_vs_plain: merged inference against the bare backbone (the floor row's "
-        "infer_ms).\n\n"
+        "backward in one step; merged_vs_plain: merged inference against the bare backbone, timed alternately in "
+        "the same process (median of the per-pass ratios).\n\n"
     )
     if getattr(args, "allocator", "default") == "live":
         header += (f"Allocator: live (MALLOC_MMAP_THRESHOLD_={LIVE_MMAP_THRESHOLD}): every block of 128 KiB or "
