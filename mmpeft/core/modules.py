@@ -247,7 +247,7 @@ class _ScaleShiftSavingOutput(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor | None):
         ctx.mark_dirty(y)
-        out = y.mul_(gamma) if beta is None else y.mul_(gamma).add_(beta)
+        out = _scale_in_place(y, gamma, beta)
         ctx.save_for_backward(out, gamma, beta)
         ctx.y_dtype = y.dtype
         return out
@@ -273,7 +273,7 @@ class _ScaleShiftSavingOutput(torch.autograd.Function):
                 if beta is not None:
                     grad_out = grad_out - beta.float() * grad_sum
                 grad_gamma = (grad_out / gamma.float()).to(gamma.dtype)
-        grad_y = (grad * gamma).to(ctx.y_dtype) if ctx.needs_input_grad[0] else None
+        grad_y = (grad * gamma.to(grad.dtype)).to(ctx.y_dtype) if ctx.needs_input_grad[0] else None
         return grad_y, grad_gamma, grad_beta
 
 
@@ -289,8 +289,16 @@ def linear_then_scale(host: nn.Linear, x: torch.Tensor, gamma: torch.Tensor, bet
     if torch.is_grad_enabled() and (y.requires_grad or any(t.requires_grad for t in params)):
         y = _ScaleShiftSavingOutput.apply(y, gamma, beta)
     else:
-        y = y.mul_(gamma) if beta is None else y.mul_(gamma).add_(beta)
+        y = _scale_in_place(y, gamma, beta)
     return y.view(*x.shape[:-1], y.shape[-1])
+
+
+def _scale_in_place(y: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor | None) -> torch.Tensor:
+    """`y * gamma (+ beta)` in y's storage, with gamma and beta cast to y's dtype first: a bf16 y times an fp32
+    gamma would run in fp32 through a full-size temporary and copy back, which is slower and allocates the
+    very activation the in-place form avoids."""
+    y = y.mul_(gamma.to(y.dtype))
+    return y if beta is None else y.add_(beta.to(y.dtype))
 
 
 # Norms whose forward is exactly `F.layer_norm` / `F.group_norm` with their weight and bias (timm's and
