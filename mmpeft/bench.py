@@ -318,8 +318,8 @@ def _merge(model: nn.Module, merge: bool) -> bool:
     if peft_layers:
         return True
     method = getattr(model, "method", None)
-    if method is None or not getattr(method, "mergeable", False):
-        return False
+    if method is None or not getattr(method, "mergeable", False) or not method.can_merge(model.backbone):
+        return False  # e.g. SSF on a bias-free qkv (Point-MAE): the trained model is what inference runs
     model.merge() if merge else model.unmerge()
     return True
 
