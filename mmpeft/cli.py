@@ -189,6 +189,8 @@ def _make_cli_class():
 
     from mmpeft.run_checks import (  # noqa: PLC0415
         check_checkpoint_fits,
+        check_resume_options,
+        plain_config,
         refuse_untrained_evaluation,
         require_test_split,
     )
@@ -203,12 +205,24 @@ def _make_cli_class():
     )
 
     class RunConfig(SaveConfigCallback):
-        """Saves the config in the run's own version directory and sends it to W&B."""
+        """Saves the config in the run's own version directory (a resumed run beside the first one's, as
+        `config-resume-<k>.yaml`), sends it to W&B, and keeps it in every checkpoint (so a resume can be checked
+        against it)."""
+
+        def setup(self, trainer, pl_module, stage) -> None:
+            folder = run_dir(trainer)
+            if stage == "fit" and getattr(trainer, "mmpeft_resumed", False) and (folder / "config.yaml").is_file():
+                taken = len(list(folder.glob("config-resume-*.yaml")))
+                self.config_filename = f"config-resume-{taken + 1}.yaml"
+            super().setup(trainer, pl_module, stage)
 
         def save_config(self, trainer, pl_module, stage) -> None:
             for logger in trainer.loggers:
                 if type(logger).__name__ == "WandbLogger":
                     logger.experiment.config.update(self.config.as_dict(), allow_val_change=True)
+
+        def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+            checkpoint["run_config"] = plain_config(self.config)
 
     class MmpeftCLI(LightningCLI):
         def __init__(self, args: Sequence[str] | None = None, run: bool = True):
@@ -252,15 +266,39 @@ def _make_cli_class():
                 trainer_config["logger"] = self._loggers(config)
             elif trainer_config.get("logger") is False and not trainer_config.get("default_root_dir"):
                 trainer_config["default_root_dir"] = str(self._unlogged_run_dir(config))  # never the cwd
+            configured = trainer_config.get("callbacks") or []  # the user's (`--trainer.callbacks+=...`) stay
+            configured = configured if isinstance(configured, list) else [configured]
             extra = [AdapterExport(), RunStats(), TerminationCheckpoint(), PredictionWriter()]
-            return super().instantiate_trainer(**{**kwargs, "callbacks": [*kwargs.get("callbacks", []), *extra]})
+            trainer_config["callbacks"] = [*configured, *kwargs.pop("callbacks", []), *extra]
+            trainer = super().instantiate_trainer(**kwargs)
+            trainer.mmpeft_resumed = self._resume is not None  # read by RunConfig: the config file's name
+            return trainer
+
+        _resume: tuple[Path, int] | None = None  # (the version folder a fit continues, the checkpoint's step)
+
+        def _resume_point(self, ckpt: str) -> tuple[Path, int] | None:
+            """A checkpoint inside a run folder (`<dir>/<name>/version_N/checkpoints/X.ckpt`) continues that
+            folder: its metrics, config and adapter files, not a new version."""
+            path = Path(ckpt).resolve()
+            version = path.parent.parent
+            if path.parent.name != "checkpoints" or not version.name.startswith("version_"):
+                return None
+            if not version.name.removeprefix("version_").isdigit():
+                return None
+            import torch  # noqa: PLC0415
+
+            step = int(torch.load(path, map_location="cpu", weights_only=True).get("global_step", 0))
+            return version, step
 
         def _run_name(self, config: Any) -> str:
             default = f"{self.model.method.name}-{type(self.datamodule).__name__.removesuffix('DataModule')}"
             return config["run"]["name"] or default
 
         def _unlogged_run_dir(self, config: Any) -> Path:
-            """`runs/<name>/version_N` for a run with `--trainer.logger false` (the next free N)."""
+            """`runs/<name>/version_N` for a run with `--trainer.logger false` (the next free N; a resumed run's
+            own folder)."""
+            if self._resume is not None:
+                return self._resume[0]
             base = Path(config["run"]["dir"]) / self._run_name(config)
             taken = [int(p.name.split("_")[1]) for p in base.glob("version_*") if p.name.split("_")[1].isdigit()]
             return base / f"version_{max(taken, default=-1) + 1}"
@@ -270,7 +308,16 @@ def _make_cli_class():
 
             run = config["run"]
             name = self._run_name(config)
-            csv = CSVLogger(save_dir=run["dir"], name=name)
+            if self._resume is not None:
+                from mmpeft.tasks.run_logs import ContinuedCSVLogger  # noqa: PLC0415
+
+                version, step = self._resume
+                name = version.parent.name
+                number, root = int(version.name.removeprefix("version_")), str(version.parent.parent)
+                csv = ContinuedCSVLogger(save_dir=root, name=name, version=number, until_step=step)
+                print(f"resuming run {version} from step {step}: its metrics continue there")
+            else:
+                csv = CSVLogger(save_dir=run["dir"], name=name)
             loggers = [csv]
             mode = wandb_mode(run["wandb"])
             if mode != "disabled":
@@ -284,6 +331,7 @@ def _make_cli_class():
                         group=run["group"],
                         offline=mode == "offline",
                         tags=[self.model.method.name, *run["tags"]],
+                        **_wandb_run_id(Path(csv.log_dir), resumed=self._resume is not None),
                     )  # fmt: skip
                 )
             return loggers
@@ -295,6 +343,10 @@ def _make_cli_class():
             ckpt = self.config[subcommand].get("ckpt_path") if subcommand else None
             if ckpt:
                 check_checkpoint_fits(self.config[subcommand]["model"], ckpt)
+                if subcommand == "fit":
+                    for note in check_resume_options(self.config[subcommand], ckpt):
+                        print(f"resuming: {note}")
+                    self._resume = self._resume_point(ckpt)
 
         def _before_run(self) -> None:
             """Refuse what would quietly go wrong, then load the adapter (see `mmpeft.run_checks`)."""
@@ -335,6 +387,7 @@ def _make_cli_class():
             if export is not None and export.last_path is not None:
                 lines.append(f"adapter file: {export.last_path} ({human_bytes(export.last_bytes)})")
             log_dir = run_dir(self.trainer)
+            metrics = finite_or_none(metrics)
             if log_dir:
                 lines.append(f"run directory: {log_dir}")
                 summary = {
@@ -350,10 +403,33 @@ def _make_cli_class():
                     "adapter": str(export.last_path) if export and export.last_path else None,
                     "adapter_bytes": export.last_bytes if export else 0,
                 }
-                Path(log_dir, "summary.json").write_text(json.dumps(summary, indent=1))
+                Path(log_dir, "summary.json").write_text(json.dumps(summary, indent=1, allow_nan=False))
             print("\n".join(["", "=" * 60, *lines, "=" * 60]))
 
     return MmpeftCLI
+
+
+def finite_or_none(metrics: dict[str, float]) -> dict[str, float | None]:
+    """Metrics for JSON: NaN and inf become null (a bare NaN is not JSON)."""
+    import math  # noqa: PLC0415
+
+    return {k: (v if math.isfinite(v) else None) for k, v in metrics.items()}
+
+
+def _wandb_run_id(log_dir: Path, resumed: bool) -> dict[str, Any]:
+    """The W&B run of a version folder: a new id kept in `<run>/wandb/version_N.id` (beside W&B's own files, so
+    the version folder stays empty until the run writes), or, on resume, that id again."""
+    path = log_dir.parent / "wandb" / f"{log_dir.name}.id"
+    if resumed and path.is_file():
+        return {"id": path.read_text().strip(), "resume": "allow"}
+    import secrets  # noqa: PLC0415
+    import string  # noqa: PLC0415
+
+    alphabet = string.ascii_lowercase + string.digits
+    run_id = "".join(secrets.choice(alphabet) for _ in range(8))  # W&B's own id shape
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(run_id + "\n")
+    return {"id": run_id}
 
 
 def _num_classes_of(datamodule: Any) -> int | None:
@@ -400,7 +476,7 @@ def one_line_error(err: BaseException) -> tuple[str, int]:
     the exception's first line with a pointer to `--debug`."""
     cause = user_error(err)
     if cause is not None:
-        return str(cause), 2
+        return str(cause), getattr(cause, "exit_code", 2)
     if type(err).__name__ == "ArgumentError":  # jsonargparse: a bad value, key or config file
         return condense_parse_error(str(err)), 2
     first = (str(err).strip().splitlines() or [""])[0]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from mmpeft.backbones import TimmViT
@@ -108,3 +109,23 @@ def test_a_failed_save_keeps_the_previous_file(tmp_path, monkeypatch):
         save_adapter(model(r=4), path)
     assert path.read_bytes() == good
     assert [p.name for p in tmp_path.iterdir()] == ["a.safetensors"], "no temporary files left behind"
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [{"method": "{not json"}, {"backbone": None}, {"method": '{"config": {}}'}, {"backbone": '"a string"'}],
+    ids=["broken-json", "no-backbone", "no-method-name", "backbone-not-a-mapping"],
+)
+def test_a_damaged_header_is_named_not_a_bare_key_error(tmp_path, damage):
+    path = tmp_path / "a.safetensors"
+    save_adapter(model(), path)
+    with safe_open(str(path), framework="pt") as f:
+        header, tensors = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}
+    for key, value in damage.items():
+        if value is None:
+            header.pop(key)
+        else:
+            header[key] = value
+    save_file(tensors, str(path), metadata=header)
+    with pytest.raises(AdapterMismatch, match="damaged header"):
+        load_adapter(model(), path)

@@ -20,7 +20,7 @@ from mmpeft.data import DigitsDataModule
 from mmpeft.methods.baselines import LinearProbe
 from mmpeft.tasks import ImageClassification
 
-TRAIN_BATCHES, VAL_BATCHES = 9, 4  # digits downstream: 270 training and 108 validation images, batches of 32
+TRAIN_IMAGES, VAL_IMAGES = 270, 108  # digits downstream
 
 
 def tiny_vit() -> TimmViT:
@@ -29,13 +29,15 @@ def tiny_vit() -> TimmViT:
 
 
 def fit(method="linear", feature_cache="auto", epochs=3, shift=0):
-    """A probe on the digits' downstream task; returns the task, its trainer, the backbone forwards per
+    """A probe on the digits' downstream task; returns the task, its trainer, the images the backbone ran on per
     (stage, epoch) and the warnings raised."""
     pl.seed_everything(0, verbose=False)
     task = ImageClassification(tiny_vit(), method=method, num_classes=10, lr=0.01, feature_cache=feature_cache)
     forwards: Counter = Counter()
     task.model.backbone.register_forward_hook(
-        lambda *_: forwards.update([("train" if task.trainer.training else "val", task.current_epoch)])
+        lambda _, __, out: forwards.update(
+            {("train" if task.trainer.training else "val", task.current_epoch): len(out)}
+        )
     )
     trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)  # fmt: skip
@@ -53,9 +55,9 @@ def probes():
 
 def test_the_cached_probe_runs_the_backbone_only_in_the_first_epoch(probes):
     (task, _, forwards, _), (_, _, plain, _) = probes
-    assert [forwards["train", e] for e in range(3)] == [TRAIN_BATCHES, 0, 0]
-    assert [forwards["val", e] for e in range(3)] == [VAL_BATCHES, 0, 0]
-    assert [plain["train", e] for e in range(3)] == [TRAIN_BATCHES] * 3, "without the cache: every epoch"
+    assert [forwards["train", e] for e in range(3)] == [TRAIN_IMAGES, 0, 0], "each image once, alone"
+    assert [forwards["val", e] for e in range(3)] == [VAL_IMAGES, 0, 0]
+    assert [plain["train", e] for e in range(3)] == [TRAIN_IMAGES] * 3, "without the cache: every epoch"
     assert len(task._feature_caches["train"]) == 270 and len(task._feature_caches["val"]) == 108
     assert task._feature_caches["train"].passes == task._feature_caches["val"].passes == 3, "one pass an epoch"
 
@@ -110,7 +112,8 @@ def test_random_augmentation_turns_the_training_cache_off_with_one_warning():
     task, _, forwards, caught = fit(shift=1)  # random one-pixel shifts: new training inputs every epoch
     assert sum("repeat an input of the first" in m for m in caught) == 1, caught
     assert not task._feature_caches["train"].enabled and len(task._feature_caches["train"]) == 0
-    assert [forwards["train", e] for e in range(3)] == [TRAIN_BATCHES] * 3
+    assert forwards["train", 0] == forwards["train", 2] == TRAIN_IMAGES
+    assert TRAIN_IMAGES - 32 < forwards["train", 1] < TRAIN_IMAGES, "hits only until the check after 32 lookups"
     assert task._feature_caches["val"].enabled and forwards["val", 1] == forwards["val", 2] == 0, "val has no shift"
 
 
@@ -124,7 +127,7 @@ class TrainModeProbe(LinearProbe):
 def test_a_frozen_backbone_in_train_mode_is_not_cached():
     task, _, forwards, caught = fit(method=TrainModeProbe(), epochs=2)
     assert sum("train mode" in m and "feature cache off" in m for m in caught) == 1, caught
-    assert [forwards["train", e] for e in range(2)] == [TRAIN_BATCHES] * 2
+    assert [forwards["train", e] for e in range(2)] == [TRAIN_IMAGES] * 2
     assert not task._feature_caches["train"].enabled
 
 
@@ -144,11 +147,25 @@ def test_content_cache_keys_and_get_or_compute():
     cache = ContentCache("test")
     first = cache.get_or_compute(x[:2], compute)
     mixed = cache.get_or_compute(x[1:], compute)  # x[1] cached: only x[2], x[3] computed
-    whole = cache.get_or_compute(torch.cat([x[:1], torch.randn(1, 3)]), compute, whole_batch=True)
-    assert calls == [2, 2, 2] and len(cache) == 5
+    assert calls == [1, 1, 1, 1] and len(cache) == 4, "each sample computed once, alone"
     assert torch.equal(mixed[0], x[1:] * 2) and torch.equal(mixed[1], x[1:] + 1) and torch.equal(first[0], x[:2] * 2)
-    assert torch.equal(whole[0][0], x[0] * 2)
-    assert torch.equal(cache.get_or_compute(x, compute)[0], x * 2) and calls == [2, 2, 2], "all hits: no compute"
+    assert torch.equal(cache.get_or_compute(x, compute)[0], x * 2) and calls == [1] * 4, "all hits: no compute"
+
+
+def test_a_cached_value_does_not_depend_on_the_batch_it_was_computed_in():
+    """A resumed run fills its cache in another order than the uninterrupted run: with a computation whose
+    rounding depends on the batch (here made explicit), the cached values must still be the same."""
+
+    def batch_dependent(batch):
+        return batch * 2 + 1e-3 * len(batch)
+
+    x = torch.randn(6, 3)
+    first, second = ContentCache("first"), ContentCache("second")
+    for part in (x[:4], x[4:]):
+        first.get_or_compute(part, batch_dependent)
+    for part in (x[[5, 0]], x[[1, 2, 3, 4]]):
+        second.get_or_compute(part, batch_dependent)
+    assert torch.equal(first.get_or_compute(x, batch_dependent), second.get_or_compute(x, batch_dependent))
 
 
 def test_content_cache_byte_budget_and_repeat_check():
@@ -188,7 +205,7 @@ def test_latent_diffusion_caches_the_vae_through_the_shared_class():
     first = task._latent_distribution(images[:2])
     again = task._latent_distribution(images[:2])
     mixed = task._latent_distribution(images[1:])
-    assert calls == [2, 1], "each image is encoded once"
+    assert calls == [1, 1, 1], "each image is encoded once, alone"
     assert all(torch.equal(a, b) for a, b in zip(first, again)) and torch.equal(mixed[0][0], first[0][1])
     task.cache = False
-    assert torch.allclose(task._latent_distribution(images[1:])[0], mixed[0], atol=1e-6) and calls == [2, 1, 2]
+    assert torch.allclose(task._latent_distribution(images[1:])[0], mixed[0], atol=1e-6) and calls == [1, 1, 1, 2]

@@ -225,6 +225,7 @@ def test_a_file_written_before_a_defaulted_option_existed_still_loads(tmp_path):
     fresh = PeftModel(DigitsViT(pretrained=False), "lora", num_classes=3)
     load_adapter(fresh, tmp_path / "old.safetensors")
     assert torch.equal(fresh.head.weight, model.head.weight)
+    torch.manual_seed(0)  # the same frozen weights the file was trained on
     assert adapter_from_file(DigitsViT(pretrained=False), tmp_path / "old.safetensors").method.b_lr_ratio == 1.0
     method["config"]["r"] = 4
     save_file(tensors, str(tmp_path / "other.safetensors"), metadata={**old, "method": json.dumps(method)})
@@ -247,8 +248,8 @@ def _cli(args: list[str], tmp_path: Path, timeout: int = 240) -> subprocess.Comp
 
 @pytest.mark.slow
 def test_ddp_on_two_cpu_processes_syncs_metrics_and_writes_one_adapter(tmp_path):
-    """`mmpeft fit` under DDP (gloo) runs to the end; `mmpeft validate` of its adapter on 2 ranks logs the
-    same val/acc as on 1 (108 validation images = 2 ranks x 3 batches of 18, so nothing is padded)."""
+    """`mmpeft fit` under DDP (gloo) runs to the end; `mmpeft test` of its adapter on 2 ranks gives exactly the
+    metrics of 1 rank: the 161 test images split 81 + 80 without padding (a padded sampler would score 162)."""
     common = ["-c", "configs/quickstart.yaml", "--model.init_args.backbone.init_args.pretrained=false",
               "--data.init_args.batch_size=18", "--trainer.accelerator=cpu", *QUICK]  # fmt: skip
     ddp = ["--trainer.strategy=ddp", "--trainer.devices=2"]
@@ -261,15 +262,34 @@ def test_ddp_on_two_cpu_processes_syncs_metrics_and_writes_one_adapter(tmp_path)
     assert [str(p) for p in adapters] == ["version_0/adapter.safetensors",
                                           "version_0/checkpoints/adapter-epoch=0-step=8.safetensors"]  # fmt: skip
     adapter = run / "version_0" / "adapter.safetensors"
-    accs = []
+    scores = []
     for name, extra in (("one", ["--trainer.devices=1"]), ("two", ddp)):
         out = tmp_path / name
-        done = _cli(["validate", *common, *extra, f"--adapter={adapter}", f"--run.dir={out}"], tmp_path)
+        done = _cli(["test", *common, *extra, f"--adapter={adapter}", f"--run.dir={out}"], tmp_path)
         assert done.returncode == 0, done.stderr[-3000:]
         rows = [line for line in (next(out.glob("*/version_0/metrics.csv"))).read_text().splitlines() if line]
         header, values = rows[0].split(","), rows[-1].split(",")
-        accs.append(float(values[header.index("val/acc")]))
-    assert accs[0] == pytest.approx(accs[1], abs=1e-6) and 0 < accs[0] < 1
+        scores.append([float(values[header.index(key)]) for key in ("test/acc", "test/loss")])
+    (acc, loss), (ddp_acc, ddp_loss) = scores
+    assert ddp_acc == pytest.approx(acc, abs=1e-6) and ddp_loss == pytest.approx(loss, abs=1e-5) and 0 < acc < 1
+    assert round(acc * 161) == pytest.approx(acc * 161, abs=1e-3), "a whole number of the 161 test images"
+
+
+def test_evaluation_loaders_shard_without_padding_under_ddp(monkeypatch):
+    """The sampler an evaluation split gets on 2 ranks: 161 samples as 81 + 80, each exactly once."""
+    from torch.utils.data import TensorDataset
+
+    from mmpeft.data import sampling
+
+    dataset = TensorDataset(torch.arange(161))
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 2)
+    seen = []
+    for rank in (0, 1):
+        monkeypatch.setattr(torch.distributed, "get_rank", lambda group=None, r=rank: r)
+        loader = sampling.split_loader(dataset, 18, shuffle=False)
+        seen.append([int(i) for (batch,) in loader for i in batch])
+    assert [len(s) for s in seen] == [81, 80] and sorted(seen[0] + seen[1]) == list(range(161))
 
 
 def test_learned_variance_vlb_is_the_improved_ddpm_bound():

@@ -19,9 +19,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from mmpeft.backbones.weights import from_hub, optional_path
+from mmpeft.backbones.weights import from_hub, optional_path, weights_source
 from mmpeft.core.anatomy import Attention, ForwardContext, TokenBackbone, TokenBlock
 from mmpeft.core.errors import NotSupported
+from mmpeft.core.identity import record_weights
 from mmpeft.core.method import list_methods
 from mmpeft.core.modules import adapter_modules
 
@@ -116,6 +117,12 @@ class _ClipTower(TokenBackbone):
 
     _renames: tuple[tuple[str, str], ...] = ()
 
+    def _record_weights(self, weights: str | None, pretrained: str | None, name: str, given: bool) -> None:
+        """The frozen weights' identity (see `mmpeft.core.identity`); a model handed in is fingerprinted later,
+        when a PeftModel is built on it (its source is not known here)."""
+        if not given:
+            record_weights(self, weights_source(weights, pretrained, f"open_clip:{name}"))
+
     def _own_state(self) -> dict[str, torch.Tensor]:
         added = [p for p, _ in adapter_modules(self)]
         return {k: v for k, v in self.state_dict().items() if not any(k.startswith(p + ".") for p in added)}
@@ -159,7 +166,8 @@ class ClipImageTower(_ClipTower):
         super().__init__()
         from open_clip.transformer import VisionTransformer  # noqa: PLC0415
 
-        model = model if model is not None else create_open_clip(name, weights, pretrained, device)
+        model_given = model is not None
+        model = model if model_given else create_open_clip(name, weights, pretrained, device)
         visual = model.visual
         if not isinstance(visual, VisionTransformer):
             raise NotSupported(
@@ -180,6 +188,7 @@ class ClipImageTower(_ClipTower):
         size = visual.image_size
         self.image_size = tuple(size) if isinstance(size, tuple | list) else (size, size)
         self.init_sites()
+        self._record_weights(weights, pretrained, name, given=model_given)
 
     def example_inputs(self, batch: int, generator: torch.Generator | None = None) -> torch.Tensor:
         return torch.randn(batch, self.conv1.in_channels, *self.image_size, generator=generator)
@@ -211,7 +220,8 @@ class ClipTextTower(_ClipTower):
     def __init__(self, name: str = "ViT-B-32", weights: str | None = None, pretrained: str | None = None,
                  model: Any = None, device: str | None = None):  # fmt: skip
         super().__init__()
-        model = model if model is not None else create_open_clip(name, weights, pretrained, device)
+        model_given = model is not None
+        model = model if model_given else create_open_clip(name, weights, pretrained, device)
         _check_text_tower(model)
         if getattr(model, "text_pool_type", "argmax") != "argmax":
             raise NotSupported(f"text pooling {model.text_pool_type!r} is not supported (only EOT/argmax)")
@@ -225,6 +235,7 @@ class ClipTextTower(_ClipTower):
         self.num_heads = self.blocks[0].attn.num_heads
         self.pool_type = "eot"
         self.init_sites()
+        self._record_weights(weights, pretrained, name, given=model_given)
 
     @property
     def num_features(self) -> int:

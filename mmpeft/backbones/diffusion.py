@@ -33,6 +33,7 @@ from torch import nn
 from mmpeft.core.backbone import Backbone
 from mmpeft.core.context import BackboneInput, ContextSlot, ForwardContext, checkpoint_in_context
 from mmpeft.core.errors import NotSupported, UnknownName, WeightsUnavailable
+from mmpeft.core.identity import record_weights
 
 __all__ = ["DiffusersDenoiser", "DiffusersUNet", "DiffusersDiT", "TINY_SD_UNET", "TINY_DIT", "load_denoiser"]
 
@@ -256,16 +257,20 @@ class DiffusersDenoiser(Backbone):
                     f"no shipped config {config!r} for {type(self).__name__}; shipped: {shipped} (or pass a mapping)"
                 )
             name, config = name or config, self.shipped_configs[config]
+        given = model is not None
         if model is None and config is not None:
             cls = _model_class(self.class_name)
             with torch.device(device or "cpu"):
                 model = cls.from_config(config)
-            model = model.to(torch_dtype) if torch_dtype is not None else model
-        elif model is None:
-            model = load_denoiser(self.class_name, self.subfolder, source, torch_dtype, device)
+        elif model is None:  # loaded as stored: the weights' identity is taken before the dtype cast
+            model = load_denoiser(self.class_name, self.subfolder, source, None, device)
         if not isinstance(model, _model_class(self.class_name)):
             raise NotSupported(f"{type(self).__name__} wraps a {self.class_name}, got {type(model).__name__}")
         self.model = model.requires_grad_(False)
+        if not given:  # a model handed in is fingerprinted when a PeftModel is built on it
+            record_weights(self, source)
+        if torch_dtype is not None:
+            self.model.to(torch_dtype)
         self.name = name or (f"{self.prefix}:{Path(source).name}" if source else self.prefix)
         self.example_size = example_size or _side(self.model.config.sample_size)
         self.example_tokens = example_tokens

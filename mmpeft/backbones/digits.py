@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from mmpeft.backbones.timm_vit import TimmViT
 from mmpeft.backbones.weights import cache_dir, load_weights, optional_path, pretrained_weights, read_state_dict
+from mmpeft.core.identity import record_weights
 
 __all__ = ["DigitsViT", "cache_dir", "ARCH", "RECIPE"]
 
@@ -35,3 +36,4 @@ class DigitsViT(TimmViT):
             weights = str(pretrained_weights("digits_vit", ARCH, recipe))
         if weights is not None:
             load_weights(self, read_state_dict(weights), weights)
+        record_weights(self, weights)

@@ -27,6 +27,7 @@ from mmpeft.backbones.weights import optional_path, read_state_dict
 from mmpeft.core.anatomy import Attention, TokenBackbone, TokenBlock
 from mmpeft.core.context import ForwardContext
 from mmpeft.core.errors import UnknownName, WeightsUnavailable
+from mmpeft.core.identity import record_weights
 
 __all__ = [
     "PointTransformer",
@@ -151,6 +152,7 @@ class PointTransformer(TokenBackbone):
         weights = optional_path(weights)
         if weights is not None:
             self.load_report = load_point_checkpoint(self, weights)
+        record_weights(self, weights)
 
     def embed(self, xyz: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         if xyz.dim() != 3 or xyz.shape[-1] != 3:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from mmpeft.backbones.point import PointTransformer
 from mmpeft.backbones.weights import load_weights, optional_path, pretrained_weights, read_state_dict
+from mmpeft.core.identity import record_weights
 
 __all__ = ["ShapesPointTransformer", "ARCH", "RECIPE"]
 
@@ -39,3 +40,4 @@ class ShapesPointTransformer(PointTransformer):
             weights = str(pretrained_weights("shapes_point", ARCH, recipe))
         if weights is not None:
             load_weights(self, read_state_dict(weights), weights)
+        record_weights(self, weights)

@@ -15,11 +15,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from mmpeft.backbones.weights import from_hub, load_weights, optional_path, read_state_dict
+from mmpeft.backbones.weights import from_hub, load_weights, optional_path, read_state_dict, weights_source
 from mmpeft.core.anatomy import Attention, TokenBackbone, TokenBlock
 from mmpeft.core.backbone import Backbone
 from mmpeft.core.context import BackboneInput, ForwardContext
 from mmpeft.core.errors import NotSupported
+from mmpeft.core.identity import record_weights
 from mmpeft.core.method import list_methods
 
 __all__ = ["TimmViT", "TimmModel", "is_token_vit", "create_timm"]
@@ -168,6 +169,7 @@ class TimmViT(TokenBackbone):
         self.norm = model.norm
         self.fc_norm = model.fc_norm
         self.init_sites()
+        record_weights(self, weights_source(weights, pretrained, name))
 
     def embed(self, images: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         x = self.patch_embed(images)
@@ -248,6 +250,7 @@ class TimmModel(Backbone):
         default = tuple(self.pretrained_cfg.get("input_size", (3, 224, 224)))
         size = extra.get("img_size", default[1:])
         self.input_shape = (extra.get("in_chans", default[0]), *((size, size) if isinstance(size, int) else size))
+        record_weights(self, weights_source(weights, pretrained, name))
 
     def forward_in_context(self, inputs: BackboneInput, ctx: ForwardContext) -> torch.Tensor:
         return self.model(inputs.x)

@@ -26,6 +26,7 @@ __all__ = [
     "build_weights",
     "cache_dir",
     "pretrained_weights",
+    "weights_source",
 ]
 
 # backbone name -> "package.module:function" that trains its weights into a file (mmpeft's own quickstart
@@ -42,6 +43,14 @@ def optional_path(value: str | os.PathLike | None) -> str | None:
     if value is None or str(value).strip() in ("", "None", "null", "none"):
         return None
     return str(value)
+
+
+def weights_source(weights: str | os.PathLike | None, pretrained: bool | str | None, name: str) -> str | None:
+    """What the frozen weights came from, for their recorded identity: the file, the hub, or None (random)."""
+    weights = optional_path(weights)
+    if weights is not None:
+        return weights
+    return f"hub:{name}" + (f":{pretrained}" if isinstance(pretrained, str) else "") if pretrained else None
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:

@@ -76,7 +76,7 @@ def _stack(values: list[Value], device: torch.device | None) -> Value:
 
 def _take(samples: torch.Tensor | Sequence[Any], index: list[int]) -> Any:
     if isinstance(samples, torch.Tensor):
-        return samples[index] if len(index) < len(samples) else samples
+        return samples[index]
     return [samples[i] for i in index]
 
 
@@ -154,14 +154,15 @@ class ContentCache:
         samples: torch.Tensor | Sequence[Any],
         compute: Callable[[Any], Value],
         keys: Sequence[Hashable] | None = None,
-        whole_batch: bool = False,
     ) -> Value:
         """The values of a batch of samples, batched like `compute`'s output: cached rows come from the cache,
-        the others from `compute(missing samples)` and are stored.
+        the others from `compute` and are stored.
 
-        `keys`: one per sample (default: `content_keys(samples)`). `whole_batch`: when any sample is missing,
-        `compute` the whole batch and return its output as is (bit-identical to an uncached run whatever the
-        backend's batch-size dependence), storing the missing rows. Turned off, it is just `compute(samples)`.
+        Samples not cached are computed one at a time (`compute` on a batch of one), so a value depends on its
+        input alone, never on which samples shared its batch (backends' kernels may round differently per batch
+        size): a resumed run, whose cache starts empty and fills in another order, reads exactly the values the
+        uninterrupted run read. `keys`: one per sample (default: `content_keys(samples)`). Turned off, it is
+        just `compute(samples)`.
         """
         if not self.enabled:
             return compute(samples)
@@ -169,19 +170,15 @@ class ContentCache:
         missing = [i for i, k in enumerate(keys) if k not in self._entries]
         self.hits += len(keys) - len(missing)
         self.lookups += len(keys)
-        if not missing:
-            return _stack([self._entries[k] for k in keys], None if self.device is None else _device(samples))
-        if whole_batch or len(missing) == len(keys):
-            out = compute(samples)
-            for i in missing:
-                self.put(keys[i], _row(out, i))
-            return out
-        out = compute(_take(samples, missing))
-        rows = {i: _row(out, j) for j, i in enumerate(missing)}
-        for i, row in rows.items():
-            self.put(keys[i], row)
-        device = _device(out)
-        return _stack([rows[i] if i in rows else self._entries[k] for i, k in enumerate(keys)], device)
+        computed: dict[int, Value] = {}
+        for i in missing:
+            value = _row(compute(_take(samples, [i])), 0)
+            computed[i] = value
+            self.put(keys[i], value)
+        device = _device(next(iter(computed.values()))) if computed else None
+        if device is None and self.device is not None:
+            device = _device(samples)
+        return _stack([computed[i] if i in computed else self._entries[k] for i, k in enumerate(keys)], device)
 
     # -- do the inputs repeat? ---------------------------------------------------------------------------------
     def start_pass(self) -> None:

@@ -15,6 +15,7 @@ from torch import nn
 
 from mmpeft.core.backbone import as_backbone
 from mmpeft.core.heads import build_head, head_spec
+from mmpeft.core.identity import weights_identity
 from mmpeft.core.method import Method, apply_frozen_mode, method_from_spec
 from mmpeft.core.modules import adapter_modules
 from mmpeft.core.pristine import disabled
@@ -60,6 +61,7 @@ class PeftModel(nn.Module):
         if head is None:
             head = getattr(backbone, "default_head", None)
         self.head_config = head_spec(head, num_classes) if not custom and num_classes else None
+        weights_identity(backbone)  # the frozen weights' identity, taken before the method touches them
         self.backbone = self.method.apply(backbone)
         if not custom:
             built = build_head(self.head_config, features, self.method.initial_head()) if num_classes else None
@@ -95,6 +97,7 @@ class PeftModel(nn.Module):
         if not hasattr(self, "components"):
             self.components = nn.ModuleDict()
             self.component_methods: dict[str, Method] = {}
+        weights_identity(module)
         if method is None:
             module.requires_grad_(False)
         else:
@@ -110,6 +113,19 @@ class PeftModel(nn.Module):
         if hasattr(self.head, "declared_trainable"):  # a head with frozen parts (CLIP's zero-shot head)
             return declared + [f"head.{n}" for n in self.head.declared_trainable()]
         return declared + [f"head.{n}" for n, _ in self.head.named_parameters()]
+
+    def weights_records(self) -> dict[str, dict[str, Any]]:
+        """The identity of the frozen weights the trainable set depends on, per module ("backbone", and
+        "components.<name>" for components with a method): source, fingerprint of the tensors not trained in
+        place, and their count (see `mmpeft.core.identity`)."""
+        trained = set(self.trainable_names())
+        modules = {"backbone": self.backbone}
+        modules.update({f"components.{n}": self.components[n] for n in getattr(self, "component_methods", {})})
+        records = {}
+        for prefix, module in modules.items():
+            own = {n.removeprefix(prefix + ".") for n in trained if n.startswith(prefix + ".")}
+            records[prefix] = weights_identity(module).record(exclude=own)
+        return records
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """What an adapter file holds: the declared trainable set, the persistent state of the method's

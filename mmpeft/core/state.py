@@ -1,7 +1,9 @@
 """Adapter files: exactly the declared trainable set (plus head) in safetensors, with the method
-config and the backbone's signature in the header, so a file for another backbone, method or
-head is refused with a message saying which. Files are written atomically: a failed save never
-leaves a half-written file in place of a good one.
+config, the backbone's signature and the identity of the frozen weights it was trained on in the header,
+so a file for another backbone, method, head or other frozen weights is refused with a message saying
+which. Files are written atomically, and only with finite values: a failed save never leaves a
+half-written file in place of a good one, and a diverged run never leaves a NaN adapter. Loading checks
+the header and that every tensor is finite before anything is written into the model.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -16,26 +19,53 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from mmpeft.core.errors import AdapterMismatch
+from mmpeft.core.errors import AdapterMismatch, MmpeftError
 from mmpeft.core.method import method_from_config
 from mmpeft.core.model import PeftModel, backbone_signature
 
-__all__ = ["FORMAT", "save_adapter", "read_adapter", "load_adapter", "adapter_from_file", "merge", "unmerge"]
+__all__ = [
+    "FORMAT",
+    "NonFiniteTensors",
+    "save_adapter",
+    "read_adapter",
+    "load_adapter",
+    "adapter_from_file",
+    "check_weights",
+    "non_finite",
+    "merge",
+    "unmerge",
+]
 
 FORMAT = "mmpeft-adapter/1"
 
 
+class NonFiniteTensors(MmpeftError, ValueError):
+    """Tensors hold NaN or inf (a diverged run): they are neither written as an adapter nor loaded from one."""
+
+
+def non_finite(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """The names of the floating-point tensors holding a NaN or an inf."""
+    return [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+
+
 def save_adapter(model: PeftModel, path: str | os.PathLike, extra: dict[str, Any] | None = None) -> int:
-    """Write the adapter file; returns its size in bytes."""
+    """Write the adapter file; returns its size in bytes. Refuses (`NonFiniteTensors`) to write NaN or inf."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").clone().contiguous() for k, v in model.trainable_state_dict().items()}
+    bad = non_finite(tensors)
+    if bad:
+        raise NonFiniteTensors(
+            f"not writing adapter file {str(path)!r}: {len(bad)} of {len(tensors)} trained tensors hold NaN or inf "
+            f"(e.g. {bad[:3]}); the run diverged — lower the learning rate or check the data"
+        )
+    path.parent.mkdir(parents=True, exist_ok=True)
     meta = {
         "format": FORMAT,
         "mmpeft_version": _version(),
         "method": json.dumps({"name": model.method.name, "config": model.method.config()}),
         "backbone": json.dumps(backbone_signature(model.backbone)),
         "head": json.dumps(model.head_config),
+        "weights": json.dumps(model.weights_records()),
         "components": json.dumps(
             {n: {"name": m.name, "config": m.config()} for n, m in getattr(model, "component_methods", {}).items()}
         ),
@@ -67,11 +97,27 @@ def read_adapter(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
         raise AdapterMismatch(
             f"{str(path)!r} is not an mmpeft adapter file (header format {raw.get('format')!r}, expected {FORMAT!r})"
         )
-    header = {k: json.loads(v) for k, v in raw.items() if k not in ("format", "mmpeft_version")}
+    try:
+        header = {k: json.loads(v) for k, v in raw.items() if k not in ("format", "mmpeft_version")}
+    except json.JSONDecodeError as err:
+        raise AdapterMismatch(f"adapter file {str(path)!r} has a damaged header ({err}); write it again") from err
+    missing = [k for k in ("method", "backbone") if not isinstance(header.get(k), dict)]
+    if missing or not isinstance(header["method"].get("name"), str):
+        raise AdapterMismatch(
+            f"adapter file {str(path)!r} has a damaged header: {', '.join(missing) or 'method name'} missing or "
+            "malformed; write it again"
+        )
     header["format"] = raw["format"]
     header["mmpeft_version"] = raw.get("mmpeft_version")  # absent in files written before it was recorded
     header.setdefault("head", None)
     header.setdefault("components", {})
+    header.setdefault("weights", None)  # files written before the frozen weights' identity was recorded
+    bad = non_finite(tensors)
+    if bad:
+        raise NonFiniteTensors(
+            f"adapter file {str(path)!r} holds NaN or inf in {len(bad)} of {len(tensors)} tensors (e.g. {bad[:3]}): "
+            "it was written by a diverged run; use an earlier checkpoint's adapter"
+        )
     return tensors, header
 
 
@@ -97,12 +143,51 @@ def _describe(sig: dict[str, Any]) -> str:
     return f"{sig['name']!r} ({sig['class']}, {sig['num_features']} features, {sig['num_tensors']} tensors)"
 
 
-def load_adapter(model: PeftModel, path: str | os.PathLike, components: bool = True) -> dict[str, Any]:
-    """Load an adapter file into a model built with the same backbone, method and head.
+def check_weights(
+    recorded: dict[str, Any] | None, model: PeftModel, what: str, allow_other_weights: bool = False
+) -> None:
+    """Refuse a file (adapter or checkpoint) trained on other frozen weights than the model holds, naming both;
+    `allow_other_weights` (a user who means it: an adapter moved to a fine-tuned checkpoint) warns instead.
+    Files without a record (written before it existed, or imported from another library) load with a warning."""
+    if recorded is None:
+        warnings.warn(
+            f"{what} does not record which frozen weights it was trained on (written by an older mmpeft or imported); "
+            "make sure the backbone holds those weights",
+            stacklevel=3,
+        )
+        return
+    ours = model.weights_records()
+    for key, theirs in recorded.items():
+        mine = ours.get(key)
+        if mine is None or theirs.get("fingerprint") is None or mine["fingerprint"] is None:
+            continue
+        if theirs["fingerprint"] == mine["fingerprint"]:
+            continue
+        message = (
+            f"{what} was trained on other frozen {key} weights: {theirs['source']!r} (fingerprint "
+            f"{theirs['fingerprint']}, {theirs['tensors']} tensors) in the file vs {mine['source']!r} (fingerprint "
+            f"{mine['fingerprint']}, {mine['tensors']} tensors) in this model"
+        )
+        if allow_other_weights:
+            warnings.warn(message + "; loading it anyway (allow_other_weights)", stacklevel=3)
+            continue
+        raise AdapterMismatch(
+            message + "; its results would be wrong without a word. Build the backbone from the weights it was "
+            "trained on (e.g. the same `weights:` file, `pretrained: true`), or, if you mean it (e.g. an adapter "
+            "moved to a fine-tuned checkpoint), pass --model.init_args.allow_other_weights true "
+            "(load_adapter(..., allow_other_weights=True))"
+        )
+
+
+def load_adapter(
+    model: PeftModel, path: str | os.PathLike, components: bool = True, allow_other_weights: bool = False
+) -> dict[str, Any]:
+    """Load an adapter file into a model built with the same backbone, method, head and frozen weights.
 
     Everything is checked before anything is written, so a refused file leaves the model as it was.
     `components=False` loads the backbone's part of a file that also adapts other components (the text
-    encoder of a latent-diffusion run) into a model without them. Returns the file's header.
+    encoder of a latent-diffusion run) into a model without them. `allow_other_weights`: load a file trained
+    on other frozen weights (with a warning) instead of refusing it. Returns the file's header.
     """
     tensors, header = read_adapter(path)
     if not components:
@@ -153,6 +238,10 @@ def load_adapter(model: PeftModel, path: str | os.PathLike, components: bool = T
         )
         hint = " (a head for another number of classes?)" if any(k.startswith("head.") for k in wrong) else ""
         raise AdapterMismatch(f"adapter file {str(path)!r} does not fit this model{hint}: {detail}")
+    weights = header["weights"]
+    if weights is not None and not components:
+        weights = {k: v for k, v in weights.items() if not k.startswith("components.")}
+    check_weights(weights, model, f"adapter file {str(path)!r}", allow_other_weights)
     with torch.no_grad():
         state = model.state_dict(keep_vars=True)
         for k, v in tensors.items():
@@ -160,7 +249,9 @@ def load_adapter(model: PeftModel, path: str | os.PathLike, components: bool = T
     return header
 
 
-def adapter_from_file(backbone: torch.nn.Module, path: str | os.PathLike) -> PeftModel:
+def adapter_from_file(
+    backbone: torch.nn.Module, path: str | os.PathLike, allow_other_weights: bool = False
+) -> PeftModel:
     """Rebuild the trained model (method, head and their tensors) from a fresh backbone and an adapter file alone."""
     tensors, header = read_adapter(path)
     method = method_from_config(header["method"])
@@ -168,7 +259,7 @@ def adapter_from_file(backbone: torch.nn.Module, path: str | os.PathLike) -> Pef
     if head is None and "head.weight" in tensors:  # files written before heads were recorded: a Linear head
         head = {"name": "linear", "num_classes": int(tensors["head.weight"].shape[0])}
     model = PeftModel(backbone, method, num_classes=head["num_classes"] if head else None, head=head)
-    load_adapter(model, path)
+    load_adapter(model, path, allow_other_weights=allow_other_weights)
     return model
 
 

@@ -20,12 +20,13 @@ from PIL import Image, UnidentifiedImageError
 
 from mmpeft.core.errors import MmpeftError
 
-__all__ = ["DataError", "Problems", "CheckedImages", "check_images", "image_problem", "MAX_LISTED"]
+__all__ = ["DataError", "Problems", "CheckedImages", "check_images", "image_problem", "MAX_LISTED", "NON_FINITE"]
 
 MAX_LISTED = 20  # entries named in one error; the rest are counted
 VERIFY_HINT = "run with `verify: true` (--data.init_args.verify true) to decode every image before training"
 
 MISSING, NOT_IMAGE, UNREADABLE = "missing images", "files that are not images", "unreadable images"
+NON_FINITE = "samples with NaN or inf values"
 IMAGE_KINDS = (MISSING, NOT_IMAGE, UNREADABLE)
 
 

@@ -36,7 +36,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from mmpeft.core.errors import UnknownName
-from mmpeft.data.checks import DataError, Problems
+from mmpeft.data.checks import NON_FINITE, DataError, Problems
 from mmpeft.data.fewshot import k_shot_indices
 from mmpeft.data.point_transforms import (
     AUGMENTS,
@@ -290,6 +290,11 @@ def read_scanobjectnn_h5(path: Path, num_classes: int = 15) -> tuple[np.ndarray,
         )
     if label.min() < 0 or label.max() >= num_classes:
         raise DataError(f"ScanObjectNN file {path}: labels span [{label.min()}, {label.max()}]; {expected}")
+    problems = Problems(f"ScanObjectNN file {path}")
+    for i in np.flatnonzero(~np.isfinite(data).all(axis=(1, 2))):
+        bad_points = int((~np.isfinite(data[i])).any(axis=1).sum())
+        problems.add(NON_FINITE, f"data[{i}]", f"{bad_points} points with NaN or inf")
+    problems.raise_if_any()
     return data.astype(np.float32, copy=False), label.astype(np.int64)
 
 
@@ -531,6 +536,10 @@ class ModelNet40DataModule(_PointDataModule):
     def _normalized(self, cloud: np.ndarray, where: str, problems: Problems) -> torch.Tensor | None:
         if cloud.shape[1] < self._columns():
             problems.add(f"clouds with fewer than {self._columns()} columns", where, f"shape {list(cloud.shape)}")
+            return None
+        bad = ~np.isfinite(np.asarray(cloud[:, : self._columns()], dtype=np.float64)).all(axis=1)
+        if bad.any():
+            problems.add(NON_FINITE, where, f"{int(bad.sum())} points with NaN or inf")
             return None
         if cloud.shape[0] < self.hparams.num_points:
             problems.add(f"clouds with fewer than num_points={self.hparams.num_points} points", where,

@@ -120,7 +120,7 @@ class LatentDiffusion(Denoising):
 
         if not self.cache:
             return encode(images)
-        return self._latent_cache.get_or_compute(images, encode)  # only the images not cached are encoded
+        return self._latent_cache.get_or_compute(images, encode)  # only the images not cached are encoded, one by one
 
     def _text_states(self, prompts: list[str]) -> torch.Tensor:
         frozen = "text_encoder" not in getattr(self.model, "component_methods", {})
@@ -133,7 +133,7 @@ class LatentDiffusion(Denoising):
 
         if not (frozen and self.cache):
             return encode(prompts)
-        return self._text_cache.get_or_compute(prompts, encode, whole_batch=True)  # prompts are their own keys
+        return self._text_cache.get_or_compute(prompts, encode)  # prompts are their own keys
 
     def encode(self, batch: Any, stage: str) -> tuple[torch.Tensor, Any]:
         images, conditioning = batch[0], batch[1]
