@@ -387,6 +387,27 @@ def test_loaded_copies_that_differ_stay_untied_with_a_warning():
         assert not DiffusersDiT(model=DiTTransformer2DModel.from_config(TINY_DIT), tie_embeddings=False).tied
 
 
+def test_untied_warnings_say_one_consistent_thing(tmp_path):
+    """Issue 22 item 20: a DiT loaded with copies that differ is kept untied (tying would change it), and DiffFit
+    on it warns about the extra tables without telling the user to tie it (the backbone just said it cannot);
+    with tie_embeddings=False only DiffFit's warning is left. The shipped configs warn about neither
+    (tests/test_latent_diffusion.py)."""
+    from diffusers import DiTTransformer2DModel
+
+    DiTTransformer2DModel.from_config(TINY_DIT).save_pretrained(tmp_path / "dit")  # random: the copies differ
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _difffit(DiffusersDiT(source=str(tmp_path / "dit")), "paper")
+    kept, trains = (str(w.message) for w in caught)
+    assert "kept untied" in kept and "tie_embeddings=False to say the untied model is meant" in kept
+    assert "2 separate class tables" in trains and "tying would then change the model" in trains
+    assert not any("tie_embeddings=True" in m for m in (kept, trains))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _difffit(DiffusersDiT(source=str(tmp_path / "dit"), tie_embeddings=False), "paper")
+    assert [str(w.message) for w in caught] == [trains]
+
+
 def test_fresh_class_table_for_a_new_dataset(tmp_path):
     torch.manual_seed(0)
     backbone = DiffusersDiT(config=TINY_DIT, num_classes=3, example_size=8)

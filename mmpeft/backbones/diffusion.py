@@ -256,7 +256,8 @@ class DiffusersDenoiser(Backbone):
                     f"no shipped config {config!r} for {type(self).__name__}; shipped: {shipped} (or pass a mapping)"
                 )
             name, config = name or config, self.shipped_configs[config]
-        if model is None and config is not None:
+        self.built_from_config = model is None and config is not None  # random weights mmpeft draws itself
+        if self.built_from_config:
             cls = _model_class(self.class_name)
             with torch.device(device or "cpu"):
                 model = cls.from_config(config)
@@ -418,9 +419,9 @@ class DiffusersDiT(DiffusersDenoiser):
             in; the final layer already reads block 0's), so methods that train the table or the timestep
             biases train one copy, as in the paper. Loaded weights whose copies differ (a randomly initialised
             model saved as is) are kept untied, with a warning, rather than silently changed; a model built
-            from `config` (or on the meta device: no values to compare) is tied by construction (block 0's
-            random draws). `model.save_pretrained(...)` still writes every block's copy, so the folder loads
-            in plain diffusers.
+            from `config` or a shipped config's name (`source: tiny_dit`), or on the meta device (no values to
+            compare), is tied by construction (block 0's random draws). `model.save_pretrained(...)` still
+            writes every block's copy, so the folder loads in plain diffusers.
         num_classes: a fresh class table for a new dataset: K classes plus the classifier-free-guidance null
             row (diffusers' `LabelEmbedding` convention, K+1 rows; the null label is K), initialised as
             diffusers initialises it (`nn.Embedding`'s N(0, 1); the original DiT code uses N(0, 0.02)), with
@@ -451,15 +452,9 @@ class DiffusersDiT(DiffusersDenoiser):
         if num_classes is not None:
             self._fresh_class_table(num_classes)
         if tie_embeddings and len(self.model.transformer_blocks) > 1:
-            differ = [] if config is not None else _differing_copies(self.model)
+            differ = [] if self.built_from_config else _differing_copies(self.model)
             if differ:
-                warnings.warn(
-                    f"{self.name}: the blocks' norm1.emb copies (timestep MLP + class table) differ from block 0's "
-                    f"in blocks {differ[:5]}{'...' if len(differ) > 5 else ''} (a checkpoint converted from DiT has "
-                    "equal copies; these weights look randomly initialised or trained untied), so they are kept "
-                    "untied; pass tie_embeddings=False to silence this",
-                    stacklevel=2,
-                )
+                warnings.warn(untied_warning(self.name, differ), stacklevel=2)
             else:
                 tie_dit_embeddings(self.model)
 
@@ -488,6 +483,18 @@ class DiffusersDiT(DiffusersDenoiser):
 
     def example_cond(self, batch: int, generator: torch.Generator | None) -> torch.Tensor:
         return torch.randint(0, self.model.config.num_embeds_ada_norm, (batch,), generator=generator)
+
+
+def untied_warning(name: str, differ: list[int]) -> str:
+    """Why a DiT asked to tie stays untied, and what that means for the methods that train its embeddings."""
+    blocks = f"{differ[:5]}{'...' if len(differ) > 5 else ''}"
+    return (
+        f"{name}: the blocks' norm1.emb copies (timestep MLP + class table) differ from block 0's in blocks {blocks} "
+        "(a checkpoint converted from DiT has equal copies; these weights look randomly initialised or trained "
+        "untied), so they are kept untied: tying would replace them by block 0's and change the model. Methods that "
+        "train the class table or the timestep biases (DiffFit, BitFit) then train one copy per block; pass "
+        "tie_embeddings=False to say the untied model is meant (this warning then goes)"
+    )
 
 
 def _differing_copies(model: nn.Module) -> list[int]:

@@ -353,8 +353,9 @@ class DiffFit(Method):
         if self.class_table and len(tables) > 1:
             warnings.warn(
                 f"DiffFit trains {len(tables)} separate class tables (and timestep-MLP biases) on this untied "
-                "diffusers DiT, one per block, where the paper trains one; build it with "
-                "DiffusersDiT(tie_embeddings=True)",
+                "diffusers DiT, one per block, where the paper trains one. DiffusersDiT ties the copies by default "
+                "when they are equal (a converted checkpoint, or a model built from a config); this one was built "
+                "with tie_embeddings=False or its copies differ, and tying would then change the model",
                 stacklevel=3,
             )
 
