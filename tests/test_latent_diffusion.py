@@ -133,3 +133,58 @@ def test_export_and_import_lora_commands_round_trip_a_run_s_adapter(images, tmp_
     before = imported.read_bytes()
     assert main(["import-lora", str(exported), "--unet", "tiny_sd", "--out", str(imported)]) == 2
     assert "already exists; pass --overwrite" in capsys.readouterr().err and imported.read_bytes() == before
+
+
+def _broken_pipeline(root: Path) -> dict[str, Path]:
+    """Copies of the tiny SD pipeline folder, each with one part broken (issue 22 item 17)."""
+    import shutil
+
+    from mmpeft.interop.tiny_sd import tiny_sd_folder
+
+    source, broken = tiny_sd_folder(), {}
+    for case in ("vae_weights", "text_encoder_weights", "tokenizer", "scheduler", "unet_weights_are_the_vae_s"):
+        folder = shutil.copytree(source, root / case)
+        broken[case] = folder
+    (broken["vae_weights"] / "vae" / "diffusion_pytorch_model.safetensors").unlink()
+    (broken["text_encoder_weights"] / "text_encoder" / "model.safetensors").unlink()
+    (broken["tokenizer"] / "tokenizer" / "tokenizer.json").unlink()
+    (broken["scheduler"] / "scheduler" / "scheduler_config.json").unlink()
+    unet = broken["unet_weights_are_the_vae_s"] / "unet"
+    shutil.copy(source / "vae" / "diffusion_pytorch_model.safetensors", unet / "diffusion_pytorch_model.safetensors")
+    return broken
+
+
+def test_broken_diffusers_folders_exit_2_naming_the_folder(images, tmp_path, capsys):
+    """Issue 22 item 17 through the CLI: a UNet config without weights used to end in "Does not validate against
+    any of the Union subtypes" (exit 1), a UNet config beside a VAE's weights in "Cannot copy out of meta tensor";
+    now each exits 2 with one line naming the folder and what is missing or mismatched. Likewise a pipeline
+    folder whose VAE, text encoder, tokenizer or scheduler is incomplete."""
+    broken = _broken_pipeline(tmp_path / "pipelines")
+    no_weights = tmp_path / "unet_without_weights"
+    no_weights.mkdir()
+    (no_weights / "config.json").write_bytes((broken["vae_weights"] / "unet" / "config.json").read_bytes())
+    base = ["fit", "-c", str(ROOT / "configs/diffusion/lora.yaml"), f"--data.init_args.root={images}",
+            f"--run.dir={tmp_path / 'runs'}", "--trainer.max_epochs=1", *QUICK]  # fmt: skip
+    backbone = "--model.init_args.backbone.init_args.source="
+    cases = [
+        (f"{backbone}{no_weights}", f"{str(no_weights)!r} is not a complete UNet2DConditionModel (config.json and "
+         "its weights) folder: expected diffusion_pytorch_model.safetensors"),
+        (f"{backbone}{broken['unet_weights_are_the_vae_s'] / 'unet'}",
+         f"{str(broken['unet_weights_are_the_vae_s'] / 'unet')!r}: the weights do not fit its config.json "
+         "(UNet2DConditionModel): 304 of the model's tensors are not in the weights file"),
+        (f"--model.init_args.pipeline={broken['vae_weights']}",
+         f"{str(broken['vae_weights'] / 'vae')!r} is not a complete AutoencoderKL"),
+        (f"--model.init_args.pipeline={broken['text_encoder_weights']}",
+         f"{str(broken['text_encoder_weights'] / 'text_encoder')!r} is not a complete CLIPTextModel (config.json "
+         "and its weights) folder: expected model.safetensors or pytorch_model.bin"),
+        (f"--model.init_args.pipeline={broken['tokenizer']}",
+         f"{str(broken['tokenizer'] / 'tokenizer')!r} is not a complete CLIP tokenizer folder: expected vocab.json + "
+         "merges.txt or tokenizer.json"),
+        (f"--model.init_args.pipeline={broken['scheduler']}",
+         f"{str(broken['scheduler'] / 'scheduler')!r} is not a complete diffusers scheduler folder"),
+    ]  # fmt: skip
+    for arg, expected in cases:
+        assert main([*base, arg]) == 2, arg
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith(f"mmpeft: error: {expected}"), (arg, err[-1])
+    assert not list((tmp_path / "runs").rglob("*.safetensors")), "nothing trained, nothing written"

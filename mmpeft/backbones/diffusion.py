@@ -34,7 +34,16 @@ from mmpeft.core.backbone import Backbone
 from mmpeft.core.context import BackboneInput, ContextSlot, ForwardContext, checkpoint_in_context
 from mmpeft.core.errors import NotSupported, UnknownName, WeightsUnavailable
 
-__all__ = ["DiffusersDenoiser", "DiffusersUNet", "DiffusersDiT", "TINY_SD_UNET", "TINY_DIT", "load_denoiser"]
+__all__ = [
+    "DiffusersDenoiser",
+    "DiffusersUNet",
+    "DiffusersDiT",
+    "TINY_SD_UNET",
+    "TINY_DIT",
+    "load_denoiser",
+    "load_pretrained",
+    "require_files",
+]
 
 # The (32, 64) UNet of diffusers' SD LoRA tests: 1,427,012 parameters; LoRA r=4 on q, k, v, out: 23,040.
 TINY_SD_UNET: dict[str, Any] = {
@@ -160,6 +169,64 @@ def _model_folder(folder: Path, class_name: str, subfolder: str) -> Path:
     )
 
 
+# The weights files `from_pretrained` looks for (each may also be sharded: `<name>.index.json` beside its shards).
+DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+TRANSFORMERS_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
+
+
+def require_files(folder: Path, what: str, *alternatives: tuple[str, ...]) -> None:
+    """Refuse `folder` unless it holds every file of at least one of `alternatives`, naming the folder, what it
+    should be and what it holds (diffusers' and transformers' own errors name a file deep in a fallback chain)."""
+    if any(all((folder / name).is_file() for name in names) for names in alternatives):
+        return
+    expected = " or ".join(" + ".join(names) for names in alternatives)
+    held = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else None
+    found = f"it holds {held}" if held is not None else "it does not exist"
+    raise WeightsUnavailable(f"{str(folder)!r} is not a complete {what} folder: expected {expected}; {found}")
+
+
+def load_pretrained(cls: type[nn.Module], folder: str | Path, **kwargs: Any) -> nn.Module:
+    """`cls.from_pretrained(folder)` for a diffusers or transformers model folder, refused with the folder's name
+    and what is missing or mismatched when its config.json and weights do not make one model. Left to the
+    libraries, a config without weights fails in jsonargparse as "Does not validate against any of the Union
+    subtypes", and a config beside another model's weights (a UNet's config, a VAE's weights) loads with its
+    tensors left on the meta device, to fail later with "Cannot copy out of meta tensor"."""
+    folder = Path(folder)
+    names = TRANSFORMERS_WEIGHTS if cls.__module__.startswith("transformers") else DIFFUSERS_WEIGHTS
+    weights = [(n,) for n in names] + [(f"{n}.index.json",) for n in names]
+    require_files(folder, f"{cls.__name__} (config.json and its weights)", ("config.json",))
+    require_files(folder, f"{cls.__name__} (config.json and its weights)", *weights)
+    try:
+        model, info = cls.from_pretrained(str(folder), local_files_only=True, output_loading_info=True, **kwargs)
+    except ValueError as err:  # diffusers: a tensor of another shape than the config makes
+        first = (str(err).strip().splitlines() or [""])[0].split(". If you want")[0]
+        raise WeightsUnavailable(
+            f"{str(folder)!r}: the weights do not fit its config.json ({cls.__name__}): {first}"
+        ) from err
+    misfit = _misfit(info)
+    if misfit:
+        raise WeightsUnavailable(
+            f"{str(folder)!r}: the weights do not fit its config.json ({cls.__name__}): {misfit}. Are they another "
+            f"model's? Put the {cls.__name__}'s own weights beside its config.json"
+        )
+    return model
+
+
+def _misfit(info: dict[str, Any]) -> str:
+    """What `from_pretrained`'s loading info says is wrong ("" when the weights fit): tensors the model needs
+    that the file lacks, or has in another shape, and the file's tensors that belong to no layer."""
+    missing, unexpected = sorted(info.get("missing_keys") or []), sorted(info.get("unexpected_keys") or [])
+    mismatched = list(info.get("mismatched_keys") or [])
+    if not (missing or mismatched):
+        return ""
+    parts = [
+        (missing, f"{len(missing)} of the model's tensors are not in the weights file (e.g. {missing[:3]})"),
+        (mismatched, f"{len(mismatched)} have another shape ({mismatched[:2]})"),
+        (unexpected, f"{len(unexpected)} in the file belong to no layer of it (e.g. {unexpected[:3]})"),
+    ]
+    return "; ".join(text for keys, text in parts if keys)
+
+
 def load_denoiser(
     class_name: str,
     subfolder: str,
@@ -204,7 +271,7 @@ def load_denoiser(
         with torch.device("meta"):
             model = cls.from_config(cls.load_config(folder))
         return model.to(dtype) if dtype is not None else model  # the dtype decides the bytes a meta build reports
-    model = cls.from_pretrained(str(folder), local_files_only=True, torch_dtype=dtype)
+    model = load_pretrained(cls, folder, torch_dtype=dtype)
     return model.to(device) if device is not None else model
 
 

@@ -19,27 +19,38 @@ from typing import Any
 import torch
 from torch import nn
 
+from mmpeft.backbones.diffusion import load_pretrained, require_files
 from mmpeft.core.cache import ContentCache
+from mmpeft.core.errors import WeightsUnavailable
 from mmpeft.tasks.denoising import Denoising
 
 __all__ = ["LatentDiffusion", "pipeline_folder"]
 
 
 def pipeline_folder(pipeline: str) -> Path:
-    """A local diffusers pipeline folder; "tiny_sd" builds (once, cached) the random tiny SD pipeline."""
+    """A local diffusers pipeline folder; "tiny_sd" builds (once, cached) the random tiny SD pipeline. The parts
+    every latent-diffusion run reads (the VAE's config and weights, the scheduler's config) must be there; the
+    text parts are checked where a text-conditioned run reads them (`LatentDiffusion`)."""
     if pipeline == "tiny_sd":
         from mmpeft.interop.tiny_sd import tiny_sd_folder  # noqa: PLC0415
 
         return Path(tiny_sd_folder())
     folder = Path(pipeline).expanduser()
     if not (folder / "model_index.json").is_file() and not (folder / "vae").is_dir():
-        from mmpeft.core.errors import WeightsUnavailable  # noqa: PLC0415
-
         raise WeightsUnavailable(
             f"{str(folder)!r} is not a diffusers pipeline folder (expected model_index.json and vae/, "
             "text_encoder/, tokenizer/, scheduler/ inside); pass a local pipeline folder or 'tiny_sd'"
         )
+    require_files(folder / "scheduler", "diffusers scheduler", ("scheduler_config.json",))
     return folder
+
+
+def load_tokenizer(folder: Path) -> Any:
+    """The pipeline's CLIP tokenizer (`tokenizer/`: vocab.json + merges.txt, or a tokenizer.json)."""
+    from transformers import CLIPTokenizer  # noqa: PLC0415
+
+    require_files(folder, "CLIP tokenizer", ("vocab.json", "merges.txt"), ("tokenizer.json",))
+    return CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
 
 
 class LatentDiffusion(Denoising):
@@ -68,15 +79,15 @@ class LatentDiffusion(Denoising):
             if key in config:
                 kwargs.setdefault(key, config[key])
         super().__init__(*args, **kwargs)
-        self.vae = AutoencoderKL.from_pretrained(str(folder), subfolder="vae", local_files_only=True).eval()
+        self.vae = load_pretrained(AutoencoderKL, folder / "vae").eval()
         self.vae.requires_grad_(False)
         self.prompt, self.cache = prompt, cache
         self.text_conditioned = getattr(self.model.backbone, "family", "") == "unet"
         if self.text_conditioned:
-            from transformers import CLIPTextModel, CLIPTokenizer  # noqa: PLC0415
+            from transformers import CLIPTextModel  # noqa: PLC0415
 
-            self.tokenizer = CLIPTokenizer.from_pretrained(str(folder), subfolder="tokenizer", local_files_only=True)
-            encoder = CLIPTextModel.from_pretrained(str(folder), subfolder="text_encoder", local_files_only=True)
+            self.tokenizer = load_tokenizer(folder / "tokenizer")
+            encoder = load_pretrained(CLIPTextModel, folder / "text_encoder")
             self.model.add_component("text_encoder", encoder, text_method)
         elif text_method is not None:
             raise ValueError("text_method needs a text-conditioned UNet; a DiT is conditioned on class labels")
