@@ -188,3 +188,50 @@ def test_broken_diffusers_folders_exit_2_naming_the_folder(images, tmp_path, cap
         err = capsys.readouterr().err.strip().splitlines()
         assert err[-1].startswith(f"mmpeft: error: {expected}"), (arg, err[-1])
     assert not list((tmp_path / "runs").rglob("*.safetensors")), "nothing trained, nothing written"
+
+
+def _labelled_images(root: Path, labels: list[int]) -> Path:
+    """The `images` layout with these training labels (validation: label 0)."""
+    (root / "img").mkdir(parents=True)
+    for split, split_labels in (("train", labels), ("val", [0, 0])):
+        lines = []
+        for i, label in enumerate(split_labels):
+            Image.new("RGB", (64, 64), (20 * i, 128, 255 - 20 * i)).save(root / "img" / f"{split}_{i}.png")
+            lines.append(f"img/{split}_{i}.png {label}")
+        (root / f"{split}.txt").write_text("\n".join(lines) + "\n")
+    return root
+
+
+@pytest.mark.parametrize("top", [10, 11])
+def test_dit_labels_beyond_the_class_table_are_refused_before_training(top, tmp_path, capsys):
+    """Issue 22 item 5: the tiny DiT has num_classes = 10 (table rows 0..9 and the null row 10). A label 10 used
+    to train the null row silently, a label 11 to crash mid-training with a bare IndexError. Both stop before
+    the first step (exit 2) naming num_classes and the fix; with the fix (a fresh 12-class table) it trains."""
+    root = _labelled_images(tmp_path / "data", [0, 3, top, 1])
+    args = ["fit", "-c", str(ROOT / "configs/diffusion/lora_dit.yaml"), f"--data.init_args.root={root}",
+            f"--run.dir={tmp_path / 'runs'}", "--trainer.max_epochs=1", *QUICK]  # fmt: skip
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"the data has num_classes = {top + 1} (labels up to {top}), but the denoiser 'tiny_dit' has " in err
+    assert "num_classes = 10: its class table holds labels 0..9, and row 10 is the classifier-free-guidance null" in err
+    assert "--model.init_args.backbone.init_args.num_classes=N" in err
+    assert not list((tmp_path / "runs").rglob("*.safetensors")) and not list((tmp_path / "runs").rglob("*.ckpt"))
+    assert main([*args, "--model.init_args.backbone.init_args.num_classes=12"]) == 0
+
+
+def test_dit_labels_are_checked_per_batch_without_a_datamodule(images, tmp_path):
+    """The backstop of the setup check: loaders given to `Trainer.fit` directly; the null label 10 is refused at
+    the first batch, before the optimizer steps (the trainable tensors are unchanged)."""
+    from mmpeft.data.checks import DataError
+
+    cli = run_cli(["-c", str(ROOT / "configs/diffusion/lora_dit.yaml"), f"--data.init_args.root={images}",
+                   f"--run.dir={tmp_path}", "--trainer.max_epochs=1", *QUICK], run=False)  # fmt: skip
+    before = {k: v.clone() for k, v in cli.model.model.trainable_state_dict().items()}
+    data = torch.utils.data.TensorDataset(torch.rand(4, 3, 32, 32) * 2 - 1, torch.tensor([0, 1, 10, 2]))
+    loader = torch.utils.data.DataLoader(data, batch_size=4)
+    with pytest.raises(
+        DataError, match=r"a batch holds the labels \[10\], but the denoiser 'tiny_dit' has num_classes"
+    ):
+        cli.trainer.fit(cli.model, train_dataloaders=loader)
+    after = cli.model.model.trainable_state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in before.items())

@@ -526,6 +526,12 @@ class DiffusersDiT(DiffusersDenoiser):
                 tie_dit_embeddings(self.model)
 
     @property
+    def num_classes(self) -> int:
+        """K: the class table holds labels 0..K-1; its row K (diffusers' K+1-row `LabelEmbedding`) is the
+        classifier-free-guidance null class, which training drops labels to and sampling guides against."""
+        return int(self.model.config.num_embeds_ada_norm)
+
+    @property
     def tied(self) -> bool:
         return any(isinstance(m, TiedEmbedding) for m in self.model.modules())
 

@@ -100,6 +100,7 @@ class LatentDiffusion(Denoising):
         method's tensors live in Linear modules, so a processor swap keeps them)."""
         from mmpeft.backbones.diffusers_attention import use_fast_attention  # noqa: PLC0415
 
+        super().setup(stage)
         device = self.trainer.strategy.root_device if self._trainer is not None else self.device
         self.attention_backend = use_fast_attention(self.model.backbone, self.attention, device=device)
 
