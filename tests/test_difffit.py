@@ -427,6 +427,70 @@ def test_fresh_class_table_for_a_new_dataset(tmp_path):
     assert tables[0].shape == (6, 16) and torch.equal(tables[0], tables[1]) and tables[0] is not tables[1]
 
 
+FOOD_TABLE = 102 * D_XL  # 117,504: a fresh Food-101 table, 101 classes + the CFG null row
+TABLE = "backbone.model.transformer_blocks.0.norm1.emb.class_embedder.embedding_table.weight"
+
+
+@pytest.mark.parametrize(
+    ("method", "without_table"),
+    [
+        ({"name": "lora", "r": 4}, 28 * 4 * 4 * (D_XL + D_XL)),  # 1,032,192: to_q, to_k, to_v, to_out.0 of 28 blocks
+        ("svfit", 28 * 4 * D_XL),  # 129,024: the full spectrum of the same 112 square matrices
+        ("bitfit", 489_632),  # the original DiT's biases
+        ({"name": "difffit", "preset": "paper"}, 835_232 - FOOD_TABLE),
+        ({"name": "difffit", "preset": "paper", "class_table": False}, 835_232 - FOOD_TABLE),
+    ],
+)
+def test_a_fresh_dit_class_table_is_counted_under_every_method(method, without_table):
+    """Issue 22 item 6: a fresh table (a new dataset's, `num_classes=K`) is the task's, like a classifier head:
+    it trains under every method, not only DiffFit's (DiffFit's `class_table` decides the pretrained table only).
+    BitFit with it is the paper's BitFit row, 607,136 ("0.61M")."""
+    model = PeftModel(DiffusersDiT(config=DIT_XL_2, device="meta", num_classes=FOOD101), method)
+    assert parameter_report(model).trainable == without_table + FOOD_TABLE
+    assert TABLE in model.trainable_names() and TABLE.removeprefix("backbone.") in model.backbone.task_owned()
+    pretrained = PeftModel(DiffusersDiT(config=DIT_XL_2, device="meta"), method)  # the ImageNet table: not the task's
+    trains_table = isinstance(method, dict) and method["name"] == "difffit" and method.get("class_table", True)
+    assert parameter_report(pretrained).trainable == without_table + trains_table * 1_001 * D_XL
+    assert pretrained.backbone.task_owned() == []
+
+
+@pytest.mark.parametrize("method", ["lora", "svfit", "bitfit", "difffit"])
+def test_a_fresh_class_table_trains_round_trips_and_disabled_is_pristine(method, tmp_path):
+    """The fresh table changes after a step under every method, is saved in the adapter file and loads back
+    into a backbone built with the same num_classes (whose own random table it replaces); `disabled()` runs the
+    table as built (its step-0 values)."""
+    from mmpeft.core.state import adapter_from_file, save_adapter
+
+    torch.manual_seed(0)
+    pristine = DiffusersDiT(config=TINY_DIT, num_classes=3, example_size=8).eval()
+    torch.manual_seed(0)
+    model = PeftModel(DiffusersDiT(config=TINY_DIT, num_classes=3, example_size=8), method)
+    table = model.get_parameter(TABLE)
+    start = table.detach().clone()
+    assert table.requires_grad
+    batches = [_dit_batch(model.backbone, seed=s) for s in range(2)]
+    assert all(int(inputs.cond.max()) < 3 for inputs, _ in batches)
+    fit_steps(model, batches, torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0),
+              model.backbone.example_loss)  # fmt: skip
+    assert not torch.equal(table, start)
+    inputs, _ = _dit_batch(model.backbone, seed=9)
+    with torch.no_grad(), model.disabled():
+        assert torch.equal(model.backbone(inputs), pristine(inputs))
+        assert torch.equal(model.get_parameter(TABLE), start)
+    assert not torch.equal(table, start)  # the trained table is back after disabled()
+
+    save_adapter(model, tmp_path / "adapter.safetensors")
+    torch.manual_seed(0)  # the same frozen weights ...
+    backbone = DiffusersDiT(config=TINY_DIT, num_classes=3, example_size=8)
+    with torch.no_grad():  # ... with another random fresh table, which the file's replaces
+        backbone.get_parameter(TABLE.removeprefix("backbone.")).normal_()
+    again = adapter_from_file(backbone, tmp_path / "adapter.safetensors")
+    assert torch.equal(again.get_parameter(TABLE), table)
+    with torch.no_grad():
+        assert torch.equal(again.eval()(inputs), model.eval()(inputs))
+    assert set(again.trainable_state_dict()) == set(model.trainable_state_dict())
+
+
 def test_tiny_unet_sd_preset_count():
     """The (32, 64) test UNet: BitFit's 10,596 (7,556 Linear / conv biases + 3,040 norm biases) + 3,040 norm
     weights + γ after attn1 / attn2 / ff of 6 blocks (1,152) + γ after the 12 ResNets' conv2 (608) = 15,396."""

@@ -72,6 +72,7 @@ TINY_DIT: dict[str, Any] = {
     "norm_elementwise_affine": False,
 }
 
+CLASS_TABLE = "class_embedder.embedding_table.weight"  # a diffusers DiT's class table (the original's `y_embedder`)
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _ORIGINAL_KEYS = {
     "UNet2DConditionModel": ("model.diffusion_model.", "input_blocks.", "first_stage_model."),
@@ -493,7 +494,8 @@ class DiffusersDiT(DiffusersDenoiser):
             row (diffusers' `LabelEmbedding` convention, K+1 rows; the null label is K), initialised as
             diffusers initialises it (`nn.Embedding`'s N(0, 1); the original DiT code uses N(0, 0.02)), with
             the config's `num_embeds_ada_norm` set to K so a saved model reloads. Untied, every block gets
-            a copy of the same table.
+            a copy of the same table. The fresh table is the task's (`task_owned`): it trains under every
+            method and is saved in the adapter file.
     """
 
     family = "dit"
@@ -516,6 +518,7 @@ class DiffusersDiT(DiffusersDenoiser):
         num_classes: int | None = None,
     ):
         super().__init__(source, config, model, name, dtype, device, example_size, example_tokens)
+        self.fresh_class_table = num_classes is not None
         if num_classes is not None:
             self._fresh_class_table(num_classes)
         if tie_embeddings and len(self.model.transformer_blocks) > 1:
@@ -524,6 +527,14 @@ class DiffusersDiT(DiffusersDenoiser):
                 warnings.warn(untied_warning(self.name, differ), stacklevel=2)
             else:
                 tie_dit_embeddings(self.model)
+
+    def task_owned(self) -> list[str]:
+        """A fresh class table (`num_classes`; every block's copy when untied): it belongs to the new dataset, not
+        to the pretrained model, so it trains under every method (LoRA, SVFit, BitFit as well as DiffFit), counts as
+        trainable and goes in the adapter file, as a classifier's head does."""
+        if not self.fresh_class_table:
+            return []
+        return [n for n, _ in self.named_parameters() if n.endswith(CLASS_TABLE)]
 
     @property
     def num_classes(self) -> int:

@@ -14,7 +14,7 @@ from torch.nn.modules.conv import _ConvNd
 from mmpeft.core.anatomy import TokenBackbone
 from mmpeft.core.errors import NotMergeable, NotSupported
 from mmpeft.core.inject import attach, find_modules, placements
-from mmpeft.core.method import Method, register_method
+from mmpeft.core.method import Method, register_method, task_owned
 from mmpeft.core.modules import AdapterModule, adapter_modules, linear_then_scale
 
 __all__ = ["DiffFit", "BranchScale", "NormAffine", "POSITIONS"]
@@ -198,8 +198,10 @@ class DiffFit(Method):
         also matches `norm1.linear`, the adaLN modulation, which the paper does not train);
       - `ln_affine`: DiT's LayerNorms have no affine (`elementwise_affine=False`), so DiffFit adds one (weight 1,
         bias 0: identity at init) after each of the 57 of DiT-XL/2; only with it does the paper's 0.83M close;
-      - the class table (diffusers' `class_embedder.embedding_table`, the original `y_embedder`), re-created
-        for a new dataset by the backbone (`DiffusersDiT(num_classes=K)`: K+1 rows with the CFG null row);
+      - the pretrained class table (diffusers' `class_embedder.embedding_table`, the original `y_embedder`),
+        as the paper tunes it; a table re-created for a new dataset (`DiffusersDiT(num_classes=K)`: K+1 rows with
+        the CFG null row) is the task's and trains under every method (`Backbone.task_owned`, added by the core),
+        so `class_table` only decides the pretrained one;
       - γ, one per output channel, init 1, in the blocks `blocks` (default: the first half, the paper's
         blocks 1-14 of 28; every block on a UNet), at `positions`:
           branch: the attention output projection and the MLP's last Linear (γ1, γ2: DiT's gated residual
@@ -259,7 +261,8 @@ class DiffFit(Method):
         "the adaLN modulation when merging",
         "norms": "train the weight and bias of every LayerNorm / GroupNorm (by type)",
         "biases": "train every bias of the backbone",
-        "class_table": "train the DiT's class embedding table (y_embed)",
+        "class_table": "train the DiT's pretrained class embedding table (y_embed); a fresh table for a new dataset "
+        "(the backbone's num_classes) trains under every method anyway",
         "targets": "module-name patterns (globs) of the layers γ follows, each must match; replaces blocks / "
         "positions / resnets; unset: the block layout",
         "lean_memory": "γ on a linear scales the linear's output in place and keeps that output for its gradient "
@@ -369,8 +372,8 @@ class DiffFit(Method):
             for mod_name, module in backbone.named_modules():
                 if isinstance(module, NORMS) and not f"{mod_name}.".startswith(own):
                     names |= {f"{mod_name}.{n}" for n, _ in module.named_parameters(recurse=False)}
-        if self.class_table:
-            names |= {n for n in params if n.endswith(CLASS_TABLE)}
+        if self.class_table:  # a fresh table is the task's: the core adds it (Method.trained_in_place)
+            names |= {n for n in params if n.endswith(CLASS_TABLE)} - set(task_owned(backbone))
         return sorted(names)
 
     # -- merge: γ through the core's path, added LayerNorm affines into the modulation that follows ---------
