@@ -235,3 +235,49 @@ def test_dit_labels_are_checked_per_batch_without_a_datamodule(images, tmp_path)
         cli.trainer.fit(cli.model, train_dataloaders=loader)
     after = cli.model.model.trainable_state_dict()
     assert all(torch.equal(v, after[k]) for k, v in before.items())
+
+
+def test_ema_with_a_text_method_validates_and_averages_the_text_encoder_too(images, tmp_path):
+    """Issue 22 item 8: `ema_decay` with `text_method` used to fail at the first validation with a KeyError on the
+    text encoder's keys (the EMA was made before the component was added). Now a tiny fit runs through
+    validation, the average covers exactly the trainable set (text-encoder LoRA included), and the model ends
+    with it (the final adapter file's weights)."""
+    import pytorch_lightning as pl
+
+    text = "{name: lora, r: 2, targets: [q_proj, v_proj]}"
+    cli = run_cli(["-c", str(ROOT / "configs/diffusion/lora.yaml"), f"--data.init_args.root={images}",
+                   f"--run.dir={tmp_path}", "--trainer.max_epochs=1", f"--model.init_args.text_method={text}",
+                   "--model.init_args.ema_decay=0.5", "--model.init_args.lr=0.01", *QUICK], run=False)  # fmt: skip
+    task = cli.model
+    start = {k: v.clone() for k, v in task.model.trainable_state_dict().items()}
+    text_keys = sorted(k for k in start if k.startswith("components.text_encoder.") and k.endswith(".B"))
+    assert text_keys and set(task.ema.shadow) == set(start)
+    trained: dict[str, torch.Tensor] = {}
+
+    class LastTrained(pl.Callback):  # the live weights after the last step (validation swaps them back by then)
+        def on_train_epoch_end(self, trainer, module):
+            trained.update({k: v.clone() for k, v in module.model.trainable_state_dict().items()})
+
+    cli.trainer.callbacks.append(LastTrained())
+    cli.trainer.fit(task, datamodule=cli.datamodule)
+    assert "val/loss" in cli.trainer.callback_metrics
+    for key in text_keys:
+        shadow = task.ema.shadow[key]
+        assert not torch.equal(trained[key], start[key]) and not torch.equal(shadow, start[key])
+        assert not torch.equal(shadow, trained[key]), "an average, not a copy"
+        assert torch.equal(task.model.trainable_state_dict()[key], shadow), "the model ends with the EMA weights"
+    with pytest.raises(RuntimeError, match="trainable set changed after its EMA was started"):
+        task.ema.update(_without(task.model, text_keys[0]))
+
+
+def _without(model, key: str):
+    """A stand-in model whose trainable set lacks `key` (what a model changed after its EMA was made looks like)."""
+
+    class Fewer:
+        def state_dict(self, keep_vars=False):
+            return model.state_dict(keep_vars=keep_vars)
+
+        def trainable_state_dict(self):
+            return {k: v for k, v in model.trainable_state_dict().items() if k != key}
+
+    return Fewer()
