@@ -113,26 +113,61 @@ def test_a_text_encoder_method_is_saved_in_the_same_adapter_file(images, tmp_pat
 
 
 def test_export_and_import_lora_commands_round_trip_a_run_s_adapter(images, tmp_path, capsys):
-    """`mmpeft export-lora` writes the UNet part of a run's adapter (its text-encoder LoRA stays in the mmpeft
-    file) as a diffusers file; `mmpeft import-lora` reads it back to the same UNet tensors; neither overwrites."""
+    """`mmpeft export-lora` writes a run's adapter as a diffusers file, the text encoder's LoRA included (issue 22
+    item 7: it used to be left in the mmpeft file only); `mmpeft import-lora` reads it back to the same UNet and
+    text-encoder tensors and method configs; neither overwrites. The run's own diffusers_lora/ holds both too."""
     text = "{name: lora, r: 2, targets: [q_proj, v_proj]}"
     assert main(["fit", "-c", str(ROOT / "configs/diffusion/lora.yaml"), f"--data.init_args.root={images}",
                  f"--run.dir={tmp_path}", "--trainer.max_epochs=1", f"--model.init_args.text_method={text}",
                  *QUICK]) == 0  # fmt: skip
+    assert "diffusers LoRA file (UNet and text encoder)" in capsys.readouterr().out
     (adapter,) = tmp_path.glob("*/version_0/adapter.safetensors")
+    run_file = adapter.parent / "diffusers_lora" / "pytorch_lora_weights.safetensors"
+    assert any(k.startswith("text_encoder.text_model.encoder.layers.") for k in read_keys(run_file))
     exported, imported = tmp_path / "exported", tmp_path / "imported.safetensors"
     assert main(["export-lora", str(adapter), "--unet", "tiny_sd", "--out", str(exported)]) == 0
-    assert "text_encoder part stays in the mmpeft file" in capsys.readouterr().out
+    assert "UNet and text-encoder LoRA" in capsys.readouterr().out
     assert main(["import-lora", str(exported), "--unet", "tiny_sd", "--out", str(imported)]) == 0
-    original, _ = read_adapter(adapter)
+    assert "on 48 UNet layers; text encoder: lora r=2 alpha=None on 10 layers" in capsys.readouterr().out
+    original, original_header = read_adapter(adapter)
     back, header = read_adapter(imported)
-    unet = {k: v for k, v in original.items() if k.startswith("backbone.")}
-    assert back.keys() == unet.keys() and header["method"]["config"]["r"] == 4
-    for key, value in unet.items():
+    assert back.keys() == original.keys() and any(k.startswith("components.text_encoder.") for k in back)
+    assert header["method"]["config"]["r"] == 4 and header["components"] == original_header["components"]
+    for key, value in original.items():
         torch.testing.assert_close(back[key], value, rtol=1e-6, atol=1e-7)
     before = imported.read_bytes()
     assert main(["import-lora", str(exported), "--unet", "tiny_sd", "--out", str(imported)]) == 2
     assert "already exists; pass --overwrite" in capsys.readouterr().err and imported.read_bytes() == before
+    unet_only = tmp_path / "unet_only.safetensors"
+    assert main(["export-lora", str(adapter), "--unet", "tiny_sd", "--out", str(unet_only), "--text-encoder",
+                 "ignore"]) == 0  # fmt: skip
+    assert "the text_encoder part is left out (--text-encoder ignore)" in capsys.readouterr().out
+    assert all(k.startswith("unet.") for k in read_keys(unet_only))
+
+
+def test_a_text_method_without_a_diffusers_form_writes_no_partial_diffusers_file(images, tmp_path, capsys):
+    """Issue 22 item 7: a LoRA run whose text encoder carries BitFit used to write diffusers_lora/ with the UNet's
+    LoRA alone, silently; now the run writes none and warns why, and `export-lora` refuses (exit 2) unless told to
+    leave the text encoder out."""
+    args = ["fit", "-c", str(ROOT / "configs/diffusion/lora.yaml"), f"--data.init_args.root={images}",
+            f"--run.dir={tmp_path}", "--trainer.max_epochs=1", "--model.init_args.text_method=bitfit",
+            *QUICK]  # fmt: skip
+    with pytest.warns(UserWarning, match="no diffusers LoRA file written: the text_encoder carries 'bitfit'"):
+        assert main(args) == 0
+    (adapter,) = tmp_path.glob("*/version_0/adapter.safetensors")
+    assert not (adapter.parent / "diffusers_lora").exists()
+    out = tmp_path / "exported"
+    assert main(["export-lora", str(adapter), "--unet", "tiny_sd", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "the text_encoder carries 'bitfit', which has no diffusers LoRA form" in err and not out.exists()
+    assert main(["export-lora", str(adapter), "--unet", "tiny_sd", "--out", str(out), "--text-encoder", "ignore"]) == 0
+
+
+def read_keys(path: Path) -> list[str]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return list(f.keys())
 
 
 def _broken_pipeline(root: Path) -> dict[str, Path]:

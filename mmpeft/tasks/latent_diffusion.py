@@ -17,11 +17,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pytorch_lightning.utilities import rank_zero_warn
 from torch import nn
 
 from mmpeft.backbones.diffusion import load_pretrained, require_files
 from mmpeft.core.cache import ContentCache
-from mmpeft.core.errors import WeightsUnavailable
+from mmpeft.core.errors import NotSupported, WeightsUnavailable
 from mmpeft.tasks.denoising import Denoising
 
 __all__ = ["LatentDiffusion", "pipeline_folder"]
@@ -108,15 +109,23 @@ class LatentDiffusion(Denoising):
 
     def on_fit_end(self) -> None:
         """A LoRA on a UNet is also written as `diffusers_lora/pytorch_lora_weights.safetensors`, the file
-        `StableDiffusionPipeline.load_lora_weights` takes."""
+        `StableDiffusionPipeline.load_lora_weights` takes, with the text encoder's LoRA when `text_method` is one.
+        A text method with no diffusers LoRA form gets no file (rather than one that loads into a pipeline that
+        differs from the trained model), and a warning says why."""
         if self.method.name != "lora" or not self.text_conditioned or not self.trainer.is_global_zero:
             return
-        from mmpeft.interop.diffusers_lora import export_diffusers_lora  # noqa: PLC0415
+        from mmpeft.interop.diffusers_lora import export_diffusers_lora, exported_components  # noqa: PLC0415
         from mmpeft.tasks.callbacks import run_dir  # noqa: PLC0415
 
+        try:
+            exported_components(self.model)
+        except NotSupported as err:
+            rank_zero_warn(f"no diffusers LoRA file written: {err}")
+            return
         with self.evaluation_weights():
             path = export_diffusers_lora(self.model, run_dir(self.trainer) / "diffusers_lora")
-        self.print(f"diffusers LoRA file: {path}")
+        text = " (UNet and text encoder)" if "text_encoder" in getattr(self.model, "component_methods", {}) else ""
+        self.print(f"diffusers LoRA file{text}: {path}")
 
     @property
     def text_encoder(self) -> nn.Module:
