@@ -197,7 +197,8 @@ class DiffFit(Method):
       - the weight and bias of every LayerNorm / GroupNorm (selected by type: in diffusers' DiT the name "norm"
         also matches `norm1.linear`, the adaLN modulation, which the paper does not train);
       - `ln_affine`: DiT's LayerNorms have no affine (`elementwise_affine=False`), so DiffFit adds one (weight 1,
-        bias 0: identity at init) after each of the 57 of DiT-XL/2; only with it does the paper's 0.83M close;
+        bias 0: identity at init) after each of the 57 of DiT-XL/2; only with it does mmpeft's reconstruction
+        of the paper's "0.83M" (835,232, below) come near it;
       - the pretrained class table (diffusers' `class_embedder.embedding_table`, the original `y_embedder`),
         as the paper tunes it; a table re-created for a new dataset (`DiffusersDiT(num_classes=K)`: K+1 rows with
         the CFG null row) is the task's and trains under every method (`Backbone.task_owned`, added by the core),
@@ -217,9 +218,11 @@ class DiffFit(Method):
 
     Counts (tests assert them, meta device): DiT-XL/2 with tied embeddings (`DiffusersDiT`'s default), a
     Food-101 table (102 rows) and the `paper` preset: bias 489,632 + table 117,504 + LN affine 131,328 +
-    γ 96,768 = 835,232 (the paper's "0.83M"); SD1.5 with `sd`: bias 343,684 + norm weights 100,160 + γ 37,440
-    + ResNet γ 20,160 = 501,444 (481,284 with resnets=False). On an untied diffusers DiT every block's class
-    table and timestep biases train separately (28 copies): a warning says to tie them.
+    γ 96,768 = 835,232. That is mmpeft's reconstruction of the paper's "0.83M (0.12%)", not the paper's own
+    breakdown (which has not been read): 835,232 rounds to 0.84M, not 0.83M; the released code's layout, whose
+    LayerNorms have no affine (`ln_affine=False`), gives 703,904 (0.70M). SD1.5 with `sd`: bias 343,684 + norm
+    weights 100,160 + γ 37,440 + ResNet γ 20,160 = 501,444 (481,284 with resnets=False). On an untied diffusers
+    DiT every block's class table and timestep biases train separately (28 copies), and a warning says so.
 
     On token backbones DiffFit is BitFit plus the LayerNorm affines plus γ on the same layers (attn.qkv,
     attn.proj, mlp.fc2; the branch γ is the `attn.branch` / `mlp.branch` site scaled before LayerScale). On
@@ -248,7 +251,8 @@ class DiffFit(Method):
     identity_at_init: ClassVar[bool] = True
     mergeable: ClassVar[bool] = True
     presets: ClassVar[dict] = {
-        "paper": {"blocks": "first_half", "positions": POSITIONS, "ln_affine": True},  # DiT-XL/2: 835,232 on Food
+        # DiT-XL/2 + Food-101 table: 835,232, mmpeft's reconstruction of the paper's "0.83M" (see the docstring)
+        "paper": {"blocks": "first_half", "positions": POSITIONS, "ln_affine": True},
         "sd": {"blocks": "all", "positions": ("branch",), "resnets": True},  # SD1.5 UNet: 501,444
     }
     help: ClassVar[dict[str, str]] = {
