@@ -30,7 +30,7 @@ def report(method: str, num_classes: int = 100, **config):
         ("adapter", {"bottleneck": 64}, 1_189_632),
         ("adapter", {"bottleneck": 16, "norm": True}, 304_320 + 18_432),
         ("bitfit", {}, 102_912),
-        ("svfit", {}, 12 * 2 * 768),  # full spectrum of q and v: configs/{vtab,fgvc}/svfit.yaml cite 18,432
+        ("svfit", {}, 12 * 2 * 768),  # full spectrum of q and v (the configs ship the paper's energy ranks, <= this)
         ("difffit", {}, 102_912 + 25 * 768 + 6 * (3 * 768 + 2 * 768 + 768)),  # BitFit + LN weights + γ, blocks 0-5
         ("linear", {}, 0),
         ("full", {}, VIT_B16_PARAMS),

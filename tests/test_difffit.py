@@ -67,7 +67,10 @@ def _dit_batch(backbone: DiffusersDiT, seed: int = 0):
 # -- counts on the meta device (diffusion spec §1.4, §1.6, §7) ------------------------------------------------
 
 
-def test_dit_xl2_paper_preset_on_food101_is_the_papers_0_83m():
+def test_dit_xl2_paper_preset_on_food101_is_the_reconstructed_835_232():
+    """835,232 is mmpeft's reconstruction of the paper's "0.83M (0.12%)" (diffusion spec §1.4: bias + Food table +
+    added LayerNorm affines + γ on qkv, out-proj and both branches of blocks 1-14), not a count the paper breaks
+    down: 0.835M rounds to 0.84M. The released code's layout (no LayerNorm affine) is the next test's 703,904."""
     backbone = DiffusersDiT(config=DIT_XL_2, device="meta", num_classes=FOOD101)
     model = _difffit(backbone, "paper")
     r = parameter_report(model)
@@ -83,10 +86,19 @@ def test_dit_xl2_paper_preset_on_food101_is_the_papers_0_83m():
     assert 0.1235 < 100 * r.trainable / 674_834_720 < 0.1240  # "0.12%"
 
 
+def test_dit_xl2_released_code_layout_without_layernorm_affine_is_703_904():
+    """The released code's count: the same γ layout and trained set, but DiT's LayerNorms keep no affine (the stock
+    DiT code's `elementwise_affine=False`), i.e. the paper preset with ln_affine=False: bias 489,632 + Food table
+    117,504 + γ 96,768 = 703,904 (0.70M)."""
+    backbone = DiffusersDiT(config=DIT_XL_2, device="meta", num_classes=FOOD101)
+    model = _difffit(backbone, "paper", ln_affine=False)
+    assert parameter_report(model).trainable == 489_632 + 102 * D_XL + 14 * 6 * D_XL == 703_904
+    assert _breakdown(model)["ln_affine"] == 0
+
+
 @pytest.mark.parametrize(
     ("options", "expected"),
     [
-        ({"ln_affine": False}, 703_904),  # the stock DiT code's count: bias + table + γ
         ({"positions": ("branch",), "blocks": "all", "ln_affine": False}, 489_632 + 117_504 + 64_512),  # γ1, γ2 x 28
         ({"positions": ("branch",), "ln_affine": False}, 489_632 + 117_504 + 32_256),  # γ1, γ2 on blocks 1-14
         ({"blocks": (0, 28)}, 738_464 + 28 * 6_912),  # all 28 blocks
@@ -387,6 +399,27 @@ def test_loaded_copies_that_differ_stay_untied_with_a_warning():
         assert not DiffusersDiT(model=DiTTransformer2DModel.from_config(TINY_DIT), tie_embeddings=False).tied
 
 
+def test_untied_warnings_say_one_consistent_thing(tmp_path):
+    """Issue 22 item 20: a DiT loaded with copies that differ is kept untied (tying would change it), and DiffFit
+    on it warns about the extra tables without telling the user to tie it (the backbone just said it cannot);
+    with tie_embeddings=False only DiffFit's warning is left. The shipped configs warn about neither
+    (tests/test_latent_diffusion.py)."""
+    from diffusers import DiTTransformer2DModel
+
+    DiTTransformer2DModel.from_config(TINY_DIT).save_pretrained(tmp_path / "dit")  # random: the copies differ
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _difffit(DiffusersDiT(source=str(tmp_path / "dit")), "paper")
+    kept, trains = (str(w.message) for w in caught)
+    assert "kept untied" in kept and "tie_embeddings=False to say the untied model is meant" in kept
+    assert "2 separate class tables" in trains and "tying would then change the model" in trains
+    assert not any("tie_embeddings=True" in m for m in (kept, trains))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _difffit(DiffusersDiT(source=str(tmp_path / "dit"), tie_embeddings=False), "paper")
+    assert [str(w.message) for w in caught] == [trains]
+
+
 def test_fresh_class_table_for_a_new_dataset(tmp_path):
     torch.manual_seed(0)
     backbone = DiffusersDiT(config=TINY_DIT, num_classes=3, example_size=8)
@@ -404,6 +437,70 @@ def test_fresh_class_table_for_a_new_dataset(tmp_path):
     untied = DiffusersDiT(config=TINY_DIT, num_classes=5, tie_embeddings=False)
     tables = [b.norm1.emb.class_embedder.embedding_table.weight for b in untied.model.transformer_blocks]
     assert tables[0].shape == (6, 16) and torch.equal(tables[0], tables[1]) and tables[0] is not tables[1]
+
+
+FOOD_TABLE = 102 * D_XL  # 117,504: a fresh Food-101 table, 101 classes + the CFG null row
+TABLE = "backbone.model.transformer_blocks.0.norm1.emb.class_embedder.embedding_table.weight"
+
+
+@pytest.mark.parametrize(
+    ("method", "without_table"),
+    [
+        ({"name": "lora", "r": 4}, 28 * 4 * 4 * (D_XL + D_XL)),  # 1,032,192: to_q, to_k, to_v, to_out.0 of 28 blocks
+        ("svfit", 28 * 4 * D_XL),  # 129,024: the full spectrum of the same 112 square matrices
+        ("bitfit", 489_632),  # the original DiT's biases
+        ({"name": "difffit", "preset": "paper"}, 835_232 - FOOD_TABLE),
+        ({"name": "difffit", "preset": "paper", "class_table": False}, 835_232 - FOOD_TABLE),
+    ],
+)
+def test_a_fresh_dit_class_table_is_counted_under_every_method(method, without_table):
+    """Issue 22 item 6: a fresh table (a new dataset's, `num_classes=K`) is the task's, like a classifier head:
+    it trains under every method, not only DiffFit's (DiffFit's `class_table` decides the pretrained table only).
+    BitFit with it is the paper's BitFit row, 607,136 ("0.61M")."""
+    model = PeftModel(DiffusersDiT(config=DIT_XL_2, device="meta", num_classes=FOOD101), method)
+    assert parameter_report(model).trainable == without_table + FOOD_TABLE
+    assert TABLE in model.trainable_names() and TABLE.removeprefix("backbone.") in model.backbone.task_owned()
+    pretrained = PeftModel(DiffusersDiT(config=DIT_XL_2, device="meta"), method)  # the ImageNet table: not the task's
+    trains_table = isinstance(method, dict) and method["name"] == "difffit" and method.get("class_table", True)
+    assert parameter_report(pretrained).trainable == without_table + trains_table * 1_001 * D_XL
+    assert pretrained.backbone.task_owned() == []
+
+
+@pytest.mark.parametrize("method", ["lora", "svfit", "bitfit", "difffit"])
+def test_a_fresh_class_table_trains_round_trips_and_disabled_is_pristine(method, tmp_path):
+    """The fresh table changes after a step under every method, is saved in the adapter file and loads back
+    into a backbone built with the same num_classes (whose own random table it replaces); `disabled()` runs the
+    table as built (its step-0 values)."""
+    from mmpeft.core.state import adapter_from_file, save_adapter
+
+    torch.manual_seed(0)
+    pristine = DiffusersDiT(config=TINY_DIT, num_classes=3, example_size=8).eval()
+    torch.manual_seed(0)
+    model = PeftModel(DiffusersDiT(config=TINY_DIT, num_classes=3, example_size=8), method)
+    table = model.get_parameter(TABLE)
+    start = table.detach().clone()
+    assert table.requires_grad
+    batches = [_dit_batch(model.backbone, seed=s) for s in range(2)]
+    assert all(int(inputs.cond.max()) < 3 for inputs, _ in batches)
+    fit_steps(model, batches, torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0),
+              model.backbone.example_loss)  # fmt: skip
+    assert not torch.equal(table, start)
+    inputs, _ = _dit_batch(model.backbone, seed=9)
+    with torch.no_grad(), model.disabled():
+        assert torch.equal(model.backbone(inputs), pristine(inputs))
+        assert torch.equal(model.get_parameter(TABLE), start)
+    assert not torch.equal(table, start)  # the trained table is back after disabled()
+
+    save_adapter(model, tmp_path / "adapter.safetensors")
+    torch.manual_seed(0)  # the same frozen weights ...
+    backbone = DiffusersDiT(config=TINY_DIT, num_classes=3, example_size=8)
+    with torch.no_grad():  # ... with another random fresh table, which the file's replaces
+        backbone.get_parameter(TABLE.removeprefix("backbone.")).normal_()
+    again = adapter_from_file(backbone, tmp_path / "adapter.safetensors")
+    assert torch.equal(again.get_parameter(TABLE), table)
+    with torch.no_grad():
+        assert torch.equal(again.eval()(inputs), model.eval()(inputs))
+    assert set(again.trainable_state_dict()) == set(model.trainable_state_dict())
 
 
 def test_tiny_unet_sd_preset_count():

@@ -186,6 +186,136 @@ def test_export_refuses_other_methods(folder: Path, tmp_path: Path) -> None:
     assert not list(tmp_path.iterdir())
 
 
+# -- the text encoder's LoRA (a run with text_method) --------------------------------------------------
+
+TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+TEXT_LORA_R2 = 5 * 4 * 2 * (32 + 32)  # 2,560: r = 2 on the 4 attention projections (32 x 32) of 5 layers
+
+
+def _clip(folder: Path) -> torch.nn.Module:
+    from transformers import CLIPTextModel
+
+    from mmpeft.backbones.diffusion import load_pretrained
+
+    return load_pretrained(CLIPTextModel, folder / "text_encoder")
+
+
+def _with_text_lora(folder: Path, seed: int = 1, **lora) -> PeftModel:
+    """The UNet LoRA model plus a LoRA on the text encoder (the `text_encoder` component), B's non-zero."""
+    model = _lora_model(folder)
+    model.add_component("text_encoder", _clip(folder), LoRA(**{"r": 2, "alpha": 4.0, "targets": TEXT_TARGETS, **lora}))
+    _randomize_b(model.components["text_encoder"], ".lora.deltas.", seed)
+    return model
+
+
+@torch.no_grad()
+def _text_states(text_encoder: torch.nn.Module) -> torch.Tensor:
+    ids = clip_tokenizer()(["a photo of sks dog"], padding="max_length", max_length=77, return_tensors="pt")
+    return text_encoder.eval()(ids.input_ids)[0]
+
+
+@pytest.mark.parametrize("key_style", ["peft", "diffusers"])
+def test_text_encoder_lora_is_exported_and_loads_with_equal_outputs(folder: Path, tmp_path: Path, key_style) -> None:
+    """Issue 22 item 7: the file holds the text encoder's LoRA under diffusers' `text_encoder.text_model.` keys,
+    and the pipeline with it loaded gives the trained model's UNet and text-encoder outputs (it used to hold the
+    UNet part alone: the pipeline's text states then differed from the trained model's)."""
+    model = _with_text_lora(folder)
+    pipe = tiny_sd_pipeline(folder=True)
+    ours = _text_states(model.components["text_encoder"])
+    assert _max_diff(ours, _text_states(pipe.text_encoder)) > 1e-3, "the text LoRA must change the states"
+
+    file = export_diffusers_lora(model, tmp_path, key_style=key_style)
+    tensors = load_file(file)
+    text = {k: v for k, v in tensors.items() if k.startswith("text_encoder.")}
+    a_key = ".lora_A.weight" if key_style == "peft" else ".lora_linear_layer.down.weight"  # diffusers' text keys
+    assert f"text_encoder.text_model.encoder.layers.0.self_attn.q_proj{a_key}" in text
+    assert len(text) == 2 * 5 * 4 and sum(t.numel() for t in text.values()) == TEXT_LORA_R2
+    assert len(tensors) - len(text) == 2 * 48
+    with safe_open(str(file), framework="pt") as f:
+        header = json.loads(f.metadata()[METADATA_KEY])
+    assert header["components"]["text_encoder"]["config"]["alpha"] == 4.0 and header["left_out"] == []
+
+    pipe.load_lora_weights(str(tmp_path))
+    assert _max_diff(_text_states(pipe.text_encoder), ours) < TOL
+    assert _max_diff(_theirs(pipe.unet), _ours(model)) < TOL
+
+
+def test_text_encoder_lora_imports_back_into_a_text_method(folder: Path, tmp_path: Path) -> None:
+    """mmpeft's file read back: the same UNet and text-encoder tensors and method configs (the text encoder's
+    LoRA becomes the `text_encoder` component, the text_method of a LatentDiffusion run); without
+    text_encoder='import' the text part is refused by default or left out on request."""
+    model = _with_text_lora(folder, alpha=8.0, dropout=0.1)
+    export_diffusers_lora(model, tmp_path)
+    with pytest.raises(NotSupported, match="also adapts text_encoder.*text_encoder='import'"):
+        import_diffusers_lora(DiffusersUNet(source=str(folder)), tmp_path)
+    with pytest.raises(NotSupported, match="pass text_model= the pipeline's CLIPTextModel"):
+        import_diffusers_lora(DiffusersUNet(source=str(folder)), tmp_path, text_encoder="import")
+    back = import_diffusers_lora(DiffusersUNet(source=str(folder)), tmp_path, text_encoder="import",
+                                 text_model=_clip(folder))  # fmt: skip
+    text = back.component_methods["text_encoder"]
+    assert text.config() == model.component_methods["text_encoder"].config()
+    original, restored = model.trainable_state_dict(), back.trainable_state_dict()
+    assert restored.keys() == original.keys() and any(k.startswith("components.text_encoder.") for k in original)
+    for key, value in original.items():
+        torch.testing.assert_close(restored[key], value, rtol=1e-6, atol=1e-7)
+    assert _max_diff(_text_states(back.components["text_encoder"]), _text_states(model.components["text_encoder"])) == 0
+
+    into = _with_text_lora(folder, seed=5, alpha=8.0, dropout=0.1)  # in place, into a model of the same layout
+    assert import_diffusers_lora(into, tmp_path, text_encoder="import") is into
+    assert all(torch.equal(v, into.trainable_state_dict()[k]) for k, v in restored.items())
+    unet_only = import_diffusers_lora(DiffusersUNet(source=str(folder)), tmp_path, text_encoder="ignore")
+    assert not getattr(unet_only, "component_methods", {}) and _max_diff(_ours(unet_only), _ours(model)) < TOL
+
+
+@pytest.mark.parametrize("with_config", [False, True])
+def test_diffusers_saved_text_encoder_lora_imports_with_equal_outputs(folder: Path, tmp_path: Path, with_config):
+    """A file diffusers' `save_lora_weights` writes from peft LoRAs (keys as transformers 5 names the layers, no
+    `text_model.`): without the LoRA config in the header diffusers reads alpha = r (scale 1), with it
+    lora_alpha / r = 2; the import's text encoder matches the pipeline's either way."""
+    from diffusers import StableDiffusionPipeline
+    from peft import inject_adapter_in_model
+
+    unet, unet_lora = _peft_unet()
+    text_lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights="gaussian")
+    encoder = inject_adapter_in_model(text_lora, _clip(folder))
+    _randomize_b(encoder, "lora_B", seed=3)
+    extra = {"unet_lora_adapter_metadata": unet_lora.to_dict(),
+             "text_encoder_lora_adapter_metadata": text_lora.to_dict()} if with_config else {}  # fmt: skip
+    layers = {"unet_lora_layers": get_peft_model_state_dict(unet),
+              "text_encoder_lora_layers": get_peft_model_state_dict(encoder)}  # fmt: skip
+    StableDiffusionPipeline.save_lora_weights(str(tmp_path), **layers, **extra)
+    pipe = tiny_sd_pipeline(folder=True)
+    pipe.load_lora_weights(str(tmp_path))
+    reference = _text_states(pipe.text_encoder)
+    if with_config:
+        assert _max_diff(reference, _text_states(encoder)) < TOL  # diffusers honours lora_alpha = 8
+
+    lora_file = read_diffusers_lora(tmp_path, text_encoder="import")
+    assert len(lora_file.text_modules) == 10 and {s for *_, s in lora_file.text_modules.values()} == (
+        {2.0} if with_config else {1.0}
+    )
+    model = import_diffusers_lora(DiffusersUNet(source=str(folder)), tmp_path, text_encoder="import",
+                                  text_model=_clip(folder))  # fmt: skip
+    text = model.component_methods["text_encoder"]
+    assert (text.r, text.alpha, text.targets) == (4, 8.0 if with_config else None, ("q_proj", "v_proj"))
+    assert _max_diff(_text_states(model.components["text_encoder"]), reference) < TOL
+    assert _max_diff(_ours(model), _theirs(pipe.unet)) < TOL
+
+
+def test_a_text_method_that_is_not_lora_is_refused_not_left_out(folder: Path, tmp_path: Path) -> None:
+    """BitFit on the text encoder has no diffusers LoRA form: no file rather than a UNet-only one that loads into
+    a pipeline unlike the trained model; `text_encoder="ignore"` writes the UNet part and records what it left."""
+    model = _lora_model(folder)
+    model.add_component("text_encoder", _clip(folder), "bitfit")
+    with pytest.raises(NotSupported, match="the text_encoder carries 'bitfit', which has no diffusers LoRA form"):
+        export_diffusers_lora(model, tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()
+    file = export_diffusers_lora(model, tmp_path / "unet_only", text_encoder="ignore")
+    assert all(k.startswith("unet.") for k in load_file(file))
+    with safe_open(str(file), framework="pt") as f:
+        assert json.loads(f.metadata()[METADATA_KEY])["left_out"] == ["text_encoder"]
+
+
 # -- import: diffusers files -> mmpeft LoRA ------------------------------------------------------------
 
 

@@ -346,6 +346,44 @@ def test_refuses_folder_without_config(tmp_path, no_build):
         create_backbone(f"diffusers_unet:{folder}")
 
 
+def _broken_folders(saved, root: Path) -> tuple[Path, Path, Path]:
+    """Issue 22 item 17's folders: a UNet config without weights, a UNet config beside a DiT's weights (another
+    model's), and a UNet config whose weights have other shapes (another cross-attention width)."""
+    import shutil
+
+    unet = saved["root"] / "pipe" / "unet"
+    folders = [root / "no_weights", root / "other_model", root / "other_shapes"]
+    for folder in folders:
+        folder.mkdir()
+    shutil.copy(unet / "config.json", folders[0])
+    shutil.copy(unet / "config.json", folders[1])
+    shutil.copy(saved["root"] / "pipe" / "transformer" / "diffusion_pytorch_model.safetensors", folders[1])
+    config = json.loads((unet / "config.json").read_text())
+    (folders[2] / "config.json").write_text(json.dumps({**config, "cross_attention_dim": 16}))
+    shutil.copy(unet / "diffusion_pytorch_model.safetensors", folders[2])
+    return folders[0], folders[1], folders[2]
+
+
+def test_refuses_broken_model_folders_naming_the_folder_and_what_is_wrong(saved, tmp_path):
+    """Issue 22 item 17: these used to fail as "Does not validate against any of the Union subtypes" (no
+    weights) and "Cannot copy out of meta tensor" (another model's weights, left on the meta device)."""
+    no_weights, other_model, other_shapes = _broken_folders(saved, tmp_path)
+    expected = "expected diffusion_pytorch_model.safetensors or diffusion_pytorch_model.bin or "
+    with pytest.raises(WeightsUnavailable, match=re.escape(f"{str(no_weights)!r} is not a complete "
+                                                           f"UNet2DConditionModel (config.json and its weights) "
+                                                           f"folder: {expected}")) as info:  # fmt: skip
+        create_backbone(f"diffusers_unet:{no_weights}")
+    assert "it holds ['config.json']" in str(info.value)
+    with pytest.raises(WeightsUnavailable, match=re.escape(f"{str(other_model)!r}: the weights do not fit its "
+                                                           "config.json (UNet2DConditionModel): 304 of the model's "
+                                                           "tensors are not in the weights file")) as info:  # fmt: skip
+        DiffusersUNet(source=str(other_model))
+    assert "in the file belong to no layer of it (e.g. ['pos_embed.proj.bias'" in str(info.value)
+    with pytest.raises(WeightsUnavailable, match=re.escape(f"{str(other_shapes)!r}: the weights do not fit")) as info:
+        DiffusersUNet(source=str(other_shapes))
+    assert "expected shape torch.Size([64, 16]), but got torch.Size([64, 32])" in str(info.value)
+
+
 def test_refuses_missing_path_that_looks_like_a_hub_id(tmp_path, monkeypatch, no_build):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(WeightsUnavailable, match=r"no such file or folder: 'stabilityai/sd-x'.*hub.*download"):

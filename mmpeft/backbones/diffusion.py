@@ -35,7 +35,16 @@ from mmpeft.core.context import BackboneInput, ContextSlot, ForwardContext, chec
 from mmpeft.core.errors import NotSupported, UnknownName, WeightsUnavailable
 from mmpeft.core.identity import record_weights
 
-__all__ = ["DiffusersDenoiser", "DiffusersUNet", "DiffusersDiT", "TINY_SD_UNET", "TINY_DIT", "load_denoiser"]
+__all__ = [
+    "DiffusersDenoiser",
+    "DiffusersUNet",
+    "DiffusersDiT",
+    "TINY_SD_UNET",
+    "TINY_DIT",
+    "load_denoiser",
+    "load_pretrained",
+    "require_files",
+]
 
 # The (32, 64) UNet of diffusers' SD LoRA tests: 1,427,012 parameters; LoRA r=4 on q, k, v, out: 23,040.
 TINY_SD_UNET: dict[str, Any] = {
@@ -64,6 +73,7 @@ TINY_DIT: dict[str, Any] = {
     "norm_elementwise_affine": False,
 }
 
+CLASS_TABLE = "class_embedder.embedding_table.weight"  # a diffusers DiT's class table (the original's `y_embedder`)
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _ORIGINAL_KEYS = {
     "UNet2DConditionModel": ("model.diffusion_model.", "input_blocks.", "first_stage_model."),
@@ -161,6 +171,64 @@ def _model_folder(folder: Path, class_name: str, subfolder: str) -> Path:
     )
 
 
+# The weights files `from_pretrained` looks for (each may also be sharded: `<name>.index.json` beside its shards).
+DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+TRANSFORMERS_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
+
+
+def require_files(folder: Path, what: str, *alternatives: tuple[str, ...]) -> None:
+    """Refuse `folder` unless it holds every file of at least one of `alternatives`, naming the folder, what it
+    should be and what it holds (diffusers' and transformers' own errors name a file deep in a fallback chain)."""
+    if any(all((folder / name).is_file() for name in names) for names in alternatives):
+        return
+    expected = " or ".join(" + ".join(names) for names in alternatives)
+    held = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else None
+    found = f"it holds {held}" if held is not None else "it does not exist"
+    raise WeightsUnavailable(f"{str(folder)!r} is not a complete {what} folder: expected {expected}; {found}")
+
+
+def load_pretrained(cls: type[nn.Module], folder: str | Path, **kwargs: Any) -> nn.Module:
+    """`cls.from_pretrained(folder)` for a diffusers or transformers model folder, refused with the folder's name
+    and what is missing or mismatched when its config.json and weights do not make one model. Left to the
+    libraries, a config without weights fails in jsonargparse as "Does not validate against any of the Union
+    subtypes", and a config beside another model's weights (a UNet's config, a VAE's weights) loads with its
+    tensors left on the meta device, to fail later with "Cannot copy out of meta tensor"."""
+    folder = Path(folder)
+    names = TRANSFORMERS_WEIGHTS if cls.__module__.startswith("transformers") else DIFFUSERS_WEIGHTS
+    weights = [(n,) for n in names] + [(f"{n}.index.json",) for n in names]
+    require_files(folder, f"{cls.__name__} (config.json and its weights)", ("config.json",))
+    require_files(folder, f"{cls.__name__} (config.json and its weights)", *weights)
+    try:
+        model, info = cls.from_pretrained(str(folder), local_files_only=True, output_loading_info=True, **kwargs)
+    except ValueError as err:  # diffusers: a tensor of another shape than the config makes
+        first = (str(err).strip().splitlines() or [""])[0].split(". If you want")[0]
+        raise WeightsUnavailable(
+            f"{str(folder)!r}: the weights do not fit its config.json ({cls.__name__}): {first}"
+        ) from err
+    misfit = _misfit(info)
+    if misfit:
+        raise WeightsUnavailable(
+            f"{str(folder)!r}: the weights do not fit its config.json ({cls.__name__}): {misfit}. Are they another "
+            f"model's? Put the {cls.__name__}'s own weights beside its config.json"
+        )
+    return model
+
+
+def _misfit(info: dict[str, Any]) -> str:
+    """What `from_pretrained`'s loading info says is wrong ("" when the weights fit): tensors the model needs
+    that the file lacks, or has in another shape, and the file's tensors that belong to no layer."""
+    missing, unexpected = sorted(info.get("missing_keys") or []), sorted(info.get("unexpected_keys") or [])
+    mismatched = list(info.get("mismatched_keys") or [])
+    if not (missing or mismatched):
+        return ""
+    parts = [
+        (missing, f"{len(missing)} of the model's tensors are not in the weights file (e.g. {missing[:3]})"),
+        (mismatched, f"{len(mismatched)} have another shape ({mismatched[:2]})"),
+        (unexpected, f"{len(unexpected)} in the file belong to no layer of it (e.g. {unexpected[:3]})"),
+    ]
+    return "; ".join(text for keys, text in parts if keys)
+
+
 def load_denoiser(
     class_name: str,
     subfolder: str,
@@ -205,7 +273,7 @@ def load_denoiser(
         with torch.device("meta"):
             model = cls.from_config(cls.load_config(folder))
         return model.to(dtype) if dtype is not None else model  # the dtype decides the bytes a meta build reports
-    model = cls.from_pretrained(str(folder), local_files_only=True, torch_dtype=dtype)
+    model = load_pretrained(cls, folder, torch_dtype=dtype)
     return model.to(device) if device is not None else model
 
 
@@ -258,7 +326,8 @@ class DiffusersDenoiser(Backbone):
                 )
             name, config = name or config, self.shipped_configs[config]
         given = model is not None
-        if model is None and config is not None:
+        self.built_from_config = model is None and config is not None  # random weights mmpeft draws itself
+        if self.built_from_config:
             cls = _model_class(self.class_name)
             with torch.device(device or "cpu"):
                 model = cls.from_config(config)
@@ -423,14 +492,15 @@ class DiffusersDiT(DiffusersDenoiser):
             in; the final layer already reads block 0's), so methods that train the table or the timestep
             biases train one copy, as in the paper. Loaded weights whose copies differ (a randomly initialised
             model saved as is) are kept untied, with a warning, rather than silently changed; a model built
-            from `config` (or on the meta device: no values to compare) is tied by construction (block 0's
-            random draws). `model.save_pretrained(...)` still writes every block's copy, so the folder loads
-            in plain diffusers.
+            from `config` or a shipped config's name (`source: tiny_dit`), or on the meta device (no values to
+            compare), is tied by construction (block 0's random draws). `model.save_pretrained(...)` still
+            writes every block's copy, so the folder loads in plain diffusers.
         num_classes: a fresh class table for a new dataset: K classes plus the classifier-free-guidance null
             row (diffusers' `LabelEmbedding` convention, K+1 rows; the null label is K), initialised as
             diffusers initialises it (`nn.Embedding`'s N(0, 1); the original DiT code uses N(0, 0.02)), with
             the config's `num_embeds_ada_norm` set to K so a saved model reloads. Untied, every block gets
-            a copy of the same table.
+            a copy of the same table. The fresh table is the task's (`task_owned`): it trains under every
+            method and is saved in the adapter file.
     """
 
     family = "dit"
@@ -453,20 +523,29 @@ class DiffusersDiT(DiffusersDenoiser):
         num_classes: int | None = None,
     ):
         super().__init__(source, config, model, name, dtype, device, example_size, example_tokens)
+        self.fresh_class_table = num_classes is not None
         if num_classes is not None:
             self._fresh_class_table(num_classes)
         if tie_embeddings and len(self.model.transformer_blocks) > 1:
-            differ = [] if config is not None else _differing_copies(self.model)
+            differ = [] if self.built_from_config else _differing_copies(self.model)
             if differ:
-                warnings.warn(
-                    f"{self.name}: the blocks' norm1.emb copies (timestep MLP + class table) differ from block 0's "
-                    f"in blocks {differ[:5]}{'...' if len(differ) > 5 else ''} (a checkpoint converted from DiT has "
-                    "equal copies; these weights look randomly initialised or trained untied), so they are kept "
-                    "untied; pass tie_embeddings=False to silence this",
-                    stacklevel=2,
-                )
+                warnings.warn(untied_warning(self.name, differ), stacklevel=2)
             else:
                 tie_dit_embeddings(self.model)
+
+    def task_owned(self) -> list[str]:
+        """A fresh class table (`num_classes`; every block's copy when untied): it belongs to the new dataset, not
+        to the pretrained model, so it trains under every method (LoRA, SVFit, BitFit as well as DiffFit), counts as
+        trainable and goes in the adapter file, as a classifier's head does."""
+        if not self.fresh_class_table:
+            return []
+        return [n for n, _ in self.named_parameters() if n.endswith(CLASS_TABLE)]
+
+    @property
+    def num_classes(self) -> int:
+        """K: the class table holds labels 0..K-1; its row K (diffusers' K+1-row `LabelEmbedding`) is the
+        classifier-free-guidance null class, which training drops labels to and sampling guides against."""
+        return int(self.model.config.num_embeds_ada_norm)
 
     @property
     def tied(self) -> bool:
@@ -493,6 +572,18 @@ class DiffusersDiT(DiffusersDenoiser):
 
     def example_cond(self, batch: int, generator: torch.Generator | None) -> torch.Tensor:
         return torch.randint(0, self.model.config.num_embeds_ada_norm, (batch,), generator=generator)
+
+
+def untied_warning(name: str, differ: list[int]) -> str:
+    """Why a DiT asked to tie stays untied, and what that means for the methods that train its embeddings."""
+    blocks = f"{differ[:5]}{'...' if len(differ) > 5 else ''}"
+    return (
+        f"{name}: the blocks' norm1.emb copies (timestep MLP + class table) differ from block 0's in blocks {blocks} "
+        "(a checkpoint converted from DiT has equal copies; these weights look randomly initialised or trained "
+        "untied), so they are kept untied: tying would replace them by block 0's and change the model. Methods that "
+        "train the class table or the timestep biases (DiffFit, BitFit) then train one copy per block; pass "
+        "tie_embeddings=False to say the untied model is meant (this warning then goes)"
+    )
 
 
 def _differing_copies(model: nn.Module) -> list[int]:

@@ -64,6 +64,12 @@ class Backbone(nn.Module):
         """The context of the forward in flight (None outside a forward)."""
         return self.context_slot.current
 
+    def task_owned(self) -> list[str]:
+        """Names of backbone tensors that belong to the task rather than to the pretrained model (a DiT's fresh
+        class table for a new dataset): like a task head, they train under every method, count as trainable and
+        go in the adapter file (`Method.declared_trainable` adds them). None by default."""
+        return []
+
     def disabled(self) -> contextlib.AbstractContextManager[nn.Module]:
         """The pristine frozen backbone, without a second copy (see `mmpeft.core.pristine.disabled`)."""
         from mmpeft.core.pristine import disabled  # noqa: PLC0415 - pristine imports the method core

@@ -30,6 +30,7 @@ __all__ = [
     "method_from_config",
     "method_from_spec",
     "apply_frozen_mode",
+    "task_owned",
     "FROZEN_MODES",
 ]
 
@@ -140,7 +141,7 @@ class Method:
             self._bind_pieces(backbone)
             set_trainable(backbone, self.declared_trainable(backbone))
             if not self.trains_backbone:
-                record_originals(backbone, self.unfrozen(backbone))
+                record_originals(backbone, self.trained_in_place(backbone))
         except BaseException:  # a refused method leaves the backbone as it found it
             for p in reversed(placements(backbone)):
                 p.remove()
@@ -160,13 +161,18 @@ class Method:
             piece.compute_dtype = dtype if dtype != host_dtype else None
 
     def declared_trainable(self, backbone: nn.Module) -> list[str]:
-        """The declared trainable set inside the backbone: method modules + unfrozen backbone tensors."""
+        """The declared trainable set inside the backbone: method modules + backbone tensors trained in place."""
         own = {
             f"{prefix}.{n}" if prefix else n
             for prefix, module in adapter_modules(backbone)
             for n, _ in module.named_parameters()
         }
-        return sorted(own | set(self.unfrozen(backbone)))
+        return sorted(own | set(self.trained_in_place(backbone)))
+
+    def trained_in_place(self, backbone: nn.Module) -> list[str]:
+        """Backbone tensors that train in place: the method's `unfrozen` ones plus those the task owns whatever
+        the method (`Backbone.task_owned`: a DiT's fresh class table), one mechanism for every method."""
+        return sorted(set(self.unfrozen(backbone)) | set(task_owned(backbone)))
 
     def can_merge(self, backbone: nn.Module) -> bool:
         """Mergeable in general, and on this backbone (e.g. SSF needs a bias on every layer it follows)."""
@@ -287,6 +293,12 @@ class Method:
         if preset not in cls.presets and preset != "default":
             raise UnknownName(f"method {cls.name!r} has no preset {preset!r}; presets: {['default', *cls.presets]}")
         return cls(**{**cls.presets.get(preset, {}), **overrides})
+
+
+def task_owned(backbone: nn.Module) -> list[str]:
+    """`backbone.task_owned()` for a `Backbone`; nothing for any other module (a component's text encoder)."""
+    owned = getattr(backbone, "task_owned", None)
+    return list(owned()) if callable(owned) else []
 
 
 def _tensor_at(host: nn.Module, key: str) -> torch.Tensor:

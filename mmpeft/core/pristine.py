@@ -1,7 +1,8 @@
 """The pristine frozen backbone, on demand and without a second copy of its weights.
 
 Most methods only add modules, so switching those off gives back the frozen backbone. Some train
-backbone tensors in place (BitFit's biases, LayerNorm tuning, DiffFit's norms and class table):
+backbone tensors in place (BitFit's biases, LayerNorm tuning, DiffFit's norms and class table, and under
+every method the tensors the task owns, such as a DiT's fresh class table: `Method.trained_in_place`):
 when the method is applied, `record_originals` keeps a copy of *only those* tensors (KBs), and
 `disabled()` swaps them in for the duration of the context. Merged deltas are not silently taken
 out: `disabled()` on a merged model refuses and says to unmerge first.

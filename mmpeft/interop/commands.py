@@ -1,7 +1,8 @@
 """`mmpeft export-lora` and `mmpeft import-lora`: an mmpeft adapter file <-> a diffusers LoRA file.
 
-Both rebuild the UNet the file was trained on from a local diffusers folder (or `tiny_sd`), so the adapter
-header's backbone check applies, and neither overwrites an existing output unless asked.
+Both rebuild the UNet the file was trained on from a local diffusers folder (or `tiny_sd`), and its text
+encoder when the LoRA adapts that too (a run with `text_method`), so the adapter header's backbone check
+applies, and neither overwrites an existing output unless asked.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from mmpeft.core.errors import MmpeftError, OutputExists
+from mmpeft.core.errors import MmpeftError, NotSupported, OutputExists, WeightsUnavailable
 
 __all__ = ["add_export_arguments", "add_import_arguments", "export_lora_command", "import_lora_command"]
 
@@ -18,8 +19,8 @@ def _unet_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--unet",
         required=True,
-        help="the Stable Diffusion the LoRA belongs to: a local diffusers pipeline folder, its unet/ folder, "
-        "or tiny_sd (the shipped tiny random SD)",
+        help="the Stable Diffusion the LoRA belongs to: a local diffusers pipeline folder (its text_encoder/ is "
+        "read when the LoRA adapts the text encoder too), its unet/ folder, or tiny_sd (the shipped tiny random SD)",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
 
@@ -39,6 +40,13 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
         help="peft: lora_A / lora_B keys (diffusers' current files); diffusers: lora.down / lora.up, as the "
         "DreamBooth LoRA script writes",
     )
+    parser.add_argument(
+        "--text-encoder",
+        choices=("include", "ignore"),
+        default="include",
+        help="a run that adapted the text encoder too (text_method): include its LoRA (text_encoder.* keys; a "
+        "text method other than LoRA has no diffusers form and is refused), or write the UNet part alone (ignore)",
+    )
     _unet_arguments(parser)
 
 
@@ -47,9 +55,11 @@ def add_import_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="the mmpeft adapter file to write (.safetensors)")
     parser.add_argument(
         "--text-encoder",
-        choices=("error", "ignore"),
-        default="error",
-        help="a file that also adapts the text encoder: refuse (error) or import the UNet part only (ignore)",
+        choices=("import", "error", "ignore"),
+        default="import",
+        help="a file that also adapts the text encoder: import its LoRA too, as the adapter's text_encoder "
+        "component (the text_method of a LatentDiffusion run; needs the pipeline folder's text_encoder/), refuse "
+        "(error), or import the UNet part only (ignore)",
     )
     _unet_arguments(parser)
 
@@ -65,36 +75,68 @@ def _unet(source: str):
     return DiffusersUNet(source=source)
 
 
+def _text_encoder(source: str):
+    """The CLIP text encoder of the pipeline `--unet` names: its `text_encoder/` (beside `unet/` when `--unet` is
+    the unet folder or a weights file in it)."""
+    from transformers import CLIPTextModel  # noqa: PLC0415
+
+    from mmpeft.backbones.diffusion import load_pretrained  # noqa: PLC0415
+
+    if source == "tiny_sd":
+        from mmpeft.interop.tiny_sd import tiny_sd_folder  # noqa: PLC0415
+
+        return load_pretrained(CLIPTextModel, tiny_sd_folder() / "text_encoder")
+    path = Path(source).expanduser()
+    for folder in (path, path.parent, path.parent.parent):
+        if (folder / "text_encoder" / "config.json").is_file():
+            return load_pretrained(CLIPTextModel, folder / "text_encoder")
+    raise WeightsUnavailable(
+        f"the LoRA adapts the text encoder, but {source!r} has no text_encoder/ (nor beside it): pass the pipeline "
+        "folder as --unet, or --text-encoder ignore to leave the text encoder's part out"
+    )
+
+
 def export_lora_command(args: argparse.Namespace) -> int:
     from mmpeft.core.method import method_from_config  # noqa: PLC0415
     from mmpeft.core.model import PeftModel  # noqa: PLC0415
     from mmpeft.core.state import load_adapter, read_adapter  # noqa: PLC0415
-    from mmpeft.interop.diffusers_lora import LORA_WEIGHT_NAME, export_diffusers_lora  # noqa: PLC0415
+    from mmpeft.interop.diffusers_lora import LORA_WEIGHT_NAME, TEXT_ENCODER, export_diffusers_lora  # noqa: PLC0415
 
     out = Path(args.out)
     file = out if out.suffix == ".safetensors" else out / LORA_WEIGHT_NAME
     _refuse_existing(file, args.overwrite)
     _, header = read_adapter(args.adapter)
+    components = header["components"] if args.text_encoder == "include" else {}
+    unknown = sorted(set(components) - {TEXT_ENCODER})
+    if unknown:
+        raise NotSupported(f"the adapter adapts components {unknown}, which a diffusers LoRA file has no place for")
     model = PeftModel(_unet(args.unet), method_from_config(header["method"]))
-    load_adapter(model, args.adapter, components=False)
-    written = export_diffusers_lora(model, out, key_style=args.key_style)
-    left = ", ".join(header["components"])
-    note = f" (the {left} part stays in the mmpeft file: the export holds the UNet's LoRA)" if left else ""
-    print(f"wrote {written} ({written.stat().st_size / 1024:.1f} KiB){note}")
+    for name, spec in components.items():
+        model.add_component(name, _text_encoder(args.unet), method_from_config(spec))
+    load_adapter(model, args.adapter, components=bool(components))
+    written = export_diffusers_lora(model, out, key_style=args.key_style, text_encoder=args.text_encoder)
+    parts = "UNet and text-encoder LoRA" if components else "UNet LoRA"
+    left = ", ".join(header["components"]) if not components else ""
+    note = f"; the {left} part is left out (--text-encoder ignore) and stays in the mmpeft file" if left else ""
+    print(f"wrote {written} ({written.stat().st_size / 1024:.1f} KiB: {parts}{note})")
     return 0
 
 
 def import_lora_command(args: argparse.Namespace) -> int:
     from mmpeft.core.state import save_adapter  # noqa: PLC0415
-    from mmpeft.interop.diffusers_lora import import_diffusers_lora  # noqa: PLC0415
+    from mmpeft.interop.diffusers_lora import TEXT_ENCODER, import_diffusers_lora, read_diffusers_lora  # noqa: PLC0415
 
     out = Path(args.out)
     if out.suffix != ".safetensors":
         raise MmpeftError(f"--out {str(out)!r}: an mmpeft adapter file is a .safetensors file; end the path in it")
     _refuse_existing(out, args.overwrite)
-    model = import_diffusers_lora(_unet(args.unet), args.lora, text_encoder=args.text_encoder)
+    lora_file = read_diffusers_lora(args.lora, text_encoder=args.text_encoder)
+    text_model = _text_encoder(args.unet) if lora_file.text_modules else None
+    model = import_diffusers_lora(_unet(args.unet), args.lora, text_encoder=args.text_encoder, text_model=text_model)
     size = save_adapter(model, out, extra={"imported_from": str(Path(args.lora).resolve())})
     config = model.method.config()
+    text = getattr(model, "component_methods", {}).get(TEXT_ENCODER)
+    also = f"; text encoder: lora r={text.r} alpha={text.alpha} on {len(lora_file.text_modules)} layers" if text else ""
     print(f"wrote {out} ({size / 1024:.1f} KiB): lora r={config['r']} alpha={config['alpha']} on "
-          f"{len(model.trainable_state_dict()) // 2} layers")  # fmt: skip
+          f"{len(lora_file.modules)} UNet layers{also}")  # fmt: skip
     return 0

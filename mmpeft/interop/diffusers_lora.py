@@ -1,26 +1,39 @@
-"""mmpeft LoRA <-> diffusers LoRA files (`pytorch_lora_weights.safetensors`) for Stable Diffusion UNets.
+"""mmpeft LoRA <-> diffusers LoRA files (`pytorch_lora_weights.safetensors`) for Stable Diffusion: the UNet's
+LoRA and, when the run adapted the text encoder too (`text_method`), the text encoder's.
 
 Export writes what `StableDiffusionPipeline.load_lora_weights(dir)` loads and what diffusers' DreamBooth
 LoRA script (`save_lora_weights`) writes; import reads those files, and also the older diffusers layouts
-and kohya-ss files that diffusers itself converts, into an mmpeft `LoRA` on a `DiffusersUNet`.
+and kohya-ss files that diffusers itself converts, into an mmpeft `LoRA` on a `DiffusersUNet` (and a `LoRA`
+on the CLIP text encoder, added as the model's `text_encoder` component).
 
 The file format (peft keys, diffusers >= 0.2x; checked against diffusers 0.42):
   `unet.<module path>.lora_A.weight`  A, [r, in] (a Conv2d: [r, in, kh, kw], peft's k×k "down" conv)
   `unet.<module path>.lora_B.weight`  B, [out, r] (a Conv2d: [out, r, 1, 1])
+  `text_encoder.text_model.<module path>.lora_A.weight` / `.lora_B.weight`: the same for the text encoder
 where `<module path>` is the layer's name in the `UNet2DConditionModel` (`down_blocks.1.attentions.0.
-transformer_blocks.0.attn1.to_q`). With `key_style="diffusers"` the two become `.lora.down.weight` /
-`.lora.up.weight`, exactly what the DreamBooth script writes (`convert_state_dict_to_diffusers`);
-diffusers converts them back to the peft names on load.
+transformer_blocks.0.attn1.to_q`) or in the `CLIPTextModel` (`encoder.layers.0.self_attn.q_proj`). The text
+encoder's keys carry `text_model.`, transformers 4's nesting of the CLIP text model, which the files in
+circulation use; transformers 5 dropped the nesting, and diffusers 0.42 strips the prefix again when its
+text encoder has none (`_load_lora_into_text_encoder`), so one spelling loads under both. With
+`key_style="diffusers"` the two become `.lora.down.weight` / `.lora.up.weight`, exactly what the DreamBooth
+script writes (`convert_state_dict_to_diffusers`), and `.lora_linear_layer.down.weight` / `.up.weight` for the
+text encoder's (diffusers' own text-encoder spelling); diffusers converts them back to the peft names on load.
 
 Scaling: a file without alphas means `W + B A` to diffusers (peft's `lora_alpha / r` with `lora_alpha = r`
-when absent). mmpeft's `W + (alpha / r) B A` is therefore written with the scale folded into B
-(`lora_B = (alpha / r) B`), which every loader reads the same way (no reliance on `network_alphas` or on
-the LoRA-config metadata newer diffusers honour). The mmpeft method config goes into the safetensors
-header under `mmpeft_lora`, so an import of mmpeft's own file gives back the same `alpha` and options.
+when absent), for the UNet and the text encoder alike. mmpeft's `W + (alpha / r) B A` is therefore written
+with the scale folded into B (`lora_B = (alpha / r) B`), which every loader reads the same way (no reliance on
+`network_alphas` or on the LoRA-config metadata newer diffusers honour). The mmpeft method configs (the
+UNet's and the text encoder's) go into the safetensors header under `mmpeft_lora`, so an import of mmpeft's
+own file gives back the same `alpha` and options.
 
 On import, a module's scale is what diffusers would use: the LoRA-config metadata diffusers'
-`save_lora_weights(..., unet_lora_adapter_metadata=...)` writes (`lora_alpha`, `alpha_pattern`,
-`rank_pattern`, `use_rslora`), else kohya `network_alphas` (`alpha / r`), else 1.
+`save_lora_weights(..., unet_lora_adapter_metadata=..., text_encoder_lora_adapter_metadata=...)` writes
+(`lora_alpha`, `alpha_pattern`, `rank_pattern`, `use_rslora`), else kohya `network_alphas` (`alpha / r`),
+else 1.
+
+Only LoRA has a diffusers LoRA form: a run whose text encoder carries another method (BitFit, DiffFit, ...)
+is refused rather than written without it (that file would load into a pipeline that differs from the
+trained model); `text_encoder="ignore"` writes the UNet part alone, and says so in the header.
 """
 
 from __future__ import annotations
@@ -54,7 +67,12 @@ METADATA_KEY = "mmpeft_lora"  # our header entry; diffusers reads only "format" 
 _DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"
 _FORMAT = "mmpeft-diffusers-lora/1"
 _KEY_STYLES = {"peft": (".lora_A.weight", ".lora_B.weight"), "diffusers": (".lora.down.weight", ".lora.up.weight")}
+# the text encoder's "diffusers" keys are `lora_linear_layer` ones (diffusers' PEFT_TO_DIFFUSERS / DIFFUSERS_TO_PEFT)
+_TEXT_KEY_STYLES = {**_KEY_STYLES, "diffusers": (".lora_linear_layer.down.weight", ".lora_linear_layer.up.weight")}
 _PREFIXES = ("unet", "text_encoder", "text_encoder_2")
+TEXT_ENCODER = "text_encoder"  # the component name in mmpeft and the key prefix in diffusers' files
+TEXT_MODEL = "text_model."  # transformers 4's CLIPTextModel nesting, as text-encoder LoRA files spell it
+_TEXT_MODES = ("error", "ignore", "import")
 
 
 # -- export --------------------------------------------------------------------------------------------
@@ -74,12 +92,12 @@ def _unet_backbone(obj: Any, what: str):
     return backbone
 
 
-def _lora_pieces(unet: nn.Module) -> dict[str, Any]:
-    """{host module path in the UNet: LoRADelta} for every mmpeft LoRA piece on the UNet."""
+def _lora_pieces(root: nn.Module) -> dict[str, Any]:
+    """{host module path in `root`: LoRADelta} for every mmpeft LoRA piece on `root` (a UNet, a text encoder)."""
     from mmpeft.methods.lora import LoRADelta  # noqa: PLC0415
 
     pieces = {}
-    for name, piece in adapter_modules(unet):
+    for name, piece in adapter_modules(root):
         if isinstance(piece, LoRADelta):
             host, _, attr = name.rpartition(".")
             if attr != "lora":
@@ -88,11 +106,76 @@ def _lora_pieces(unet: nn.Module) -> dict[str, Any]:
     return pieces
 
 
+def _file_name(text_encoder: nn.Module, module: str) -> str:
+    """A text-encoder layer's name as the file spells it (`text_model.` + its path, see the module docstring)."""
+    return module if hasattr(text_encoder, "text_model") else TEXT_MODEL + module
+
+
+def _model_name(text_encoder: nn.Module, name: str) -> str:
+    """The inverse of `_file_name`, as diffusers reads it: `text_model.` is dropped where the model has none."""
+    return name if hasattr(text_encoder, "text_model") else name.removeprefix(TEXT_MODEL)
+
+
+def _lora_tensors(
+    root: nn.Module, prefix: str, suffixes: tuple[str, str], dtype: torch.dtype | None, name_of=None
+) -> dict[str, torch.Tensor]:
+    """`{prefix}.{name}{suffixes[0]}` = A and `{suffixes[1]}` = (alpha / r) B for every LoRA piece on `root`."""
+    pieces = _lora_pieces(root)
+    if not pieces:
+        raise NotSupported(f"the model's {prefix} carries no LoRA pieces (was the method unloaded?)")
+    a_suffix, b_suffix = suffixes
+    out: dict[str, torch.Tensor] = {}
+    for host_name, piece in pieces.items():
+        host = root.get_submodule(host_name)
+        if piece.parts:
+            raise NotSupported(f"LoRA on parts {piece.parts} of a fused qkv ({host_name!r}) has no diffusers form")
+        if isinstance(host, nn.Conv2d) and host.dilation != (1, 1):
+            raise NotSupported(f"{host_name!r} is a dilated Conv2d; peft's LoRA conv has no dilation")
+        delta = piece.deltas["all"]
+        a = delta.A.detach().float()
+        b = delta.B.detach().float() * delta.scale
+        target = dtype or delta.A.dtype
+        name = name_of(host_name) if name_of else host_name
+        out[f"{prefix}.{name}{a_suffix}"] = a.to("cpu", target).contiguous()
+        out[f"{prefix}.{name}{b_suffix}"] = b.to("cpu", target).contiguous()
+    return out
+
+
+def exported_components(model: PeftModel, text_encoder: str = "include") -> dict[str, Any]:
+    """{component name: its LoRA method} of the components whose LoRA a diffusers file holds beside the UNet's.
+
+    `text_encoder="include"`: the text encoder's LoRA, and a refusal for anything a file would leave out (a
+    text method other than LoRA: the file would load into a pipeline that differs from the trained model);
+    "ignore": none (the UNet part alone, the caller's explicit choice)."""
+    from mmpeft.methods.lora import LoRA  # noqa: PLC0415
+
+    if text_encoder not in ("include", "ignore"):
+        raise ValueError(f"text_encoder must be 'include' or 'ignore', got {text_encoder!r}")
+    methods = dict(getattr(model, "component_methods", {}))
+    if text_encoder == "ignore":
+        return {}
+    for name, method in methods.items():
+        if name != TEXT_ENCODER or not isinstance(method, LoRA):
+            what = f"the {name} carries {method.name!r}" if name == TEXT_ENCODER else f"component {name!r}"
+            raise NotSupported(
+                f"{what}, which has no diffusers LoRA form (a diffusers file holds LoRA on the UNet and the "
+                f"{TEXT_ENCODER}); a file with the UNet's LoRA alone would load into a pipeline that differs from "
+                "the trained model, so none is written. The mmpeft adapter file holds the whole model; "
+                "text_encoder='ignore' (--text-encoder ignore) writes the UNet part alone"
+            )
+    return methods
+
+
 def diffusers_lora_state_dict(
-    model: PeftModel, key_style: str = "peft", prefix: str = "unet", dtype: torch.dtype | None = None
+    model: PeftModel,
+    key_style: str = "peft",
+    prefix: str = "unet",
+    dtype: torch.dtype | None = None,
+    text_encoder: str = "include",
 ) -> dict[str, torch.Tensor]:
     """The tensors `export_diffusers_lora` writes: `{prefix}.{module}.lora_A.weight` = A and `.lora_B.weight`
-    = (alpha / r) B, per adapted Linear / Conv2d of the UNet (see the module docstring)."""
+    = (alpha / r) B, per adapted Linear / Conv2d of the UNet, and `text_encoder.text_model.{module}...` per
+    adapted layer of the text encoder (see the module docstring and `exported_components`)."""
     from mmpeft.methods.lora import LoRA  # noqa: PLC0415
 
     if key_style not in _KEY_STYLES:
@@ -110,24 +193,11 @@ def diffusers_lora_state_dict(
         raise NotSupported(
             f"export_diffusers_lora writes LoRA files; the model's method is {model.method.name!r}{hint}"
         )
-    unet = backbone.model
-    pieces = _lora_pieces(unet)
-    if not pieces:
-        raise NotSupported("the model's UNet carries no LoRA pieces (was the method unloaded?)")
-    a_suffix, b_suffix = _KEY_STYLES[key_style]
-    out: dict[str, torch.Tensor] = {}
-    for host_name, piece in pieces.items():
-        host = unet.get_submodule(host_name)
-        if piece.parts:
-            raise NotSupported(f"LoRA on parts {piece.parts} of a fused qkv ({host_name!r}) has no diffusers form")
-        if isinstance(host, nn.Conv2d) and host.dilation != (1, 1):
-            raise NotSupported(f"{host_name!r} is a dilated Conv2d; peft's LoRA conv has no dilation")
-        delta = piece.deltas["all"]
-        a = delta.A.detach().float()
-        b = delta.B.detach().float() * delta.scale
-        target = dtype or delta.A.dtype
-        out[f"{prefix}.{host_name}{a_suffix}"] = a.to("cpu", target).contiguous()
-        out[f"{prefix}.{host_name}{b_suffix}"] = b.to("cpu", target).contiguous()
+    out = _lora_tensors(backbone.model, prefix, _KEY_STYLES[key_style], dtype)
+    for name in exported_components(model, text_encoder):
+        encoder = model.components[name]
+        suffixes = _TEXT_KEY_STYLES[key_style]
+        out |= _lora_tensors(encoder, name, suffixes, dtype, lambda n, e=encoder: _file_name(e, n))
     return out
 
 
@@ -137,26 +207,33 @@ def export_diffusers_lora(
     weight_name: str = LORA_WEIGHT_NAME,
     key_style: str = "peft",
     dtype: torch.dtype | None = None,
+    text_encoder: str = "include",
 ) -> Path:
-    """Write the model's LoRA (on a `DiffusersUNet`) as a diffusers LoRA file; returns the file's path.
+    """Write the model's LoRA (on a `DiffusersUNet`, and on its text encoder when it has one) as a diffusers LoRA
+    file; returns the file's path.
 
     `path` is a folder (the file is `path/weight_name`, what `pipe.load_lora_weights(path)` finds) or a
     `.safetensors` file. `key_style`: "peft" (`lora_A` / `lora_B`) or "diffusers" (`lora.down` / `lora.up`,
     as diffusers' DreamBooth script). `dtype`: of the written tensors (default: the LoRA's own). The scale
-    alpha / r is folded into B; the method config goes into the header (see the module docstring).
+    alpha / r is folded into B; the method configs go into the header (see the module docstring).
+    `text_encoder`: "include" (a text method that is not LoRA is refused) or "ignore" (the UNet part alone,
+    recorded in the header as `left_out`).
     """
     from safetensors.torch import save_file  # noqa: PLC0415
 
     from mmpeft.core.model import backbone_signature  # noqa: PLC0415
 
-    tensors = diffusers_lora_state_dict(model, key_style=key_style, dtype=dtype)
+    tensors = diffusers_lora_state_dict(model, key_style=key_style, dtype=dtype, text_encoder=text_encoder)
+    components = exported_components(model, text_encoder)
     path = Path(path)
     file = path if path.suffix == ".safetensors" else path / weight_name
     file.parent.mkdir(parents=True, exist_ok=True)
-    method = model.method
+    config = lambda m: {"name": m.name, "config": json.loads(json.dumps(m.config()))}  # noqa: E731
     header = {
         "format": _FORMAT,
-        "method": {"name": method.name, "config": json.loads(json.dumps(method.config()))},
+        "method": config(model.method),
+        "components": {name: config(m) for name, m in components.items()},
+        "left_out": sorted(set(getattr(model, "component_methods", {})) - set(components)),
         "scale_in_B": True,
         "backbone": backbone_signature(model.backbone),
     }
@@ -175,16 +252,18 @@ def export_diffusers_lora(
 
 @dataclass
 class DiffusersLoRAFile:
-    """A diffusers LoRA file's UNet part, in peft terms.
+    """A diffusers LoRA file's UNet part (and text-encoder part, when read), in peft terms.
 
     `modules`: {UNet module path: (A, B, scale)} with the module's delta `scale * B @ A` (B as stored);
-    `skipped`: the prefixes of the file's other parts (text encoders) left out; `mmpeft`: the header
-    mmpeft wrote (None for files from elsewhere)."""
+    `text_modules`: the same for the text encoder, module paths as the file spells them (`text_model.` kept;
+    empty unless read with text_encoder="import"); `skipped`: the prefixes of the file's parts left out;
+    `mmpeft`: the header mmpeft wrote (None for files from elsewhere)."""
 
     path: Path
     modules: dict[str, tuple[torch.Tensor, torch.Tensor, float]]
     skipped: list[str] = field(default_factory=list)
     mmpeft: dict[str, Any] | None = None
+    text_modules: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = field(default_factory=dict)
 
     @property
     def ranks(self) -> dict[str, int]:
@@ -230,7 +309,7 @@ def _pattern_key(patterns: Any, name: str) -> str | None:
     return None
 
 
-def _alpha_module(key: str) -> str:
+def _unet_alpha_module(key: str) -> str:
     """The module an alpha belongs to: diffusers' kohya conversion names them after the converted down
     weight (`...attn1.processor.to_q_lora.down.weight.alpha`), older files after the module (`...to_q.alpha`)."""
     from diffusers.utils.state_dict_utils import convert_unet_state_dict_to_peft  # noqa: PLC0415
@@ -238,6 +317,24 @@ def _alpha_module(key: str) -> str:
     base = key.removesuffix(".alpha")
     converted = next(iter(convert_unet_state_dict_to_peft({base: None})))
     return converted.split(".lora_")[0] if ".lora_" in converted else converted
+
+
+def _text_alpha_module(key: str) -> str:
+    """diffusers' kohya conversion names a text-encoder alpha after its module (`text_model....q_proj.alpha`)."""
+    return key.removesuffix(".alpha").split(".lora")[0]
+
+
+def _unet_to_peft(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    from diffusers.utils.state_dict_utils import convert_unet_state_dict_to_peft  # noqa: PLC0415
+
+    return convert_unet_state_dict_to_peft(state)
+
+
+def _text_to_peft(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """What diffusers does to a text-encoder part before loading it (`_load_lora_into_text_encoder`)."""
+    from diffusers.utils.state_dict_utils import convert_state_dict_to_diffusers, convert_state_dict_to_peft  # noqa: PLC0415
+
+    return convert_state_dict_to_peft(convert_state_dict_to_diffusers(state))
 
 
 def _scale_of(module: str, rank: int, config: dict[str, Any] | None, alphas: dict[str, float] | None) -> float:
@@ -255,55 +352,42 @@ def _scale_of(module: str, rank: int, config: dict[str, Any] | None, alphas: dic
     return 1.0
 
 
-def read_diffusers_lora(
-    path: str | os.PathLike, weight_name: str | None = None, text_encoder: str = "error"
-) -> DiffusersLoRAFile:
-    """Read the UNet part of a diffusers LoRA file (or a folder holding `pytorch_lora_weights.safetensors`).
+@dataclass
+class _Part:
+    """One prefix of a LoRA file (`unet`, `text_encoder`) and how diffusers reads it."""
 
-    Reads what `StableDiffusionPipeline.lora_state_dict` reads (peft keys, `lora.down` / `lora.up`, the
-    old attention-processor names, kohya-ss files with alphas). `text_encoder`: "error" refuses a file
-    that also adapts a text encoder (an mmpeft UNet model would silently drop it); "ignore" skips that part.
-    """
-    from diffusers import StableDiffusionPipeline  # noqa: PLC0415
-    from diffusers.utils.state_dict_utils import convert_unet_state_dict_to_peft  # noqa: PLC0415
+    prefix: str
+    to_peft: Any  # the key conversion diffusers applies to files not in peft keys
+    alpha_module: Any  # an alpha key -> the module it scales
 
-    if text_encoder not in ("error", "ignore"):
-        raise ValueError(f"text_encoder must be 'error' or 'ignore', got {text_encoder!r}")
-    file = _resolve_file(path, weight_name)
-    raw_header = _file_header(file)
-    state, alphas = StableDiffusionPipeline.lora_state_dict(str(file), local_files_only=True)[:2]
-    config_meta = json.loads(raw_header[_DIFFUSERS_METADATA_KEY]) if raw_header.get(_DIFFUSERS_METADATA_KEY) else {}
-    ours = json.loads(raw_header[METADATA_KEY]) if raw_header.get(METADATA_KEY) else None
 
-    prefixed = any(k.split(".", 1)[0] in _PREFIXES for k in state)
-    skipped = sorted({k.split(".", 1)[0] for k in state if k.split(".", 1)[0] in _PREFIXES} - {"unet"})
-    if skipped and text_encoder == "error":
-        raise NotSupported(
-            f"LoRA file {str(file)!r} also adapts {', '.join(skipped)}; mmpeft imports the UNet part only: pass "
-            "text_encoder='ignore' to leave that part out"
-        )
-    if prefixed:
-        state = {k.removeprefix("unet."): v for k, v in state.items() if k.startswith("unet.")}
-    else:  # unet.save_attn_procs files: UNet keys without a prefix
-        state = dict(state)
-    if not state:
-        raise AdapterMismatch(f"LoRA file {str(file)!r} has no UNet LoRA tensors")
-    file_alphas = {
-        _alpha_module(k.removeprefix("unet.")): float(v) for k, v in (alphas or {}).items() if k.startswith("unet.")
-    }
+_UNET = _Part("unet", _unet_to_peft, _unet_alpha_module)
+_TEXT = _Part(TEXT_ENCODER, _text_to_peft, _text_alpha_module)
+
+
+def _part_modules(
+    file: Path, part: _Part, state: dict[str, torch.Tensor], alphas: dict[str, Any], meta: dict[str, Any]
+) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
+    """{module: (A, B, scale)} of one part of the file; `state`, `alphas` and `meta` still carry the prefix."""
+    dot = f"{part.prefix}."
+    state = {k.removeprefix(dot): v for k, v in state.items() if k.startswith(dot)}
+    file_alphas = {part.alpha_module(k.removeprefix(dot)): float(v) for k, v in alphas.items() if k.startswith(dot)}
     for key in [k for k in state if k.endswith(".alpha")]:  # alphas stored beside peft keys (kohya style)
-        file_alphas[_alpha_module(key)] = float(state.pop(key))
-    config = {k.removeprefix("unet."): v for k, v in config_meta.items() if k.startswith("unet.")} or None
+        file_alphas[part.alpha_module(key)] = float(state.pop(key))
+    config = {k.removeprefix(dot): v for k, v in meta.items() if k.startswith(dot)} or None
+    return _modules(file, state, config, file_alphas, part.to_peft)
 
+
+def _modules(file: Path, state: dict, config: dict | None, alphas: dict[str, float], to_peft) -> dict:
+    """Group a part's peft-keyed tensors by module, with each module's scale (see `_scale_of`)."""
     if any(".lora_A." not in k and ".lora_B." not in k for k in state):
-        state = convert_unet_state_dict_to_peft(state)
+        state = to_peft(state)
     refused = [k for k in state if "lora_magnitude_vector" in k or (".lora_B." in k and k.endswith(".bias"))]
     if refused or (config and (config.get("use_dora") or config.get("lora_bias"))):
         raise NotSupported(f"LoRA file {str(file)!r} holds DoRA or LoRA-bias tensors ({refused[:2]}); mmpeft's "
                            "LoRA has neither")  # fmt: skip
     modules: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
-    names = sorted({k.split(".lora_")[0] for k in state})
-    for name in names:
+    for name in sorted({k.split(".lora_")[0] for k in state}):
         a, b = state.get(f"{name}.lora_A.weight"), state.get(f"{name}.lora_B.weight")
         own = (f"{name}.lora_A.weight", f"{name}.lora_B.weight")
         others = [k for k in state if k.startswith(name + ".lora_") and k not in own]
@@ -312,20 +396,64 @@ def read_diffusers_lora(
             raise AdapterMismatch(f"LoRA file {str(file)!r}: {name!r} does not have exactly lora_A / lora_B ({keys})")
         if a.shape[0] != b.shape[1]:
             raise AdapterMismatch(f"LoRA file {str(file)!r}: {name!r} has A {list(a.shape)} and B {list(b.shape)}")
-        modules[name] = (a, b, _scale_of(name, a.shape[0], config, file_alphas))
-    return DiffusersLoRAFile(path=file, modules=modules, skipped=skipped, mmpeft=ours)
+        modules[name] = (a, b, _scale_of(name, a.shape[0], config, alphas))
+    return modules
+
+
+def read_diffusers_lora(
+    path: str | os.PathLike, weight_name: str | None = None, text_encoder: str = "error"
+) -> DiffusersLoRAFile:
+    """Read a diffusers LoRA file (or a folder holding `pytorch_lora_weights.safetensors`): its UNet part, and
+    its text-encoder part with text_encoder="import".
+
+    Reads what `StableDiffusionPipeline.lora_state_dict` reads (peft keys, `lora.down` / `lora.up`, the
+    old attention-processor names, kohya-ss files with alphas). `text_encoder`: "error" refuses a file that
+    also adapts a text encoder (an mmpeft UNet model would silently drop it); "ignore" skips that part;
+    "import" reads the `text_encoder` part too (`text_encoder_2`, SDXL's second encoder, is refused).
+    """
+    from diffusers import StableDiffusionPipeline  # noqa: PLC0415
+
+    if text_encoder not in _TEXT_MODES:
+        raise ValueError(f"text_encoder must be one of {_TEXT_MODES}, got {text_encoder!r}")
+    file = _resolve_file(path, weight_name)
+    raw_header = _file_header(file)
+    state, alphas = StableDiffusionPipeline.lora_state_dict(str(file), local_files_only=True)[:2]
+    meta = json.loads(raw_header[_DIFFUSERS_METADATA_KEY]) if raw_header.get(_DIFFUSERS_METADATA_KEY) else {}
+    ours = json.loads(raw_header[METADATA_KEY]) if raw_header.get(METADATA_KEY) else None
+
+    prefixed = any(k.split(".", 1)[0] in _PREFIXES for k in state)
+    others = sorted({k.split(".", 1)[0] for k in state if k.split(".", 1)[0] in _PREFIXES} - {"unet"})
+    read = {TEXT_ENCODER} if text_encoder == "import" else set()
+    refused = [p for p in others if p not in read]
+    if refused and text_encoder != "ignore":
+        why = "mmpeft reads the text_encoder of SD 1.x / 2.x, not SDXL's second one" if read else (
+            "an mmpeft UNet model would leave that part out")  # fmt: skip
+        raise NotSupported(
+            f"LoRA file {str(file)!r} also adapts {', '.join(refused)} ({why}): pass text_encoder='import' to read "
+            "the text encoder's LoRA as well (CLI: --text-encoder import), or text_encoder='ignore' to leave that "
+            "part out"
+        )
+    if not prefixed:  # unet.save_attn_procs files: UNet keys without a prefix
+        state = {f"unet.{k}": v for k, v in state.items()}
+    alphas = dict(alphas or {})
+    modules = _part_modules(file, _UNET, state, alphas, meta)
+    if not modules:
+        raise AdapterMismatch(f"LoRA file {str(file)!r} has no UNet LoRA tensors")
+    text = _part_modules(file, _TEXT, state, alphas, meta) if TEXT_ENCODER in read else {}
+    skipped = [p for p in others if p not in read]
+    return DiffusersLoRAFile(path=file, modules=modules, skipped=skipped, mmpeft=ours, text_modules=text)
 
 
 # -- import --------------------------------------------------------------------------------------------
 
 
-def _targets_for(backbone: nn.Module, modules: list[str]) -> tuple[str, ...]:
-    """The shortest LoRA targets that select exactly `modules` on this backbone: the layer names
-    (`to_q`, `to_out.0`, `conv2`) when those pick out the same set, else the full module paths."""
+def _targets_for(root: nn.Module, modules: list[str], prefix: str = "model.") -> tuple[str, ...]:
+    """The shortest LoRA targets that select exactly `modules` (paths below `root.<prefix>`): the layer names
+    (`to_q`, `to_out.0`, `conv2`, `q_proj`) when those pick out the same set, else the full module paths."""
     from mmpeft.core.inject import match_name  # noqa: PLC0415
     from mmpeft.methods.lora import DENOISER_TARGETS  # noqa: PLC0415
 
-    wanted = {f"model.{m}" for m in modules}
+    wanted = {f"{prefix}{m}" for m in modules}
     short = []
     for m in modules:
         parts = m.split(".")
@@ -333,64 +461,68 @@ def _targets_for(backbone: nn.Module, modules: list[str]) -> tuple[str, ...]:
         short.append(".".join(parts[-cut:]))
     order = {t: i for i, t in enumerate(DENOISER_TARGETS)}
     short = sorted(dict.fromkeys(short), key=lambda s: (order.get(s, len(order)), s))
-    named = [n for n, _ in backbone.named_modules() if n]
+    named = [n for n, _ in root.named_modules() if n]
     selected = {n for n in named if any(match_name(n, s) for s in short)}
     if selected == wanted and not any(c in s for s in short for c in "*?["):
         return tuple(short)
     return tuple(sorted(modules))
 
 
-def _selected(backbone: nn.Module, targets: tuple[str, ...] | None) -> set[str] | None:
-    """Module paths (in the UNet) that LoRA `targets` select (None: the UNet default), or None if refused."""
+def _selected(root: nn.Module, targets: tuple[str, ...] | None, prefix: str = "model.") -> set[str] | None:
+    """Module paths (below `root.<prefix>`) that LoRA `targets` select (None: the UNet default), or None if
+    refused."""
     from mmpeft.core.inject import find_modules  # noqa: PLC0415
     from mmpeft.methods.lora import DEFAULT_TARGETS, parse_target  # noqa: PLC0415
 
+    if targets is None and prefix != "model.":
+        return None  # a text encoder has no default targets
     patterns = [parse_target(t)[0] for t in (targets if targets is not None else DEFAULT_TARGETS["unet"])]
     try:
-        found = find_modules(backbone, patterns, required=targets is not None)
+        found = find_modules(root, patterns, required=targets is not None)
     except (NotSupported, ValueError):
         return None
-    return {n.removeprefix("model.") for n, _ in found}
+    return {n.removeprefix(prefix) for n, _ in found}
 
 
-def _build_method(backbone: nn.Module, lora_file: DiffusersLoRAFile):
-    """An mmpeft `LoRA` for the file: its rank (the largest one), and, for mmpeft's own files, its config."""
+def _build_method(root: nn.Module, modules: dict[str, tuple], ours: dict[str, Any] | None, prefix: str = "model."):
+    """An mmpeft `LoRA` for `modules` on `root`: their rank (the largest one), and, for mmpeft's own files, the
+    method config `ours` (`{"name": "lora", "config": ...}`) when it selects exactly these layers."""
     from mmpeft.core.method import method_from_config  # noqa: PLC0415
     from mmpeft.methods.lora import LoRA  # noqa: PLC0415
 
-    ranks, scales = lora_file.ranks, {m: s for m, (_, _, s) in lora_file.modules.items()}
+    ranks = {m: a.shape[0] for m, (a, _, _) in modules.items()}
+    scales = {m: s for m, (_, _, s) in modules.items()}
     r = max(ranks.values())
-    ours = lora_file.mmpeft or {}
-    if ours.get("method", {}).get("name") == "lora":
+    if (ours or {}).get("name") == "lora":
         try:
-            method = method_from_config(ours["method"])
+            method = method_from_config(ours)
         except TypeError:  # written by another mmpeft version: options this one lacks
             method = None
-        if method is not None and method.r == r and _selected(backbone, method.targets) == set(lora_file.modules):
+        if method is not None and method.r == r and _selected(root, method.targets, prefix) == set(modules):
             return method
     same = len(set(ranks.values())) == 1 and len(set(scales.values())) == 1
     scale = next(iter(scales.values())) if same else 1.0
     alpha = None if scale == 1.0 else scale * r
-    return LoRA(r=r, alpha=alpha, targets=_targets_for(backbone, sorted(lora_file.modules)))
+    return LoRA(r=r, alpha=alpha, targets=_targets_for(root, sorted(modules), prefix))
 
 
-def _copy_into(model: PeftModel, lora_file: DiffusersLoRAFile) -> None:
-    """Write the file's deltas into the model's LoRA pieces (zero-padding a lower rank), checking all first."""
-    unet = model.backbone.model
-    pieces = _lora_pieces(unet)
-    missing = sorted(set(lora_file.modules) - set(pieces))
-    extra = sorted(set(pieces) - set(lora_file.modules))
+def _copy_plan(root: nn.Module, modules: dict[str, tuple], path: Path, what: str = "UNet") -> list[tuple]:
+    """Check the file's deltas against the LoRA pieces on `root` and return what to write (a lower rank
+    zero-padded); nothing is written here, so a refusal anywhere leaves the model as it was."""
+    pieces = _lora_pieces(root)
+    missing = sorted(set(modules) - set(pieces))
+    extra = sorted(set(pieces) - set(modules))
     if missing or extra:
-        absent = [m for m in missing if _get(unet, m) is None]
+        absent = [m for m in missing if _get(root, m) is None]
         detail = (
-            f"the UNet has no module {absent[:3]} (a LoRA for another UNet?)"
+            f"the {what} has no module {absent[:3]} (a LoRA for another {what}?)"
             if absent
             else f"the file adapts {missing[:3]} which the model's LoRA does not; the model adapts {extra[:3]} "
             "which the file does not"
         )
-        raise AdapterMismatch(f"LoRA file {str(lora_file.path)!r} does not fit the model: {detail}")
+        raise AdapterMismatch(f"LoRA file {str(path)!r} does not fit the model: {detail}")
     plan = []
-    for name, (a, b, scale) in lora_file.modules.items():
+    for name, (a, b, scale) in modules.items():
         piece = pieces[name]
         if piece.parts:
             raise NotSupported(f"{name!r} carries a fused-qkv LoRA; a diffusers file adapts whole layers")
@@ -398,22 +530,26 @@ def _copy_into(model: PeftModel, lora_file: DiffusersLoRAFile) -> None:
         rank = a.shape[0]
         if a.shape[1:] != delta.A.shape[1:] or b.shape[0] != delta.B.shape[0] or b.shape[2:] != delta.B.shape[2:]:
             raise AdapterMismatch(
-                f"LoRA file {str(lora_file.path)!r}: {name!r} has A {list(a.shape)}, B {list(b.shape)}, but the "
-                f"model's layer takes A {list(delta.A.shape)}, B {list(delta.B.shape)} (a LoRA for another UNet?)"
+                f"LoRA file {str(path)!r}: {name!r} has A {list(a.shape)}, B {list(b.shape)}, but the "
+                f"model's layer takes A {list(delta.A.shape)}, B {list(delta.B.shape)} (a LoRA for another {what}?)"
             )
         if rank > delta.rank:
             raise AdapterMismatch(
-                f"LoRA file {str(lora_file.path)!r}: {name!r} has rank {rank}, the model's LoRA rank {delta.rank}"
+                f"LoRA file {str(path)!r}: {name!r} has rank {rank}, the model's LoRA rank {delta.rank}"
             )
         new_a = torch.zeros_like(delta.A, dtype=torch.float32)
         new_b = torch.zeros_like(delta.B, dtype=torch.float32)
         new_a[:rank] = a.float()
         new_b[:, :rank] = b.float() * (scale / delta.scale)
         plan.append((delta, new_a, new_b))
-    with torch.no_grad():
-        for delta, new_a, new_b in plan:
-            delta.A.copy_(new_a.to(delta.A.device, delta.A.dtype))
-            delta.B.copy_(new_b.to(delta.B.device, delta.B.dtype))
+    return plan
+
+
+@torch.no_grad()
+def _write_plan(plan: list[tuple]) -> None:
+    for delta, new_a, new_b in plan:
+        delta.A.copy_(new_a.to(delta.A.device, delta.A.dtype))
+        delta.B.copy_(new_b.to(delta.B.device, delta.B.dtype))
 
 
 def _get(module: nn.Module, name: str) -> nn.Module | None:
@@ -423,51 +559,97 @@ def _get(module: nn.Module, name: str) -> nn.Module | None:
         return None
 
 
+def _text_modules(encoder: nn.Module, lora_file: DiffusersLoRAFile) -> dict[str, tuple]:
+    """The file's text-encoder modules renamed to `encoder`'s layer names (see `_model_name`)."""
+    return {_model_name(encoder, name): value for name, value in lora_file.text_modules.items()}
+
+
+def _check_layers(root: nn.Module, modules: dict[str, tuple], path: Path, what: str) -> None:
+    absent = [m for m in modules if _get(root, m) is None]
+    if absent:
+        raise AdapterMismatch(
+            f"LoRA file {str(path)!r} adapts {absent[:3]}, which this {what} does not have (a LoRA for another {what}?)"
+        )
+
+
 def import_diffusers_lora(
     model_or_backbone: nn.Module,
     path: str | os.PathLike,
     weight_name: str | None = None,
     text_encoder: str = "error",
+    text_model: nn.Module | None = None,
 ) -> PeftModel:
-    """A diffusers LoRA file (or folder) as an mmpeft LoRA on a Stable Diffusion UNet.
+    """A diffusers LoRA file (or folder) as an mmpeft LoRA on a Stable Diffusion UNet (and on its text encoder).
 
     `model_or_backbone`: a `DiffusersUNet` (or a raw `UNet2DConditionModel`, wrapped as one) without a
     method: a `LoRA` is built with the file's rank and targets and a new `PeftModel` returned; or a
     `PeftModel` with a LoRA on exactly the file's layers, loaded in place and returned.
 
     Built from a file: the rank is the file's (a file mixing ranks gets the largest, lower-rank deltas
-    zero-padded: same outputs); mmpeft's own files give back their method config (alpha, dropout, ...);
+    zero-padded: same outputs); mmpeft's own files give back their method configs (alpha, dropout, ...);
     other files get `alpha = scale * r` when every layer has the same scale, else scale 1 with each layer's
     scale folded into its B. Targets are the layer names (`to_q, to_k, to_v, to_out.0`) when they select
     exactly the file's layers, else the full module paths. Outputs equal the diffusers pipeline's with the
-    file loaded (`pipe.load_lora_weights`). `text_encoder`: see `read_diffusers_lora`.
+    file loaded (`pipe.load_lora_weights`).
+
+    `text_encoder`: "error" (default) refuses a file that also adapts the text encoder, "ignore" leaves that
+    part out, "import" reads it into a `LoRA` on the text encoder: the `text_encoder` component of a
+    `PeftModel` passed in (which must carry a LoRA on exactly those layers), else `text_model` (the
+    pipeline's `CLIPTextModel`, frozen), added to the new model as its `text_encoder` component — the
+    model a `LatentDiffusion` run with that `text_method` trains.
     """
-    lora_file = read_diffusers_lora(path, weight_name=weight_name, text_encoder=text_encoder)
+    mode = text_encoder
+    lora_file = read_diffusers_lora(path, weight_name=weight_name, text_encoder=mode)
     backbone = _unet_backbone(model_or_backbone, "import_diffusers_lora")
     if isinstance(model_or_backbone, PeftModel):
-        from mmpeft.methods.lora import LoRA  # noqa: PLC0415
-
-        if not isinstance(model_or_backbone.method, LoRA):
+        return _load_in_place(model_or_backbone, lora_file, mode)
+    if getattr(backbone, "_mmpeft_method", None) is not None:
+        raise NotSupported("the backbone already has a method applied; pass its PeftModel, or a fresh backbone")
+    _check_layers(backbone.model, lora_file.modules, lora_file.path, "UNet")
+    text = None
+    if lora_file.text_modules:
+        if text_model is None:
             raise NotSupported(
-                f"import_diffusers_lora loads into a LoRA model; this model's method is "
-                f"{model_or_backbone.method.name!r} (pass the bare backbone to build a LoRA model)"
+                f"LoRA file {str(lora_file.path)!r} adapts the text encoder: pass text_model= the pipeline's "
+                "CLIPTextModel (CLI: --unet a pipeline folder with text_encoder/), or text_encoder='ignore'"
             )
-        model = model_or_backbone
-    else:
-        if getattr(backbone, "_mmpeft_method", None) is not None:
-            raise NotSupported("the backbone already has a method applied; pass its PeftModel, or a fresh backbone")
-        absent = [m for m in lora_file.modules if _get(backbone.model, m) is None]
-        if absent:
+        text = _text_modules(text_model, lora_file)
+        _check_layers(text_model, text, lora_file.path, "text encoder")
+    ours = lora_file.mmpeft or {}
+    model = PeftModel(backbone, _build_method(backbone, lora_file.modules, ours.get("method")))
+    try:
+        if text is not None:
+            method = _build_method(text_model, text, ours.get("components", {}).get(TEXT_ENCODER), prefix="")
+            model.add_component(TEXT_ENCODER, text_model, method)
+            _write_plan(_copy_plan(text_model, text, lora_file.path, "text encoder"))
+        _write_plan(_copy_plan(backbone.model, lora_file.modules, lora_file.path))
+    except BaseException:  # a refused file leaves the backbone and the text encoder as they were
+        model.unload()
+        if text is not None and TEXT_ENCODER in getattr(model, "component_methods", {}):
+            model.component_methods[TEXT_ENCODER].unload(text_model)
+        raise
+    return model
+
+
+def _load_in_place(model: PeftModel, lora_file: DiffusersLoRAFile, mode: str) -> PeftModel:
+    """The file's deltas into a LoRA model's pieces (its text encoder's too with mode "import"), checked first."""
+    from mmpeft.methods.lora import LoRA  # noqa: PLC0415
+
+    if not isinstance(model.method, LoRA):
+        raise NotSupported(
+            f"import_diffusers_lora loads into a LoRA model; this model's method is {model.method.name!r} (pass the "
+            "bare backbone to build a LoRA model)"
+        )
+    text_method = getattr(model, "component_methods", {}).get(TEXT_ENCODER)
+    plan = []
+    if mode == "import" and (lora_file.text_modules or text_method is not None):
+        if not isinstance(text_method, LoRA):
             raise AdapterMismatch(
-                f"LoRA file {str(lora_file.path)!r} adapts {absent[:3]}, which this UNet does not have "
-                f"(a LoRA for another UNet?)"
+                f"LoRA file {str(lora_file.path)!r} {'adapts' if lora_file.text_modules else 'does not adapt'} the "
+                f"text encoder, but the model's text encoder carries {text_method.name if text_method else 'nothing'!r}"
             )
-        model = PeftModel(backbone, _build_method(backbone, lora_file))
-        try:
-            _copy_into(model, lora_file)
-        except BaseException:  # a refused file leaves the backbone as it was
-            model.unload()
-            raise
-        return model
-    _copy_into(model, lora_file)  # checks everything before writing anything
+        encoder = model.components[TEXT_ENCODER]
+        plan += _copy_plan(encoder, _text_modules(encoder, lora_file), lora_file.path, "text encoder")
+    plan += _copy_plan(model.backbone.model, lora_file.modules, lora_file.path)
+    _write_plan(plan)  # everything checked before anything is written
     return model

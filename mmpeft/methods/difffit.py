@@ -14,7 +14,7 @@ from torch.nn.modules.conv import _ConvNd
 from mmpeft.core.anatomy import TokenBackbone
 from mmpeft.core.errors import NotMergeable, NotSupported
 from mmpeft.core.inject import attach, find_modules, placements
-from mmpeft.core.method import Method, register_method
+from mmpeft.core.method import Method, register_method, task_owned
 from mmpeft.core.modules import AdapterModule, adapter_modules, linear_then_scale
 
 __all__ = ["DiffFit", "BranchScale", "NormAffine", "POSITIONS"]
@@ -197,9 +197,12 @@ class DiffFit(Method):
       - the weight and bias of every LayerNorm / GroupNorm (selected by type: in diffusers' DiT the name "norm"
         also matches `norm1.linear`, the adaLN modulation, which the paper does not train);
       - `ln_affine`: DiT's LayerNorms have no affine (`elementwise_affine=False`), so DiffFit adds one (weight 1,
-        bias 0: identity at init) after each of the 57 of DiT-XL/2; only with it does the paper's 0.83M close;
-      - the class table (diffusers' `class_embedder.embedding_table`, the original `y_embedder`), re-created
-        for a new dataset by the backbone (`DiffusersDiT(num_classes=K)`: K+1 rows with the CFG null row);
+        bias 0: identity at init) after each of the 57 of DiT-XL/2; only with it does mmpeft's reconstruction
+        of the paper's "0.83M" (835,232, below) come near it;
+      - the pretrained class table (diffusers' `class_embedder.embedding_table`, the original `y_embedder`),
+        as the paper tunes it; a table re-created for a new dataset (`DiffusersDiT(num_classes=K)`: K+1 rows with
+        the CFG null row) is the task's and trains under every method (`Backbone.task_owned`, added by the core),
+        so `class_table` only decides the pretrained one;
       - γ, one per output channel, init 1, in the blocks `blocks` (default: the first half, the paper's
         blocks 1-14 of 28; every block on a UNet), at `positions`:
           branch: the attention output projection and the MLP's last Linear (γ1, γ2: DiT's gated residual
@@ -215,9 +218,11 @@ class DiffFit(Method):
 
     Counts (tests assert them, meta device): DiT-XL/2 with tied embeddings (`DiffusersDiT`'s default), a
     Food-101 table (102 rows) and the `paper` preset: bias 489,632 + table 117,504 + LN affine 131,328 +
-    γ 96,768 = 835,232 (the paper's "0.83M"); SD1.5 with `sd`: bias 343,684 + norm weights 100,160 + γ 37,440
-    + ResNet γ 20,160 = 501,444 (481,284 with resnets=False). On an untied diffusers DiT every block's class
-    table and timestep biases train separately (28 copies): a warning says to tie them.
+    γ 96,768 = 835,232. That is mmpeft's reconstruction of the paper's "0.83M (0.12%)", not the paper's own
+    breakdown (which has not been read): 835,232 rounds to 0.84M, not 0.83M; the released code's layout, whose
+    LayerNorms have no affine (`ln_affine=False`), gives 703,904 (0.70M). SD1.5 with `sd`: bias 343,684 + norm
+    weights 100,160 + γ 37,440 + ResNet γ 20,160 = 501,444 (481,284 with resnets=False). On an untied diffusers
+    DiT every block's class table and timestep biases train separately (28 copies), and a warning says so.
 
     On token backbones DiffFit is BitFit plus the LayerNorm affines plus γ on the same layers (attn.qkv,
     attn.proj, mlp.fc2; the branch γ is the `attn.branch` / `mlp.branch` site scaled before LayerScale). On
@@ -246,7 +251,8 @@ class DiffFit(Method):
     identity_at_init: ClassVar[bool] = True
     mergeable: ClassVar[bool] = True
     presets: ClassVar[dict] = {
-        "paper": {"blocks": "first_half", "positions": POSITIONS, "ln_affine": True},  # DiT-XL/2: 835,232 on Food
+        # DiT-XL/2 + Food-101 table: 835,232, mmpeft's reconstruction of the paper's "0.83M" (see the docstring)
+        "paper": {"blocks": "first_half", "positions": POSITIONS, "ln_affine": True},
         "sd": {"blocks": "all", "positions": ("branch",), "resnets": True},  # SD1.5 UNet: 501,444
     }
     help: ClassVar[dict[str, str]] = {
@@ -259,7 +265,8 @@ class DiffFit(Method):
         "the adaLN modulation when merging",
         "norms": "train the weight and bias of every LayerNorm / GroupNorm (by type)",
         "biases": "train every bias of the backbone",
-        "class_table": "train the DiT's class embedding table (y_embed)",
+        "class_table": "train the DiT's pretrained class embedding table (y_embed); a fresh table for a new dataset "
+        "(the backbone's num_classes) trains under every method anyway",
         "targets": "module-name patterns (globs) of the layers γ follows, each must match; replaces blocks / "
         "positions / resnets; unset: the block layout",
         "lean_memory": "γ on a linear scales the linear's output in place and keeps that output for its gradient "
@@ -353,8 +360,9 @@ class DiffFit(Method):
         if self.class_table and len(tables) > 1:
             warnings.warn(
                 f"DiffFit trains {len(tables)} separate class tables (and timestep-MLP biases) on this untied "
-                "diffusers DiT, one per block, where the paper trains one; build it with "
-                "DiffusersDiT(tie_embeddings=True)",
+                "diffusers DiT, one per block, where the paper trains one. DiffusersDiT ties the copies by default "
+                "when they are equal (a converted checkpoint, or a model built from a config); this one was built "
+                "with tie_embeddings=False or its copies differ, and tying would then change the model",
                 stacklevel=3,
             )
 
@@ -368,8 +376,8 @@ class DiffFit(Method):
             for mod_name, module in backbone.named_modules():
                 if isinstance(module, NORMS) and not f"{mod_name}.".startswith(own):
                     names |= {f"{mod_name}.{n}" for n, _ in module.named_parameters(recurse=False)}
-        if self.class_table:
-            names |= {n for n in params if n.endswith(CLASS_TABLE)}
+        if self.class_table:  # a fresh table is the task's: the core adds it (Method.trained_in_place)
+            names |= {n for n in params if n.endswith(CLASS_TABLE)} - set(task_owned(backbone))
         return sorted(names)
 
     # -- merge: γ through the core's path, added LayerNorm affines into the modulation that follows ---------

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from mmpeft.core.context import BackboneInput
+from mmpeft.data.checks import DataError
 from mmpeft.tasks.base import PeftTask
 
 __all__ = ["Denoising"]
@@ -56,6 +57,37 @@ class Denoising(PeftTask):
         )
         self._eval_batches = 0
 
+    # -- class labels of a class-conditional denoiser (a DiT) ---------------------------------------------------
+    @property
+    def class_count(self) -> int | None:
+        """K when the denoiser is class-conditional (a DiT: labels 0..K-1, row K the CFG null class), else None."""
+        return getattr(self.model.backbone, "num_classes", None)
+
+    def label_error(self, found: str) -> DataError:
+        k, name = self.class_count, getattr(self.model.backbone, "name", type(self.model.backbone).__name__)
+        return DataError(
+            f"{found}, but the denoiser {name!r} has num_classes = {k}: its class table holds labels 0..{k - 1}, and "
+            f"row {k} is the classifier-free-guidance null class (label {k} would silently train it as a real class; "
+            "larger labels have no row). For a new dataset give the backbone a fresh class table with the data's "
+            "class count: --model.init_args.backbone.init_args.num_classes=N (it trains with every method); or "
+            f"relabel the data to 0..{k - 1}"
+        )
+
+    def setup(self, stage: str) -> None:
+        """Refuse, before any step, data with more classes than the denoiser's class table holds."""
+        datamodule = self._trainer.datamodule if self._trainer is not None else None
+        classes = getattr(datamodule, "num_classes", None)
+        if self.class_count is not None and classes and classes > self.class_count:
+            raise self.label_error(f"the data has num_classes = {classes} (labels up to {classes - 1})")
+
+    def check_labels(self, cond: Any) -> None:
+        """The per-batch backstop of `setup` (data given without a datamodule): every label in 0..K-1."""
+        if self.class_count is None or not isinstance(cond, torch.Tensor) or cond.is_floating_point():
+            return
+        outside = (cond < 0) | (cond >= self.class_count)
+        if bool(outside.any()):
+            raise self.label_error(f"a batch holds the labels {sorted(set(cond[outside].tolist()))}")
+
     def on_validation_epoch_start(self) -> None:
         super().on_validation_epoch_start()
         self._eval_batches = 0
@@ -69,6 +101,7 @@ class Denoising(PeftTask):
 
     def prepare_batch(self, batch: Any, stage: str) -> tuple[BackboneInput, dict[str, torch.Tensor]]:
         latents, cond = self.encode(batch, stage)
+        self.check_labels(cond)
         generator = None
         if stage in ("val", "test"):  # the same noise and timesteps for every evaluation of this batch
             generator = torch.Generator(device=latents.device).manual_seed(10_000 + self._eval_batches)

@@ -22,13 +22,24 @@ class TrainableEMA:
         self.reset(model)
 
     @staticmethod
-    def _live(model: PeftModel) -> dict[str, torch.Tensor]:
+    def _trainable(model: PeftModel) -> dict[str, torch.Tensor]:
         state = model.state_dict(keep_vars=True)
         return {k: state[k] for k in model.trainable_state_dict()}
 
+    def _live(self, model: PeftModel) -> dict[str, torch.Tensor]:
+        """The model's trainable state, which must be the set the average was started on."""
+        live = self._trainable(model)
+        if live.keys() != self.shadow.keys():
+            new, gone = sorted(live.keys() - self.shadow.keys()), sorted(self.shadow.keys() - live.keys())
+            raise RuntimeError(
+                f"the model's trainable set changed after its EMA was started (new: {new[:3]}, gone: {gone[:3]}); "
+                "call ema.reset(model) once the model is complete (e.g. after adding a component with a method)"
+            )
+        return live
+
     def reset(self, model: PeftModel) -> None:
-        """Start the average at the model's current weights."""
-        self.shadow = {k: v.detach().clone() for k, v in self._live(model).items()}
+        """Start the average at the model's current weights (again, after the model gained trainable tensors)."""
+        self.shadow = {k: v.detach().clone() for k, v in self._trainable(model).items()}
 
     @torch.no_grad()
     def update(self, model: PeftModel) -> None:

@@ -17,29 +17,41 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pytorch_lightning.utilities import rank_zero_warn
 from torch import nn
 
+from mmpeft.backbones.diffusion import load_pretrained, require_files
 from mmpeft.core.cache import ContentCache
+from mmpeft.core.errors import NotSupported, WeightsUnavailable
 from mmpeft.tasks.denoising import Denoising
 
 __all__ = ["LatentDiffusion", "pipeline_folder"]
 
 
 def pipeline_folder(pipeline: str) -> Path:
-    """A local diffusers pipeline folder; "tiny_sd" builds (once, cached) the random tiny SD pipeline."""
+    """A local diffusers pipeline folder; "tiny_sd" builds (once, cached) the random tiny SD pipeline. The parts
+    every latent-diffusion run reads (the VAE's config and weights, the scheduler's config) must be there; the
+    text parts are checked where a text-conditioned run reads them (`LatentDiffusion`)."""
     if pipeline == "tiny_sd":
         from mmpeft.interop.tiny_sd import tiny_sd_folder  # noqa: PLC0415
 
         return Path(tiny_sd_folder())
     folder = Path(pipeline).expanduser()
     if not (folder / "model_index.json").is_file() and not (folder / "vae").is_dir():
-        from mmpeft.core.errors import WeightsUnavailable  # noqa: PLC0415
-
         raise WeightsUnavailable(
             f"{str(folder)!r} is not a diffusers pipeline folder (expected model_index.json and vae/, "
             "text_encoder/, tokenizer/, scheduler/ inside); pass a local pipeline folder or 'tiny_sd'"
         )
+    require_files(folder / "scheduler", "diffusers scheduler", ("scheduler_config.json",))
     return folder
+
+
+def load_tokenizer(folder: Path) -> Any:
+    """The pipeline's CLIP tokenizer (`tokenizer/`: vocab.json + merges.txt, or a tokenizer.json)."""
+    from transformers import CLIPTokenizer  # noqa: PLC0415
+
+    require_files(folder, "CLIP tokenizer", ("vocab.json", "merges.txt"), ("tokenizer.json",))
+    return CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
 
 
 class LatentDiffusion(Denoising):
@@ -47,7 +59,8 @@ class LatentDiffusion(Denoising):
     `prompt` (one prompt for every image, DreamBooth's instance prompt; else batches carry captions, or
     class labels for a DiT), `text_method` (a method on the text encoder), `cache` (cache latents and
     text states of the frozen encoders), `attention` ("auto": xformers on CUDA when its kernels load,
-    else SDPA; "sdpa"; "xformers"). Batches are (images in [-1, 1], captions or labels)."""
+    else SDPA; "sdpa"; "xformers"), `adapter` (as PeftTask's; loaded after the text encoder is added, so a
+    file with a `text_method` part loads whole). Batches are (images in [-1, 1], captions or labels)."""
 
     def __init__(
         self,
@@ -57,6 +70,7 @@ class LatentDiffusion(Denoising):
         text_method: str | dict[str, Any] | None = None,
         cache: bool = True,
         attention: str = "auto",
+        adapter: str | None = None,
         **kwargs: Any,
     ):
         from diffusers import AutoencoderKL, DDPMScheduler  # noqa: PLC0415
@@ -67,19 +81,23 @@ class LatentDiffusion(Denoising):
         for key in ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end", "prediction_type"):
             if key in config:
                 kwargs.setdefault(key, config[key])
-        super().__init__(*args, **kwargs)
-        self.vae = AutoencoderKL.from_pretrained(str(folder), subfolder="vae", local_files_only=True).eval()
+        super().__init__(*args, adapter=None, **kwargs)  # `adapter` loads below, once the text encoder exists
+        self.vae = load_pretrained(AutoencoderKL, folder / "vae").eval()
         self.vae.requires_grad_(False)
         self.prompt, self.cache = prompt, cache
         self.text_conditioned = getattr(self.model.backbone, "family", "") == "unet"
         if self.text_conditioned:
-            from transformers import CLIPTextModel, CLIPTokenizer  # noqa: PLC0415
+            from transformers import CLIPTextModel  # noqa: PLC0415
 
-            self.tokenizer = CLIPTokenizer.from_pretrained(str(folder), subfolder="tokenizer", local_files_only=True)
-            encoder = CLIPTextModel.from_pretrained(str(folder), subfolder="text_encoder", local_files_only=True)
+            self.tokenizer = load_tokenizer(folder / "tokenizer")
+            encoder = load_pretrained(CLIPTextModel, folder / "text_encoder")
             self.model.add_component("text_encoder", encoder, text_method)
+            if self.ema is not None:  # made by PeftTask before the component: average its method's tensors too
+                self.ema.reset(self.model)
         elif text_method is not None:
             raise ValueError("text_method needs a text-conditioned UNet; a DiT is conditioned on class labels")
+        if adapter:
+            self.load_adapter(adapter)
         self._latent_cache = ContentCache("VAE latent")  # the one cache mechanism (mmpeft.core.cache)
         self._text_cache = ContentCache("text-encoder state")
         self.attention = attention
@@ -89,20 +107,29 @@ class LatentDiffusion(Denoising):
         method's tensors live in Linear modules, so a processor swap keeps them)."""
         from mmpeft.backbones.diffusers_attention import use_fast_attention  # noqa: PLC0415
 
+        super().setup(stage)
         device = self.trainer.strategy.root_device if self._trainer is not None else self.device
         self.attention_backend = use_fast_attention(self.model.backbone, self.attention, device=device)
 
     def on_fit_end(self) -> None:
         """A LoRA on a UNet is also written as `diffusers_lora/pytorch_lora_weights.safetensors`, the file
-        `StableDiffusionPipeline.load_lora_weights` takes."""
+        `StableDiffusionPipeline.load_lora_weights` takes, with the text encoder's LoRA when `text_method` is one.
+        A text method with no diffusers LoRA form gets no file (rather than one that loads into a pipeline that
+        differs from the trained model), and a warning says why."""
         if self.method.name != "lora" or not self.text_conditioned or not self.trainer.is_global_zero:
             return
-        from mmpeft.interop.diffusers_lora import export_diffusers_lora  # noqa: PLC0415
+        from mmpeft.interop.diffusers_lora import export_diffusers_lora, exported_components  # noqa: PLC0415
         from mmpeft.tasks.callbacks import run_dir  # noqa: PLC0415
 
+        try:
+            exported_components(self.model)
+        except NotSupported as err:
+            rank_zero_warn(f"no diffusers LoRA file written: {err}")
+            return
         with self.evaluation_weights():
             path = export_diffusers_lora(self.model, run_dir(self.trainer) / "diffusers_lora")
-        self.print(f"diffusers LoRA file: {path}")
+        text = " (UNet and text encoder)" if "text_encoder" in getattr(self.model, "component_methods", {}) else ""
+        self.print(f"diffusers LoRA file{text}: {path}")
 
     @property
     def text_encoder(self) -> nn.Module:
