@@ -130,6 +130,20 @@ def test_default_head_is_the_papers_and_a_config_can_replace_it():
     assert [type(m).__name__ for m in bert] == ["Linear", "ReLU", "Dropout", "Linear"]
 
 
+def test_grouping_in_the_backbone_is_fp32_under_bf16_autocast():
+    model = tiny_point(num_points=1024, num_group=64, group_size=32).eval()
+    xyz = torch.randn(2, 1024, 3, generator=torch.Generator().manual_seed(0))
+    groups, tokens = [], []
+    model.encoder.register_forward_pre_hook(lambda module, args: groups.append(args[0]))
+    model.encoder.register_forward_hook(lambda module, args, out: tokens.append(out))
+    with torch.no_grad():
+        model(xyz)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model(xyz)
+    assert tokens[1].dtype == torch.bfloat16, "the network around the point ops runs in bf16"
+    assert groups[1].dtype == torch.float32 and torch.equal(groups[1], groups[0]), "the fp32 neighbourhoods"
+
+
 def test_bad_inputs_are_refused_with_the_expected_shape():
     with pytest.raises(ValueError, match=r"\[B, N, 3\] point clouds"):
         tiny_point()(torch.randn(2, 3, 64))
