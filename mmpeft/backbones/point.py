@@ -27,6 +27,7 @@ from mmpeft.backbones.weights import optional_path, read_state_dict
 from mmpeft.core.anatomy import Attention, TokenBackbone, TokenBlock
 from mmpeft.core.context import ForwardContext
 from mmpeft.core.errors import UnknownName, WeightsUnavailable
+from mmpeft.core.heads import read_checkpoint_head
 
 __all__ = [
     "PointTransformer",
@@ -92,6 +93,9 @@ class PointTransformer(TokenBackbone):
         variant: "point_mae" (mini-PointNet to 384) or "point_bert" (to 256, then `reduce_dim` to 384).
         weights: an official checkpoint (a Point-MAE pretrain / fine-tune file, a Point-BERT one) or a
             state dict of this backbone (.safetensors / .pth); see `load_point_checkpoint`.
+        load_head: a fine-tuned file's classification head (`cls_head_finetune.*`, the layout of
+            `default_head`) goes to the task head (`checkpoint_head`), so testing the file scores its own head;
+            False ignores it (a fresh head on the fine-tuned backbone).
         num_group, group_size: G centres and k neighbours (64 x 32 for 1,024 points; ScanObjectNN with
             Point-MAE: 128 x 32 for 2,048 points).
         depth, embed_dim, num_heads, mlp_ratio: the transformer (12 x 384, 6 heads, ratio 4).
@@ -123,6 +127,7 @@ class PointTransformer(TokenBackbone):
         fps_start: str = "first",
         num_points: int = 1024,
         device: str | torch.device | None = None,
+        load_head: bool = True,
     ):
         super().__init__()
         if variant not in POINT_VARIANTS:
@@ -150,7 +155,7 @@ class PointTransformer(TokenBackbone):
         self.init_sites()
         weights = optional_path(weights)
         if weights is not None:
-            self.load_report = load_point_checkpoint(self, weights)
+            self.load_report = load_point_checkpoint(self, weights, load_head)
 
     def embed(self, xyz: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         if xyz.dim() != 3 or xyz.shape[-1] != 3:
@@ -188,6 +193,7 @@ _ENCODER_PREFIXES = {
     "point_bert": ("transformer_q.", "base_model."),
 }
 _HEAD_PREFIXES = ("cls_head_finetune.", "cls_head.", "head.")
+_FINETUNED_HEAD = "cls_head_finetune."  # the official fine-tuning models' head (Point-MAE, Point-BERT)
 
 
 def _official_to_own(key: str) -> str:
@@ -200,19 +206,22 @@ def official_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
     return {("blocks." + k if k.startswith("blocks.") else k): v for k, v in state.items()}
 
 
-def load_point_checkpoint(backbone: PointTransformer, path: str) -> dict[str, list[str]]:
+def load_point_checkpoint(backbone: PointTransformer, path: str, load_head: bool = True) -> dict[str, list[str]]:
     """Load an official Point-MAE / Point-BERT checkpoint (or one of this backbone's own state dicts).
 
     Official files hold `{"base_model": state, ...}` (read with `weights_only=True`). The encoder's prefix
     is stripped (`module.` from DataParallel; Point-MAE `MAE_encoder.`, Point-BERT `transformer_q.`), the
     `blocks.blocks.<i>` level is mapped to `blocks.<i>`, and the rest (the MAE decoder, BERT's momentum
-    encoder, dVAE and heads) is ignored. A pretraining file has no cls token / cls_pos (Point-MAE) and no
-    head: those stay fresh and are reported. Every block, the mini-PointNet and the position MLP must be
-    there with the right shapes, or nothing is loaded and the error says what is wrong.
-    Returns {"loaded", "fresh", "ignored"} key lists (also printed as one line)."""
+    encoder, dVAE and pretraining heads) is ignored. A pretraining file has no cls token / cls_pos (Point-MAE)
+    and no head: those stay fresh and are reported. A fine-tuned file's `cls_head_finetune.*` (with `load_head`)
+    is kept as the backbone's `checkpoint_head` when it has the layout of `default_head` (the official models'
+    heads do), for `PeftModel` to load into the task head. Every block, the mini-PointNet and the position MLP
+    must be there with the right shapes, or nothing is loaded and the error says what is wrong.
+    Returns {"loaded", "fresh", "ignored", "head"} key lists (also printed as one line)."""
     raw = {k.removeprefix("module."): v for k, v in read_state_dict(path).items()}
     prefixes = _ENCODER_PREFIXES[backbone.variant]
     state: dict[str, torch.Tensor] = {}
+    head: dict[str, torch.Tensor] = {}
     ignored: list[str] = []
     has_prefixed = any(k.startswith(prefixes[0]) for k in raw)
     for key, value in raw.items():
@@ -223,6 +232,9 @@ def load_point_checkpoint(backbone: PointTransformer, path: str) -> dict[str, li
                 continue
             own = key[len(prefixes[0]) :]
         own = _official_to_own(own.removeprefix(prefixes[1]))
+        if own.startswith(_FINETUNED_HEAD) and not has_prefixed and load_head:  # a fine-tuned model's own head
+            head[own[len(_FINETUNED_HEAD) :]] = value
+            continue
         if own.startswith(_HEAD_PREFIXES):
             ignored.append(key)
             continue
@@ -241,6 +253,18 @@ def load_point_checkpoint(backbone: PointTransformer, path: str) -> dict[str, li
             f"{wrong[:3]}. Is it a {backbone.variant} checkpoint? Point-BERT files need variant='point_bert'."
         )
     backbone.load_state_dict(state, strict=False)
-    print(f"{backbone.variant}: loaded {len(state)} tensors from {path}; fresh: {fresh or 'none'} (plus the task "
-          f"head); ignored {len(ignored)} (decoder / momentum encoder / old head)")  # fmt: skip
-    return {"loaded": sorted(state), "fresh": fresh, "ignored": sorted(ignored)}
+    found = read_checkpoint_head(backbone.default_head, head, backbone.num_features, path) if head else None
+    backbone.checkpoint_head = found
+    if head and found is None:
+        ignored += [_FINETUNED_HEAD + k for k in head]
+        print(f"{backbone.variant}: the head in {path} ({len(head)} tensors) does not have the layout of the default "
+              f"head {backbone.default_head}; it is not loaded (the task head starts fresh)")  # fmt: skip
+    taken = (
+        f"the file's head ({found.spec['num_classes']} classes) goes to the task head"
+        if found
+        else "the task head starts fresh"
+    )
+    print(f"{backbone.variant}: loaded {len(state)} tensors from {path}; fresh: {fresh or 'none'}; {taken}; "
+          f"ignored {len(ignored)} (decoder / momentum encoder / pretraining heads)")  # fmt: skip
+    return {"loaded": sorted(state), "fresh": fresh, "ignored": sorted(ignored),
+            "head": sorted(_FINETUNED_HEAD + k for k in (found.state if found else {}))}  # fmt: skip
