@@ -258,8 +258,8 @@ class _PointDataModule(SplitLoaders, pl.LightningDataModule):
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         hp = self.hparams
-        return split_loader(self.dataset(split), hp.batch_size, shuffle, num_workers=hp.num_workers,
-                            persistent_workers=hp.num_workers > 0)  # fmt: skip
+        return split_loader(self.dataset(split), hp.batch_size, shuffle, drop_last=hp.drop_last,
+                            num_workers=hp.num_workers, persistent_workers=hp.num_workers > 0)  # fmt: skip
 
     def _missing(self, what: str) -> MissingPointData:
         return MissingPointData(f"{self.title}: {what}. Expected layout:\n{self.layout}")
@@ -308,6 +308,9 @@ class ScanObjectNNDataModule(_PointDataModule):
             "unit_sphere" (centre and divide by the max norm).
         votes, vote_augment: test-time voting (see the module docstring).
         shots: keep k training clouds per class (seeded).
+        drop_last: drop the last partial training batch each epoch, as Point-MAE's and Point-BERT's training
+            loaders do (`drop_last=True` in their dataset builder); it also keeps a batch of one away from the
+            MLP head's BatchNorm. False keeps every cloud (a final batch of one joins the batch before it).
     """
 
     num_classes = 15
@@ -329,6 +332,7 @@ class ScanObjectNNDataModule(_PointDataModule):
         votes: int = 1,
         vote_augment: str = "scale_translate",
         shots: int | None = None,
+        drop_last: bool = True,
     ):
         super().__init__()
         if variant not in SCANOBJECTNN_FILES:
@@ -470,7 +474,7 @@ class ModelNet40DataModule(_PointDataModule):
         layout: "pickle", "txt", or "auto" (the pickles when both are there, else the txt files).
         num_points: points per cloud (1024 in every official config).
         use_normals: clouds [N, 6] with the normals (rotated along with the points, never rescaled).
-        protocol, val_fraction, seed, augment, votes, vote_augment, shots: as `ScanObjectNNDataModule`.
+        protocol, val_fraction, seed, augment, votes, vote_augment, shots, drop_last: as `ScanObjectNNDataModule`.
     """
 
     num_classes = 40
@@ -492,6 +496,7 @@ class ModelNet40DataModule(_PointDataModule):
         votes: int = 1,
         vote_augment: str = "scale_translate",
         shots: int | None = None,
+        drop_last: bool = True,
     ):
         super().__init__()
         if layout not in ("auto", "pickle", "txt"):
