@@ -13,7 +13,7 @@ from mmpeft.backbones import PointTransformer, create_backbone
 from mmpeft.backbones.point import load_point_checkpoint, official_state_dict
 from mmpeft.backbones.point_ops import group
 from mmpeft.cli import main
-from mmpeft.core.errors import WeightsUnavailable
+from mmpeft.core.errors import ConfigMismatch, WeightsUnavailable
 from mmpeft.core.model import PeftModel
 from mmpeft.core.report import parameter_report
 from tests.conftest import tiny_point
@@ -150,6 +150,25 @@ def test_bad_inputs_are_refused_with_the_expected_shape():
         tiny_point()(torch.randn(2, 3, 64))
 
 
+def test_point_mae_token_width_follows_embed_dim_and_a_contradiction_is_refused_at_build():
+    model = PointTransformer("point_mae", num_points=64, num_group=8, group_size=8, depth=1, embed_dim=48,
+                             num_heads=4, pointnet_widths=(16, 32, 64))  # fmt: skip
+    assert model.encoder.out_dim == 48 and model(torch.randn(2, 64, 3)).shape == (2, 96)
+    with pytest.raises(ConfigMismatch, match=r"encoder_dims=32 but embed_dim=48.*set encoder_dims=48 or leave it"):
+        tiny_point(embed_dim=48)
+    bert = PointTransformer("point_bert", num_points=64, num_group=8, group_size=8, depth=1, embed_dim=48,
+                            num_heads=4, pointnet_widths=(16, 32, 64))  # fmt: skip
+    assert bert.encoder.out_dim == 256 and bert.reduce_dim.out_features == 48, "Point-BERT: 256, then reduce_dim"
+    with pytest.raises(ConfigMismatch, match=r"embed_dim=32 does not split into num_heads=5"):
+        tiny_point(num_heads=5)
+
+
+@pytest.mark.parametrize("option, value", [("group_size", 65), ("num_group", 80)])
+def test_a_grouping_larger_than_the_cloud_is_refused_at_build(option, value):
+    with pytest.raises(ConfigMismatch, match=rf"{option}={value}.*at least {value} points, and num_points=64"):
+        tiny_point(**{option: value})
+
+
 # -- official checkpoints -----------------------------------------------------------------------------------
 def _official(model: PointTransformer, prefix: str, extra: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     keys = official_state_dict(model.state_dict())
@@ -210,7 +229,7 @@ def test_checkpoints_of_another_model_are_refused_and_load_nothing(tmp_path):
     before = {k: v.clone() for k, v in target.state_dict().items()}
     with pytest.raises(WeightsUnavailable, match=r"does not fit point_mae \(depth 3.*blocks\.2\."):
         load_point_checkpoint(target, str(path))
-    torch.save({"base_model": _official(tiny_point(depth=3, embed_dim=48), "MAE_encoder.", {})}, path)
+    torch.save({"base_model": _official(tiny_point(depth=3, embed_dim=48, encoder_dims=48), "MAE_encoder.", {})}, path)
     with pytest.raises(WeightsUnavailable, match="another shape"):
         load_point_checkpoint(target, str(path))
     assert all(torch.equal(target.state_dict()[k], v) for k, v in before.items())

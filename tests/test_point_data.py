@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from mmpeft.core.errors import ConfigMismatch
 from mmpeft.data import ModelNet40DataModule, ScanObjectNNDataModule
 from mmpeft.data.checks import DataError
 from mmpeft.data.point import (
@@ -442,3 +443,45 @@ def test_a_final_training_batch_of_one_never_reaches_the_batchnorm_head(scan_roo
     assert isinstance(cli.model.model.head[1], torch.nn.BatchNorm1d), "the papers' MLP-BN head trains"
     assert sizes == ([4] * 11 if drop_last else [4] * 10 + [5]), "no batch of one; folded, every cloud kept"
     assert cli.trainer.global_step == 11 and int(cli.model.model.head[1].num_batches_tracked) == 11
+
+
+# -- data the backbone cannot take are refused when model and data meet, before any forward ----------------------
+def _run_point(config: str, data: list[str], tmp_path, stage: str = "fit", forwards: list | None = None, **backbone):
+    """Fit (or test) a tiny point transformer on fixture data; `forwards` records every backbone forward."""
+    from mmpeft.cli import run_cli
+
+    tiny = {"num_points": 64, "num_group": 8, "group_size": 8, "depth": 1, "embed_dim": 32, "num_heads": 4,
+            "encoder_dims": 32, **backbone}  # fmt: skip
+    b = "--model.init_args.backbone.init_args"
+    cli = run_cli([
+        "-c", config, *(f"{b}.{k}={v}" for k, v in tiny.items()), f"{b}.pointnet_widths=[16, 32, 64]",
+        *(f"--data.init_args.{option}" for option in data), "--data.init_args.num_workers=0",
+        "--trainer.max_epochs=1", "--trainer.accelerator=cpu", "--trainer.enable_progress_bar=false",
+        f"--run.dir={tmp_path}", "--run.wandb=disabled", "--run.test_after_fit=false",
+    ], run=False)  # fmt: skip
+    forwards = [] if forwards is None else forwards
+    cli.model.model.backbone.register_forward_pre_hook(lambda module, args: forwards.append(len(args[0])))
+    getattr(cli.trainer, stage)(cli.model, datamodule=cli.datamodule)
+    return forwards
+
+
+def test_normals_for_an_xyz_backbone_are_refused_before_the_first_forward(mn_pickle, tmp_path):
+    data = [f"root={mn_pickle}", "num_points=64", "use_normals=true", "batch_size=8"]
+    forwards: list[int] = []
+    with pytest.raises(ConfigMismatch, match=r"6 channels \(xyz \+ normals.*point_mae backbone takes 3 \(xyz\); "
+                       r"set --data.init_args.use_normals false"):  # fmt: skip
+        _run_point("configs/point/modelnet40/linear.yaml", data, tmp_path, forwards=forwards)
+    assert forwards == [], "refused before any forward"
+    assert _run_point("configs/point/modelnet40/linear.yaml", data[:2] + data[3:], tmp_path), "xyz clouds train"
+
+
+@pytest.mark.parametrize("stage", ["fit", "test"])
+def test_clouds_smaller_than_the_grouping_are_refused_before_the_first_forward(scan_root, tmp_path, stage):
+    data = [f"root={scan_root}", "variant=OBJ_BG", "num_points=24", "batch_size=8"]
+    forwards: list[int] = []
+    match = (r"num_points=24 points, but the point_mae backbone groups each cloud into num_group=8 FPS centres of "
+             r"group_size=32 .* at least 32; raise --data.init_args.num_points or lower "
+             r"--model.init_args.backbone.init_args.group_size")  # fmt: skip
+    with pytest.raises(ConfigMismatch, match=match):
+        _run_point("configs/point/scanobjectnn/linear.yaml", data, tmp_path, stage, forwards, group_size=32)
+    assert forwards == [], "refused before any forward"

@@ -26,7 +26,7 @@ from torch import nn
 from mmpeft.backbones.weights import optional_path, read_state_dict
 from mmpeft.core.anatomy import Attention, TokenBackbone, TokenBlock
 from mmpeft.core.context import ForwardContext
-from mmpeft.core.errors import UnknownName, WeightsUnavailable
+from mmpeft.core.errors import ConfigMismatch, UnknownName, WeightsUnavailable
 from mmpeft.core.heads import read_checkpoint_head
 
 __all__ = [
@@ -86,6 +86,31 @@ def _block(dim: int, heads: int, mlp_ratio: float, drop_path: float) -> TokenBlo
                       path(), path())  # fmt: skip
 
 
+def _encoder_width(variant: str, embed_dim: int, encoder_dims: int | None) -> int:
+    """The mini-PointNet's output width: Point-BERT's default 256 (then `reduce_dim`); Point-MAE's tokens enter
+    the transformer unchanged, so its width is `embed_dim`, and another one could only fail at the first forward."""
+    if POINT_VARIANTS[variant]["reduce_dim"]:
+        return encoder_dims or POINT_VARIANTS[variant]["encoder_dims"]
+    if encoder_dims is not None and encoder_dims != embed_dim:
+        raise ConfigMismatch(
+            f"{variant}: encoder_dims={encoder_dims} but embed_dim={embed_dim}; Point-MAE's group tokens enter the "
+            f"transformer as they are, so the two must be equal: set encoder_dims={embed_dim} or leave it unset "
+            "(or use variant point_bert, whose reduce_dim maps the tokens to embed_dim)"
+        )
+    return embed_dim
+
+
+def _check_grouping(num_group: int, group_size: int, num_points: int) -> None:
+    """FPS picks `num_group` centres of the cloud and each takes its `group_size` nearest points: neither can
+    exceed the cloud's `num_points`."""
+    if not 1 <= num_group <= num_points or not 1 <= group_size <= num_points:
+        raise ConfigMismatch(
+            f"num_group={num_group} centres of group_size={group_size} points each need clouds of at least "
+            f"{max(num_group, group_size)} points, and num_points={num_points}; lower num_group / group_size or "
+            "raise num_points (Point-MAE: 1024 points in 64 groups of 32; ScanObjectNN: 2048 in 128 x 32)"
+        )
+
+
 class PointTransformer(TokenBackbone):
     """Point-MAE / Point-BERT transformer on [B, N, 3] clouds (xyz only).
 
@@ -99,17 +124,22 @@ class PointTransformer(TokenBackbone):
         num_group, group_size: G centres and k neighbours (64 x 32 for 1,024 points; ScanObjectNN with
             Point-MAE: 128 x 32 for 2,048 points).
         depth, embed_dim, num_heads, mlp_ratio: the transformer (12 x 384, 6 heads, ratio 4).
-        encoder_dims, pointnet_widths: the mini-PointNet's output (the variant's 384 or 256) and inner widths
-            (128, 256, 512); other values make small models, e.g. the shapes quickstart's.
+        encoder_dims, pointnet_widths: the mini-PointNet's output and inner widths (128, 256, 512); other values
+            make small models, e.g. the shapes quickstart's. Point-BERT's tokens are 256-d (`reduce_dim` maps them
+            to `embed_dim`); Point-MAE's tokens enter the transformer as they are, so its `encoder_dims` is
+            `embed_dim` (unset: follows it; another value is refused).
         drop_path_rate: stochastic depth rising linearly from 0 to this over the blocks (0.1 in the
             fine-tuning recipes).
         fps_start: "first": FPS starts at index 0 of the given order, as pointnet2_ops (randomness comes
             from shuffling the points); "random": in training, each cloud's start is drawn from the
             forward context's seeded generator (evaluation still starts at index 0, so it is deterministic).
+        num_points: the clouds' size: example inputs, and the grouping must fit it (the task also checks the
+            data's clouds against the grouping when model and data meet).
         device: build on this device ("meta" for counts).
     """
 
     pos_every_block = True
+    in_channels = 3  # xyz only: the grouping and the mini-PointNet see coordinates
 
     def __init__(
         self,
@@ -135,12 +165,16 @@ class PointTransformer(TokenBackbone):
         if fps_start not in FPS_STARTS:
             raise ValueError(f"fps_start must be one of {FPS_STARTS}, got {fps_start!r}")
         spec = POINT_VARIANTS[variant]
+        encoder_dims = _encoder_width(variant, embed_dim, encoder_dims)
+        _check_grouping(num_group, group_size, num_points)
+        if embed_dim % num_heads:
+            raise ConfigMismatch(f"embed_dim={embed_dim} does not split into num_heads={num_heads} heads; choose a "
+                                 "num_heads that divides embed_dim (Point-MAE: 384 and 6)")  # fmt: skip
         self.name, self.variant = variant, variant
         self.embed_dim, self.num_heads, self.pool_type = embed_dim, num_heads, "cls+max"
         self.num_group, self.group_size, self.fps_start, self.num_points = num_group, group_size, fps_start, num_points
         self.default_head = dict(POINT_HEADS[variant])
         with torch.device(device) if device is not None else contextlib.nullcontext():
-            encoder_dims = encoder_dims or spec["encoder_dims"]
             self.encoder = MiniPointNet(encoder_dims, tuple(pointnet_widths))
             self.reduce_dim = nn.Linear(encoder_dims, embed_dim) if spec["reduce_dim"] else None
             self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))

@@ -202,6 +202,16 @@ class _PointDataModule(SplitLoaders, pl.LightningDataModule):
     def has_test_split(self) -> bool:
         return True
 
+    @property
+    def num_points(self) -> int:
+        """Points per cloud in every batch (what a backbone's grouping must fit)."""
+        return int(self.hparams.num_points)
+
+    @property
+    def point_channels(self) -> int:
+        """Channels per point in every batch: 3 (xyz), 6 with normals."""
+        return 3
+
     def _load(self, split: str, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(clouds [n, K, C] float32 cut to `keep` points as `_fps_prefix` does, labels [n] int64) of a split."""
         raise NotImplementedError
@@ -532,6 +542,10 @@ class ModelNet40DataModule(_PointDataModule):
 
     def _columns(self) -> int:
         return 6 if self.hparams.use_normals else 3
+
+    @property
+    def point_channels(self) -> int:
+        return self._columns()
 
     def _normalized(self, cloud: np.ndarray, where: str, problems: Problems) -> torch.Tensor | None:
         if cloud.shape[1] < self._columns():
