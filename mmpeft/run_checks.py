@@ -152,8 +152,9 @@ def _method_config(spec: Any) -> dict[str, Any]:
 
 def refuse_untrained_evaluation(task: Any, command: str) -> None:
     """Evaluating a head that was just initialised at random scores noise: ask for the trained weights.
-    Heads built from something meaningful (CLIP's zero-shot head) and models without a head are fine."""
-    if getattr(task.model, "head_config", None) is None:
+    Heads built from something meaningful (CLIP's zero-shot head, a fine-tuned checkpoint's own head) and models
+    without a head are fine."""
+    if getattr(task.model, "head_config", None) is None or getattr(task.model, "head_source", None):
         return
     raise RunRefused(
         f"`mmpeft {command}` would evaluate a randomly initialised head: pass the trained weights with "

@@ -98,3 +98,25 @@ def test_image_list_errors(tmp_path):
     (tmp_path / "val.txt").write_text("images/img 0.png 7\n")
     with pytest.raises(ValueError, match=r"labels outside \[0, 3\)"):
         ImageListDataModule(str(tmp_path))
+
+
+def test_a_few_shot_image_loader_keeps_every_sample_and_never_trains_on_one():
+    """5-shot digits at batch 7: 50 images leave one over, which joins the last batch (nothing is dropped); the
+    batches stay a function of (seed, epoch), so a fresh loader set to an epoch repeats that epoch."""
+
+    def epochs(loader, count):
+        return [[(images, labels) for images, labels in loader] for _ in range(count)]
+
+    data = DigitsDataModule("downstream", batch_size=7, shots=5)
+    data.setup()
+    train = data.splits["train"]
+    assert len(train) == 50 and 50 % 7 == 1
+    everything = sorted(image.numpy().tobytes() for image, _ in train)
+    first = epochs(data.train_dataloader(), 2)
+    for batches in first:
+        assert [len(labels) for _, labels in batches] == [7] * 6 + [8]
+        assert sorted(image.numpy().tobytes() for images, _ in batches for image in images) == everything
+    assert not all(torch.equal(a[1], b[1]) for a, b in zip(*first)), "each epoch has its own order"
+    again = data.train_dataloader()
+    again.batch_sampler.sampler.set_epoch(1)  # what Lightning does at the start of epoch 1
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(first[1], epochs(again, 1)[0]))

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from mmpeft.core.errors import ConfigMismatch
 from mmpeft.data import ModelNet40DataModule, ScanObjectNNDataModule
 from mmpeft.data.checks import DataError
 from mmpeft.data.point import (
@@ -410,3 +411,77 @@ def test_voting_yields_distinct_reproducible_copies(mn_pickle):
     logits = vote_logits(lambda x: x.mean(dim=1), points)  # a "model" whose logits are the mean point
     assert logits.shape == (3, 3) and torch.allclose(logits, points.mean(dim=2).mean(dim=1), atol=1e-6)
     assert torch.equal(vote_logits(lambda x: x.mean(dim=1), val), val.mean(dim=1))
+
+
+# -- a final training batch of one never reaches the BatchNorm head ---------------------------------------------
+def _fit_scan(root, tmp_path, *extra: str):
+    """One epoch of the shipped ScanObjectNN linear-probe recipe (MLP-BN head) on a tiny transformer, batch 4;
+    returns the CLI and the batch sizes the head trained on."""
+    from mmpeft.cli import run_cli
+
+    b, d = "--model.init_args.backbone.init_args", "--data.init_args"
+    tiny = dict(num_points=64, num_group=8, group_size=8, depth=2, embed_dim=32, num_heads=4, encoder_dims=32)
+    cli = run_cli([
+        "-c", "configs/point/scanobjectnn/linear.yaml", *(f"{b}.{k}={v}" for k, v in tiny.items()),
+        f"{b}.pointnet_widths=[16, 32, 64]", f"{d}.root={root}", f"{d}.variant=OBJ_BG", f"{d}.num_points=64",
+        f"{d}.batch_size=4", f"{d}.num_workers=0", "--trainer.max_epochs=1", "--trainer.accelerator=cpu",
+        "--trainer.enable_progress_bar=false", "--trainer.limit_val_batches=1", f"--run.dir={tmp_path}",
+        "--run.wandb=disabled", "--run.test_after_fit=false", *extra,
+    ], run=False)  # fmt: skip
+    sizes: list[int] = []
+    cli.model.model.head.register_forward_pre_hook(lambda m, args: sizes.append(len(args[0])) if m.training else None)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    return cli, sizes
+
+
+@pytest.mark.parametrize("drop_last", [True, False])
+def test_a_final_training_batch_of_one_never_reaches_the_batchnorm_head(scan_root, tmp_path, drop_last):
+    """45 training clouds at batch 4 leave one over (15-shot ScanObjectNN at batch 32 is the same case): the
+    recipe drops it, as Point-MAE's loader does; drop_last false folds it into the batch before."""
+    cli, sizes = _fit_scan(scan_root, tmp_path, f"--data.init_args.drop_last={str(drop_last).lower()}")
+    assert len(cli.datamodule.data["train"][1]) == 45 and 45 % 4 == 1
+    assert isinstance(cli.model.model.head[1], torch.nn.BatchNorm1d), "the papers' MLP-BN head trains"
+    assert sizes == ([4] * 11 if drop_last else [4] * 10 + [5]), "no batch of one; folded, every cloud kept"
+    assert cli.trainer.global_step == 11 and int(cli.model.model.head[1].num_batches_tracked) == 11
+
+
+# -- data the backbone cannot take are refused when model and data meet, before any forward ----------------------
+def _run_point(config: str, data: list[str], tmp_path, stage: str = "fit", forwards: list | None = None, **backbone):
+    """Fit (or test) a tiny point transformer on fixture data; `forwards` records every backbone forward."""
+    from mmpeft.cli import run_cli
+
+    tiny = {"num_points": 64, "num_group": 8, "group_size": 8, "depth": 1, "embed_dim": 32, "num_heads": 4,
+            "encoder_dims": 32, **backbone}  # fmt: skip
+    b = "--model.init_args.backbone.init_args"
+    cli = run_cli([
+        "-c", config, *(f"{b}.{k}={v}" for k, v in tiny.items()), f"{b}.pointnet_widths=[16, 32, 64]",
+        *(f"--data.init_args.{option}" for option in data), "--data.init_args.num_workers=0",
+        "--trainer.max_epochs=1", "--trainer.accelerator=cpu", "--trainer.enable_progress_bar=false",
+        f"--run.dir={tmp_path}", "--run.wandb=disabled", "--run.test_after_fit=false",
+    ], run=False)  # fmt: skip
+    forwards = [] if forwards is None else forwards
+    cli.model.model.backbone.register_forward_pre_hook(lambda module, args: forwards.append(len(args[0])))
+    getattr(cli.trainer, stage)(cli.model, datamodule=cli.datamodule)
+    return forwards
+
+
+def test_normals_for_an_xyz_backbone_are_refused_before_the_first_forward(mn_pickle, tmp_path):
+    data = [f"root={mn_pickle}", "num_points=64", "use_normals=true", "batch_size=8"]
+    forwards: list[int] = []
+    with pytest.raises(ConfigMismatch, match=r"6 channels \(xyz \+ normals.*point_mae backbone takes 3 \(xyz\); "
+                       r"set --data.init_args.use_normals false"):  # fmt: skip
+        _run_point("configs/point/modelnet40/linear.yaml", data, tmp_path, forwards=forwards)
+    assert forwards == [], "refused before any forward"
+    assert _run_point("configs/point/modelnet40/linear.yaml", data[:2] + data[3:], tmp_path), "xyz clouds train"
+
+
+@pytest.mark.parametrize("stage", ["fit", "test"])
+def test_clouds_smaller_than_the_grouping_are_refused_before_the_first_forward(scan_root, tmp_path, stage):
+    data = [f"root={scan_root}", "variant=OBJ_BG", "num_points=24", "batch_size=8"]
+    forwards: list[int] = []
+    match = (r"num_points=24 points, but the point_mae backbone groups each cloud into num_group=8 FPS centres of "
+             r"group_size=32 .* at least 32; raise --data.init_args.num_points or lower "
+             r"--model.init_args.backbone.init_args.group_size")  # fmt: skip
+    with pytest.raises(ConfigMismatch, match=match):
+        _run_point("configs/point/scanobjectnn/linear.yaml", data, tmp_path, stage, forwards, group_size=32)
+    assert forwards == [], "refused before any forward"

@@ -169,6 +169,22 @@ def test_dtypes():
         farthest_point_sample(torch.zeros(1, 4, 3, dtype=torch.long), 2)
 
 
+def test_point_ops_compute_in_fp32_under_bf16_autocast():
+    """Autocast would run kNN's distance matmul in bf16 (about half of the 128 x 32 groups of a 2,048-point cloud
+    then changed their neighbour set); the ops switch it off, so the groups are exactly the fp32 ones."""
+    xyz = torch.randn(4, 2048, 3, generator=torch.Generator().manual_seed(21))
+    nb, ce = group(xyz, 128, 32)
+    idx, picks = knn(ce, xyz, 32), farthest_point_sample(xyz, 128)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.is_autocast_enabled("cpu")
+        nb_a, ce_a = group(xyz, 128, 32)
+        idx_a, picks_a = knn(ce, xyz, 32), farthest_point_sample(xyz, 128)
+        assert torch.is_autocast_enabled("cpu"), "autocast is restored for the network around the ops"
+    assert torch.equal(picks_a, picks) and torch.equal(ce_a, ce)
+    assert torch.equal(idx_a, idx), "the same neighbours in the same order"
+    assert nb_a.dtype == torch.float32 and torch.equal(nb_a, nb)
+
+
 def test_gather_points_shapes_and_gradient():
     points = _cloud(2, 10, seed=18).requires_grad_()
     index = torch.tensor([[[1, 2], [3, 3]], [[0, 9], [9, 9]]])

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -33,3 +39,30 @@ def test_shapes_datamodule_splits_are_disjoint_and_training_shuffles_points():
     ), "the same points in another order"
     with pytest.raises(ValueError, match="unknown shapes task"):
         ShapesDataModule("sideways")
+
+
+PRETRAIN = """
+import hashlib, json, sys, torch
+torch.set_num_threads(int(sys.argv[1]))
+from mmpeft.backbones.shapes import ARCH, RECIPE
+from mmpeft.backbones.weights import pretrained_weights, read_state_dict
+path = pretrained_weights("shapes_point", ARCH, {**RECIPE, "epochs": 1, "per_class": 8, "warmup_epochs": 0})
+digest = hashlib.sha1()
+for name, tensor in sorted(read_state_dict(path).items()):
+    digest.update(name.encode() + tensor.numpy().tobytes())
+print(json.dumps({"sha1": digest.hexdigest(), "threads_after": torch.get_num_threads()}))
+"""
+
+
+def test_the_cached_pretraining_gives_the_same_weights_at_any_thread_count(tmp_path):
+    """The quickstart backbone pretrained by a 1-thread and a 2-thread process (fresh caches): the same tensors,
+    and each process keeps its own thread count afterwards."""
+    root = Path(__file__).resolve().parents[1]
+    runs = {}
+    for threads in (1, 2):
+        env = {**os.environ, "MMPEFT_CACHE": str(tmp_path / f"cache{threads}"), "PYTHONPATH": str(root)}
+        out = subprocess.run([sys.executable, "-c", PRETRAIN, str(threads)], env=env, cwd=root, capture_output=True,
+                             text=True, timeout=600, check=True).stdout  # fmt: skip
+        runs[threads] = json.loads(out.strip().splitlines()[-1])
+    assert runs[1]["sha1"] == runs[2]["sha1"]
+    assert [runs[t]["threads_after"] for t in (1, 2)] == [1, 2]

@@ -160,3 +160,16 @@ def test_every_kshot_method_is_registered_and_covers_both_tasks():
         names = {m if isinstance(m, str) else m["name"] for m, _, _ in runs.values() if m is not None}
         assert names <= set(list_methods())
         assert runs["random_probe"][1] is False and runs["scratch"][1] is False and runs["linear"][1] is True
+
+
+def test_the_shapes_table_is_a_mean_over_three_seeds_and_digits_keeps_one(tmp_path, fake_runs, capsys):
+    q.main(["--task", "shapes", "--runs-dir", str(tmp_path)])
+    assert len(fake_runs) == 3 * len(q.SHAPES_RUNS) and {c["seed"] for c in fake_runs} == {0, 1, 2}
+    out = capsys.readouterr().out
+    assert "seeds 0, 1, 2; test acc: mean ± std (sample std), then per seed" in out
+    assert "| linear probe | 0.600 ± 0.100 (0.500, 0.600, 0.700) | 0.600 |" in out
+    results = q.transfer_table(3, str(tmp_path), ["bitfit"], task="shapes", seeds=[1, 2])
+    assert results["bitfit"]["test_accs"] == [0.6, 0.7] and results["bitfit"]["test_acc"] == pytest.approx(0.65)
+    fake_runs.clear()
+    q.main(["--runs-dir", str(tmp_path)])
+    assert {c["seed"] for c in fake_runs} == {0} and "| linear probe | 0.500 | 0.500 |" in capsys.readouterr().out

@@ -26,7 +26,8 @@ from torch import nn
 from mmpeft.backbones.weights import optional_path, read_state_dict
 from mmpeft.core.anatomy import Attention, TokenBackbone, TokenBlock
 from mmpeft.core.context import ForwardContext
-from mmpeft.core.errors import UnknownName, WeightsUnavailable
+from mmpeft.core.errors import ConfigMismatch, UnknownName, WeightsUnavailable
+from mmpeft.core.heads import read_checkpoint_head
 from mmpeft.core.identity import record_weights
 
 __all__ = [
@@ -86,6 +87,31 @@ def _block(dim: int, heads: int, mlp_ratio: float, drop_path: float) -> TokenBlo
                       path(), path())  # fmt: skip
 
 
+def _encoder_width(variant: str, embed_dim: int, encoder_dims: int | None) -> int:
+    """The mini-PointNet's output width: Point-BERT's default 256 (then `reduce_dim`); Point-MAE's tokens enter
+    the transformer unchanged, so its width is `embed_dim`, and another one could only fail at the first forward."""
+    if POINT_VARIANTS[variant]["reduce_dim"]:
+        return encoder_dims or POINT_VARIANTS[variant]["encoder_dims"]
+    if encoder_dims is not None and encoder_dims != embed_dim:
+        raise ConfigMismatch(
+            f"{variant}: encoder_dims={encoder_dims} but embed_dim={embed_dim}; Point-MAE's group tokens enter the "
+            f"transformer as they are, so the two must be equal: set encoder_dims={embed_dim} or leave it unset "
+            "(or use variant point_bert, whose reduce_dim maps the tokens to embed_dim)"
+        )
+    return embed_dim
+
+
+def _check_grouping(num_group: int, group_size: int, num_points: int) -> None:
+    """FPS picks `num_group` centres of the cloud and each takes its `group_size` nearest points: neither can
+    exceed the cloud's `num_points`."""
+    if not 1 <= num_group <= num_points or not 1 <= group_size <= num_points:
+        raise ConfigMismatch(
+            f"num_group={num_group} centres of group_size={group_size} points each need clouds of at least "
+            f"{max(num_group, group_size)} points, and num_points={num_points}; lower num_group / group_size or "
+            "raise num_points (Point-MAE: 1024 points in 64 groups of 32; ScanObjectNN: 2048 in 128 x 32)"
+        )
+
+
 class PointTransformer(TokenBackbone):
     """Point-MAE / Point-BERT transformer on [B, N, 3] clouds (xyz only).
 
@@ -93,20 +119,28 @@ class PointTransformer(TokenBackbone):
         variant: "point_mae" (mini-PointNet to 384) or "point_bert" (to 256, then `reduce_dim` to 384).
         weights: an official checkpoint (a Point-MAE pretrain / fine-tune file, a Point-BERT one) or a
             state dict of this backbone (.safetensors / .pth); see `load_point_checkpoint`.
+        load_head: a fine-tuned file's classification head (`cls_head_finetune.*`, the layout of
+            `default_head`) goes to the task head (`checkpoint_head`), so testing the file scores its own head;
+            False ignores it (a fresh head on the fine-tuned backbone).
         num_group, group_size: G centres and k neighbours (64 x 32 for 1,024 points; ScanObjectNN with
             Point-MAE: 128 x 32 for 2,048 points).
         depth, embed_dim, num_heads, mlp_ratio: the transformer (12 x 384, 6 heads, ratio 4).
-        encoder_dims, pointnet_widths: the mini-PointNet's output (the variant's 384 or 256) and inner widths
-            (128, 256, 512); other values make small models, e.g. the shapes quickstart's.
+        encoder_dims, pointnet_widths: the mini-PointNet's output and inner widths (128, 256, 512); other values
+            make small models, e.g. the shapes quickstart's. Point-BERT's tokens are 256-d (`reduce_dim` maps them
+            to `embed_dim`); Point-MAE's tokens enter the transformer as they are, so its `encoder_dims` is
+            `embed_dim` (unset: follows it; another value is refused).
         drop_path_rate: stochastic depth rising linearly from 0 to this over the blocks (0.1 in the
             fine-tuning recipes).
         fps_start: "first": FPS starts at index 0 of the given order, as pointnet2_ops (randomness comes
             from shuffling the points); "random": in training, each cloud's start is drawn from the
             forward context's seeded generator (evaluation still starts at index 0, so it is deterministic).
+        num_points: the clouds' size: example inputs, and the grouping must fit it (the task also checks the
+            data's clouds against the grouping when model and data meet).
         device: build on this device ("meta" for counts).
     """
 
     pos_every_block = True
+    in_channels = 3  # xyz only: the grouping and the mini-PointNet see coordinates
 
     def __init__(
         self,
@@ -124,6 +158,7 @@ class PointTransformer(TokenBackbone):
         fps_start: str = "first",
         num_points: int = 1024,
         device: str | torch.device | None = None,
+        load_head: bool = True,
     ):
         super().__init__()
         if variant not in POINT_VARIANTS:
@@ -131,12 +166,16 @@ class PointTransformer(TokenBackbone):
         if fps_start not in FPS_STARTS:
             raise ValueError(f"fps_start must be one of {FPS_STARTS}, got {fps_start!r}")
         spec = POINT_VARIANTS[variant]
+        encoder_dims = _encoder_width(variant, embed_dim, encoder_dims)
+        _check_grouping(num_group, group_size, num_points)
+        if embed_dim % num_heads:
+            raise ConfigMismatch(f"embed_dim={embed_dim} does not split into num_heads={num_heads} heads; choose a "
+                                 "num_heads that divides embed_dim (Point-MAE: 384 and 6)")  # fmt: skip
         self.name, self.variant = variant, variant
         self.embed_dim, self.num_heads, self.pool_type = embed_dim, num_heads, "cls+max"
         self.num_group, self.group_size, self.fps_start, self.num_points = num_group, group_size, fps_start, num_points
         self.default_head = dict(POINT_HEADS[variant])
         with torch.device(device) if device is not None else contextlib.nullcontext():
-            encoder_dims = encoder_dims or spec["encoder_dims"]
             self.encoder = MiniPointNet(encoder_dims, tuple(pointnet_widths))
             self.reduce_dim = nn.Linear(encoder_dims, embed_dim) if spec["reduce_dim"] else None
             self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
@@ -151,7 +190,7 @@ class PointTransformer(TokenBackbone):
         self.init_sites()
         weights = optional_path(weights)
         if weights is not None:
-            self.load_report = load_point_checkpoint(self, weights)
+            self.load_report = load_point_checkpoint(self, weights, load_head)
         record_weights(self, weights)
 
     def embed(self, xyz: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
@@ -190,6 +229,7 @@ _ENCODER_PREFIXES = {
     "point_bert": ("transformer_q.", "base_model."),
 }
 _HEAD_PREFIXES = ("cls_head_finetune.", "cls_head.", "head.")
+_FINETUNED_HEAD = "cls_head_finetune."  # the official fine-tuning models' head (Point-MAE, Point-BERT)
 
 
 def _official_to_own(key: str) -> str:
@@ -202,19 +242,22 @@ def official_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
     return {("blocks." + k if k.startswith("blocks.") else k): v for k, v in state.items()}
 
 
-def load_point_checkpoint(backbone: PointTransformer, path: str) -> dict[str, list[str]]:
+def load_point_checkpoint(backbone: PointTransformer, path: str, load_head: bool = True) -> dict[str, list[str]]:
     """Load an official Point-MAE / Point-BERT checkpoint (or one of this backbone's own state dicts).
 
     Official files hold `{"base_model": state, ...}` (read with `weights_only=True`). The encoder's prefix
     is stripped (`module.` from DataParallel; Point-MAE `MAE_encoder.`, Point-BERT `transformer_q.`), the
     `blocks.blocks.<i>` level is mapped to `blocks.<i>`, and the rest (the MAE decoder, BERT's momentum
-    encoder, dVAE and heads) is ignored. A pretraining file has no cls token / cls_pos (Point-MAE) and no
-    head: those stay fresh and are reported. Every block, the mini-PointNet and the position MLP must be
-    there with the right shapes, or nothing is loaded and the error says what is wrong.
-    Returns {"loaded", "fresh", "ignored"} key lists (also printed as one line)."""
+    encoder, dVAE and pretraining heads) is ignored. A pretraining file has no cls token / cls_pos (Point-MAE)
+    and no head: those stay fresh and are reported. A fine-tuned file's `cls_head_finetune.*` (with `load_head`)
+    is kept as the backbone's `checkpoint_head` when it has the layout of `default_head` (the official models'
+    heads do), for `PeftModel` to load into the task head. Every block, the mini-PointNet and the position MLP
+    must be there with the right shapes, or nothing is loaded and the error says what is wrong.
+    Returns {"loaded", "fresh", "ignored", "head"} key lists (also printed as one line)."""
     raw = {k.removeprefix("module."): v for k, v in read_state_dict(path).items()}
     prefixes = _ENCODER_PREFIXES[backbone.variant]
     state: dict[str, torch.Tensor] = {}
+    head: dict[str, torch.Tensor] = {}
     ignored: list[str] = []
     has_prefixed = any(k.startswith(prefixes[0]) for k in raw)
     for key, value in raw.items():
@@ -225,6 +268,9 @@ def load_point_checkpoint(backbone: PointTransformer, path: str) -> dict[str, li
                 continue
             own = key[len(prefixes[0]) :]
         own = _official_to_own(own.removeprefix(prefixes[1]))
+        if own.startswith(_FINETUNED_HEAD) and not has_prefixed and load_head:  # a fine-tuned model's own head
+            head[own[len(_FINETUNED_HEAD) :]] = value
+            continue
         if own.startswith(_HEAD_PREFIXES):
             ignored.append(key)
             continue
@@ -243,6 +289,18 @@ def load_point_checkpoint(backbone: PointTransformer, path: str) -> dict[str, li
             f"{wrong[:3]}. Is it a {backbone.variant} checkpoint? Point-BERT files need variant='point_bert'."
         )
     backbone.load_state_dict(state, strict=False)
-    print(f"{backbone.variant}: loaded {len(state)} tensors from {path}; fresh: {fresh or 'none'} (plus the task "
-          f"head); ignored {len(ignored)} (decoder / momentum encoder / old head)")  # fmt: skip
-    return {"loaded": sorted(state), "fresh": fresh, "ignored": sorted(ignored)}
+    found = read_checkpoint_head(backbone.default_head, head, backbone.num_features, path) if head else None
+    backbone.checkpoint_head = found
+    if head and found is None:
+        ignored += [_FINETUNED_HEAD + k for k in head]
+        print(f"{backbone.variant}: the head in {path} ({len(head)} tensors) does not have the layout of the default "
+              f"head {backbone.default_head}; it is not loaded (the task head starts fresh)")  # fmt: skip
+    taken = (
+        f"the file's head ({found.spec['num_classes']} classes) goes to the task head"
+        if found
+        else "the task head starts fresh"
+    )
+    print(f"{backbone.variant}: loaded {len(state)} tensors from {path}; fresh: {fresh or 'none'}; {taken}; "
+          f"ignored {len(ignored)} (decoder / momentum encoder / pretraining heads)")  # fmt: skip
+    return {"loaded": sorted(state), "fresh": fresh, "ignored": sorted(ignored),
+            "head": sorted(_FINETUNED_HEAD + k for k in (found.state if found else {}))}  # fmt: skip

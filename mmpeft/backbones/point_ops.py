@@ -4,20 +4,47 @@ They replace the compiled `pointnet2_ops` (FPS, gather) and `KNN_CUDA` extension
 Point-BERT and Point-PEFT build with nvcc, so the point backbones run on CPU and on any CUDA without a
 build step. Everything is batched; the only Python loop is FPS's loop over the picks (inherently serial).
 Index outputs carry no gradient; `gather_points` and `group` are differentiable with respect to the points.
+
+Under mixed precision the ops still compute in fp32 (or the inputs' fp64): `farthest_point_sample`, `knn` and
+`group` run with autocast switched off (`full_precision`), since autocast would run kNN's distance matmul in
+bf16, whose 8-bit mantissa cannot rank neighbours (about half of Point-MAE's 128 x 32 ScanObjectNN groups
+changed their neighbour set under CPU bf16 autocast). Only the network around them runs in the lower precision.
 """
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+from typing import ParamSpec, TypeVar
+
 import torch
 from torch import Tensor
 
-__all__ = ["farthest_point_sample", "knn", "gather_points", "group"]
+__all__ = ["farthest_point_sample", "knn", "gather_points", "group", "full_precision"]
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 # kNN materialises a (query x points) distance block per batch. On CPU it is cut into blocks of about this many
 # elements: small blocks stay in cache for `topk`, and blocks over glibc's 32 MB mmap threshold would be fresh pages
 # (page faults) on every call, which alone cost about as much as the distances at B=32, N=2048, G=128.
 _CPU_BLOCK_ELEMENTS = 1 << 20
 _DEVICE_BLOCK_ELEMENTS = 1 << 26
+
+
+def full_precision(fn: Callable[P, R]) -> Callable[P, R]:
+    """Run `fn` with autocast off on the device of its first tensor argument, so its arithmetic happens in the
+    inputs' own dtype (fp32 for the point ops) whatever the caller's autocast state."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        device = next((a.device.type for a in args if isinstance(a, Tensor)), "cpu")
+        if not torch.amp.is_autocast_available(device) or not torch.is_autocast_enabled(device):
+            return fn(*args, **kwargs)
+        with torch.autocast(device_type=device, enabled=False):
+            return fn(*args, **kwargs)
+
+    return wrapper
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
@@ -54,6 +81,7 @@ def _start_indices(start: int | Tensor, batch: int, num_points: int, device: tor
     return torch.full((batch, 1), start, dtype=torch.long, device=device)
 
 
+@full_precision
 def farthest_point_sample(xyz: Tensor, num: int, start: int | Tensor = 0) -> Tensor:
     """Indices [B, num] of `num` points picked by farthest point sampling, in pick order.
 
@@ -91,6 +119,7 @@ def farthest_point_sample(xyz: Tensor, num: int, start: int | Tensor = 0) -> Ten
     return torch.cat(picks, dim=1)
 
 
+@full_precision
 def knn(query: Tensor, points: Tensor, k: int) -> Tensor:
     """Indices [B, G, k] of the k points nearest (Euclidean) to each query point, nearest first.
 
@@ -147,6 +176,7 @@ def gather_points(points: Tensor, index: Tensor) -> Tensor:
     return out.view(*index.shape, channels)
 
 
+@full_precision
 def group(xyz: Tensor, num_groups: int, group_size: int, start: int | Tensor = 0) -> tuple[Tensor, Tensor]:
     """Point-MAE's `Group`: (neighbourhood [B, G, k, 3], centre [B, G, 3]) in that order.
 

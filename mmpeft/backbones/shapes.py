@@ -14,9 +14,10 @@ __all__ = ["ShapesPointTransformer", "ARCH", "RECIPE"]
 # Point-MAE's architecture at a tenth of the width: 256 points, 32 groups of 16, 4 blocks of 96
 ARCH = {"num_points": 256, "num_group": 32, "group_size": 16, "depth": 4, "embed_dim": 96, "num_heads": 4,
         "encoder_dims": 96, "pointnet_widths": [32, 64, 128], "drop_path_rate": 0.0}  # fmt: skip
-# "data": the shapes generator's version, part of the cache key (so a changed generator pretrains anew)
+# "data": the shapes generator's version, part of the cache key (so a changed generator pretrains anew);
+# "threads": the torch thread count the pretraining runs under, whatever the machine's (`pretrain.common`)
 RECIPE = {"epochs": 20, "lr": 1e-3, "weight_decay": 0.05, "batch_size": 32, "warmup_epochs": 2, "seed": 0,
-          "per_class": 100, "data": 2}  # fmt: skip
+          "per_class": 100, "data": 2, "threads": 2}  # fmt: skip
 
 
 class ShapesPointTransformer(PointTransformer):

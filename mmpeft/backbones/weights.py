@@ -53,6 +53,23 @@ def weights_source(weights: str | os.PathLike | None, pretrained: bool | str | N
     return f"hub:{name}" + (f":{pretrained}" if isinstance(pretrained, str) else "") if pretrained else None
 
 
+def _numpy_scalar_globals() -> list:
+    """What a pickled numpy scalar needs under `weights_only=True`, and nothing more: numpy's scalar
+    reconstructor (under numpy 1's and numpy 2's module names), `numpy.dtype`, and the dtype classes of bool,
+    integer, float and complex scalars (the unpickler sets a dtype's state only on an allowed class). Point-BERT's
+    checkpoints keep numpy scalars in their `metrics`; arrays (`_reconstruct`, `ndarray`) and everything else
+    stay refused."""
+    import numpy as np  # noqa: PLC0415
+
+    try:
+        from numpy._core import multiarray
+    except ImportError:  # numpy < 2
+        from numpy.core import multiarray
+    dtypes = sorted({type(np.dtype(code)) for code in "?bhilqBHILQefdgFDG"}, key=lambda t: t.__qualname__)
+    scalar = multiarray.scalar
+    return [(scalar, "numpy.core.multiarray.scalar"), (scalar, "numpy._core.multiarray.scalar"), np.dtype, *dtypes]
+
+
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """A flat `{name: tensor}` from .safetensors, .pt/.pth/.bin (weights_only) or .npz files."""
     path = Path(path)
@@ -67,7 +84,8 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         elif suffix == ".npz":
             raise WeightsUnavailable(f"{str(path)!r}: .npz (JAX) checkpoints load through the backbone, not here")
         else:
-            state = torch.load(str(path), map_location="cpu", weights_only=True)
+            with torch.serialization.safe_globals(_numpy_scalar_globals()):
+                state = torch.load(str(path), map_location="cpu", weights_only=True)
     except WeightsUnavailable:
         raise
     except Exception as err:

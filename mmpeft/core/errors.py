@@ -10,6 +10,7 @@ __all__ = [
     "AdapterMismatch",
     "WeightsUnavailable",
     "OutputExists",
+    "ConfigMismatch",
 ]
 
 
@@ -42,3 +43,8 @@ class WeightsUnavailable(MmpeftError, OSError):
 
 class OutputExists(MmpeftError, FileExistsError):
     """An output file is already there; it is replaced only when the user asks (--overwrite)."""
+
+
+class ConfigMismatch(MmpeftError, ValueError):
+    """Options that cannot work together (the data's clouds and the backbone's grouping, a backbone's widths),
+    found when the model and data are built rather than at the first forward; the message names both values."""

@@ -11,15 +11,19 @@ head its own way) decides.
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from mmpeft.core.errors import UnknownName
+from mmpeft.core.errors import UnknownName, WeightsUnavailable
 from mmpeft.core.modules import make_activation
 
-__all__ = ["build_head", "head_spec", "init_head", "HEADS", "VPT_HEAD"]
+__all__ = [
+    "build_head", "head_spec", "init_head", "HEADS", "VPT_HEAD", "CheckpointHead", "read_checkpoint_head",
+    "load_checkpoint_head",
+]  # fmt: skip
 
 HEADS = ("linear", "mlp")
 # VPT's head (KMnP/vpt `src/models/mlp.py` L53-57, `MLP(..., special_bias=True)` for every ViT transfer
@@ -111,3 +115,61 @@ def build_head(spec: dict[str, Any], in_features: int, default_init: str | None 
     if init:
         init_head(head, init)
     return head
+
+
+# -- heads that come with a backbone's weights file ------------------------------------------------------------
+@dataclass(frozen=True)
+class CheckpointHead:
+    """A task head found in a backbone's weights file (e.g. `cls_head_finetune.*` of an official fine-tuned
+    Point-MAE checkpoint): its full spec (`head_spec`), its state dict in that head's keys, and the file. The
+    backbone keeps it as `checkpoint_head`; `PeftModel` loads it into the head it builds (`load_checkpoint_head`),
+    so evaluating a fine-tuned checkpoint scores its own head, not a random one."""
+
+    spec: dict[str, Any]
+    state: dict[str, torch.Tensor]
+    source: str
+
+
+def _spec_text(spec: dict[str, Any]) -> str:
+    options = ", ".join(f"{k} {v}" for k, v in spec.items() if k not in ("name", "num_classes", "init"))
+    return f"{spec['name']} head ({options + ', ' if options else ''}{spec['num_classes']} classes)"
+
+
+def read_checkpoint_head(
+    layout: str | dict[str, Any] | None, state: dict[str, torch.Tensor], in_features: int, source: str
+) -> CheckpointHead | None:
+    """`state` as a head of spec `layout` on `in_features` features, its class count read off its last layer;
+    None when its keys or shapes are not exactly that layout's (a head of another design)."""
+    layers = [int(k.split(".", 1)[0]) for k in state if k.split(".", 1)[0].isdigit()]
+    last = f"{max(layers)}.weight" if layers and len(layers) == len(state) else "weight"
+    if last not in state or state[last].dim() != 2:
+        return None
+    spec = head_spec(layout, int(state[last].shape[0]))
+    with torch.device("meta"):
+        expected = build_head(spec, in_features).state_dict()
+    if expected.keys() != state.keys() or any(expected[k].shape != v.shape for k, v in state.items()):
+        return None
+    return CheckpointHead(spec, dict(state), str(source))
+
+
+def _without_init(spec: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in spec.items() if k != "init"}
+
+
+def load_checkpoint_head(head: nn.Module, spec: dict[str, Any], found: CheckpointHead | None) -> str | None:
+    """Load the head of a backbone's weights file into `head` (built from the full spec `spec`) and return the
+    file's name; None when the file had no head. A head of another spec (another class count, another design)
+    cannot take it: that is refused, since training or testing would silently start from a random head instead
+    of the file's."""
+    if found is None:
+        return None
+    if _without_init(spec) != _without_init(found.spec):
+        raise WeightsUnavailable(
+            f"the weights file {found.source!r} holds a fine-tuned {_spec_text(found.spec)}, but the task builds a "
+            f"{_spec_text(spec)}, which cannot take it. To evaluate or continue the fine-tuned model, use its head: "
+            f"num_classes={found.spec['num_classes']} and the backbone's default head. To train a fresh head on the "
+            "fine-tuned backbone instead, set the backbone's load_head: false (e.g. "
+            "--model.init_args.backbone.init_args.load_head false)."
+        )
+    head.load_state_dict(found.state, strict=True)
+    return found.source

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from mmpeft.core.backbone import as_backbone
-from mmpeft.core.heads import build_head, head_spec
+from mmpeft.core.heads import build_head, head_spec, load_checkpoint_head
 from mmpeft.core.identity import weights_identity
 from mmpeft.core.method import Method, apply_frozen_mode, method_from_spec
 from mmpeft.core.modules import adapter_modules
@@ -36,7 +36,9 @@ class PeftModel(nn.Module):
             (features, or a denoiser's prediction).
         head: the head's spec (`"linear"`, or `{name: mlp, hidden: [256, 256], norm: batch, dropout: 0.5}`; see
             `mmpeft.core.heads`), recorded in adapter files; or a custom module. Unset: the backbone's
-            `default_head` (the paper's head, e.g. the point transformers' MLP-BN head), else linear.
+            `default_head` (the paper's head, e.g. the point transformers' MLP-BN head), else linear. A backbone
+            whose weights file held a head (`checkpoint_head`, e.g. an official fine-tuned Point-MAE file) gives
+            it to the head built here; a head of another spec is refused (`load_checkpoint_head`).
     """
 
     def __init__(
@@ -63,8 +65,12 @@ class PeftModel(nn.Module):
         self.head_config = head_spec(head, num_classes) if not custom and num_classes else None
         weights_identity(backbone)  # the frozen weights' identity, taken before the method touches them
         self.backbone = self.method.apply(backbone)
+        self.head_source: str | None = None  # the weights file the head came from (a fine-tuned checkpoint's own)
         if not custom:
             built = build_head(self.head_config, features, self.method.initial_head()) if num_classes else None
+            if built is not None:
+                found = getattr(backbone, "checkpoint_head", None)
+                self.head_source = load_checkpoint_head(built, self.head_config, found)
             head = built.to(device=_device_of(backbone)) if built is not None else nn.Identity()
         self.head = head
         self.apply_frozen_mode()

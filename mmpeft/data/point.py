@@ -202,6 +202,16 @@ class _PointDataModule(SplitLoaders, pl.LightningDataModule):
     def has_test_split(self) -> bool:
         return True
 
+    @property
+    def num_points(self) -> int:
+        """Points per cloud in every batch (what a backbone's grouping must fit)."""
+        return int(self.hparams.num_points)
+
+    @property
+    def point_channels(self) -> int:
+        """Channels per point in every batch: 3 (xyz), 6 with normals."""
+        return 3
+
     def _load(self, split: str, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(clouds [n, K, C] float32 cut to `keep` points as `_fps_prefix` does, labels [n] int64) of a split."""
         raise NotImplementedError
@@ -258,8 +268,8 @@ class _PointDataModule(SplitLoaders, pl.LightningDataModule):
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         hp = self.hparams
-        return split_loader(self.dataset(split), hp.batch_size, shuffle, num_workers=hp.num_workers,
-                            persistent_workers=hp.num_workers > 0)  # fmt: skip
+        return split_loader(self.dataset(split), hp.batch_size, shuffle, drop_last=hp.drop_last,
+                            num_workers=hp.num_workers, persistent_workers=hp.num_workers > 0)  # fmt: skip
 
     def _missing(self, what: str) -> MissingPointData:
         return MissingPointData(f"{self.title}: {what}. Expected layout:\n{self.layout}")
@@ -313,6 +323,9 @@ class ScanObjectNNDataModule(_PointDataModule):
             "unit_sphere" (centre and divide by the max norm).
         votes, vote_augment: test-time voting (see the module docstring).
         shots: keep k training clouds per class (seeded).
+        drop_last: drop the last partial training batch each epoch, as Point-MAE's and Point-BERT's training
+            loaders do (`drop_last=True` in their dataset builder); it also keeps a batch of one away from the
+            MLP head's BatchNorm. False keeps every cloud (a final batch of one joins the batch before it).
     """
 
     num_classes = 15
@@ -334,6 +347,7 @@ class ScanObjectNNDataModule(_PointDataModule):
         votes: int = 1,
         vote_augment: str = "scale_translate",
         shots: int | None = None,
+        drop_last: bool = True,
     ):
         super().__init__()
         if variant not in SCANOBJECTNN_FILES:
@@ -475,7 +489,7 @@ class ModelNet40DataModule(_PointDataModule):
         layout: "pickle", "txt", or "auto" (the pickles when both are there, else the txt files).
         num_points: points per cloud (1024 in every official config).
         use_normals: clouds [N, 6] with the normals (rotated along with the points, never rescaled).
-        protocol, val_fraction, seed, augment, votes, vote_augment, shots: as `ScanObjectNNDataModule`.
+        protocol, val_fraction, seed, augment, votes, vote_augment, shots, drop_last: as `ScanObjectNNDataModule`.
     """
 
     num_classes = 40
@@ -497,6 +511,7 @@ class ModelNet40DataModule(_PointDataModule):
         votes: int = 1,
         vote_augment: str = "scale_translate",
         shots: int | None = None,
+        drop_last: bool = True,
     ):
         super().__init__()
         if layout not in ("auto", "pickle", "txt"):
@@ -532,6 +547,10 @@ class ModelNet40DataModule(_PointDataModule):
 
     def _columns(self) -> int:
         return 6 if self.hparams.use_normals else 3
+
+    @property
+    def point_channels(self) -> int:
+        return self._columns()
 
     def _normalized(self, cloud: np.ndarray, where: str, problems: Problems) -> torch.Tensor | None:
         if cloud.shape[1] < self._columns():

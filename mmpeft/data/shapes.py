@@ -304,6 +304,8 @@ class ShapesDataModule(SplitLoaders, pl.LightningDataModule):
             same val / test splits.
     """
 
+    point_channels = 3  # xyz
+
     def __init__(
         self,
         task: str = "downstream",
