@@ -212,6 +212,7 @@ def _make_cli_class():
 
     class MmpeftCLI(LightningCLI):
         def __init__(self, args: Sequence[str] | None = None, run: bool = True):
+            epilog = f"{methods_epilog()}\n\n{backbones_epilog()}"
             super().__init__(
                 PeftTask,
                 LightningDataModule,
@@ -223,7 +224,7 @@ def _make_cli_class():
                 parser_kwargs={
                     "default_env": True,
                     "exit_on_error": False,  # parse errors reach `main` as one line, not a usage dump
-                    **{c: {"epilog": methods_epilog(), "exit_on_error": False} for c in LIGHTNING_COMMANDS},
+                    **{c: {"epilog": epilog, "exit_on_error": False} for c in LIGHTNING_COMMANDS},
                 },
                 args=args,
                 run=run,
@@ -356,6 +357,16 @@ def _make_cli_class():
     return MmpeftCLI
 
 
+def backbones_epilog() -> str:
+    """mmpeft's backbones, for `mmpeft fit --help` (jsonargparse's own list puts them among every torch module)."""
+    from mmpeft.backbones import backbone_classes, backbone_names  # noqa: PLC0415
+
+    return (
+        f"backbones for --model.backbone: a NAME ({backbone_names()}, or a timm model name), or "
+        f"{{class_path: CLASS, init_args: {{...}}}} with one of mmpeft's classes: {', '.join(backbone_classes())}"
+    )
+
+
 def _num_classes_of(datamodule: Any) -> int | None:
     return getattr(datamodule, "num_classes", None)
 
@@ -413,6 +424,10 @@ def condense_parse_error(text: str) -> str:
     import re  # noqa: PLC0415
 
     keys = re.findall(r'Parser key "([^"]+)"', text)
+    failed = unimportable_class_path(text)
+    if failed:
+        where = ".".join(dict.fromkeys(keys))
+        return f"{where}: {failed} (see `mmpeft fit --help`)" if where else f"{failed} (see `mmpeft fit --help`)"
     noise = ("Parser key", "Subtypes:", "Errors:", "Given value", "Expected a <class 'NoneType'>")
     lines = [line.strip().lstrip("- ") for line in text.splitlines()]
     reasons = [line for line in lines if line and "Union subtypes" not in line and not line.startswith(noise)]
@@ -420,6 +435,37 @@ def condense_parse_error(text: str) -> str:
     reason = re.sub(r"<class '([\w.]+)'>", r"\1", reason).lstrip("- ")
     where = ".".join(dict.fromkeys(keys))
     return f"{where}: {reason} (see `mmpeft fit --help`)" if where else f"{reason} (see `mmpeft fit --help`)"
+
+
+IMPORT_FAILURES = ("has no attribute", "No module named", "Expected a dot import path", "does not correspond")
+
+
+def unimportable_class_path(text: str) -> str | None:
+    """A "no class 'X' (its import error); did you mean Y?" line for the innermost `class_path` of a jsonargparse report
+    that failed to import (a typo), with the closest of mmpeft's backbone, task and data classes."""
+    import difflib  # noqa: PLC0415
+    import re  # noqa: PLC0415
+
+    failures = [(path, reason.strip()) for path, reason in
+                re.findall(r"Problem with given class_path '([^']+)':\s*\n\s*([^\n]+)", text)
+                if any(marker in reason for marker in IMPORT_FAILURES)]  # fmt: skip
+    if not failures:
+        return None
+    path, reason = failures[-1]
+    close = difflib.get_close_matches(path, mmpeft_classes(), n=3, cutoff=0.8)
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    return f"no class {path!r} ({reason}){hint}"
+
+
+def mmpeft_classes() -> list[str]:
+    """The class paths a config names: mmpeft's backbones, tasks and data modules."""
+    import inspect  # noqa: PLC0415
+
+    from mmpeft import data, tasks  # noqa: PLC0415
+    from mmpeft.backbones import backbone_classes  # noqa: PLC0415
+
+    public = [f"{m.__name__}.{n}" for m in (tasks, data) for n in m.__all__ if inspect.isclass(getattr(m, n))]
+    return [*backbone_classes(), *public]
 
 
 def _terminated(argv: Sequence[str]) -> int:
