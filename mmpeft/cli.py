@@ -187,6 +187,7 @@ def _make_cli_class():
     from pytorch_lightning import LightningDataModule  # noqa: PLC0415
     from pytorch_lightning.cli import LightningCLI, SaveConfigCallback  # noqa: PLC0415
 
+    from mmpeft.core.files import writing  # noqa: PLC0415
     from mmpeft.run_checks import (  # noqa: PLC0415
         check_checkpoint_fits,
         refuse_untrained_evaluation,
@@ -195,6 +196,7 @@ def _make_cli_class():
     from mmpeft.tasks import PeftTask  # noqa: PLC0415
     from mmpeft.tasks.callbacks import (  # noqa: PLC0415
         AdapterExport,
+        NamingCheckpointIO,
         PredictionWriter,
         RunStats,
         TerminationCheckpoint,
@@ -253,6 +255,8 @@ def _make_cli_class():
                 trainer_config["logger"] = self._loggers(config)
             elif trainer_config.get("logger") is False and not trainer_config.get("default_root_dir"):
                 trainer_config["default_root_dir"] = str(self._unlogged_run_dir(config))  # never the cwd
+            if trainer_config.get("plugins") is None:  # a user's own plugins (a CheckpointIO among them) are kept
+                trainer_config["plugins"] = [NamingCheckpointIO()]
             extra = [AdapterExport(), RunStats(), TerminationCheckpoint(), PredictionWriter()]
             return super().instantiate_trainer(**{**kwargs, "callbacks": [*kwargs.get("callbacks", []), *extra]})
 
@@ -351,7 +355,8 @@ def _make_cli_class():
                     "adapter": str(export.last_path) if export and export.last_path else None,
                     "adapter_bytes": export.last_bytes if export else 0,
                 }
-                Path(log_dir, "summary.json").write_text(json.dumps(summary, indent=1))
+                with writing(Path(log_dir, "summary.json"), "the run summary"):
+                    Path(log_dir, "summary.json").write_text(json.dumps(summary, indent=1))
             print("\n".join(["", "=" * 60, *lines, "=" * 60]))
 
     return MmpeftCLI
@@ -380,7 +385,7 @@ def run_cli(args: Sequence[str] | None = None, run: bool = True):
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Errors are one line naming the problem (exit 2 for bad input, 1 for anything else); `--debug` or
-    MMPEFT_DEBUG=1 shows the traceback instead. A run ended by SIGTERM exits 143."""
+    MMPEFT_DEBUG=1 shows the traceback instead. A run ended by SIGTERM exits 143, one ended by Ctrl-C 130."""
     from_shell = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("MMPEFT_DEBUG", "") not in ("", "0")
@@ -398,6 +403,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if type(exit_).__name__ == "SIGTERMException":  # Lightning's, a SystemExit with code 0
             return _terminated(argv)
         raise
+    except KeyboardInterrupt as err:  # Ctrl-C: one line (a sweep's says what is done and how to resume), 130
+        if debug:
+            raise
+        print(f"mmpeft: {str(err) or 'interrupted (Ctrl-C)'}", file=sys.stderr)
+        return 130
     except Exception as err:
         if debug:
             raise
@@ -409,6 +419,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 def one_line_error(err: BaseException) -> tuple[str, int]:
     """(message, exit code): the mmpeft or file error behind `err`, a condensed command-line parse error, or
     the exception's first line with a pointer to `--debug`."""
+    full = disk_full(err)
+    if full is not None:
+        return full, 1
     cause = user_error(err)
     if cause is not None:
         return str(cause), 2
@@ -416,6 +429,23 @@ def one_line_error(err: BaseException) -> tuple[str, int]:
         return condense_parse_error(str(err)), 2
     first = (str(err).strip().splitlines() or [""])[0]
     return f"{type(err).__name__}: {first} (run with --debug or MMPEFT_DEBUG=1 for the traceback)", 1
+
+
+def disk_full(err: BaseException) -> str | None:
+    """The message of a full disk behind `err`: mmpeft's `DiskFull` (it names the file), else the file the
+    `OSError` knows, else "a run file" (a write by Lightning or W&B that names none)."""
+    from mmpeft.core.errors import DiskFull  # noqa: PLC0415
+    from mmpeft.core.files import disk_full_message, disk_full_reason  # noqa: PLC0415
+
+    found, cause = disk_full_reason(err), err
+    if found is None:
+        return None
+    while cause is not None and not isinstance(cause, DiskFull):
+        cause = cause.__cause__ or cause.__context__
+    if cause is not None:
+        return str(cause)
+    reason, filename = found
+    return disk_full_message(str(filename) if filename else "a run file", reason)
 
 
 def condense_parse_error(text: str) -> str:

@@ -3,6 +3,13 @@ a full disk, two runs of one name started at once, pretraining ended by SIGTERM.
 
 from __future__ import annotations
 
+import errno
+import os
+import re
+from pathlib import Path
+
+import pytest
+
 from mmpeft.cli import main
 
 
@@ -23,3 +30,69 @@ def test_import_lora_names_an_mmpeft_adapter_file(tmp_path, capsys):
     assert "not a diffusers LoRA file" in err and f"mmpeft export-lora {adapter}" in err
     assert "lora_A" not in err and len(err.strip().splitlines()) == 1
     assert not out.exists()
+
+
+# -- a full disk -------------------------------------------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parents[1]
+DIGITS = ["-c", str(ROOT / "configs/quickstart.yaml"), "--model.init_args.backbone.init_args.pretrained=false",
+          "--trainer.enable_progress_bar=false", "--run.wandb=disabled", "--trainer.max_epochs=1",
+          "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1", "--trainer.limit_test_batches=1",
+          "--trainer.log_every_n_steps=1"]  # fmt: skip
+ENOSPC = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # what a write() on a full disk raises: no file name
+
+
+def fill_disk(monkeypatch, where: str) -> None:
+    """Make one kind of run file hit a full disk, the way its writer reports it."""
+    if where == "adapter":  # safetensors wraps Rust's io error in its own exception type
+        from safetensors import SafetensorError
+
+        full = SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No '
+                               'space left on device" })')  # fmt: skip
+
+        def save_file(*args, **kwargs):
+            raise full
+
+        monkeypatch.setattr("mmpeft.core.state.save_file", save_file)
+    elif where == "checkpoint":  # Lightning's fsspec write: a bare errno
+
+        def atomic_save(checkpoint, path):
+            raise ENOSPC
+
+        monkeypatch.setattr("lightning_fabric.plugins.io.torch_io._atomic_save", atomic_save)
+    else:
+        real = Path.write_text
+
+        def write_text(self, *args, **kwargs):
+            if self.name == where:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self))
+            return real(self, *args, **kwargs)
+
+        monkeypatch.setattr(Path, "write_text", write_text)
+
+
+@pytest.mark.parametrize(
+    ("where", "named"),
+    [("adapter", r"the adapter file (\S+/checkpoints/adapter-epoch=0-step=2\.safetensors)"),
+     ("checkpoint", r"the checkpoint (\S+/checkpoints/epoch=0-step=2\.ckpt)"),
+     ("summary.json", r"the run summary (\S+/version_0/summary\.json)")],
+)  # fmt: skip
+def test_a_full_disk_names_the_file_in_one_line(where, named, monkeypatch, tmp_path, capsys):
+    fill_disk(monkeypatch, where)
+    assert main(["fit", *DIGITS, f"--run.dir={tmp_path}"]) == 1
+    err = capsys.readouterr().err.strip()
+    found = re.fullmatch(rf"mmpeft: error: cannot write {named}: the disk is full \(No space left on device\); "
+                         r"free space there, or write the run elsewhere \(--run.dir\), then rerun", err)  # fmt: skip
+    assert found, err
+    assert not Path(found.group(1)).exists() and not list(tmp_path.rglob("*.tmp")), "no partial file is left"
+
+
+def test_a_full_disk_in_a_write_mmpeft_does_not_wrap_is_one_line(tmp_path, capsys, monkeypatch):
+    def save(self):
+        raise ENOSPC
+
+    monkeypatch.setattr("lightning_fabric.loggers.csv_logs._ExperimentWriter.save", save)
+    assert main(["fit", *DIGITS, f"--run.dir={tmp_path}"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == ("mmpeft: error: cannot write a run file: the disk is full (No space left on device); free space "
+                   "there, or write the run elsewhere (--run.dir), then rerun")  # fmt: skip

@@ -10,6 +10,7 @@ __all__ = [
     "AdapterMismatch",
     "WeightsUnavailable",
     "OutputExists",
+    "DiskFull",
 ]
 
 
@@ -42,3 +43,7 @@ class WeightsUnavailable(MmpeftError, OSError):
 
 class OutputExists(MmpeftError, FileExistsError):
     """An output file is already there; it is replaced only when the user asks (--overwrite)."""
+
+
+class DiskFull(MmpeftError, OSError):
+    """A file could not be written because its disk (or quota) is full; the message names the file."""
