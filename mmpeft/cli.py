@@ -265,17 +265,16 @@ def _make_cli_class():
             return config["run"]["name"] or default
 
         def _unlogged_run_dir(self, config: Any) -> Path:
-            """`runs/<name>/version_N` for a run with `--trainer.logger false` (the next free N)."""
+            """`runs/<name>/version_N` for a run with `--trainer.logger false` (the next free N, claimed)."""
             base = Path(config["run"]["dir"]) / self._run_name(config)
-            taken = [int(p.name.split("_")[1]) for p in base.glob("version_*") if p.name.split("_")[1].isdigit()]
-            return base / f"version_{max(taken, default=-1) + 1}"
+            return base / f"version_{claim_version(base)}"
 
         def _loggers(self, config: Any) -> list:
             from pytorch_lightning.loggers import CSVLogger  # noqa: PLC0415
 
             run = config["run"]
             name = self._run_name(config)
-            csv = CSVLogger(save_dir=run["dir"], name=name)
+            csv = CSVLogger(save_dir=run["dir"], name=name, version=claim_version(Path(run["dir"]) / name))
             loggers = [csv]
             mode = wandb_mode(run["wandb"])
             if mode != "disabled":
@@ -370,6 +369,29 @@ def backbones_epilog() -> str:
         f"backbones for --model.backbone: a NAME ({backbone_names()}, or a timm model name), or "
         f"{{class_path: CLASS, init_args: {{...}}}} with one of mmpeft's classes: {', '.join(backbone_classes())}"
     )
+
+
+def claim_version(base: Path) -> int:
+    """The next free N of `base/version_N`, its folder created at once: `mkdir` fails when the folder exists, so
+    two runs of one name started together never share (or overwrite) a folder. Lightning's CSVLogger only lists
+    the folders and creates its own at the first write, so both would take the same N.
+
+    Ranks other than 0 of a multi-process run claim nothing: they get the newest folder (rank 0's, claimed before
+    it launched them), and write no logs."""
+    from pytorch_lightning.utilities.rank_zero import rank_zero_only  # noqa: PLC0415
+
+    numbers = (p.name.removeprefix("version_") for p in base.glob("version_*"))
+    newest = max((int(n) for n in numbers if n.isdigit()), default=-1)
+    if getattr(rank_zero_only, "rank", 0) != 0:
+        return max(newest, 0)
+    base.mkdir(parents=True, exist_ok=True)
+    version = newest + 1
+    while True:
+        try:
+            (base / f"version_{version}").mkdir()
+            return version
+        except FileExistsError:  # another run took it between the listing and now
+            version += 1
 
 
 def _num_classes_of(datamodule: Any) -> int | None:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from mmpeft.cli import main
+from mmpeft.cli import claim_version, main, run_cli
 
 
 def test_import_lora_names_an_mmpeft_adapter_file(tmp_path, capsys):
@@ -96,3 +96,34 @@ def test_a_full_disk_in_a_write_mmpeft_does_not_wrap_is_one_line(tmp_path, capsy
     err = capsys.readouterr().err.strip()
     assert err == ("mmpeft: error: cannot write a run file: the disk is full (No space left on device); free space "
                    "there, or write the run elsewhere (--run.dir), then rerun")  # fmt: skip
+
+
+# -- two runs of one name at once ----------------------------------------------------------------------------
+
+
+def test_two_runs_of_one_name_started_together_get_their_own_folders(tmp_path):
+    """Both CLIs choose their run folder before either writes a file: each must get its own version_N (the
+    second used to take the first's, and Lightning refused to overwrite the live run's config.yaml)."""
+    args = [*DIGITS, f"--run.dir={tmp_path}", "--run.name=same"]
+    first, second = run_cli(args, run=False), run_cli(args, run=False)
+    dirs = [Path(cli.trainer.loggers[0].log_dir) for cli in (first, second)]
+    assert dirs == [tmp_path / "same/version_0", tmp_path / "same/version_1"]
+    for cli, folder in zip((first, second), dirs):
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+        assert (folder / "config.yaml").is_file() and (folder / "metrics.csv").is_file()
+    assert sorted(p.name for p in (tmp_path / "same").iterdir()) == ["version_0", "version_1"]
+
+
+def test_a_version_taken_after_the_listing_is_skipped_and_nothing_is_reused(tmp_path, monkeypatch):
+    base = tmp_path / "run"
+    (base / "version_0").mkdir(parents=True)
+    (base / "version_0" / "metrics.csv").write_text("kept")
+    (base / "version_3").mkdir()
+    assert claim_version(base) == 4, "after the newest, never into a gap another run may be using"
+    real_glob = Path.glob
+    monkeypatch.setattr(
+        Path, "glob", lambda self, pattern: [p for p in real_glob(self, pattern) if p.name < "version_5"]
+    )
+    (base / "version_5").mkdir()  # another run took it between the listing and the mkdir
+    assert claim_version(base) == 6
+    assert (base / "version_0" / "metrics.csv").read_text() == "kept"
