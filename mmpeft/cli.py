@@ -187,6 +187,7 @@ def _make_cli_class():
     from pytorch_lightning import LightningDataModule  # noqa: PLC0415
     from pytorch_lightning.cli import LightningCLI, SaveConfigCallback  # noqa: PLC0415
 
+    from mmpeft.core.files import writing  # noqa: PLC0415
     from mmpeft.run_checks import (  # noqa: PLC0415
         check_checkpoint_fits,
         check_resume_options,
@@ -197,6 +198,7 @@ def _make_cli_class():
     from mmpeft.tasks import PeftTask  # noqa: PLC0415
     from mmpeft.tasks.callbacks import (  # noqa: PLC0415
         AdapterExport,
+        NamingCheckpointIO,
         PredictionWriter,
         RunStats,
         TerminationCheckpoint,
@@ -226,6 +228,7 @@ def _make_cli_class():
 
     class MmpeftCLI(LightningCLI):
         def __init__(self, args: Sequence[str] | None = None, run: bool = True):
+            epilog = f"{methods_epilog()}\n\n{backbones_epilog()}"
             super().__init__(
                 PeftTask,
                 LightningDataModule,
@@ -237,7 +240,7 @@ def _make_cli_class():
                 parser_kwargs={
                     "default_env": True,
                     "exit_on_error": False,  # parse errors reach `main` as one line, not a usage dump
-                    **{c: {"epilog": methods_epilog(), "exit_on_error": False} for c in LIGHTNING_COMMANDS},
+                    **{c: {"epilog": epilog, "exit_on_error": False} for c in LIGHTNING_COMMANDS},
                 },
                 args=args,
                 run=run,
@@ -268,6 +271,8 @@ def _make_cli_class():
                 trainer_config["default_root_dir"] = str(self._unlogged_run_dir(config))  # never the cwd
             configured = trainer_config.get("callbacks") or []  # the user's (`--trainer.callbacks+=...`) stay
             configured = configured if isinstance(configured, list) else [configured]
+            if trainer_config.get("plugins") is None:  # a user's own plugins (a CheckpointIO among them) are kept
+                trainer_config["plugins"] = [NamingCheckpointIO()]
             extra = [AdapterExport(), RunStats(), TerminationCheckpoint(), PredictionWriter()]
             trainer_config["callbacks"] = [*configured, *kwargs.pop("callbacks", []), *extra]
             trainer = super().instantiate_trainer(**kwargs)
@@ -295,13 +300,12 @@ def _make_cli_class():
             return config["run"]["name"] or default
 
         def _unlogged_run_dir(self, config: Any) -> Path:
-            """`runs/<name>/version_N` for a run with `--trainer.logger false` (the next free N; a resumed run's
-            own folder)."""
+            """`runs/<name>/version_N` for a run with `--trainer.logger false` (the next free N, claimed; a
+            resumed run's own folder)."""
             if self._resume is not None:
                 return self._resume[0]
             base = Path(config["run"]["dir"]) / self._run_name(config)
-            taken = [int(p.name.split("_")[1]) for p in base.glob("version_*") if p.name.split("_")[1].isdigit()]
-            return base / f"version_{max(taken, default=-1) + 1}"
+            return base / f"version_{claim_version(base)}"
 
         def _loggers(self, config: Any) -> list:
             from pytorch_lightning.loggers import CSVLogger  # noqa: PLC0415
@@ -317,7 +321,7 @@ def _make_cli_class():
                 csv = ContinuedCSVLogger(save_dir=root, name=name, version=number, until_step=step)
                 print(f"resuming run {version} from step {step}: its metrics continue there")
             else:
-                csv = CSVLogger(save_dir=run["dir"], name=name)
+                csv = CSVLogger(save_dir=run["dir"], name=name, version=claim_version(Path(run["dir"]) / name))
             loggers = [csv]
             mode = wandb_mode(run["wandb"])
             if mode != "disabled":
@@ -403,7 +407,8 @@ def _make_cli_class():
                     "adapter": str(export.last_path) if export and export.last_path else None,
                     "adapter_bytes": export.last_bytes if export else 0,
                 }
-                Path(log_dir, "summary.json").write_text(json.dumps(summary, indent=1, allow_nan=False))
+                with writing(Path(log_dir, "summary.json"), "the run summary"):
+                    Path(log_dir, "summary.json").write_text(json.dumps(summary, indent=1, allow_nan=False))
             print("\n".join(["", "=" * 60, *lines, "=" * 60]))
 
     return MmpeftCLI
@@ -432,6 +437,39 @@ def _wandb_run_id(log_dir: Path, resumed: bool) -> dict[str, Any]:
     return {"id": run_id}
 
 
+def backbones_epilog() -> str:
+    """mmpeft's backbones, for `mmpeft fit --help` (jsonargparse's own list puts them among every torch module)."""
+    from mmpeft.backbones import backbone_classes, backbone_names  # noqa: PLC0415
+
+    return (
+        f"backbones for --model.backbone: a NAME ({backbone_names()}, or a timm model name), or "
+        f"{{class_path: CLASS, init_args: {{...}}}} with one of mmpeft's classes: {', '.join(backbone_classes())}"
+    )
+
+
+def claim_version(base: Path) -> int:
+    """The next free N of `base/version_N`, its folder created at once: `mkdir` fails when the folder exists, so
+    two runs of one name started together never share (or overwrite) a folder. Lightning's CSVLogger only lists
+    the folders and creates its own at the first write, so both would take the same N.
+
+    Ranks other than 0 of a multi-process run claim nothing: they get the newest folder (rank 0's, claimed before
+    it launched them), and write no logs."""
+    from pytorch_lightning.utilities.rank_zero import rank_zero_only  # noqa: PLC0415
+
+    numbers = (p.name.removeprefix("version_") for p in base.glob("version_*"))
+    newest = max((int(n) for n in numbers if n.isdigit()), default=-1)
+    if getattr(rank_zero_only, "rank", 0) != 0:
+        return max(newest, 0)
+    base.mkdir(parents=True, exist_ok=True)
+    version = newest + 1
+    while True:
+        try:
+            (base / f"version_{version}").mkdir()
+            return version
+        except FileExistsError:  # another run took it between the listing and now
+            version += 1
+
+
 def _num_classes_of(datamodule: Any) -> int | None:
     return getattr(datamodule, "num_classes", None)
 
@@ -445,7 +483,7 @@ def run_cli(args: Sequence[str] | None = None, run: bool = True):
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Errors are one line naming the problem (exit 2 for bad input, 1 for anything else); `--debug` or
-    MMPEFT_DEBUG=1 shows the traceback instead. A run ended by SIGTERM exits 143."""
+    MMPEFT_DEBUG=1 shows the traceback instead. A run ended by SIGTERM exits 143, one ended by Ctrl-C 130."""
     from_shell = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("MMPEFT_DEBUG", "") not in ("", "0")
@@ -463,6 +501,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if type(exit_).__name__ == "SIGTERMException":  # Lightning's, a SystemExit with code 0
             return _terminated(argv)
         raise
+    except KeyboardInterrupt as err:  # Ctrl-C: one line (a sweep's says what is done and how to resume), 130
+        if debug:
+            raise
+        print(f"mmpeft: {str(err) or 'interrupted (Ctrl-C)'}", file=sys.stderr)
+        return 130
     except Exception as err:
         if debug:
             raise
@@ -474,6 +517,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 def one_line_error(err: BaseException) -> tuple[str, int]:
     """(message, exit code): the mmpeft or file error behind `err`, a condensed command-line parse error, or
     the exception's first line with a pointer to `--debug`."""
+    full = disk_full(err)
+    if full is not None:
+        return full, 1
     cause = user_error(err)
     if cause is not None:
         return str(cause), getattr(cause, "exit_code", 2)
@@ -483,12 +529,33 @@ def one_line_error(err: BaseException) -> tuple[str, int]:
     return f"{type(err).__name__}: {first} (run with --debug or MMPEFT_DEBUG=1 for the traceback)", 1
 
 
+def disk_full(err: BaseException) -> str | None:
+    """The message of a full disk behind `err`: mmpeft's `DiskFull` (it names the file), else the file the
+    `OSError` knows, else "a run file" (a write by Lightning or W&B that names none)."""
+    from mmpeft.core.errors import DiskFull  # noqa: PLC0415
+    from mmpeft.core.files import disk_full_message, disk_full_reason  # noqa: PLC0415
+
+    found, cause = disk_full_reason(err), err
+    if found is None:
+        return None
+    while cause is not None and not isinstance(cause, DiskFull):
+        cause = cause.__cause__ or cause.__context__
+    if cause is not None:
+        return str(cause)
+    reason, filename = found
+    return disk_full_message(str(filename) if filename else "a run file", reason)
+
+
 def condense_parse_error(text: str) -> str:
     """jsonargparse's nested report ("Parser key "model": Does not validate against any of the Union subtypes
     ... Parser key "lr": Expected a <class 'float'>. Got value: abc") as "model.lr: expected float, got 'abc'"."""
     import re  # noqa: PLC0415
 
     keys = re.findall(r'Parser key "([^"]+)"', text)
+    failed = unimportable_class_path(text)
+    if failed:
+        where = ".".join(dict.fromkeys(keys))
+        return f"{where}: {failed} (see `mmpeft fit --help`)" if where else f"{failed} (see `mmpeft fit --help`)"
     noise = ("Parser key", "Subtypes:", "Errors:", "Given value", "Expected a <class 'NoneType'>")
     lines = [line.strip().lstrip("- ") for line in text.splitlines()]
     reasons = [line for line in lines if line and "Union subtypes" not in line and not line.startswith(noise)]
@@ -496,6 +563,37 @@ def condense_parse_error(text: str) -> str:
     reason = re.sub(r"<class '([\w.]+)'>", r"\1", reason).lstrip("- ")
     where = ".".join(dict.fromkeys(keys))
     return f"{where}: {reason} (see `mmpeft fit --help`)" if where else f"{reason} (see `mmpeft fit --help`)"
+
+
+IMPORT_FAILURES = ("has no attribute", "No module named", "Expected a dot import path", "does not correspond")
+
+
+def unimportable_class_path(text: str) -> str | None:
+    """A "no class 'X' (its import error); did you mean Y?" line for the innermost `class_path` of a jsonargparse report
+    that failed to import (a typo), with the closest of mmpeft's backbone, task and data classes."""
+    import difflib  # noqa: PLC0415
+    import re  # noqa: PLC0415
+
+    failures = [(path, reason.strip()) for path, reason in
+                re.findall(r"Problem with given class_path '([^']+)':\s*\n\s*([^\n]+)", text)
+                if any(marker in reason for marker in IMPORT_FAILURES)]  # fmt: skip
+    if not failures:
+        return None
+    path, reason = failures[-1]
+    close = difflib.get_close_matches(path, mmpeft_classes(), n=3, cutoff=0.8)
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    return f"no class {path!r} ({reason}){hint}"
+
+
+def mmpeft_classes() -> list[str]:
+    """The class paths a config names: mmpeft's backbones, tasks and data modules."""
+    import inspect  # noqa: PLC0415
+
+    from mmpeft import data, tasks  # noqa: PLC0415
+    from mmpeft.backbones import backbone_classes  # noqa: PLC0415
+
+    public = [f"{m.__name__}.{n}" for m in (tasks, data) for n in m.__all__ if inspect.isclass(getattr(m, n))]
+    return [*backbone_classes(), *public]
 
 
 def _terminated(argv: Sequence[str]) -> int:

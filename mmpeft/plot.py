@@ -16,7 +16,10 @@
   Units follow `mmpeft.results`: a logged metric such as `test/acc` is a fraction, shown in percent;
   other columns (`acc_mean`, `accuracy`) are drawn as written.
 
-Columns are read by name, so older tables without some columns still plot (that element is skipped).
+Columns are read by name, so older tables without some columns still plot (that element is skipped). A row
+that cannot be read (another number of fields than the header, no number where a plotted value belongs) is
+left out with a `SkippedRow` warning naming `file:line` and why (`mmpeft plot` prints it); a folder stands for
+the CSVs in it.
 An existing PNG is not replaced without `--overwrite` (`OutputExists`, exit 2), and every output is
 checked before any is written. Drawing uses matplotlib's Agg canvas directly: no display, no pyplot state.
 
@@ -32,6 +35,7 @@ import math
 import os
 import statistics
 import sys
+import warnings
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -41,7 +45,9 @@ from mmpeft.core.errors import MmpeftError, OutputExists
 
 __all__ = [
     "PlotInputError",
+    "SkippedRow",
     "read_table",
+    "csv_paths",
     "detect_kind",
     "accuracy_column",
     "accuracy_points",
@@ -71,20 +77,58 @@ class PlotInputError(MmpeftError, ValueError):
     """A CSV that cannot be plotted: neither kind of columns, or no usable rows."""
 
 
+class SkippedRow(UserWarning):
+    """A row left out of a plot because it cannot be read; the message names `file:line` and why."""
+
+
+class Row(dict):
+    """A table row that knows where it was read (`file:line`), so a row left out can be named."""
+
+    where: str = ""
+
+
+def _skip(row: Mapping[str, Any], index: int, reason: str) -> None:
+    where = getattr(row, "where", "") or f"row {index + 1}"
+    warnings.warn(f"{where}: {reason}; row left out of the plot", SkippedRow, stacklevel=3)
+
+
 # -- reading -----------------------------------------------------------------------------------------------
 
 
 def read_table(path: str | Path) -> tuple[list[str], list[dict[str, str]]]:
-    """(columns, rows) of a CSV; a missing file is FileNotFoundError, an empty one PlotInputError."""
+    """(columns, rows) of a CSV; a missing file is FileNotFoundError, an empty one PlotInputError. A row with
+    another number of fields than the header is left out with a `SkippedRow` warning naming its line."""
     path = Path(path)
+    rows = []
     with open(path, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
-        rows = list(reader)
+        for index, raw in enumerate(reader):
+            row = Row({(k or "").strip(): v for k, v in raw.items() if k is not None})
+            row.where = f"{path}:{reader.line_num}"
+            if None in raw or None in raw.values():  # DictReader: extra fields under None, missing ones None
+                fields = sum(v is not None for k, v in raw.items() if k is not None) + len(raw.get(None) or [])
+                _skip(row, index, f"{fields} fields, the header has {len(reader.fieldnames or [])}")
+                continue
+            rows.append(row)
         columns = [c.strip() for c in reader.fieldnames or []]
     if not columns:
         raise PlotInputError(f"{path}: empty file, no header; {EXPECTED}")
-    rows = [{(k or "").strip(): v for k, v in row.items()} for row in rows]
     return columns, rows
+
+
+def csv_paths(paths: Iterable[str | Path]) -> list[Path]:
+    """The CSV files to plot: a file as it is, a folder as the CSVs in it (sorted); PlotInputError for a
+    folder without any."""
+    found = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            inside = sorted(p for p in path.glob("*.csv") if p.is_file())
+            if not inside:
+                raise PlotInputError(f"{path}: a folder without CSV files; pass result CSVs or a folder of them")
+            found += inside
+        else:
+            found.append(path)
+    return found
 
 
 def _num(value: Any) -> float | None:
@@ -182,8 +226,10 @@ def accuracy_points(
     tasks = {str(r.get(task_col) or "") for r in rows} if task_col else {""}
 
     cells: dict[tuple[str, str, str], list[Mapping[str, Any]]] = defaultdict(list)  # (series, label, task)
-    for r in rows:
-        if _num(r.get(metric)) is None or _num(r.get("trainable")) is None:
+    for index, r in enumerate(rows):
+        unreadable = [f"{c}={r.get(c)!r}" for c in (metric, "trainable") if _num(r.get(c)) is None]
+        if unreadable:
+            _skip(r, index, f"not a number: {', '.join(unreadable)}")
             continue
         label = str(r[label_col])
         if len(precisions) > 1:
@@ -249,6 +295,7 @@ def bench_figure(rows: Sequence[Mapping[str, Any]], title: str = ""):
     def label(r: Mapping[str, Any]) -> str:
         return str(r.get("method")) + (f" ({r.get('precision') or '?'})" if len(precisions) > 1 else "")
 
+    rows = _readable_bench_rows(rows)
     floors = [r for r in rows if str(r.get("method")) == "floor"]
     methods = [r for r in rows if str(r.get("method")) != "floor"]
     panels = [p for p in BENCH_PANELS if any(_num(r.get(p[0])) is not None for r in methods)]
@@ -289,6 +336,24 @@ def bench_figure(rows: Sequence[Mapping[str, Any]], title: str = ""):
         _inference_panel(axes[-1], methods, floors, label)
     fig.suptitle(f"{title or 'bench'}: median per method, numbers above the bars are ratios to the floor", fontsize=10)
     return fig
+
+
+def _readable_bench_rows(rows: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """The rows with a number in at least one plotted value; a `SkippedRow` warning for each other row, and for
+    each cell that holds something that is not a number (that panel leaves the row out)."""
+    columns = [c for c in (*BENCH_VALUES, "infer_ms", "infer_merged_ms") if any(c in r for r in rows)]
+    kept = []
+    for index, r in enumerate(rows):
+        garbage = [f"{c}={r[c]!r}" for c in columns if str(r.get(c) or "").strip() and _num(r[c]) is None]
+        if not any(_num(r.get(c)) is not None for c in columns):
+            _skip(r, index, f"no number in {' / '.join(columns)}" + (f" ({', '.join(garbage)})" if garbage else ""))
+            continue
+        if garbage:
+            where = getattr(r, "where", "") or f"row {index + 1}"
+            warnings.warn(f"{where}: not a number: {', '.join(garbage)}; left out of that panel", SkippedRow,
+                          stacklevel=3)  # fmt: skip
+        kept.append(r)
+    return kept
 
 
 def _method_axis(ax, xs: list[int], labels: list[str], ylabel: str) -> None:
@@ -377,7 +442,7 @@ def plot_tables(
     (PlotInputError for a table that cannot be plotted, OutputExists for a PNG there already)."""
     out = Path(out)
     jobs = []
-    for path in map(Path, paths):
+    for path in csv_paths(paths):
         columns, rows = read_table(path)
         if kind is None:
             found = detect_kind(columns, str(path), metric)
@@ -484,7 +549,11 @@ def log_table_to_wandb(
 
 
 def add_plot_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("csv", nargs="+", help="result CSVs: experiments/bench/*.csv, a sweep's cells.csv, transfer tables")
+    p.add_argument(
+        "csv",
+        nargs="+",
+        help="result CSVs (experiments/bench/*.csv, a sweep's cells.csv, transfer tables) or folders of them",
+    )
     p.add_argument("--out", default=DEFAULT_OUT, help=f"folder for the PNGs (default {DEFAULT_OUT}/)")
     p.add_argument("--kind", choices=KINDS, default=None, help="bench | accuracy (default: told by the columns)")
     p.add_argument("--metric", default=None, help="the accuracy column to plot (default: acc_mean, accuracy, ...)")
@@ -492,6 +561,14 @@ def add_plot_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def plot_command(args: argparse.Namespace) -> int:
-    for path in plot_tables(args.csv, args.out, args.kind, args.overwrite, args.metric):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", SkippedRow)
+        written = plot_tables(args.csv, args.out, args.kind, args.overwrite, args.metric)
+    for warning in caught:
+        if issubclass(warning.category, SkippedRow):
+            print(f"mmpeft: warning: {warning.message}", file=sys.stderr)
+        else:
+            warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+    for path in written:
         print(f"wrote {path}", file=sys.stderr)
     return 0

@@ -67,6 +67,7 @@ __all__ = [
     "Cell",
     "Sweep",
     "SweepError",
+    "SweepInterrupted",
     "load_sweep",
     "check_sweep",
     "config_fingerprint",
@@ -84,6 +85,10 @@ MODES = ("max", "min")
 
 class SweepError(MmpeftError, ValueError):
     """A sweep file is malformed (unknown key, bad `select` mode, ...); the message names the key."""
+
+
+class SweepInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a sweep: the message says what is done and how to resume (`mmpeft` prints it, exits 130)."""
 
 
 @dataclass
@@ -615,6 +620,8 @@ class Runner:
         for sub in ("cells", "logs", "runs", "configs"):
             (out / sub).mkdir(parents=True, exist_ok=True)
         self.lock = threading.Lock()
+        self.running: set[subprocess.Popen] = set()
+        self.stopping = False  # set by Ctrl-C: no cell starts, the running ones are stopped, none counts as failed
         self.failed: list[str] = []
         self.missing: MetricMissing | None = None  # the first cell without its stage's metric stops the sweep
 
@@ -644,10 +651,23 @@ class Runner:
             env["CUDA_VISIBLE_DEVICES"] = device
         start = time.perf_counter()
         with open(self.out / "logs" / f"{cell.id}.log", "w") as log:
-            done = subprocess.run(self.command(cell), stdout=log, stderr=subprocess.STDOUT, env=env, check=False)
-        if done.returncode != 0:
+            if self.stopping:
+                return None
+            process = subprocess.Popen(self.command(cell), stdout=log, stderr=subprocess.STDOUT, env=env)
             with self.lock:
-                self.failed.append(cell.id)
+                self.running.add(process)
+                stopped = self.stopping  # Ctrl-C came while it started: `_stop_running` did not see it
+            if stopped:
+                process.terminate()
+            try:
+                returncode = process.wait()
+            finally:
+                with self.lock:
+                    self.running.discard(process)
+        if returncode != 0:
+            with self.lock:
+                if not self.stopping:  # a cell stopped by Ctrl-C has not failed: the rerun runs it again
+                    self.failed.append(cell.id)
             return None
         versions = sorted((self.out / "runs" / cell.id).glob("version_*"), key=lambda p: int(p.name.split("_")[1]))
         summary = json.loads((versions[-1] / "summary.json").read_text())
@@ -679,8 +699,8 @@ class Runner:
         start = time.perf_counter()
 
         def work(cell: Cell) -> None:
-            if self.missing is not None:
-                return  # the sweep is stopping: its metric is missing
+            if self.missing is not None or self.stopping:
+                return  # the sweep is stopping: its metric is missing, or Ctrl-C
             device = devices.get()
             t0 = time.perf_counter()
             try:
@@ -693,6 +713,8 @@ class Runner:
             finally:
                 devices.put(device)
             with self.lock:
+                if self.stopping:
+                    return
                 durations.append(time.perf_counter() - t0)
                 if result is not None:
                     results.append(result)
@@ -700,12 +722,32 @@ class Runner:
                 self._progress(stage, cell, result, len(durations), len(todo), durations)
 
         with ThreadPoolExecutor(max_workers=max(self.sweep.parallel, 1)) as pool:
-            list(pool.map(work, todo))
+            try:
+                list(pool.map(work, todo))
+            except KeyboardInterrupt:
+                pool.shutdown(wait=False, cancel_futures=True)
+                self._stop_running()
+        if self.stopping:  # the pool has waited for the running cells to end
+            done = sum(self.result_path(c).is_file() for c in cells)  # a cell may have ended as Ctrl-C came
+            raise SweepInterrupted(f"stage {stage}: {done} of {len(cells)} cells done")
         if self.missing is not None:
             raise self.missing
         self.log(f"stage {stage}: {len(todo)} cells in {(time.perf_counter() - start) / 60:.1f} min")
         order = {c.id: i for i, c in enumerate(cells)}
         return sorted(results, key=lambda r: order[r["id"]])
+
+    def _stop_running(self, grace: float = 10.0) -> None:
+        """Ctrl-C: start no cell, and end the running ones (a terminal's Ctrl-C reached them too; a signal sent to
+        the sweep alone did not), each left without a result file, so the rerun runs it again."""
+        with self.lock:
+            self.stopping = True
+            running = list(self.running)
+        deadline = time.monotonic() + grace
+        for process in running:
+            try:
+                process.wait(max(deadline - time.monotonic(), 0))
+            except subprocess.TimeoutExpired:
+                process.terminate()
 
     def _check(self, result: dict[str, Any], metric: str | None) -> None:
         """Remember the first result without `metric` (the caller holds the lock)."""
@@ -781,10 +823,18 @@ def run_sweep(path: str | Path, parallel: int | None = None, log=print) -> str:
     if any(runner.devices):
         log(f"{len(runner.devices)} cells at a time on CUDA_VISIBLE_DEVICES {', '.join(map(str, runner.devices))}")
     start = time.perf_counter()
-    stage1 = runner.run(plan_stage1(sweep), stage=1, metric=sweep.select["metric"])
-    if runner.failed:
-        raise RuntimeError(f"{len(runner.failed)} stage-1 cells failed (logs in {out / 'logs'}): {runner.failed[:3]}")
-    stage2 = runner.run(plan_stage2(sweep, stage1), stage=2, metric=sweep.report)
+    try:
+        stage1 = runner.run(plan_stage1(sweep), stage=1, metric=sweep.select["metric"])
+        if runner.failed:
+            raise RuntimeError(
+                f"{len(runner.failed)} stage-1 cells failed (logs in {out / 'logs'}): {runner.failed[:3]}"
+            )
+        stage2 = runner.run(plan_stage2(sweep, stage1), stage=2, metric=sweep.report)
+    except SweepInterrupted as err:
+        raise SweepInterrupted(
+            f"sweep {sweep.name} interrupted: {err}, their results kept in {out / 'cells'}; rerun "
+            f"`mmpeft sweep {path}` to resume (only the missing cells run)"
+        ) from None
     if runner.failed:
         raise RuntimeError(f"{len(runner.failed)} stage-2 cells failed (logs in {out / 'logs'}): {runner.failed[:3]}")
     table = write_results(sweep, out, stage1, stage2)

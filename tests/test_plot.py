@@ -13,6 +13,7 @@ from mmpeft.cli import main
 from mmpeft.core.errors import OutputExists
 from mmpeft.plot import (
     PlotInputError,
+    SkippedRow,
     accuracy_figure,
     accuracy_points,
     bench_figure,
@@ -196,3 +197,53 @@ def test_log_table_to_wandb_disabled_writes_nothing(monkeypatch, tmp_path):
     monkeypatch.setenv("WANDB_MODE", "offline")
     assert log_table_to_wandb(rows, group="g", job_type="bench", config={}, mode="disabled") == []  # the caller
     assert not list(root.rglob("*.wandb"))
+
+
+def test_unreadable_rows_are_named_with_their_line_and_reason(tmp_path):
+    """Rows that cannot be read are left out with a warning naming file:line and why, never silently."""
+    path = tmp_path / "fewshot.csv"
+    lines = ["method,shots,acc_mean,acc_std,trainable", "coop,16,72.1,0.5,2048", "lora,16,75.3,0.4",  # line 3: 4 fields
+             "ssf,16,n/a,0.2,1000", "linear,16,70.0,0.3,51300", "vpt,16,71,0.1,9000,extra"]  # fmt: skip
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.warns(SkippedRow) as caught:
+        columns, rows = read_table(path)
+        points, _ = accuracy_points(rows, columns=columns)
+    messages = [str(w.message) for w in caught]
+    assert messages == [
+        f"{path}:3: 4 fields, the header has 5; row left out of the plot",
+        f"{path}:6: 6 fields, the header has 5; row left out of the plot",
+        f"{path}:4: not a number: acc_mean='n/a'; row left out of the plot",
+    ]
+    assert sorted(p["label"] for p in points) == ["coop", "linear"]
+
+
+def test_bench_rows_without_numbers_are_named(tmp_path):
+    rows = [*BENCH_ROWS, ["dora", 1000, "oom?", "", "", "", "", "", "", "", "", "", "32", ""],
+            ["ia3", 900, 125, "", "", "", "lots", "", "", "", "", "", "32", ""]]  # fmt: skip
+    path = write_csv(tmp_path / "b.csv", BENCH_COLUMNS, rows)
+    with pytest.warns(SkippedRow) as caught:
+        fig = bench_figure(read_table(path)[1])
+    assert [str(w.message) for w in caught] == [
+        f"{path}:7: no number in step_ms / peak_mem_mb / infer_ms / infer_merged_ms (step_ms='oom?'); row left out "
+        "of the plot",
+        f"{path}:8: not a number: peak_mem_mb='lots'; left out of that panel",
+    ]
+    step_axis = fig.axes[0]
+    assert "ia3" in [t.get_text() for t in step_axis.get_xticklabels()]
+
+
+def test_cli_plots_a_folder_and_prints_the_skipped_rows(tmp_path, capsys):
+    results = tmp_path / "results"
+    results.mkdir()
+    write_csv(results / "vit.csv", BENCH_COLUMNS, BENCH_ROWS)
+    write_csv(results / "fewshot.csv", TRANSFER_COLUMNS, [*TRANSFER_ROWS, ["broken", 16, "", 0.1, 10]])
+    (results / "notes.txt").write_text("not a table")
+    out = tmp_path / "plots"
+    assert main(["plot", str(results), "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["fewshot.png", "vit.png"]
+    err = capsys.readouterr().err
+    assert f"mmpeft: warning: {results / 'fewshot.csv'}:8: not a number: acc_mean=''; row left out of the plot" in err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["plot", str(empty), "--out", str(out)]) == 2
+    assert f"{empty}: a folder without CSV files" in capsys.readouterr().err

@@ -168,11 +168,18 @@ def _fake_fit(monkeypatch, metrics_for, delay=lambda config: 0.0, legacy: bool =
 
     legacy: the old format, with only `val_acc` / `test_acc` (no `metrics`). calls: a list that gets
     (run id, CUDA_VISIBLE_DEVICES or None, start, end) per cell."""
-    real, ran = subprocess.run, []
+    real, ran = subprocess.Popen, []
 
-    def run(cmd, **kwargs):
-        if "mmpeft.cli" not in cmd:
-            return real(cmd, **kwargs)
+    class FakeFit:
+        """What the runner uses of a `subprocess.Popen`: the cell runs when started, `wait` gives its exit code."""
+
+        def __init__(self, cmd, **kwargs):
+            self.returncode = run(cmd, **kwargs)
+
+        def wait(self, timeout=None) -> int:
+            return self.returncode
+
+    def run(cmd, **kwargs) -> int:
         config = yaml.safe_load(Path(cmd[-1]).read_text())
         lr, seed, stage = config["model"]["init_args"]["lr"], config["seed_everything"], config["run"]["tags"][-1]
         start = time.perf_counter()
@@ -190,9 +197,9 @@ def _fake_fit(monkeypatch, metrics_for, delay=lambda config: 0.0, legacy: bool =
         run_dir.mkdir(parents=True)
         (run_dir / "summary.json").write_text(json.dumps(summary))
         ran.append(config["run"]["name"])
-        return subprocess.CompletedProcess(cmd, 0)
+        return 0
 
-    monkeypatch.setattr(subprocess, "run", run)
+    monkeypatch.setattr(subprocess, "Popen", lambda cmd, **kw: (FakeFit if "mmpeft.cli" in cmd else real)(cmd, **kw))
     return ran
 
 
@@ -534,3 +541,54 @@ def test_task_names_are_checked_against_the_sweeps_metadata(tmp_path):
 def test_shipped_sweeps_check_out(name, monkeypatch):
     monkeypatch.chdir(REPO)  # their config paths are relative to the repository
     check_sweep(load_sweep(REPO / f"experiments/{name}.yaml"))
+
+
+# -- Ctrl-C ------------------------------------------------------------------------------------------------
+
+# `mmpeft sweep` with each cell's `mmpeft fit` replaced by a child that writes its summary at once for the first
+# grid point and sleeps for the others (so Ctrl-C finds one cell done and one running).
+CTRL_C_DRIVER = """
+import json, sys, yaml
+from pathlib import Path
+import mmpeft.sweep
+from mmpeft.cli import main
+
+CHILD = '''
+import json, sys, time, yaml
+from pathlib import Path
+config = yaml.safe_load(Path(sys.argv[1]).read_text())
+if config["model"]["init_args"]["lr"] != 0.1:
+    time.sleep(120)
+run = Path(config["run"]["dir"]) / config["run"]["name"] / "version_0"
+run.mkdir(parents=True)
+(run / "summary.json").write_text(json.dumps({"metrics": {"val/acc": 0.5}, "trainable": 1, "adapter": None}))
+'''
+real = mmpeft.sweep.Runner.command
+mmpeft.sweep.Runner.command = lambda self, cell: [sys.executable, "-c", CHILD, real(self, cell)[-1]]
+sys.exit(main(["sweep", sys.argv[1]]))
+"""
+
+
+def test_ctrl_c_stops_the_sweep_with_one_line_and_the_rerun_resumes(tmp_path, monkeypatch):
+    path = _sweep_file(tmp_path, tasks=["eurosat"], methods={"lora": str(REPO / "configs/vtab/lora.yaml")})
+    out = tmp_path / "out/fake"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-c", CTRL_C_DRIVER, str(path)], env=env, cwd=tmp_path, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)  # fmt: skip
+    deadline = time.time() + 120
+    while len(_cells(out)) < 1 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    time.sleep(1.0)  # the second cell's child has started (and sleeps)
+    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the sweep and its running cell
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    assert stderr.splitlines() == [
+        f"mmpeft: sweep fake interrupted: stage 1: 1 of 3 cells done, their results kept in {out / 'cells'}; rerun "
+        f"`mmpeft sweep {path}` to resume (only the missing cells run)"
+    ]
+    assert "Traceback" not in stdout and "FAILED" not in stdout
+    ran = _fake_fit(monkeypatch, _acc_by_lr)
+    lines: list[str] = []
+    run_sweep(path, log=lines.append)
+    assert "stage 1: 1 of 3 cells already done, skipped" in lines
+    assert sorted(name.split("-")[0] for name in ran) == ["s1", "s1", "s2", "s2"]

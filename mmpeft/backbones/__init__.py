@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Callable
 from typing import Any
 
@@ -28,6 +29,9 @@ __all__ = [
     "create_timm",
     "is_token_vit",
     "create_backbone",
+    "backbone_from_spec",
+    "backbone_classes",
+    "backbone_names",
     "register_backbone",
     "BACKBONES",
 ]
@@ -75,12 +79,55 @@ def create_backbone(name: str, **kwargs: Any) -> nn.Module:
     import timm  # noqa: PLC0415
 
     if not timm.is_model(name):
+        close = difflib.get_close_matches(name, list(BACKBONES), n=3)
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
         raise UnknownName(
-            f"unknown backbone {name!r}: neither an mmpeft backbone ({', '.join(sorted(BACKBONES))}; "
-            f"{', '.join(p + ':<path>' for p in PREFIXED)}; open_clip:<model>:image|text) nor a timm model name "
-            "(see timm.list_models())"
+            f"unknown backbone {name!r}{hint}: neither an mmpeft backbone ({backbone_names()}) nor a timm model "
+            "name (see timm.list_models())"
         )
     try:
         return TimmViT(name, **kwargs)
     except NotSupported:
         return TimmModel(name, **kwargs)
+
+
+def backbone_names() -> str:
+    """The names `create_backbone` takes besides timm's, for errors and help."""
+    return ", ".join([*sorted(BACKBONES), *(f"{p}:<path>" for p in PREFIXED), "open_clip:<model>:image|text"])
+
+
+def backbone_classes() -> list[str]:
+    """The class paths of mmpeft's backbone classes (what `--model.init_args.backbone.class_path` takes)."""
+    exported = (globals()[name] for name in __all__)
+    return [f"{__name__}.{c.__name__}" for c in exported if isinstance(c, type) and issubclass(c, nn.Module)]
+
+
+def _looks_like_class_path(name: str) -> bool:
+    """`pkg.module.Class` or `Class`: no prefix, a capitalised last part (timm names, tags included, are lower case)."""
+    return ":" not in name and name.rsplit(".", 1)[-1][:1].isupper()
+
+
+def _close_classes(name: str) -> list[str]:
+    """The class paths of mmpeft's backbone classes closest to `name` (a full path, or a bare class name)."""
+    classes = backbone_classes()
+    if "." in name:
+        return difflib.get_close_matches(name, classes, n=3, cutoff=0.8)
+    short = {path.rsplit(".", 1)[1]: path for path in classes}
+    return [short[c] for c in difflib.get_close_matches(name, list(short), n=3, cutoff=0.6)]
+
+
+def backbone_from_spec(spec: nn.Module | str) -> nn.Module:
+    """A built backbone as it is, or a name as `create_backbone` builds it (`--model.init_args.backbone digits_vit`).
+
+    A string that looks like a class path reaches here only when it did not import (the CLI tries it as a class
+    first): refuse it with the closest of mmpeft's backbone classes."""
+    if isinstance(spec, nn.Module):
+        return spec
+    if _looks_like_class_path(spec):
+        close = _close_classes(spec)
+        hint = f"did you mean {', '.join(close)}? " if close else ""
+        raise UnknownName(
+            f"no backbone class {spec!r}; {hint}mmpeft's backbone classes: {', '.join(backbone_classes())}; "
+            f"or a backbone name: {backbone_names()}, a timm model name"
+        )
+    return create_backbone(spec)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import hashlib
 import json
 import os
@@ -191,8 +192,9 @@ def pretrained_weights(name: str, arch: dict, recipe: dict) -> Path:
     key = hashlib.sha1(json.dumps({"arch": arch, "recipe": recipe}, sort_keys=True).encode()).hexdigest()[:10]
     path = cache_dir() / f"{name}-{key}.safetensors"
     if not path.is_file():
-        with torch.random.fork_rng():
-            info = build_weights(name, path, recipe=recipe, arch=arch)
+        with torch.random.fork_rng():  # a fresh context: the pretraining's Lightning objects must not see the
+            # hyper-parameters LightningCLI sets for the task whose __init__ builds this backbone by name
+            info = contextvars.Context().run(build_weights, name, path, recipe=recipe, arch=arch)
         print(f"pretrained {name} in {info['seconds']} s, upstream val acc {info['upstream_val_acc']:.3f}; "
               f"cached at {path}")  # fmt: skip
     return path

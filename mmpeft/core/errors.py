@@ -11,6 +11,7 @@ __all__ = [
     "WeightsUnavailable",
     "OutputExists",
     "ConfigMismatch",
+    "DiskFull",
 ]
 
 
@@ -48,3 +49,7 @@ class OutputExists(MmpeftError, FileExistsError):
 class ConfigMismatch(MmpeftError, ValueError):
     """Options that cannot work together (the data's clouds and the backbone's grouping, a backbone's widths),
     found when the model and data are built rather than at the first forward; the message names both values."""
+
+
+class DiskFull(MmpeftError, OSError):
+    """A file could not be written because its disk (or quota) is full; the message names the file."""

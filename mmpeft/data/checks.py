@@ -20,7 +20,10 @@ from PIL import Image, UnidentifiedImageError
 
 from mmpeft.core.errors import MmpeftError
 
-__all__ = ["DataError", "Problems", "CheckedImages", "check_images", "image_problem", "MAX_LISTED", "NON_FINITE"]
+__all__ = [
+    "DataError", "Problems", "CheckedImages", "check_images", "image_problem", "layout_hint", "MAX_LISTED",
+    "NON_FINITE",
+]  # fmt: skip
 
 MAX_LISTED = 20  # entries named in one error; the rest are counted
 VERIFY_HINT = "run with `verify: true` (--data.init_args.verify true) to decode every image before training"
@@ -122,9 +125,15 @@ def check_images(
             problems.add(kind, f"{root / rel} ({listed[rel]})", detail)
 
 
-def hint(layout: str, problems: Problems, verify: bool) -> str:
-    """The expected layout, and how to find truncated images too when only headers were read."""
-    text = f"Expected layout:\n{layout}"
+def layout_hint(layout: str, page: str) -> str:
+    """The expected layout and the dataset's page in the repository's `datasets/` folder, which says where to get
+    the data and how to prepare it (a user with a missing or misplaced dataset needs both)."""
+    return f"Expected layout:\n{layout}\nWhere to get it and how to prepare it: see datasets/{page}"
+
+
+def hint(layout: str, page: str, problems: Problems, verify: bool) -> str:
+    """The expected layout and page, and how to find truncated images too when only headers were read."""
+    text = layout_hint(layout, page)
     if not verify and any(kind in IMAGE_KINDS for kind, _, _ in problems.entries):
         text += f"\nImages were opened by their headers only; {VERIFY_HINT}."
     return text
@@ -136,10 +145,11 @@ class CheckedImages:
     Lightning calls `setup` before fit / validate / test / predict, so a missing or unreadable image stops
     the run before its first step. A datamodule supplies `image_entries` (the image folder and
     (relative path, where listed) of every image a split in use lists), `new_problems` (an empty `Problems`
-    naming it), `layout` and `hparams.verify`.
+    naming it), `layout`, `page` (its file in `datasets/`) and `hparams.verify`.
     """
 
     layout: str = ""
+    page: str = "README.md"
     _images_checked: bool = False
 
     def image_entries(self) -> tuple[Path, list[tuple[str, str]]]:
@@ -149,7 +159,7 @@ class CheckedImages:
         return Problems(type(self).__name__)
 
     def raise_problems(self, problems: Problems) -> None:
-        problems.raise_if_any(hint(self.layout, problems, self.hparams.verify))
+        problems.raise_if_any(hint(self.layout, self.page, problems, self.hparams.verify))
 
     def add_image_problems(self, problems: Problems) -> None:
         """Add every listed image (of the splits in use) that is missing or does not open to `problems`."""

@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from mmpeft.data.checks import VERIFY_HINT, CheckedImages, DataError, Problems
+from mmpeft.data.checks import VERIFY_HINT, CheckedImages, DataError, Problems, layout_hint
 from mmpeft.data.fewshot import k_shot_indices
 from mmpeft.data.sampling import split_loader
 from mmpeft.data.splits import SplitLoaders
@@ -101,6 +101,7 @@ class ImageListDataModule(CheckedImages, SplitLoaders, pl.LightningDataModule):
     """
 
     layout = LAYOUT
+    page = "image_list.md"
 
     def __init__(
         self,
@@ -146,10 +147,12 @@ class ImageListDataModule(CheckedImages, SplitLoaders, pl.LightningDataModule):
             self._where["train"] = [self._where["train"][i] for i in keep]
 
     def _check_layout(self) -> None:
+        """The folder and the split files in use exist; else name them with this dataset's own layout and page."""
         missing = [name for name in self.lists.values() if not (self.root / name).is_file()]
         if not self.root.is_dir() or missing:
             what = f"folder {str(self.root)!r} does not exist" if not self.root.is_dir() else f"missing {missing}"
-            raise FileNotFoundError(f"image-list dataset: {what}. Expected layout:\n{LAYOUT}")
+            subject = self.new_problems().subject
+            raise FileNotFoundError(f"{subject}: {what}. {layout_hint(self.layout, self.page)}")
 
     def new_problems(self) -> Problems:
         return Problems(f"{type(self).__name__} at {self.root}")

@@ -36,7 +36,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from mmpeft.core.errors import UnknownName
-from mmpeft.data.checks import NON_FINITE, DataError, Problems
+from mmpeft.data.checks import NON_FINITE, DataError, Problems, layout_hint
 from mmpeft.data.fewshot import k_shot_indices
 from mmpeft.data.point_transforms import (
     AUGMENTS,
@@ -171,6 +171,7 @@ class _PointDataModule(SplitLoaders, pl.LightningDataModule):
 
     num_classes: int
     layout: str = ""
+    page: str = "README.md"  # its file in the repository's datasets/ folder
     title: str = ""
 
     def _check_args(self) -> None:
@@ -272,7 +273,7 @@ class _PointDataModule(SplitLoaders, pl.LightningDataModule):
                             num_workers=hp.num_workers, persistent_workers=hp.num_workers > 0)  # fmt: skip
 
     def _missing(self, what: str) -> MissingPointData:
-        return MissingPointData(f"{self.title}: {what}. Expected layout:\n{self.layout}")
+        return MissingPointData(f"{self.title}: {what}. {layout_hint(self.layout, self.page)}")
 
 
 # -- ScanObjectNN -------------------------------------------------------------------------------------------------
@@ -331,6 +332,7 @@ class ScanObjectNNDataModule(_PointDataModule):
     num_classes = 15
     class_names = SCANOBJECTNN_CLASSES
     layout = SCANOBJECTNN_LAYOUT
+    page = "scanobjectnn.md"
 
     def __init__(
         self,
@@ -494,6 +496,7 @@ class ModelNet40DataModule(_PointDataModule):
 
     num_classes = 40
     layout = MODELNET40_LAYOUT
+    page = "modelnet40.md"
     title = "ModelNet40"
 
     def __init__(
@@ -542,7 +545,7 @@ class ModelNet40DataModule(_PointDataModule):
         names = _read_lines(path)
         if len(names) != self.num_classes or len(set(names)) != len(names):
             raise DataError(f"{path} lists {len(names)} distinct names of {len(names)}; expected the 40 ModelNet40 "
-                            f"classes, one a line. Expected layout:\n{self.layout}")  # fmt: skip
+                            f"classes, one a line. {layout_hint(self.layout, self.page)}")  # fmt: skip
         return names
 
     def _columns(self) -> int:

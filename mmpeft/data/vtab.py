@@ -33,13 +33,14 @@ def vtab_tasks() -> dict[str, dict]:
 
 
 class VTAB1kDataModule(ImageListDataModule):
-    """One VTAB-1k task. `num_classes` comes from `datasets/vtab1k.yaml` (train800 may miss classes).
+    """One VTAB-1k task. `num_classes` comes from `mmpeft/datasets/vtab1k.yaml` (train800 may miss classes).
 
     The split files must have VTAB-1k's sizes (800 / 200 / 1000 lines). `verify=True` decodes every image
     of the splits in use before training (see `ImageListDataModule`).
     """
 
     layout = LAYOUT
+    page = "vtab1k.md"
 
     def __init__(
         self,

@@ -352,6 +352,19 @@ def _scale_of(module: str, rank: int, config: dict[str, Any] | None, alphas: dic
     return 1.0
 
 
+def _refuse_mmpeft_adapter(file: Path, header: dict[str, str]) -> None:
+    """An mmpeft adapter file given where a diffusers LoRA file belongs: say so, and what to do with it."""
+    from mmpeft.core.state import FORMAT  # noqa: PLC0415
+
+    found = header.get("format", "")
+    if found.split("/")[0] == FORMAT.split("/")[0]:
+        raise AdapterMismatch(
+            f"{str(file)!r} is already an mmpeft adapter file (header format {found!r}), not a diffusers LoRA file: "
+            f"nothing to import. Use it as it is (--adapter {file}), or write a diffusers file from it with "
+            f"`mmpeft export-lora {file} --out <folder> --unet <pipeline>`"
+        )
+
+
 @dataclass
 class _Part:
     """One prefix of a LoRA file (`unet`, `text_encoder`) and how diffusers reads it."""
@@ -417,6 +430,7 @@ def read_diffusers_lora(
         raise ValueError(f"text_encoder must be one of {_TEXT_MODES}, got {text_encoder!r}")
     file = _resolve_file(path, weight_name)
     raw_header = _file_header(file)
+    _refuse_mmpeft_adapter(file, raw_header)
     state, alphas = StableDiffusionPipeline.lora_state_dict(str(file), local_files_only=True)[:2]
     meta = json.loads(raw_header[_DIFFUSERS_METADATA_KEY]) if raw_header.get(_DIFFUSERS_METADATA_KEY) else {}
     ours = json.loads(raw_header[METADATA_KEY]) if raw_header.get(METADATA_KEY) else None

@@ -17,6 +17,7 @@ import torch
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
+from mmpeft.backbones import backbone_from_spec
 from mmpeft.core.cache import DEFAULT_MAX_BYTES, ContentCache
 from mmpeft.core.errors import MmpeftError
 from mmpeft.core.identity import weights_identity
@@ -72,7 +73,8 @@ class PeftTask(pl.LightningModule):
     summaries and sweeps select on).
 
     Args:
-        backbone: the frozen backbone (YAML: `class_path` + `init_args`).
+        backbone: the frozen backbone (YAML: `class_path` + `init_args`), or a name `create_backbone` builds with
+            its defaults (`digits_vit`, a timm model name, `open_clip:ViT-B-32:image`; `mmpeft fit --help` lists them).
         method: a method name (`lora`) or a mapping (`{name: lora, r: 16}`, `{name: ssf, preset: paper}`).
         num_classes: head size; linked from the datamodule by the CLI when it has classes; None: no head.
         head: the head's spec: `linear` (default) or `{name: mlp, hidden: [256, 256], norm: batch, dropout: 0.5}`;
@@ -106,7 +108,7 @@ class PeftTask(pl.LightningModule):
 
     def __init__(
         self,
-        backbone: nn.Module,
+        backbone: nn.Module | str,
         method: str | dict[str, Any] | None = "linear",
         num_classes: int | None = None,
         head: str | dict[str, Any] | None = None,
@@ -126,6 +128,7 @@ class PeftTask(pl.LightningModule):
         feature_cache_bytes: int = DEFAULT_MAX_BYTES,
     ):
         super().__init__()
+        backbone = backbone_from_spec(backbone)
         if schedule not in SCHEDULES:
             raise ValueError(f"unknown schedule {schedule!r}; choose one of {SCHEDULES}")
         self.save_hyperparameters(ignore=["backbone", "text_tower"])

@@ -11,12 +11,15 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 
+from mmpeft.core.files import writing
 from mmpeft.core.state import save_adapter
 from mmpeft.memory import ProcessPeak
 
 __all__ = [
     "AdapterExport",
+    "NamingCheckpointIO",
     "RunStats",
     "TerminationCheckpoint",
     "PredictionWriter",
@@ -52,7 +55,8 @@ class AdapterExport(pl.Callback):
         weights = pl_module.evaluation_weights() if hasattr(pl_module, "evaluation_weights") else nullcontext()
         with weights:  # the EMA's weights when the task keeps one
             extra = {"epoch": trainer.current_epoch, "global_step": trainer.global_step}
-            size = save_adapter(pl_module.model, path, extra=extra)
+            with writing(path, "the adapter file"):
+                size = save_adapter(pl_module.model, path, extra=extra)
         self.last_path, self.last_bytes = path, size
         for logger in trainer.loggers:
             logger.log_metrics({"adapter/bytes": size}, step=trainer.global_step)
@@ -79,6 +83,15 @@ class AdapterExport(pl.Callback):
             tag = adapter.stem.removeprefix("adapter-")
             if tag != keep and tag.removeprefix("epoch=") not in kept:
                 adapter.unlink()
+
+
+class NamingCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint writer, with a full disk named: `DiskFull` with the checkpoint's path (Lightning's
+    own error is a bare errno from inside fsspec). Its transaction leaves no partial file."""
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options: Any = None) -> None:
+        with writing(path, "the checkpoint"):
+            super().save_checkpoint(checkpoint, path, storage_options)
 
 
 class RunStats(pl.Callback):
@@ -170,7 +183,8 @@ class PredictionWriter(pl.Callback):
         suffix = f"-rank{trainer.global_rank}" if trainer.world_size > 1 else ""
         folder = run_dir(trainer)
         folder.mkdir(parents=True, exist_ok=True)
-        torch.save(outputs, folder / f"predictions{suffix}.pt")
+        with writing(folder / f"predictions{suffix}.pt", "the predictions"):
+            torch.save(outputs, folder / f"predictions{suffix}.pt")
         ids = _input_ids(trainer, len(outputs))
         lines = ["id,prediction,probability"] if outputs.dim() == 2 else ["id"]
         probabilities = outputs.softmax(-1) if outputs.dim() == 2 else None
@@ -181,7 +195,8 @@ class PredictionWriter(pl.Callback):
                 score, label = probabilities[i].max(-1)
                 lines.append(f"{ident},{int(label)},{float(score):.6f}")
         self.path = folder / f"predictions{suffix}.csv"
-        self.path.write_text("\n".join(lines) + "\n")
+        with writing(self.path, "the predictions"):
+            self.path.write_text("\n".join(lines) + "\n")
         print(f"predictions: {self.path} ({len(ids)} rows) and {self.path.with_suffix('.pt').name}")
 
 

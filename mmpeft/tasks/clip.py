@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mmpeft.backbones import backbone_from_spec
 from mmpeft.core.method import Method, apply_frozen_mode, method_from_spec
 from mmpeft.tasks.classification import ImageClassification
 
@@ -110,7 +111,7 @@ class CLIPClassification(ImageClassification):
     from `text_tower` with `class_names` x `templates`. `text_method` adapts the text tower too.
 
     Args:
-        text_tower: a `ClipTextTower` of the same CLIP model.
+        text_tower: a `ClipTextTower` of the same CLIP model (or its name, `open_clip:<model>:text`).
         class_names: a list, or "vtab1k:<task>" / "fgvc:<dataset>" from `datasets/`.
         templates: prompt templates with one `{}`; the class embedding averages over them.
         tokenizer: open_clip model name whose tokenizer to use (its BPE ships with open_clip).
@@ -121,8 +122,8 @@ class CLIPClassification(ImageClassification):
 
     def __init__(
         self,
-        backbone: nn.Module,
-        text_tower: nn.Module,
+        backbone: nn.Module | str,
+        text_tower: nn.Module | str,
         class_names: list[str] | str,
         templates: list[str] | None = None,
         tokenizer: str = "ViT-B-32",
@@ -141,7 +142,7 @@ class CLIPClassification(ImageClassification):
         super().__init__(backbone, **kwargs)
         self.class_names = names
         method = method_from_spec(text_method) if text_method else None
-        self.model.head = ZeroShotHead(text_tower, tokens, logit_scale, method, train_classifier)
+        self.model.head = ZeroShotHead(backbone_from_spec(text_tower), tokens, logit_scale, method, train_classifier)
         self.model.head_config = None  # built from the text tower and the class names, not from a spec
         self.model.apply_frozen_mode()
         if self.ema is not None:
