@@ -1,18 +1,67 @@
-"""Shared fixtures: tiny backbones (the conformance suite's matrix) and an offline, quiet environment."""
+"""Shared fixtures: tiny backbones (the conformance suite's matrix) and an isolated, offline, quiet environment.
+
+The suite must pass whatever the user's shell holds (`WANDB_MODE=offline` as the README suggests, a W&B key,
+`MMPEFT_CACHE`, another `HOME`, a thread count) and under load. So before any test module is imported the
+environment is replaced by the suite's own: every `WANDB_*`, `MMPEFT_*` and Lightning variable of the shell is
+dropped, W&B is disabled (tests that use it turn it on themselves) with generous timeouts for a loaded machine,
+and `HOME`, the caches and W&B's folders point into a fresh temporary folder. Each test then starts from that
+environment and thread count again, whatever the test before it set (`seed_everything` exports PL_GLOBAL_SEED).
+"""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+import tempfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-os.environ.setdefault("WANDB_MODE", "disabled")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+_SHELL_PREFIXES = ("WANDB_", "MMPEFT_", "PL_", "LIGHTNING_")
+
+
+def _isolated_environment() -> None:
+    for key in [k for k in os.environ if k.startswith(_SHELL_PREFIXES)]:
+        del os.environ[key]
+    home = Path(tempfile.mkdtemp(prefix="mmpeft-tests-home-"))
+    os.environ.update(
+        HOME=str(home),
+        XDG_CACHE_HOME=str(home / ".cache"),
+        MMPEFT_CACHE=str(home / ".cache" / "mmpeft"),
+        HF_HUB_OFFLINE="1",
+        WANDB_MODE="disabled",
+        WANDB_SILENT="true",
+        WANDB_DIR=str(home / "wandb"),
+        WANDB_CONFIG_DIR=str(home / "wandb-config"),
+        WANDB_CACHE_DIR=str(home / "wandb-cache"),
+        WANDB_DATA_DIR=str(home / "wandb-data"),
+        WANDB_INIT_TIMEOUT="600",  # W&B's service starts slowly on a loaded machine (90 s by default)
+        WANDB__SERVICE_WAIT="600",
+    )
+
+
+_isolated_environment()
 torch.set_num_threads(min(2, torch.get_num_threads()))
+_SUITE_ENVIRONMENT = dict(os.environ)
+_SUITE_THREADS = torch.get_num_threads()
+
+
+def _restore_suite_environment() -> None:
+    for key in [k for k in os.environ if k not in _SUITE_ENVIRONMENT and not k.startswith("PYTEST_")]:
+        del os.environ[key]  # pytest's own PYTEST_CURRENT_TEST stays
+    os.environ.update(_SUITE_ENVIRONMENT)
+    torch.set_num_threads(_SUITE_THREADS)
+
+
+@pytest.fixture(autouse=True)
+def _suite_environment() -> Iterator[None]:
+    """Every test starts from the suite's environment and thread count, and leaves them so."""
+    _restore_suite_environment()
+    yield
+    _restore_suite_environment()
 
 
 @dataclass(frozen=True)

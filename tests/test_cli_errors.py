@@ -127,3 +127,33 @@ def test_a_version_taken_after_the_listing_is_skipped_and_nothing_is_reused(tmp_
     (base / "version_5").mkdir()  # another run took it between the listing and the mkdir
     assert claim_version(base) == 6
     assert (base / "version_0" / "metrics.csv").read_text() == "kept"
+
+
+# -- SIGTERM while a quickstart backbone pretrains -------------------------------------------------------------
+
+
+def test_sigterm_during_quickstart_pretraining_says_so_and_caches_nothing(tmp_path):
+    """The pretraining runs while the CLI builds the model, before Lightning's SIGTERM handler exists: the process
+    used to vanish without a word. It now exits 143 with one line naming the epoch, and caches nothing."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    cache = tmp_path / "cache"
+    env = {**os.environ, "MMPEFT_CACHE": str(cache), "PYTHONUNBUFFERED": "1"}
+    args = ["-c", str(ROOT / "configs/quickstart.yaml"), "--run.wandb=disabled", f"--run.dir={tmp_path / 'runs'}"]
+    proc = subprocess.Popen([sys.executable, "-m", "mmpeft.cli", "fit", *args], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    seen, deadline = b"", time.monotonic() + 300
+    while b"pretraining the digits ViT" not in seen and proc.poll() is None and time.monotonic() < deadline:
+        seen += proc.stderr.read1(4096)
+    assert b"pretraining the digits ViT" in seen, seen.decode(errors="replace")[-2000:]
+    proc.send_signal(signal.SIGTERM)
+    _, rest = proc.communicate(timeout=120)
+    err = (seen + rest).decode(errors="replace")
+    assert proc.returncode == 143, err[-2000:]
+    assert re.search(r"mmpeft: error: terminated by SIGTERM while pretraining the digits ViT \(upstream\) \(epoch "
+                     r"\d+ of \d+\); nothing was cached", err), err[-2000:]  # fmt: skip
+    assert not list(cache.rglob("*.safetensors")) and not list(cache.rglob("*.tmp"))
+    assert "Traceback" not in err

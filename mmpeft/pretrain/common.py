@@ -15,7 +15,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,11 +28,40 @@ import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from mmpeft.core.errors import MmpeftError
 from mmpeft.core.model import PeftModel
 from mmpeft.tasks.optim import build_optimizer, param_groups, warmup_cosine
 from mmpeft.tasks.step import fit_steps
 
-__all__ = ["pretrain_classifier", "fixed_threads"]
+__all__ = ["pretrain_classifier", "fixed_threads", "PretrainingStopped"]
+
+
+class PretrainingStopped(MmpeftError):
+    """SIGTERM during a quickstart backbone's pretraining: nothing was cached; exit 143 like a stopped run."""
+
+    exit_code = 143
+
+
+@contextlib.contextmanager
+def _sigterm_stops(desc: str, where: dict[str, Any]) -> Iterator[None]:
+    """Inside, SIGTERM raises `PretrainingStopped` naming what stopped and where (`where`: epoch, epochs), so
+    the process says so in one line instead of vanishing (the pretraining runs before Lightning's own handler
+    exists). Signals can only be handled in the main thread; elsewhere this does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: Any) -> None:
+        raise PretrainingStopped(
+            f"terminated by SIGTERM while {desc} (epoch {where['epoch']} of {where['epochs']}); nothing was cached, "
+            "so the next run that needs this backbone pretrains it from the start"
+        )
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @contextlib.contextmanager
@@ -55,9 +86,12 @@ def pretrain_classifier(model: PeftModel, data: pl.LightningDataModule, path: Pa
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(steps, recipe["warmup_epochs"] * len(train)))
     start = time.perf_counter()
     bar = tqdm(range(recipe["epochs"]), desc=desc, disable=not progress)
-    for _ in bar:
-        losses = fit_steps(model, train, optimizer, model.backbone.example_loss, scheduler)
-        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    where = {"epoch": 1, "epochs": recipe["epochs"]}
+    with _sigterm_stops(desc, where):
+        for epoch in bar:
+            where["epoch"] = epoch + 1
+            losses = fit_steps(model, train, optimizer, model.backbone.example_loss, scheduler)
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
     model.eval()
     correct = total = 0
     with torch.no_grad():
