@@ -13,6 +13,7 @@ from PIL import Image
 
 from mmpeft.cli import main, run_cli
 from mmpeft.core.state import read_adapter
+from tests.toys import write_ramp_images
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICK = ["--trainer.enable_progress_bar=false", "--run.wandb=disabled", "--trainer.enable_model_summary=false"]
@@ -21,18 +22,7 @@ QUICK = ["--trainer.enable_progress_bar=false", "--run.wandb=disabled", "--train
 @pytest.fixture(scope="module")
 def images(tmp_path_factory) -> Path:
     """A few 64x64 images with lists as the image-list data module reads them (labels 0-1 for the DiT)."""
-    root = tmp_path_factory.mktemp("images")
-    (root / "img").mkdir()
-    ramp = torch.linspace(0, 1, 64)
-    for split, count in (("train", 8), ("val", 4)):
-        lines = []
-        for i in range(count):
-            rgb = torch.stack([ramp.view(1, -1).expand(64, 64), ramp.view(-1, 1).expand(64, 64),
-                               torch.full((64, 64), 0.1 * i)], -1)  # fmt: skip
-            Image.fromarray((rgb * 255).byte().numpy()).save(root / "img" / f"{split}_{i}.png")
-            lines.append(f"img/{split}_{i}.png {i % 2}")
-        (root / f"{split}.txt").write_text("\n".join(lines) + "\n")
-    return root
+    return write_ramp_images(tmp_path_factory.mktemp("images"), {"train": 8, "val": 4})
 
 
 def val_loss_before_and_after(config: str, images: Path, tmp_path: Path, *extra: str) -> tuple[float, float, Path]:

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
 
 from mmpeft.cli import main
 from mmpeft.core.state import read_adapter
 from mmpeft.data.sampling import EpochBatches, EpochShuffle, ResumableLoader, split_loader
+from tests.toys import write_ramp_images
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICK = ["--trainer.enable_progress_bar=false", "--run.wandb=disabled", "--trainer.enable_model_summary=false"]
@@ -26,18 +26,7 @@ EVERY_STEP = ["--trainer.callbacks+=pytorch_lightning.callbacks.ModelCheckpoint"
 @pytest.fixture(scope="module")
 def images(tmp_path_factory) -> Path:
     """Ten 64x64 training images (batches of 4: 4 + 4 + 2, three steps an epoch) and four for validation."""
-    root = tmp_path_factory.mktemp("images")
-    (root / "img").mkdir()
-    ramp = torch.linspace(0, 1, 64)
-    for split, count in (("train", 10), ("val", 4)):
-        lines = []
-        for i in range(count):
-            rgb = torch.stack([ramp.view(1, -1).expand(64, 64), ramp.view(-1, 1).expand(64, 64),
-                               torch.full((64, 64), 0.1 * i)], -1)  # fmt: skip
-            Image.fromarray((rgb * 255).byte().numpy()).save(root / "img" / f"{split}_{i}.png")
-            lines.append(f"img/{split}_{i}.png {i % 2}")
-        (root / f"{split}.txt").write_text("\n".join(lines) + "\n")
-    return root
+    return write_ramp_images(tmp_path_factory.mktemp("images"), {"train": 10, "val": 4})
 
 
 # family -> (config arguments, steps per epoch); each trains with randomness in data and model

@@ -18,6 +18,7 @@ from mmpeft.core.identity import RANDOM_INIT, record_weights, weights_identity
 from mmpeft.core.model import PeftModel
 from mmpeft.core.state import adapter_from_file, load_adapter, read_adapter, save_adapter
 from mmpeft.tasks.base import random_frozen_backbone_warning
+from tests.toys import write_ramp_images
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICK = ["--trainer.enable_progress_bar=false", "--run.wandb=disabled", "--trainer.enable_model_summary=false"]
@@ -99,7 +100,7 @@ def test_the_cli_refuses_an_adapter_on_other_weights_and_takes_the_override(tmp_
     base = ["-c", str(ROOT / "configs/image_list.yaml"), *QUICK, f"--run.dir={tmp_path / 'runs'}",
             "--model.init_args.backbone.init_args.name=test_vit", "--model.init_args.backbone.init_args.img_size=32",
             "--data.init_args.image_size=32", "--data.init_args.num_workers=0"]  # fmt: skip
-    data = _image_folder(tmp_path / "data")
+    data = write_ramp_images(tmp_path / "data", {"train": 6, "val": 3, "test": 3})
     base.append(f"--data.init_args.root={data}")
     assert main(["fit", *base, "--trainer.max_epochs=1", f"--model.init_args.backbone.init_args.weights={first}"]) == 0
     (adapter,) = (tmp_path / "runs").rglob("version_0/adapter.safetensors")
@@ -108,21 +109,6 @@ def test_the_cli_refuses_an_adapter_on_other_weights_and_takes_the_override(tmp_
     err = capsys.readouterr().err
     assert "'first.safetensors'" in err and "'second.safetensors'" in err and "allow_other_weights" in err
     assert main([*args, "--model.init_args.allow_other_weights=true"]) == 0
-
-
-def _image_folder(root: Path) -> Path:
-    from PIL import Image
-
-    (root / "img").mkdir(parents=True)
-    generator = torch.Generator().manual_seed(0)
-    for split, count in (("train", 6), ("val", 3), ("test", 3)):
-        lines = []
-        for i in range(count):
-            pixels = (torch.rand(32, 32, 3, generator=generator) * 255).byte().numpy()
-            Image.fromarray(pixels).save(root / "img" / f"{split}_{i}.png")
-            lines.append(f"img/{split}_{i}.png {i % 3}")
-        (root / f"{split}.txt").write_text("\n".join(lines) + "\n")
-    return root
 
 
 def test_a_random_frozen_backbone_is_announced_and_full_fine_tuning_is_not():

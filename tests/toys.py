@@ -7,6 +7,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from timm.layers import DropPath, LayerScale
 from torch import nn
@@ -140,3 +142,21 @@ class ToyDigitsBN(TokenBackbone):
         x = self.patch_embed(images).flatten(2).transpose(1, 2)
         ctx.layout.update(cls=slice(0, 1), patches=slice(1, 1 + x.shape[1]))
         return torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
+
+
+def write_ramp_images(root: Path, counts: dict[str, int]) -> Path:
+    """64x64 ramp images with `<split>.txt` lists as the image-list data module reads them (`counts`: split ->
+    images, labels alternating 0 / 1, so a DiT with two classes takes them too); returns `root`."""
+    from PIL import Image
+
+    (root / "img").mkdir(parents=True, exist_ok=True)
+    ramp = torch.linspace(0, 1, 64)
+    for split, count in counts.items():
+        lines = []
+        for i in range(count):
+            rgb = torch.stack([ramp.view(1, -1).expand(64, 64), ramp.view(-1, 1).expand(64, 64),
+                               torch.full((64, 64), 0.1 * i)], -1)  # fmt: skip
+            Image.fromarray((rgb * 255).byte().numpy()).save(root / "img" / f"{split}_{i}.png")
+            lines.append(f"img/{split}_{i}.png {i % 2}")
+        (root / f"{split}.txt").write_text("\n".join(lines) + "\n")
+    return root

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
+from pytorch_lightning.plugins.io import TorchCheckpointIO
 
 from mmpeft.core.files import writing
 from mmpeft.core.state import save_adapter
