@@ -460,6 +460,28 @@ def test_parallel_cells_run_on_different_gpus(tmp_path, monkeypatch, gpus, visib
         assert not any("CUDA_VISIBLE_DEVICES" in line for line in lines)
 
 
+@pytest.mark.parametrize(("parallel", "user", "expected"), [(2, None, {"4"}), (3, None, {"2"}), (16, None, {"1"}),
+                                                             (1, None, {None}), (2, "3", {"3"})])  # fmt: skip
+def test_parallel_cells_on_the_cpu_share_its_cores(tmp_path, monkeypatch, parallel, user, expected):
+    """Cells on the CPU get the cores divided among them (two cached-probe cells at once on two cores, each with
+    a thread per core, ran 10x slower than one alone); a user's OMP_NUM_THREADS is kept."""
+    import mmpeft.sweep  # noqa: PLC0415
+
+    monkeypatch.setattr(mmpeft.sweep, "_gpu_count", lambda: 0)
+    monkeypatch.setattr(mmpeft.sweep, "_cpu_count", lambda: 8)
+    if user is None:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    else:
+        monkeypatch.setenv("OMP_NUM_THREADS", user)
+    _fake_fit(monkeypatch, _acc_by_lr)
+    fake, threads = subprocess.Popen, []
+    monkeypatch.setattr(subprocess, "Popen", lambda cmd, **kw: threads.append(kw["env"].get("OMP_NUM_THREADS"))
+                        or fake(cmd, **kw))  # fmt: skip
+    run_sweep(_sweep_file(tmp_path, tasks=["eurosat"], methods={"lora": str(REPO / "configs/vtab/lora.yaml")}),
+              parallel=parallel, log=lambda *_: None)  # fmt: skip
+    assert len(threads) == 3 + 2 and set(threads) == expected
+
+
 # -- the whole sweep is checked before the first cell runs -------------------------------------------------
 
 
