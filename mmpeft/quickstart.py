@@ -91,10 +91,11 @@ def run_one(method: Any, pretrained: bool, lr: float, epochs: int, runs_dir: str
 
 def transfer_table(epochs: int = 30, runs_dir: str = "runs/transfer", labels: list[str] | None = None,
                    pretrain_epochs: int | None = None, task: str = "digits", precision: str = "32",
-                   seeds: Sequence[int] = (0,)) -> dict[str, dict[str, Any]]:  # fmt: skip
+                   seeds: Sequence[int] = (0,), extra: Sequence[str] = ()) -> dict[str, dict[str, Any]]:  # fmt: skip
     """label -> test / val accuracy (the mean over `seeds`), `test_acc_std` (sample std, 0 for one seed),
     `test_accs` (per seed), trainable count and seconds. A seed seeds the run (the head's and the method's
-    initialisation, the training augmentation); the data splits and the pretrained backbone stay the same."""
+    initialisation, the training augmentation); the data splits and the pretrained backbone stay the same.
+    `extra`: command-line options for every run (`run_one`)."""
     config, runs = QUICKSTARTS[task]
     results = {}
     for label in labels or list(runs):
@@ -102,7 +103,7 @@ def transfer_table(epochs: int = 30, runs_dir: str = "runs/transfer", labels: li
         start = time.perf_counter()
         name = label.replace(" ", "_").replace(",", "")
         per_seed = [run_one(method, pretrained, lr, epochs, runs_dir, f"{name}-seed{seed}" if len(seeds) > 1 else name,
-                            pretrain_epochs, seed=seed, config=config, precision=precision)
+                            pretrain_epochs, seed=seed, config=config, precision=precision, extra=extra)
                     for seed in seeds]  # fmt: skip
         tests = [r["test_acc"] for r in per_seed]
         results[label] = {
