@@ -328,12 +328,13 @@ def bench_backbone(args: argparse.Namespace) -> nn.Module:
     """The backbone to time: registered and prefixed names bring their own input size; timm names take
     `--img-size` / `--in-chans`. mmpeft's quickstart backbones (digits, shapes) skip their pretraining: speed
     does not depend on the weights."""
-    from mmpeft.backbones import BACKBONES, create_backbone  # noqa: PLC0415
+    from mmpeft.backbones import create_backbone  # noqa: PLC0415
+    from mmpeft.backbones.registry import registered_names  # noqa: PLC0415
     from mmpeft.backbones.weights import WEIGHTS_BUILDERS  # noqa: PLC0415
 
     if args.backbone in WEIGHTS_BUILDERS:
         return create_backbone(args.backbone, pretrained=False)
-    if args.backbone in BACKBONES or ":" in args.backbone:
+    if args.backbone in registered_names() or ":" in args.backbone:
         return create_backbone(args.backbone)
     extra = {"in_chans": args.in_chans} if args.in_chans != 3 else {}
     return create_backbone(args.backbone, img_size=args.img_size, **extra)

@@ -3,8 +3,12 @@
 mmpeft fit|validate|test|predict -c CONFIG.yaml [--adapter FILE] [--ckpt_path CKPT]   (LightningCLI)
 mmpeft params --backbone NAME      trainable-parameter table of every registered method
 mmpeft bench  --backbone NAME      step time and peak memory per method, against the floor
+mmpeft sweep  SWEEP.yaml           tasks x methods x seeds x grid: tune on val, retrain, test once
 mmpeft methods [NAME]              the registered methods, or one method's options and presets
+mmpeft backbones [FILTER]          the backbone names, their family and whether they take weights
 mmpeft plot   CSV [CSV ...]        accuracy vs trainable parameters, or step time and memory, as PNGs
+mmpeft export-lora ADAPTER --out DIR    an mmpeft UNet LoRA adapter as a diffusers LoRA file
+mmpeft import-lora FILE --out ADAPTER   a diffusers / kohya LoRA file as an mmpeft adapter file
 """
 
 from __future__ import annotations
@@ -27,7 +31,6 @@ from mmpeft.method_info import describe_method, describe_methods, methods_epilog
 __all__ = ["main", "params_table", "run_cli", "wandb_mode"]
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
-OWN_COMMANDS = ("params", "bench", "sweep", "methods", "plot")
 
 
 # -- params ------------------------------------------------------------------------------------------------
@@ -121,6 +124,18 @@ def _methods(args: argparse.Namespace) -> int:
     return 0
 
 
+def _backbones(args: argparse.Namespace) -> int:
+    from mmpeft.backbones import describe_backbones  # noqa: PLC0415
+
+    rows = describe_backbones(args.filter)
+    if not rows:
+        print(f"no backbone name, family or description contains {args.filter!r}; `mmpeft backbones` lists them all")
+        return 0
+    table = [{**row, "takes_weights": "yes" if row["takes_weights"] else "no (random, for tests)"} for row in rows]
+    print(markdown_table(table, ["name", "family", "takes_weights", "description"]))
+    return 0
+
+
 def build_own_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mmpeft", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -157,6 +172,9 @@ def build_own_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("methods", help="the registered methods, or one method's options (with help) and presets")
     m.add_argument("name", nargs="?", default=None, help="a method name: list its options and presets")
     m.set_defaults(run=_methods)
+    bb = sub.add_parser("backbones", help="the backbone names, their family and whether they take weights")
+    bb.add_argument("filter", nargs="?", default=None, help="keep names, families or descriptions containing this")
+    bb.set_defaults(run=_backbones)
     from mmpeft.plot import add_plot_arguments, plot_command  # noqa: PLC0415
 
     pl = sub.add_parser("plot", help="PNGs from result CSVs: accuracy vs trainable parameters, step time and memory")

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmpeft.backbones import TINY_DIT, DiffusersDiT, DiffusersUNet
-from mmpeft.backbones.diffusion import TiedEmbedding
+from mmpeft.backbones.dit import TiedEmbedding
 from mmpeft.core.errors import NotMergeable, NotSupported
 from mmpeft.core.method import create_method
 from mmpeft.core.model import PeftModel

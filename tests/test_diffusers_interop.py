@@ -195,7 +195,7 @@ TEXT_LORA_R2 = 5 * 4 * 2 * (32 + 32)  # 2,560: r = 2 on the 4 attention projecti
 def _clip(folder: Path) -> torch.nn.Module:
     from transformers import CLIPTextModel
 
-    from mmpeft.backbones.diffusion import load_pretrained
+    from mmpeft.backbones.diffusers_files import load_pretrained
 
     return load_pretrained(CLIPTextModel, folder / "text_encoder")
 

@@ -72,8 +72,8 @@ def test_nan_adapters_are_neither_written_nor_loaded(tmp_path):
 
 
 def test_a_nan_coordinate_in_scanobjectnn_is_found_before_training(tmp_path):
-    from mmpeft.data.point import ScanObjectNNDataModule, read_scanobjectnn_h5
     from mmpeft.data.point_fixtures import write_scanobjectnn_fixture
+    from mmpeft.data.scanobjectnn import ScanObjectNNDataModule, read_scanobjectnn_h5
 
     root = write_scanobjectnn_fixture(tmp_path / "scan", variant="OBJ_BG")
     (path,) = [p for p in root.rglob("training_objectdataset.h5")]

@@ -169,7 +169,7 @@ def _broken_pipeline(root: Path) -> dict[str, Path]:
     """Copies of the tiny SD pipeline folder, each with one part broken (issue 22 item 17)."""
     import shutil
 
-    from mmpeft.interop.tiny_sd import tiny_sd_folder
+    from mmpeft.backbones.tiny_diffusers import tiny_sd_folder
 
     source, broken = tiny_sd_folder(), {}
     for case in ("vae_weights", "text_encoder_weights", "tokenizer", "scheduler", "unet_weights_are_the_vae_s"):

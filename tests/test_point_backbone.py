@@ -11,11 +11,11 @@ import torch.nn.functional as F
 
 from mmpeft.backbones import PointTransformer, create_backbone
 from mmpeft.backbones.point import load_point_checkpoint, official_state_dict
-from mmpeft.backbones.point_ops import group
 from mmpeft.cli import main
 from mmpeft.core.errors import ConfigMismatch, WeightsUnavailable
 from mmpeft.core.model import PeftModel
 from mmpeft.core.report import parameter_report
+from mmpeft.ops.point import group
 from tests.conftest import tiny_point
 
 

@@ -16,14 +16,8 @@ import torch
 from mmpeft.core.errors import ConfigMismatch
 from mmpeft.data import ModelNet40DataModule, ScanObjectNNDataModule
 from mmpeft.data.checks import DataError
-from mmpeft.data.point import (
-    MODELNET40_CLASSES,
-    SCANOBJECTNN_CLASSES,
-    SCANOBJECTNN_FILES,
-    MissingPointData,
-    load_modelnet_pickle,
-    stratified_split,
-)
+from mmpeft.data.modelnet40 import MODELNET40_CLASSES, load_modelnet_pickle
+from mmpeft.data.point_clouds import MissingPointData, stratified_split
 from mmpeft.data.point_fixtures import write_modelnet40_fixture, write_scanobjectnn_fixture
 from mmpeft.data.point_transforms import (
     RandomSubset,
@@ -33,6 +27,7 @@ from mmpeft.data.point_transforms import (
     farthest_point_order,
     normalize_unit_sphere,
 )
+from mmpeft.data.scanobjectnn import SCANOBJECTNN_CLASSES, SCANOBJECTNN_FILES
 from mmpeft.tasks.point import vote_logits
 
 

@@ -1,4 +1,4 @@
-"""Pure-PyTorch FPS / kNN / group (mmpeft.backbones.point_ops) against brute-force references (spec point.md §8)."""
+"""Pure-PyTorch FPS / kNN / group (mmpeft.ops.point) against brute-force references (spec point.md §8)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from mmpeft.backbones import point_ops
-from mmpeft.backbones.point_ops import farthest_point_sample, gather_points, group, knn
+from mmpeft.ops import point as point_ops
+from mmpeft.ops.point import farthest_point_sample, gather_points, group, knn
 
 
 def _cloud(batch: int, num: int, seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -1,20 +1,28 @@
-"""Frozen backbones. `create_backbone(name)` resolves mmpeft names first, then timm names."""
+"""Frozen backbones. Each registers its names where it is defined (`mmpeft.backbones.registry`);
+`create_backbone(name)` resolves mmpeft names first, then timm names."""
 
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable
-from typing import Any
 
 from torch import nn
 
 from mmpeft.backbones.clip import ClipImageTower, ClipTextTower
-from mmpeft.backbones.diffusion import TINY_DIT, TINY_SD_UNET, DiffusersDiT, DiffusersUNet
+from mmpeft.backbones.diffusion import DiffusersUNet
 from mmpeft.backbones.digits import DigitsViT
+from mmpeft.backbones.dit import DiffusersDiT
 from mmpeft.backbones.point import PointTransformer
+from mmpeft.backbones.registry import (
+    backbone_names,
+    create_backbone,
+    describe_backbones,
+    register_backbone,
+    register_backbone_prefix,
+)
 from mmpeft.backbones.shapes import ShapesPointTransformer
 from mmpeft.backbones.timm_vit import TimmModel, TimmViT, create_timm, is_token_vit
-from mmpeft.core.errors import NotSupported, UnknownName
+from mmpeft.backbones.tiny_diffusers import TINY_DIT, TINY_SD_UNET
+from mmpeft.core.errors import UnknownName
 
 __all__ = [
     "ClipImageTower",
@@ -32,68 +40,12 @@ __all__ = [
     "backbone_from_spec",
     "backbone_classes",
     "backbone_names",
+    "describe_backbones",
+    "TINY_DIT",
+    "TINY_SD_UNET",
     "register_backbone",
-    "BACKBONES",
+    "register_backbone_prefix",
 ]
-
-BACKBONES: dict[str, Callable[..., nn.Module]] = {
-    "digits_vit": DigitsViT,
-    "tiny_sd_unet": lambda **kw: DiffusersUNet(config=TINY_SD_UNET, name="tiny_sd_unet", **kw),
-    "tiny_dit": lambda **kw: DiffusersDiT(config=TINY_DIT, name="tiny_dit", **kw),
-    "point_mae": lambda **kw: PointTransformer("point_mae", **kw),
-    "point_bert": lambda **kw: PointTransformer("point_bert", **kw),
-    "shapes_point": ShapesPointTransformer,
-}
-# "<prefix>:<local folder or file>"
-PREFIXED: dict[str, Callable[..., nn.Module]] = {
-    "diffusers_unet": lambda source, **kw: DiffusersUNet(source=source, **kw),
-    "diffusers_dit": lambda source, **kw: DiffusersDiT(source=source, **kw),
-}
-
-
-def register_backbone(name: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
-    def deco(factory: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-        BACKBONES[name] = factory
-        return factory
-
-    return deco
-
-
-def create_backbone(name: str, **kwargs: Any) -> nn.Module:
-    """A registered mmpeft backbone (`digits_vit`, `shapes_point`, `tiny_sd_unet`, `tiny_dit`, `point_mae`,
-    `point_bert`), a prefixed one (`diffusers_unet:<folder>`, `diffusers_dit:<folder>`,
-    `open_clip:<model>:image|text`), a timm ViT as a `TimmViT`, or any other timm model as `TimmModel`."""
-    if name in BACKBONES:
-        return BACKBONES[name](**kwargs)
-    prefix, _, rest = name.partition(":")
-    if prefix in PREFIXED:
-        if not rest:
-            raise UnknownName(f"{prefix} backbones are named '{prefix}:<local folder or weights file>', got {name!r}")
-        return PREFIXED[prefix](rest, **kwargs)
-    if name.startswith("open_clip:"):  # "open_clip:ViT-B-32:image" or "...:text"
-        _, model, tower = (name.split(":") + [""])[:3]
-        if tower not in ("image", "text"):
-            raise UnknownName(f"open_clip backbones are named 'open_clip:<model>:image' or ':text', got {name!r}")
-        kwargs.pop("img_size", None)
-        return (ClipImageTower if tower == "image" else ClipTextTower)(model, **kwargs)
-    import timm  # noqa: PLC0415
-
-    if not timm.is_model(name):
-        close = difflib.get_close_matches(name, list(BACKBONES), n=3)
-        hint = f" (did you mean {', '.join(close)}?)" if close else ""
-        raise UnknownName(
-            f"unknown backbone {name!r}{hint}: neither an mmpeft backbone ({backbone_names()}) nor a timm model "
-            "name (see timm.list_models())"
-        )
-    try:
-        return TimmViT(name, **kwargs)
-    except NotSupported:
-        return TimmModel(name, **kwargs)
-
-
-def backbone_names() -> str:
-    """The names `create_backbone` takes besides timm's, for errors and help."""
-    return ", ".join([*sorted(BACKBONES), *(f"{p}:<path>" for p in PREFIXED), "open_clip:<model>:image|text"])
 
 
 def backbone_classes() -> list[str]:

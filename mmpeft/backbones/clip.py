@@ -19,9 +19,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from mmpeft.backbones.registry import register_backbone_prefix
 from mmpeft.backbones.weights import from_hub, optional_path, weights_source
 from mmpeft.core.anatomy import Attention, ForwardContext, TokenBackbone, TokenBlock
-from mmpeft.core.errors import NotSupported
+from mmpeft.core.errors import NotSupported, UnknownName
 from mmpeft.core.identity import record_weights
 from mmpeft.core.method import list_methods
 from mmpeft.core.modules import adapter_modules
@@ -260,3 +261,15 @@ class ClipTextTower(_ClipTower):
     def pool(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         pooled = super().pool(x, ctx)
         return pooled @ self.text_projection if self.text_projection is not None else pooled
+
+
+@register_backbone_prefix("open_clip", usage="open_clip:<model>:image|text", family=_ClipTower.family)
+def open_clip_tower(rest: str, **kwargs: Any) -> _ClipTower:
+    """an open_clip model's image or text tower ("open_clip:ViT-B-32:image")"""
+    model, tower = (rest.split(":") + [""])[:2]
+    if tower not in ("image", "text"):
+        raise UnknownName(
+            f"open_clip backbones are named 'open_clip:<model>:image' or ':text', got {'open_clip:' + rest!r}"
+        )
+    kwargs.pop("img_size", None)
+    return (ClipImageTower if tower == "image" else ClipTextTower)(model, **kwargs)

@@ -7,8 +7,16 @@ the cache key is a hash of the architecture and the pretraining recipe, so chang
 
 from __future__ import annotations
 
+from mmpeft.backbones.registry import register_backbone
 from mmpeft.backbones.timm_vit import TimmViT
-from mmpeft.backbones.weights import cache_dir, load_weights, optional_path, pretrained_weights, read_state_dict
+from mmpeft.backbones.weights import (
+    cache_dir,
+    load_weights,
+    optional_path,
+    pretrained_weights,
+    read_state_dict,
+    register_weights_builder,
+)
 from mmpeft.core.identity import record_weights
 
 __all__ = ["DigitsViT", "cache_dir", "ARCH", "RECIPE"]
@@ -21,6 +29,13 @@ RECIPE = {"epochs": 40, "lr": 1e-3, "weight_decay": 0.05, "batch_size": 64, "war
           "threads": 2}  # fmt: skip
 
 
+# the upstream pretraining that builds its weights (a lazy path: backbones never import the pretrain layer)
+register_weights_builder("digits_vit", "mmpeft.pretrain.digits:pretrain_digits_vit")
+
+
+@register_backbone(
+    "digits_vit", description="the quickstart's 0.8M-parameter ViT, pretrained by mmpeft on the upstream digits"
+)
 class DigitsViT(TimmViT):
     """A 0.8M-parameter ViT at the digits' native 8x8 resolution (patch 2, 16 patches + CLS).
 

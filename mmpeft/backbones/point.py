@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from mmpeft.backbones.registry import register_backbone
 from mmpeft.backbones.weights import optional_path, read_state_dict
 from mmpeft.core.anatomy import Attention, TokenBackbone, TokenBlock
 from mmpeft.core.context import ForwardContext
@@ -199,9 +200,9 @@ class PointTransformer(TokenBackbone):
         b, n, _ = xyz.shape
         start: int | torch.Tensor = 0
         if self.fps_start == "random" and ctx.training:
-            # drawn and range-checked on the CPU (point_ops moves it): no device sync per step
+            # drawn and range-checked on the CPU (mmpeft.ops.point moves it): no device sync per step
             start = ctx.draw("fps_start", lambda g: torch.randint(0, n, (b,), generator=g))
-        from mmpeft.backbones.point_ops import group  # noqa: PLC0415
+        from mmpeft.ops.point import group  # noqa: PLC0415
 
         neighbourhood, centres = group(xyz, self.num_group, self.group_size, start)
         tokens = self.encoder(neighbourhood)
@@ -304,3 +305,17 @@ def load_point_checkpoint(backbone: PointTransformer, path: str, load_head: bool
           f"ignored {len(ignored)} (decoder / momentum encoder / pretraining heads)")  # fmt: skip
     return {"loaded": sorted(state), "fresh": fresh, "ignored": sorted(ignored),
             "head": sorted(_FINETUNED_HEAD + k for k in (found.state if found else {}))}  # fmt: skip
+
+
+@register_backbone(
+    "point_mae", family=PointTransformer.family, description="Point-MAE's transformer (21,825,792 parameters)"
+)
+def point_mae(**kwargs: Any) -> PointTransformer:
+    return PointTransformer("point_mae", **kwargs)
+
+
+@register_backbone(
+    "point_bert", family=PointTransformer.family, description="Point-BERT's transformer (21,858,816 parameters)"
+)
+def point_bert(**kwargs: Any) -> PointTransformer:
+    return PointTransformer("point_bert", **kwargs)

@@ -6,7 +6,14 @@ registered for "shapes_point" (`mmpeft.pretrain.shapes`) and cached, keyed by ar
 from __future__ import annotations
 
 from mmpeft.backbones.point import PointTransformer
-from mmpeft.backbones.weights import load_weights, optional_path, pretrained_weights, read_state_dict
+from mmpeft.backbones.registry import register_backbone
+from mmpeft.backbones.weights import (
+    load_weights,
+    optional_path,
+    pretrained_weights,
+    read_state_dict,
+    register_weights_builder,
+)
 from mmpeft.core.identity import record_weights
 
 __all__ = ["ShapesPointTransformer", "ARCH", "RECIPE"]
@@ -20,6 +27,14 @@ RECIPE = {"epochs": 20, "lr": 1e-3, "weight_decay": 0.05, "batch_size": 32, "war
           "per_class": 100, "data": 2, "threads": 2}  # fmt: skip
 
 
+# the upstream pretraining that builds its weights (a lazy path: backbones never import the pretrain layer)
+register_weights_builder("shapes_point", "mmpeft.pretrain.shapes:pretrain_shapes_point")
+
+
+@register_backbone(
+    "shapes_point",
+    description="the point quickstart's transformer (Point-MAE layout, 4 x 96), pretrained on the upstream shapes",
+)
 class ShapesPointTransformer(PointTransformer):
     """The point transformer of the shapes quickstart (Point-MAE layout, 4 x 96).
 

@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 from mmpeft.core.errors import AdapterMismatch, MmpeftError
 from mmpeft.core.method import method_from_config
 from mmpeft.core.model import PeftModel, backbone_signature
+from mmpeft.version import __version__
 
 __all__ = [
     "FORMAT",
@@ -122,8 +123,6 @@ def read_adapter(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
 
 
 def _version() -> str:
-    from mmpeft import __version__  # noqa: PLC0415
-
     return __version__
 
 

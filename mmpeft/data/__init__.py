@@ -3,7 +3,8 @@
 from mmpeft.data.digits import DigitsDataModule
 from mmpeft.data.fgvc import FGVCDataModule
 from mmpeft.data.image_list import ImageListDataModule
-from mmpeft.data.point import ModelNet40DataModule, ScanObjectNNDataModule
+from mmpeft.data.modelnet40 import ModelNet40DataModule
+from mmpeft.data.scanobjectnn import ScanObjectNNDataModule
 from mmpeft.data.shapes import ShapesDataModule
 from mmpeft.data.toy import DigitLatentsDataModule, ToyRegressionDataModule
 from mmpeft.data.vtab import VTAB1kDataModule

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from mmpeft.data.point import MODELNET40_CLASSES, SCANOBJECTNN_FILES
+from mmpeft.data.modelnet40 import MODELNET40_CLASSES
+from mmpeft.data.scanobjectnn import SCANOBJECTNN_FILES
 
 __all__ = ["write_scanobjectnn_fixture", "write_modelnet40_fixture", "class_clouds"]
 

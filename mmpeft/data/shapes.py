@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from mmpeft.data.fewshot import k_shot_indices
-from mmpeft.data.point import PointClouds
+from mmpeft.data.point_clouds import PointClouds
 from mmpeft.data.point_transforms import RandomSubset
 from mmpeft.data.sampling import split_loader
 from mmpeft.data.splits import SplitLoaders

@@ -80,10 +80,10 @@ def _text_encoder(source: str):
     the unet folder or a weights file in it)."""
     from transformers import CLIPTextModel  # noqa: PLC0415
 
-    from mmpeft.backbones.diffusion import load_pretrained  # noqa: PLC0415
+    from mmpeft.backbones.diffusers_files import load_pretrained  # noqa: PLC0415
 
     if source == "tiny_sd":
-        from mmpeft.interop.tiny_sd import tiny_sd_folder  # noqa: PLC0415
+        from mmpeft.backbones.tiny_diffusers import tiny_sd_folder  # noqa: PLC0415
 
         return load_pretrained(CLIPTextModel, tiny_sd_folder() / "text_encoder")
     path = Path(source).expanduser()

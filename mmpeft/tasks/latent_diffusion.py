@@ -20,7 +20,7 @@ import torch
 from pytorch_lightning.utilities import rank_zero_warn
 from torch import nn
 
-from mmpeft.backbones.diffusion import load_pretrained, require_files
+from mmpeft.backbones.diffusers_files import load_pretrained, require_files
 from mmpeft.core.cache import ContentCache
 from mmpeft.core.errors import NotSupported, WeightsUnavailable
 from mmpeft.tasks.denoising import Denoising
@@ -33,7 +33,7 @@ def pipeline_folder(pipeline: str) -> Path:
     every latent-diffusion run reads (the VAE's config and weights, the scheduler's config) must be there; the
     text parts are checked where a text-conditioned run reads them (`LatentDiffusion`)."""
     if pipeline == "tiny_sd":
-        from mmpeft.interop.tiny_sd import tiny_sd_folder  # noqa: PLC0415
+        from mmpeft.backbones.tiny_diffusers import tiny_sd_folder  # noqa: PLC0415
 
         return Path(tiny_sd_folder())
     folder = Path(pipeline).expanduser()
