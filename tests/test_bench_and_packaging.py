@@ -17,8 +17,8 @@ import zipfile
 
 import pytest
 
-from mmpeft import bench
 from mmpeft.cli import main
+from mmpeft.lab import bench, bench_worker
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -39,7 +39,7 @@ def test_bench_writes_rows_with_floor_ratios(tmp_path, capsys):
 
 
 def test_only_the_pytorch_lightning_namespace_is_used():
-    """Mixing `lightning.pytorch` with `pytorch_lightning` breaks callbacks (ecosystem spec §3.1)."""
+    """Mixing `lightning.pytorch` with `pytorch_lightning` breaks callbacks (the two packages hold distinct classes)."""
     root = pathlib.Path(__file__).resolve().parents[1] / "mmpeft"
     offenders = [
         str(p) for p in root.rglob("*.py") if re.search(r"^\s*(import lightning|from lightning\b)", p.read_text(), re.M)
@@ -137,7 +137,7 @@ def test_bench_worker_tells_unsupported_from_failed(monkeypatch):
     parser = argparse.ArgumentParser()
     bench.add_bench_arguments(parser)
     args = parser.parse_args(["--backbone", "tiny_dit", "--batch", "2", "--steps", "1", "--warmup", "1"])
-    row = bench.worker_row(args, "adapter")  # NotSupported: a row with the reason, and the worker exits 0
+    row = bench_worker.worker_row(args, "adapter")  # NotSupported: a row with the reason, and the worker exits 0
     assert row["method"] == "adapter" and "not a TokenBackbone" in row["error"] and "failed" not in row
 
     def finished(code, stderr):

@@ -119,7 +119,7 @@ def test_params_table_on_an_open_clip_name_builds_on_meta():
     from mmpeft.cli import params_table
 
     rows = {r["method"]: r for r in params_table("open_clip:ViT-B-32:image", num_classes=10)}
-    assert rows["vl_pet"]["no head"] == 7_119_360 + 39_936  # spec vision_language.md §2.4
+    assert rows["vl_pet"]["no head"] == 7_119_360 + 39_936  # Hu et al., VL-PET, ICCV 2023
     assert rows["full"]["no head"] == 87_849_216, "ViT-B/32's visual tower"
     assert rows["linear"]["trainable"] == 513 * 10
 

@@ -21,6 +21,7 @@ from mmpeft.core.modules import adapter_modules
 from mmpeft.core.state import load_adapter, save_adapter
 from mmpeft.tasks.step import fit_steps
 from tests.conftest import BackboneCase, backbone_cases
+from tests.method_counts import expected_count
 
 CASES = {c.name: c for c in backbone_cases()}
 NUM_CLASSES = 5
@@ -109,81 +110,9 @@ def test_exactly_the_declared_set_trains(method, case):
 
 
 def expected_backbone_trainable(method: str, model: PeftModel) -> int:
-    """Counts from the backbone's module shapes, independently of how the methods declare them."""
-    backbone = model.backbone
-    modules = [m for n, m in backbone.named_modules() if not any(n.startswith(p) for p, _ in adapter_modules(backbone))]
-    if method == "linear":
-        return 0
-    if method == "full":
-        return sum(p.numel() for p in backbone.parameters())
-    if method == "bitfit":
-        return sum(m.bias.numel() for m in modules if isinstance(getattr(m, "bias", None), torch.nn.Parameter))
-    if method == "lora" and backbone.family == "token":  # rank 8 on the q and v thirds of every fused qkv
-        r = model.method.r
-        return sum(2 * r * (b.attn.qkv.in_features + b.attn.qkv.out_features // 3) for b in backbone.blocks)
-    if method == "lora":  # denoisers: rank 8 on every attention's q, k, v and output projection (diffusers' names)
-        ends = ("to_q", "to_k", "to_v", "to_out.0", "add_k_proj", "add_v_proj")
-        linears = [m for n, m in backbone.named_modules() if n.endswith(ends) and isinstance(m, torch.nn.Linear)]
-        assert linears
-        return sum(model.method.r * (m.in_features + m.out_features) for m in linears)
-    if method == "adapter":  # bottleneck with biases on every block's MLP branch
-        d, h = backbone.embed_dim, model.method.bottleneck
-        return backbone.depth * (d * h + h + h * d + d)
-    if method == "vpt":  # shallow by default: one set of prompts
-        return model.method.length * backbone.embed_dim * (backbone.depth if model.method.deep else 1)
-    if method == "ssf" and backbone.family != "token":  # 2 x the width of every linear, conv, norm with a bias
-        width = 0
-        for m in modules:
-            if getattr(m, "bias", None) is None:
-                continue
-            if isinstance(m, torch.nn.Linear):
-                width += m.out_features
-            elif isinstance(m, torch.nn.modules.conv._ConvNd):
-                width += m.out_channels
-            elif isinstance(m, torch.nn.LayerNorm | torch.nn.GroupNorm | _BatchNorm) and m.weight is not None:
-                width += m.weight.numel()
-        return 2 * width
-    if method == "ssf":  # 2 x the output width at the 8 official positions that exist on this backbone
-        width = 0
-        patch = getattr(getattr(backbone, "patch_embed", None), "proj", None)
-        width += patch.out_channels if isinstance(patch, torch.nn.Conv2d) else 0
-        for b in backbone.blocks:
-            d = b.norm1.normalized_shape[0]
-            width += d + b.attn.qkv.out_features + b.attn.proj.out_features + d + b.mlp.fc1.out_features + d
-        return 2 * (width + backbone.norm.normalized_shape[0])
-    if method == "mosa":  # own LN + shared down + N up experts (weights and biases) per block
-        d, h, n = backbone.embed_dim, model.method.bottleneck, model.method.experts
-        return backbone.depth * (2 * d + d * h + h + n * (h * d + d))
-    if method == "vl_pet":  # ΔH + large gate on both branches of every block, plus every LayerNorm
-        d, r, rg = backbone.embed_dim, model.method.rank, model.method.gate_rank
-        norms = sum(p.numel() for m in modules if isinstance(m, torch.nn.LayerNorm) for p in m.parameters())
-        return backbone.depth * 2 * ((2 * d * r + r + d) + (2 * d * rg + rg + d)) + norms
-    if method == "svfit" and backbone.family == "token":  # full spectrum of the q and v thirds of every fused qkv
-        return sum(2 * min(b.attn.qkv.in_features, b.attn.qkv.out_features // 3) for b in backbone.blocks)
-    if method == "svfit":  # denoisers: full spectrum min(out, in) of every attention's q, k, v, out projection
-        ends = ("to_q", "to_k", "to_v", "to_out.0", "add_k_proj", "add_v_proj")
-        linears = [m for n, m in backbone.named_modules() if n.endswith(ends) and isinstance(m, torch.nn.Linear)]
-        assert linears
-        return sum(min(m.in_features, m.out_features) for m in linears)
-    if method == "difffit":  # biases, LN/GN affines, class table, added LN affines, γ: 6·d per block (first half)
-        norms, table = (torch.nn.LayerNorm, torch.nn.GroupNorm), "class_embedder.embedding_table.weight"
-        count = sum(m.bias.numel() for m in modules if isinstance(getattr(m, "bias", None), torch.nn.Parameter))
-        count += sum(m.weight.numel() for m in modules if isinstance(m, norms) and m.weight is not None)
-        bare = [m for m in modules if isinstance(m, torch.nn.LayerNorm) and m.weight is None]
-        count += sum(2 * m.normalized_shape[-1] for m in bare)
-        count += sum(p.numel() for n, p in backbone.named_parameters() if n.endswith(table))
-        if backbone.family == "token":
-            for b in list(backbone.blocks)[: max(1, backbone.depth // 2)]:  # qkv, proj twice (γ1, out-proj γ), fc2
-                count += b.attn.qkv.out_features + 2 * b.attn.proj.out_features + b.mlp.fc2.out_features
-            return count
-        blocks = [m for m in modules if type(m).__name__ == "BasicTransformerBlock"]
-        blocks = blocks if backbone.family == "unet" else blocks[: len(blocks) // 2 or 1]  # every block on a UNet
-        for b in blocks:
-            attns = [a for a in (b.attn1, b.attn2) if a is not None]  # q, k, v; out-proj twice (γ1 and out-proj γ)
-            count += sum(a.to_q.out_features + a.to_k.out_features + a.to_v.out_features for a in attns)
-            count += sum(2 * a.to_out[0].out_features for a in attns) + b.ff.net[2].out_features
-        return count
-    raise AssertionError(f"add the expected count of {method!r} to the conformance suite")
+    """Counts from the backbone's module shapes, independently of how the methods declare them: each method's
+    own `tests/method_counts/<method>.py`."""
+    return expected_count(method)(model)
 
 
 def test_every_method_runs_on_every_token_backbone():
@@ -429,3 +358,8 @@ def test_bf16_autocast_step_on_cpu_trains_fp32_tensors_and_follows_fp32(method, 
     torch.optim.AdamW([p for _, p in trained], lr=1e-3).step()
     assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
     assert torch.isfinite(loss) and abs(loss.item() - reference.item()) <= 0.05 * abs(reference.item()) + 0.05
+
+
+def test_a_method_without_its_count_module_says_which_file_to_add():
+    with pytest.raises(AssertionError, match="add tests/method_counts/no_such_method.py"):
+        expected_count("no_such_method")

@@ -13,7 +13,7 @@ from mmpeft.core.method import create_method
 from mmpeft.core.model import PeftModel
 from mmpeft.core.report import parameter_report
 
-VIT_B16_PARAMS = 85_798_656  # spec vision.md §2.3
+VIT_B16_PARAMS = 85_798_656  # timm's vit_base_patch16_224 without its head
 
 
 def report(method: str, num_classes: int = 100, **config):
@@ -91,7 +91,7 @@ def test_console_script_runs():
     assert "| adapter | 164,458 | 156,768 |" in out.stdout
 
 
-# -- denoisers (diffusion spec §7), full size on the meta device ------------------------------------------
+# -- denoisers, full size on the meta device ------------------------------------------
 
 SD15_UNET = {  # Stable Diffusion 1.5's unet/config.json (the values that differ from diffusers' defaults)
     "sample_size": 64,

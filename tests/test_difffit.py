@@ -64,11 +64,11 @@ def _dit_batch(backbone: DiffusersDiT, seed: int = 0):
     return backbone.example_batch(2, torch.Generator().manual_seed(seed))
 
 
-# -- counts on the meta device (diffusion spec §1.4, §1.6, §7) ------------------------------------------------
+# -- counts on the meta device (Xie et al., DiffFit, ICCV 2023) ------------------------------------------------
 
 
 def test_dit_xl2_paper_preset_on_food101_is_the_reconstructed_835_232():
-    """835,232 is mmpeft's reconstruction of the paper's "0.83M (0.12%)" (diffusion spec §1.4: bias + Food table +
+    """835,232 is mmpeft's reconstruction of the paper's "0.83M (0.12%)" (Xie et al., DiffFit: bias + Food table +
     added LayerNorm affines + γ on qkv, out-proj and both branches of blocks 1-14), not a count the paper breaks
     down: 0.835M rounds to 0.84M. The released code's layout (no LayerNorm affine) is the next test's 703,904."""
     backbone = DiffusersDiT(config=DIT_XL_2, device="meta", num_classes=FOOD101)
@@ -292,7 +292,7 @@ def test_unet_merge_matches_within_1e_4():
 
 def test_an_added_affine_with_nothing_to_fold_into_refuses_to_merge():
     """A non-affine LayerNorm outside a DiT: the added affine trains, but merge refuses and changes nothing."""
-    toy = lambda: nn.Sequential(nn.Linear(6, 8), nn.LayerNorm(8, elementwise_affine=False), nn.Linear(8, 4))  # noqa: E731
+    toy = lambda: nn.Sequential(nn.Linear(6, 8), nn.LayerNorm(8, elementwise_affine=False), nn.Linear(8, 4))
     model = PeftModel(toy(), create_method("difffit", targets=("0",)))
     assert not model.method.can_merge(model.backbone)
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -346,10 +346,10 @@ def test_dit_xl2_tied_counts():
     tied = DiffusersDiT(config=DIT_XL_2, device="meta")
     per_block = sum(p.numel() for p in untied.model.transformer_blocks[0].norm1.emb.parameters())
     assert per_block == 1_624_320 + 1_153_152  # timestep MLP + class table
-    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    count = lambda m: sum(p.numel() for p in m.parameters())
     assert count(untied) == 749_826_464
     assert count(tied) == 749_826_464 - 27 * per_block == 674_834_720  # the original DiT-XL/2 layout
-    tables = lambda m: [p for n, p in m.named_parameters() if n.endswith("embedding_table.weight")]  # noqa: E731
+    tables = lambda m: [p for n, p in m.named_parameters() if n.endswith("embedding_table.weight")]
     assert sum(p.numel() for p in tables(untied)) == 32_288_256 and len(tables(tied)) == 1
     food = DiffusersDiT(config=DIT_XL_2, device="meta", num_classes=FOOD101)
     assert [tuple(p.shape) for p in tables(food)] == [(102, D_XL)]

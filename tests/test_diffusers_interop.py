@@ -41,7 +41,7 @@ from mmpeft.interop import (
 from mmpeft.interop.diffusers_lora import METADATA_KEY
 from mmpeft.methods.lora import LoRA
 
-TINY_UNET, TINY_VAE, TINY_TEXT = 1_427_012, 658_375, 1_617_529  # spec diffusion.md §7
+TINY_UNET, TINY_VAE, TINY_TEXT = 1_427_012, 658_375, 1_617_529  # diffusers' dummy SD components
 LORA_R4 = 23_040  # LoRA r=4 on to_q, to_k, to_v, to_out.0 of the tiny UNet (48 Linears)
 SKS_DOG = [49406, 320, 1125, 539, 48136, 1929, 49407]  # "a photo of sks dog" in SD 1.x's CLIP tokenizer
 TOL = 1e-5

@@ -8,9 +8,9 @@ import argparse
 import torch
 
 from mmpeft.backbones import TimmViT
-from mmpeft.bench import add_bench_arguments, measure
 from mmpeft.core.model import PeftModel
-from mmpeft.memory import breakdown_markdown, rows_by_pattern, saved_tensors
+from mmpeft.lab.bench import add_bench_arguments, measure
+from mmpeft.lab.memory import breakdown_markdown, rows_by_pattern, saved_tensors
 
 
 def model_and_batch(method: str):
@@ -214,7 +214,7 @@ def test_process_peak_is_the_peak_after_start_not_before():
     reused by a new tensor would not raise the resident-set peak at all)."""
     import mmap
 
-    from mmpeft.memory import ProcessPeak
+    from mmpeft.core.process_memory import ProcessPeak
 
     def touch(mib: int) -> None:
         block, chunk = mmap.mmap(-1, mib * 2**20), b"x" * 2**20
@@ -236,7 +236,7 @@ def test_process_peak_windows_share_the_first_baseline_and_the_sampler_fallback_
     import mmap
     import time
 
-    from mmpeft.memory import ProcessPeak
+    from mmpeft.core.process_memory import ProcessPeak
 
     def hold(mib: int) -> None:
         block, chunk = mmap.mmap(-1, mib * 2**20), b"x" * 2**20

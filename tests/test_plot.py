@@ -11,7 +11,7 @@ from PIL import Image
 
 from mmpeft.cli import main
 from mmpeft.core.errors import OutputExists
-from mmpeft.plot import (
+from mmpeft.lab.plot import (
     PlotInputError,
     SkippedRow,
     accuracy_figure,

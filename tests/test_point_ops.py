@@ -1,4 +1,4 @@
-"""Pure-PyTorch FPS / kNN / group (mmpeft.ops.point) against brute-force references (spec point.md §8)."""
+"""Pure-PyTorch FPS / kNN / group (mmpeft.ops.point) against brute-force references."""
 
 from __future__ import annotations
 

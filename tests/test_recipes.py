@@ -70,7 +70,7 @@ def test_paper_presets_initialise_the_head_as_the_official_code(method):
 
 def test_vpt_head_has_kaiming_fan_out_weights_and_the_prior_bias():
     torch.manual_seed(0)
-    vit = lambda: TimmViT("test_vit", img_size=32, embed_dim=256, num_heads=4)  # noqa: E731
+    vit = lambda: TimmViT("test_vit", img_size=32, embed_dim=256, num_heads=4)
     model = PeftModel(vit(), create_method("vpt", preset="paper"), num_classes=500)
     assert torch.allclose(model.head.bias, torch.full((500,), -math.log(99)))
     assert abs(model.head.weight.std().item() - math.sqrt(2 / 500)) < 0.002  # kaiming normal, fan_out = 500
@@ -82,7 +82,7 @@ def test_lora_paper_preset_is_noah_s_one_pair_on_the_fused_qkv():
     """Same count as the default's q and v pairs (294,912 on ViT-B/16), a different structure: one A shared by
     q, k and v and one B of width 3d; dropout 0.1; the intended kaiming / zero init (the identity at step 0)."""
     torch.manual_seed(0)
-    backbone = lambda: TimmViT("test_vit", img_size=32, embed_dim=64, num_heads=4, depth=2)  # noqa: E731
+    backbone = lambda: TimmViT("test_vit", img_size=32, embed_dim=64, num_heads=4, depth=2)
     paper = PeftModel(backbone(), create_method("lora", preset="paper"), num_classes=3)
     lora = paper.backbone.blocks[0].attn.qkv.lora
     assert (

@@ -59,7 +59,7 @@ def spectra(model: PeftModel) -> list[Spectrum]:
 
 
 def test_sd15_full_spectrum_on_the_128_attention_linears_is_93_696():
-    """diffusion spec §7: 93,696 trainable, 8.5x fewer than LoRA-r4's 797,184 on the same linears; U_r, V_r,
+    """SVFit (Sun et al. 2024): 93,696 trainable, 8.5x fewer than LoRA-r4's 797,184 on the same linears; U_r, V_r,
     sigma0 in fp32 are r (out + in + 1) numbers per matrix (shapes only on meta: no SVD there)."""
     from mmpeft.backbones import DiffusersUNet
     from mmpeft.core.report import parameter_report

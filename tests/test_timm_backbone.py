@@ -67,7 +67,7 @@ def test_local_weights_file(tmp_path, fmt):
 def _export_google_npz(model: torch.nn.Module, path) -> None:
     """Write a timm ViT in the layout of Google's ViT-B_16.npz (the inverse of timm's loader)."""
     w: dict[str, np.ndarray] = {}
-    put = lambda key, t: w.__setitem__(key, t.detach().numpy())  # noqa: E731
+    put = lambda key, t: w.__setitem__(key, t.detach().numpy())
     put("embedding/kernel", model.patch_embed.proj.weight.permute(2, 3, 1, 0))
     put("embedding/bias", model.patch_embed.proj.bias)
     put("cls", model.cls_token)

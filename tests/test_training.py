@@ -15,7 +15,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from mmpeft.cli import main, run_cli, wandb_mode
 from mmpeft.core.modules import adapter_modules
 from mmpeft.core.state import read_adapter
-from mmpeft.run_checks import RunRefused
+from mmpeft.lab.run_checks import RunRefused
 from mmpeft.tasks.optim import param_groups, warmup_cosine
 
 

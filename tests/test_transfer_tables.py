@@ -9,9 +9,9 @@ import statistics
 import pytest
 import torch
 
-from mmpeft import quickstart as q
 from mmpeft.data.digits import DigitsDataModule
 from mmpeft.data.shapes import ShapesDataModule
+from mmpeft.lab import transfer as q
 
 
 def _keys(images: torch.Tensor) -> set[bytes]:
@@ -43,7 +43,7 @@ def _inputs(dataset) -> torch.Tensor:
 
 
 def test_digits_k_shot_is_k_per_class_seeded_and_leaves_val_and_test_alone():
-    split_of = lambda d, split: d.splits[split]  # noqa: E731
+    split_of = lambda d, split: d.splits[split]
     _check_k_shot(_digits, lambda d: d.splits["train"].images, split_of, 5, 10)
     assert torch.equal(torch.bincount(_digits(shots=20, shot_seed=2).splits["train"].labels), torch.full((10,), 20))
 
@@ -62,7 +62,7 @@ def _shapes(**kwargs) -> ShapesDataModule:
 
 
 def test_shapes_k_shot_is_k_per_class_seeded_and_leaves_val_and_test_alone():
-    split_of = lambda d, split: d.datasets[split]  # noqa: E731
+    split_of = lambda d, split: d.datasets[split]
     _check_k_shot(_shapes, lambda d: d.datasets["train"].points, split_of, 3, 9)
     with pytest.raises(ValueError, match=r"shots must be in \[1, train_per_class=6\]"):
         ShapesDataModule(train_per_class=6, shots=7)

@@ -1,4 +1,4 @@
-"""VL-PET on open_clip towers: exact counts (spec vision_language.md §2.4), gate shapes, inits."""
+"""VL-PET on open_clip towers: exact counts (Hu et al., VL-PET, ICCV 2023), gate shapes, inits."""
 
 from __future__ import annotations
 

@@ -67,7 +67,7 @@ class FeedForward(nn.Module):
 
 def _register_configs() -> None:
     """mmpeft's own open_clip configs (e.g. `mmpeft-tiny-clip`, for smoke runs and tests)."""
-    import open_clip  # noqa: PLC0415
+    import open_clip
 
     folder = Path(__file__).parent / "open_clip_configs"
     if "mmpeft-tiny-clip" not in open_clip.list_models():
@@ -78,7 +78,7 @@ def create_open_clip(
     name: str, weights: str | None = None, pretrained: str | None = None, device: str | None = None
 ) -> nn.Module:
     """An open_clip model from random init, a local checkpoint file, or a hub tag (clear error offline)."""
-    import open_clip  # noqa: PLC0415
+    import open_clip
 
     weights = optional_path(weights)
     _register_configs()
@@ -94,7 +94,7 @@ def create_open_clip(
 
 
 def _convert_block(block: nn.Module) -> TokenBlock:
-    from open_clip.transformer import ResidualAttentionBlock  # noqa: PLC0415
+    from open_clip.transformer import ResidualAttentionBlock
 
     mha = getattr(block, "attn", None)
     if type(block) is not ResidualAttentionBlock or not isinstance(mha, nn.MultiheadAttention):
@@ -165,7 +165,7 @@ class ClipImageTower(_ClipTower):
     def __init__(self, name: str = "ViT-B-32", weights: str | None = None, pretrained: str | None = None,
                  model: Any = None, device: str | None = None):  # fmt: skip
         super().__init__()
-        from open_clip.transformer import VisionTransformer  # noqa: PLC0415
+        from open_clip.transformer import VisionTransformer
 
         model_given = model is not None
         model = model if model_given else create_open_clip(name, weights, pretrained, device)

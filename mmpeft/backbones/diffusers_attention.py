@@ -6,7 +6,8 @@ while their kernels fail to load (a wheel built for another torch / CUDA). So `u
 xformers only on CUDA, after the same one-off kernel probe mmpeft's own attention uses
 (`mmpeft.core.attention`), and otherwise keeps or restores SDPA (`AttnProcessor2_0`).
 
-Swapping processors loses any state a processor holds (spec §6.1). mmpeft's methods keep theirs in Linear
+Swapping processors loses any state a processor holds (diffusers' `set_attn_processor` replaces the objects).
+mmpeft's methods keep theirs in Linear
 modules (LoRA's `lora` child on `to_q`, ...), so a swap keeps them active; processors that are not stock
 diffusers ones (custom diffusion, IP-Adapter) are left alone on the SDPA path.
 """
@@ -27,7 +28,7 @@ log = logging.getLogger(__name__)
 
 def _models(obj: Any) -> list[nn.Module]:
     """The diffusers models behind a PeftModel, an mmpeft diffusers backbone, a model or a pipeline."""
-    from mmpeft.core.model import PeftModel  # noqa: PLC0415
+    from mmpeft.core.model import PeftModel
 
     if isinstance(obj, PeftModel):
         obj = obj.backbone
@@ -48,7 +49,7 @@ def _models(obj: Any) -> list[nn.Module]:
 
 
 def _attention_modules(model: nn.Module) -> list[nn.Module]:
-    from diffusers.models.attention_processor import Attention  # noqa: PLC0415
+    from diffusers.models.attention_processor import Attention
 
     return [m for m in model.modules() if isinstance(m, Attention)]
 
@@ -68,7 +69,7 @@ def attention_backend(obj: Any) -> str:
 
 
 def _xformers_usable(model: nn.Module, device: torch.device) -> bool:
-    from mmpeft.core.attention import _kernels_load, _xformers_ops  # noqa: PLC0415 - the shared probe
+    from mmpeft.core.attention import _kernels_load, _xformers_ops  # the shared probe
 
     if device.type != "cuda" or not torch.cuda.is_available():
         return False
@@ -82,7 +83,7 @@ def _xformers_usable(model: nn.Module, device: torch.device) -> bool:
 
 def _set_sdpa(model: nn.Module) -> None:
     """Stock processors (xformers or plain) back to their SDPA versions; custom processors stay."""
-    from diffusers.models import attention_processor as ap  # noqa: PLC0415
+    from diffusers.models import attention_processor as ap
 
     plain = (ap.AttnProcessor, ap.XFormersAttnProcessor)
     added_kv = (ap.AttnAddedKVProcessor, ap.XFormersAttnAddedKVProcessor)
@@ -119,7 +120,7 @@ def use_fast_attention(unet_or_backbone: Any, backend: str = "auto", device: str
                 for model in models:
                     model.enable_xformers_memory_efficient_attention()
                 chosen = "xformers"
-            except Exception as err:  # noqa: BLE001 - diffusers' own probe failing means "use SDPA"
+            except Exception as err:  # diffusers' own probe failing means "use SDPA"
                 log.info("diffusers could not enable xformers (%s); using torch SDPA", err)
         if chosen != "xformers" and backend == "xformers":
             raise RuntimeError(

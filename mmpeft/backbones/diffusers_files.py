@@ -38,7 +38,7 @@ _CONVERT = {
 
 
 def model_class(class_name: str) -> type[nn.Module]:
-    import diffusers  # noqa: PLC0415 - keeps `import mmpeft` light
+    import diffusers  # keeps `import mmpeft` light
 
     return getattr(diffusers, class_name)
 
@@ -50,7 +50,7 @@ def _refuse_single_file(path: Path, class_name: str, why: str) -> None:
 
 def _state_dict_keys(path: Path) -> list[str]:
     if path.suffix == ".safetensors":
-        from safetensors import safe_open  # noqa: PLC0415
+        from safetensors import safe_open
 
         with safe_open(str(path), framework="pt") as f:
             return list(f.keys())
@@ -59,7 +59,7 @@ def _state_dict_keys(path: Path) -> list[str]:
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file  # noqa: PLC0415
+        from safetensors.torch import load_file
 
         return load_file(str(path))
     return torch.load(path, map_location="cpu", weights_only=True)
@@ -156,7 +156,7 @@ def load_denoiser(
     """A diffusers model from a local folder or weights file (see the module docstring)."""
     cls = model_class(class_name)
     if str(source) == "tiny_sd":  # the shipped tiny SD pipeline (random weights), built once and cached
-        from mmpeft.backbones.tiny_diffusers import tiny_sd_folder  # noqa: PLC0415
+        from mmpeft.backbones.tiny_diffusers import tiny_sd_folder
 
         source = tiny_sd_folder()
     path = Path(source).expanduser()

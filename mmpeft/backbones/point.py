@@ -1,8 +1,8 @@
 """The Point-MAE / Point-BERT point transformer as a `TokenBackbone`.
 
 Pang et al., "Masked Autoencoders for Point Cloud Self-supervised Learning" (ECCV 2022, arXiv
-2203.06604) and Yu et al., "Point-BERT" (CVPR 2022, arXiv 2111.14819), as the point PEFT papers use
-them (spec point.md §1): FPS picks G centres, kNN groups k points around each (relative to the
+2203.06604; `models/Point_MAE.py`) and Yu et al., "Point-BERT" (CVPR 2022, arXiv 2111.14819), as the point
+PEFT papers use them: FPS picks G centres, kNN groups k points around each (relative to the
 centre), a mini-PointNet turns each group into a token (Point-BERT: 256-d, then `reduce_dim` to 384),
 a position MLP embeds each centre and is re-added before every block, 12 pre-LN blocks of width 384
 with bias-free qkv, a final LayerNorm, and cls + max pooling. Frozen BatchNorms of the mini-PointNet
@@ -45,7 +45,7 @@ POINT_VARIANTS: dict[str, dict[str, Any]] = {
     "point_mae": {"encoder_dims": 384, "reduce_dim": False},
     "point_bert": {"encoder_dims": 256, "reduce_dim": True},
 }
-# The papers' classification heads (spec §1.4), as head specs of `mmpeft.core.heads`:
+# The papers' classification heads (the official models' `cls_head_finetune`), as head specs of `mmpeft.core.heads`:
 # Point-MAE (also Point-PEFT, M2AE): Linear 768->256, BN, ReLU, Dropout 0.5, Linear 256->256, BN, ReLU,
 # Dropout 0.5, Linear 256->C. Point-BERT: Linear 768->256, ReLU, Dropout 0.5, Linear 256->C.
 POINT_HEADS: dict[str, dict[str, Any]] = {
@@ -80,7 +80,7 @@ class MiniPointNet(nn.Module):
 
 
 def _block(dim: int, heads: int, mlp_ratio: float, drop_path: float) -> TokenBlock:
-    from timm.layers import DropPath, Mlp  # noqa: PLC0415 - keeps `import mmpeft` light
+    from timm.layers import DropPath, Mlp  # keeps `import mmpeft` light
 
     attn = Attention(nn.Linear(dim, 3 * dim, bias=False), nn.Linear(dim, dim), heads)
     path = (lambda: DropPath(drop_path)) if drop_path > 0 else nn.Identity
@@ -186,7 +186,7 @@ class PointTransformer(TokenBackbone):
             self.blocks = nn.ModuleList(_block(embed_dim, num_heads, mlp_ratio, r) for r in rates)
             self.norm = nn.LayerNorm(embed_dim)
         if self.cls_token.device.type != "meta":
-            nn.init.trunc_normal_(self.cls_token, std=0.02)  # both 1x1xC, trunc-normal std 0.02 (spec §1.3)
+            nn.init.trunc_normal_(self.cls_token, std=0.02)  # both 1x1xC, trunc-normal std 0.02, as Point-MAE's
             nn.init.trunc_normal_(self.cls_pos, std=0.02)
         self.init_sites()
         weights = optional_path(weights)
@@ -202,7 +202,7 @@ class PointTransformer(TokenBackbone):
         if self.fps_start == "random" and ctx.training:
             # drawn and range-checked on the CPU (mmpeft.ops.point moves it): no device sync per step
             start = ctx.draw("fps_start", lambda g: torch.randint(0, n, (b,), generator=g))
-        from mmpeft.ops.point import group  # noqa: PLC0415
+        from mmpeft.ops.point import group
 
         neighbourhood, centres = group(xyz, self.num_group, self.group_size, start)
         tokens = self.encoder(neighbourhood)

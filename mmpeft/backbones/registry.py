@@ -111,9 +111,9 @@ def create_backbone(name: str, **kwargs: Any) -> nn.Module:
 
 
 def _create_timm(name: str, **kwargs: Any) -> nn.Module:
-    import timm  # noqa: PLC0415
+    import timm  # keeps `import mmpeft` light
 
-    from mmpeft.backbones.timm_vit import TimmModel, TimmViT  # noqa: PLC0415
+    from mmpeft.backbones.timm_vit import TimmModel, TimmViT
 
     if not timm.is_model(name):
         close = difflib.get_close_matches(name, list(_NAMES), n=3)
@@ -133,7 +133,7 @@ def backbone_names() -> str:
     return ", ".join([*sorted(_NAMES), *(entry.usage for entry in _PREFIXES.values())])
 
 
-def describe_backbones(filter: str | None = None) -> list[dict[str, Any]]:  # noqa: A002 - the CLI's word
+def describe_backbones(filter: str | None = None) -> list[dict[str, Any]]:
     """One row per registered name and prefix (and timm's), keeping those whose name, family or description
     contains `filter` (case-insensitive): name, family, takes_weights, description."""
     rows = [

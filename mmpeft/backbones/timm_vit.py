@@ -29,7 +29,7 @@ _POOLS = {"token": "cls", "avg": "mean"}
 
 
 def _timm():
-    import timm  # noqa: PLC0415 - keeps `import mmpeft` light
+    import timm  # keeps `import mmpeft` light
 
     return timm
 
@@ -75,9 +75,9 @@ def _timm_kwargs(img_size, drop_path_rate, timm_kwargs, kwargs) -> dict[str, Any
 
 def is_token_vit(model: nn.Module) -> str | None:
     """None if `model` fits the token anatomy, else the reason it does not."""
-    from timm.layers import Mlp  # noqa: PLC0415
-    from timm.models.vision_transformer import Attention as TimmAttention  # noqa: PLC0415
-    from timm.models.vision_transformer import Block, VisionTransformer  # noqa: PLC0415
+    from timm.layers import Mlp
+    from timm.models.vision_transformer import Attention as TimmAttention
+    from timm.models.vision_transformer import Block, VisionTransformer
 
     if type(model) is not VisionTransformer:
         return f"{type(model).__name__} is not a plain timm VisionTransformer"
@@ -193,7 +193,7 @@ class TimmViT(TokenBackbone):
         """timm's dynamic-size path: resample the position table to this image's patch grid."""
         if self.pos_embed is None:
             return None
-        from timm.layers import resample_abs_pos_embed  # noqa: PLC0415
+        from timm.layers import resample_abs_pos_embed
 
         return resample_abs_pos_embed(
             self.pos_embed,

@@ -1,11 +1,12 @@
 """The tiny diffusers models every test and smoke run builds, in one place: the (32, 64) UNet and the DiT
 configs, and a whole Stable Diffusion pipeline, fully offline.
 
-The pieces are diffusers' own test configs (spec `diffusion.md` §5.1) with random weights from a seed:
+The pieces are the dummy components of diffusers' own tests
+(`tests/pipelines/stable_diffusion/test_stable_diffusion.py`) with random weights from a seed:
 the (32, 64) UNet (`TINY_SD_UNET`, 1,427,012 parameters), the (32, 64) VAE (658,375), a 5-layer CLIP
 text encoder of width 32 over the real 49,408-token CLIP vocabulary (1,617,529), SD's noise schedule
 (scaled-linear betas 0.00085 -> 0.012) and the real CLIP tokenizer, built without the Hub from the BPE
-file open_clip ships (§5.2): "a photo of sks dog" -> [49406, 320, 1125, 539, 48136, 1929, 49407], the
+file open_clip ships: "a photo of sks dog" -> [49406, 320, 1125, 539, 48136, 1929, 49407], the
 ids SD 1.x sees. A 2-step 64x64 generation takes about a second on CPU.
 
 `tiny_sd_folder()` saves the whole pipeline once as a diffusers folder (cached under
@@ -123,7 +124,7 @@ def _seeded(seed: int, build):
 
 def _bpe_merges() -> list[str]:
     """The 48,894 merges of open_clip's bundled CLIP BPE (line 0 is a header), as OpenAI's SimpleTokenizer."""
-    from open_clip.tokenizer import default_bpe  # noqa: PLC0415
+    from open_clip.tokenizer import default_bpe
 
     lines = gzip.open(default_bpe()).read().decode("utf-8").split("\n")
     return lines[1 : 49152 - 256 - 2 + 1]
@@ -133,7 +134,7 @@ def clip_bpe_files(directory: str | os.PathLike | None = None) -> Path:
     """Write CLIP's `vocab.json` (token -> id, 49,408 entries) and `merges.txt` into `directory` (default: a
     folder in mmpeft's cache, written once) and return it. Vocabulary: the 256 byte symbols, the same with
     `</w>`, each merge joined, then `<|startoftext|>` (49406) and `<|endoftext|>` (49407)."""
-    from open_clip.tokenizer import bytes_to_unicode  # noqa: PLC0415
+    from open_clip.tokenizer import bytes_to_unicode
 
     folder = Path(directory) if directory is not None else cache_dir() / "clip_bpe"
     if (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
@@ -161,8 +162,8 @@ def clip_tokenizer(directory: str | os.PathLike | None = None):
     """SD 1.x's CLIPTokenizer (77 tokens, padded with `<|endoftext|>`) from open_clip's bundled BPE, offline.
 
     Loaded with `from_pretrained` on the written files: with transformers 5, `CLIPTokenizer(vocab_file=,
-    merges_file=)` silently builds an empty vocabulary (spec §5.2)."""
-    from transformers import CLIPTokenizer  # noqa: PLC0415
+    merges_file=)` silently builds an empty vocabulary."""
+    from transformers import CLIPTokenizer
 
     folder = clip_bpe_files(directory)
     return CLIPTokenizer.from_pretrained(str(folder), model_max_length=77, pad_token="<|endoftext|>")
@@ -170,21 +171,21 @@ def clip_tokenizer(directory: str | os.PathLike | None = None):
 
 def tiny_sd_unet(seed: int = 0, **overrides: Any):
     """diffusers' (32, 64) test `UNet2DConditionModel` (`TINY_SD_UNET`), random weights from `seed`."""
-    from diffusers import UNet2DConditionModel  # noqa: PLC0415
+    from diffusers import UNet2DConditionModel
 
     return _seeded(seed, lambda: UNet2DConditionModel(**{**TINY_SD_UNET, **overrides}))
 
 
 def tiny_sd_vae(seed: int = 0, **overrides: Any):
     """diffusers' (32, 64) test `AutoencoderKL` (`TINY_SD_VAE`), random weights from `seed`."""
-    from diffusers import AutoencoderKL  # noqa: PLC0415
+    from diffusers import AutoencoderKL
 
     return _seeded(seed, lambda: AutoencoderKL(**{**TINY_SD_VAE, **overrides}))
 
 
 def tiny_sd_text_encoder(seed: int = 0, **overrides: Any):
     """A `CLIPTextModel` (`TINY_SD_TEXT_ENCODER`: width 32, 5 layers, the real CLIP vocabulary), from `seed`."""
-    from transformers import CLIPTextConfig, CLIPTextModel  # noqa: PLC0415
+    from transformers import CLIPTextConfig, CLIPTextModel
 
     config = CLIPTextConfig(**{**TINY_SD_TEXT_ENCODER, **overrides})
     return _seeded(seed, lambda: CLIPTextModel(config).eval())
@@ -193,7 +194,7 @@ def tiny_sd_text_encoder(seed: int = 0, **overrides: Any):
 def tiny_sd_scheduler(kind: str = "ddim"):
     """SD's noise schedule as a `DDIMScheduler` ("ddim", for sampling) or `DDPMScheduler` ("ddpm", for
     training noise, as diffusers' DreamBooth script)."""
-    from diffusers import DDIMScheduler, DDPMScheduler  # noqa: PLC0415
+    from diffusers import DDIMScheduler, DDPMScheduler
 
     if kind == "ddim":
         return DDIMScheduler(**SD_SCHEDULER)
@@ -221,7 +222,7 @@ def tiny_sd_pipeline(seed: int = 0, folder: str | os.PathLike | bool | None = No
 
     `folder=None` builds it in memory; `folder=True` loads the cached saved folder (`tiny_sd_folder(seed)`);
     a path loads that folder. Loading is offline (`local_files_only`)."""
-    from diffusers import StableDiffusionPipeline  # noqa: PLC0415
+    from diffusers import StableDiffusionPipeline
 
     if folder is None or folder is False:
         return StableDiffusionPipeline(**tiny_sd_components(seed))
@@ -230,8 +231,8 @@ def tiny_sd_pipeline(seed: int = 0, folder: str | os.PathLike | bool | None = No
 
 
 def _folder_key(seed: int) -> str:
-    import diffusers  # noqa: PLC0415
-    import transformers  # noqa: PLC0415
+    import diffusers
+    import transformers
 
     recipe = {
         "format": _FOLDER_FORMAT,
@@ -255,7 +256,7 @@ def tiny_sd_folder(seed: int = 0, root: str | os.PathLike | None = None) -> Path
     folder = root / f"tiny_sd-{_folder_key(seed)}"
     if (folder / "model_index.json").is_file():
         return folder
-    from diffusers import StableDiffusionPipeline  # noqa: PLC0415
+    from diffusers import StableDiffusionPipeline
 
     root.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=folder.name + ".", suffix=".tmp", dir=root))

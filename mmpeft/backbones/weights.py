@@ -60,7 +60,7 @@ def _numpy_scalar_globals() -> list:
     integer, float and complex scalars (the unpickler sets a dtype's state only on an allowed class). Point-BERT's
     checkpoints keep numpy scalars in their `metrics`; arrays (`_reconstruct`, `ndarray`) and everything else
     stay refused."""
-    import numpy as np  # noqa: PLC0415
+    import numpy as np
 
     try:
         from numpy._core import multiarray
@@ -174,7 +174,7 @@ def build_weights(name: str, path: Path, **options: object) -> dict:
     """Run the registered builder of `name` (e.g. the digits ViT's upstream pretraining)."""
     if name not in WEIGHTS_BUILDERS:
         raise WeightsUnavailable(f"no pretraining is registered for {name!r}; pass a weights file instead")
-    import importlib  # noqa: PLC0415
+    import importlib
 
     module, _, function = WEIGHTS_BUILDERS[name].partition(":")
     return getattr(importlib.import_module(module), function)(path, **options)

@@ -220,9 +220,6 @@ class TokenBackbone(Backbone):
             return torch.cat([x[:, ctx.span("cls")].squeeze(1), patches.max(1).values], dim=-1)
         raise ValueError(f"unknown pool type {kind!r}; choose one of {POOLS}")
 
-    def forward_features(self, inputs: Any) -> torch.Tensor:
-        return self(inputs)
-
     def forward_in_context(self, inputs: BackboneInput, ctx: ForwardContext) -> torch.Tensor:
         x, ctx = self.forward_tokens(inputs, ctx)
         return self.pool(x, ctx)

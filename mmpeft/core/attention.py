@@ -23,7 +23,7 @@ _announced: set[str] = set()
 
 def _xformers_ops() -> ModuleType | None:
     try:
-        import xformers.ops as xops  # noqa: PLC0415 - optional dependency
+        import xformers.ops as xops  # optional dependency
     except Exception:  # ImportError, or a broken install raising anything at import
         return None
     return xops if hasattr(xops, "memory_efficient_attention") else None
@@ -40,7 +40,7 @@ def _kernels_load(xops: ModuleType, device: torch.device, dtype: torch.dtype) ->
             q = torch.zeros(1, 4, 1, 8, device=device, dtype=dtype)
             xops.memory_efficient_attention(q, q, q)
             _probe_cache[key] = True
-        except Exception as err:  # noqa: BLE001 - any kernel failure means "use SDPA"
+        except Exception as err:  # any kernel failure means "use SDPA"
             log.info("xformers kernels do not run on %s (%s); using torch SDPA", device, err)
             _probe_cache[key] = False
     return _probe_cache[key]

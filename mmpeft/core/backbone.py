@@ -20,7 +20,7 @@ from torch.nn.modules.conv import _ConvNd
 
 from mmpeft.core.context import BackboneInput, ContextSlot, ForwardContext, as_input
 
-__all__ = ["Backbone", "context_slot_of", "register_foreign_backbone", "as_backbone"]
+__all__ = ["Backbone", "register_foreign_backbone", "as_backbone"]
 
 # class name of a foreign model (matched along its MRO) -> "module:factory" that wraps it as a Backbone.
 # Strings, so the core imports no backbone package and no heavy library until such a model shows up.
@@ -72,7 +72,7 @@ class Backbone(nn.Module):
 
     def disabled(self) -> contextlib.AbstractContextManager[nn.Module]:
         """The pristine frozen backbone, without a second copy (see `mmpeft.core.pristine.disabled`)."""
-        from mmpeft.core.pristine import disabled  # noqa: PLC0415 - pristine imports the method core
+        from mmpeft.core.pristine import disabled  # pristine imports the method core
 
         return disabled(self)
 
@@ -102,10 +102,6 @@ class Backbone(nn.Module):
         raise ValueError(f"{type(self).__name__} has no convolution, linear or embedding layer")
 
 
-def context_slot_of(module: nn.Module) -> ContextSlot | None:
-    return getattr(module, "context_slot", None)
-
-
 def register_foreign_backbone(class_name: str, factory: str) -> None:
     """Wrap models of class `class_name` (or a subclass) with `factory` ("package.module:Callable")
     when they are handed to `PeftModel` directly, e.g. a diffusers `UNet2DConditionModel`."""
@@ -119,7 +115,7 @@ def as_backbone(module: nn.Module) -> nn.Module:
     for cls in type(module).__mro__:
         factory = FOREIGN_BACKBONES.get(cls.__name__)
         if factory:
-            import importlib  # noqa: PLC0415
+            import importlib
 
             path, _, attr = factory.partition(":")
             return getattr(importlib.import_module(path), attr)(model=module)

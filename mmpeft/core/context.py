@@ -50,7 +50,7 @@ class BackboneInput:
 
     def to(self, device: torch.device | str) -> BackboneInput:
         """A copy with every tensor (conditioning and kwargs included) on `device`."""
-        move = lambda v: v.to(device) if torch.is_tensor(v) else v  # noqa: E731
+        move = lambda v: v.to(device) if torch.is_tensor(v) else v
         return BackboneInput(
             move(self.x), move(self.timestep), move(self.cond), self.step, move(self.xyz),
             {k: move(v) for k, v in self.kwargs.items()},
@@ -89,9 +89,6 @@ class ForwardContext:
     pool_index: torch.Tensor | None = None  # [B] token index pooled by "eot"
     token_meta: dict[str, torch.Tensor] = field(default_factory=dict)  # [B, L, ...] per-token tensors
     centres: torch.Tensor | None = None
-    neighbours: torch.Tensor | None = None
-    pos_table: torch.Tensor | None = None
-    grid: tuple[int, ...] | None = None
     timestep: torch.Tensor | None = None
     cond: Any = None
     step: int | None = None
@@ -100,7 +97,6 @@ class ForwardContext:
     prompt_index: int = 0  # where inserted prompts go (set by the backbone after embedding)
     draws: dict[str, Any] = field(default_factory=dict)
     generator: torch.Generator | None = None
-    extras: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def for_input(cls, inputs: BackboneInput, training: bool) -> ForwardContext:
@@ -121,7 +117,7 @@ class ForwardContext:
         return self.draws[key]
 
     def snapshot(self) -> ForwardContext:
-        """A shallow copy: token state as it is now, the same draws and extras (they are shared)."""
+        """A shallow copy: token state as it is now, the same draws (they are shared)."""
         return copy.copy(self)
 
     # -- token groups ---------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -55,8 +55,9 @@ class Method:
       trains_backbone: every backbone tensor trains in place (full fine-tuning): no step-0 copy is
           kept, so `disabled()` and `unload()` refuse.
       presets: named config overrides; "paper" reproduces the official recipe.
-      help: one line of help per field of the subclass's own (`param_dtype`'s comes from here);
-          `options()` merges them along the class hierarchy (`mmpeft methods NAME` prints them).
+
+    Each field carries one line of help in its metadata (`field(default=..., metadata={"help": ...})`, as Hugging
+    Face peft's configs do); `options()` reads it (`mmpeft methods NAME` prints it).
 
     `param_dtype` (a field every method has): the dtype of the method's own tensors. "float32" keeps
     them fp32 on fp16 / bf16 backbones (inputs are cast at the piece's boundary and outputs cast
@@ -71,15 +72,25 @@ class Method:
     trains_backbone: ClassVar[bool] = False
     forward_passes: ClassVar[int] = 1
     presets: ClassVar[dict[str, dict[str, Any]]] = {}
-    help: ClassVar[dict[str, str]] = {
-        "param_dtype": 'dtype of the method\'s own tensors: "float32" (fp32 even on fp16/bf16 backbones), '
-        '"bfloat16", "float16", or "backbone" (the host\'s dtype); merging writes the host\'s dtype',
-        "head_init": "init of the task head's Linears unless the head spec sets one: trunc_normal:<std>, "
-        "kaiming_normal_fan_out, zeros, normal:<std>, with ;bias=<value>; unset: PyTorch's default",
-    }
 
-    param_dtype: str = "float32"
-    head_init: str | None = None
+    param_dtype: str = field(
+        default="float32",
+        metadata={
+            "help": (
+                'dtype of the method\'s own tensors: "float32" (fp32 even on fp16/bf16 backbones), '
+                '"bfloat16", "float16", or "backbone" (the host\'s dtype); merging writes the host\'s dtype'
+            )
+        },
+    )
+    head_init: str | None = field(
+        default=None,
+        metadata={
+            "help": (
+                "init of the task head's Linears unless the head spec sets one: trunc_normal:<std>, "
+                "kaiming_normal_fan_out, zeros, normal:<std>, with ;bias=<value>; unset: PyTorch's default"
+            )
+        },
+    )
 
     # -- what subclasses implement ------------------------------------------------------------
     def inject(self, backbone: nn.Module) -> None:
@@ -89,7 +100,7 @@ class Method:
         """Names of backbone tensors the method trains in place (BitFit's biases, LN-tuning)."""
         return []
 
-    def extra_loss(self, outputs: list[torch.Tensor], batch: Any) -> torch.Tensor | None:
+    def extra_loss(self, outputs: list[torch.Tensor]) -> torch.Tensor | None:
         """A loss term added to the task loss; `outputs` holds one entry per forward pass
         (`forward_passes` of them, e.g. MoSA's two passes and their consistency term)."""
         return None
@@ -121,7 +132,7 @@ class Method:
         `param_dtype`, and records the step-0 values of tensors trained in place (for `disabled()`).
         """
         from mmpeft.core.anatomy import TokenBackbone  # local: anatomy imports modules only
-        from mmpeft.core.pristine import record_originals  # noqa: PLC0415
+        from mmpeft.core.pristine import record_originals
 
         if self.needs_tokens and not isinstance(backbone, TokenBackbone):
             why = f" ({backbone.token_anatomy})" if hasattr(backbone, "token_anatomy") else ""
@@ -231,7 +242,7 @@ class Method:
     def unload(self, backbone: nn.Module) -> nn.Module:
         """Remove every piece without merging and put tensors trained in place back to their step-0
         values: the pristine backbone again (peft's name). Full fine-tuning refuses (nothing was kept)."""
-        from mmpeft.core.pristine import restore_originals  # noqa: PLC0415
+        from mmpeft.core.pristine import restore_originals
 
         if self.trains_backbone:
             raise NotMergeable(
@@ -245,7 +256,7 @@ class Method:
         return backbone
 
     def _remove_pieces(self, backbone: nn.Module) -> None:
-        from mmpeft.core.pristine import ORIGINALS  # noqa: PLC0415
+        from mmpeft.core.pristine import ORIGINALS
 
         for p in reversed(placements(backbone)):
             p.remove()
@@ -277,15 +288,12 @@ class Method:
     @classmethod
     def options(cls) -> list[dict[str, Any]]:
         """Per field, its own first and `param_dtype` last: name, type (as annotated), default (`MISSING` if
-        required) and one-line help, from the `help` dicts merged along the class hierarchy ("" if none)."""
-        helps: dict[str, str] = {}
-        for klass in reversed(cls.__mro__):
-            helps.update(vars(klass).get("help", {}))
+        required) and one-line help, from the field's `metadata["help"]` ("" if none)."""
         rows = []
         for f in sorted(dataclasses.fields(cls), key=lambda f: f.name in ("param_dtype", "head_init")):
             default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
             kind = f.type if isinstance(f.type, str) else f.type.__name__ if type(f.type) is type else str(f.type)
-            rows.append({"name": f.name, "type": kind, "default": default, "help": helps.get(f.name, "")})
+            rows.append({"name": f.name, "type": kind, "default": default, "help": f.metadata.get("help", "")})
         return rows
 
     @classmethod

@@ -88,7 +88,7 @@ def call_piece(piece: nn.Module, *args, **kwargs):
     if dtype is None:
         return piece(*args, **kwargs)
     host_dtype = next((a.dtype for a in args if torch.is_tensor(a) and a.is_floating_point()), None)
-    cast = lambda a: a.to(dtype) if torch.is_tensor(a) and a.is_floating_point() else a  # noqa: E731
+    cast = lambda a: a.to(dtype) if torch.is_tensor(a) and a.is_floating_point() else a
     out = piece(*(cast(a) for a in args), **{k: cast(v) for k, v in kwargs.items()})
     if host_dtype is not None and torch.is_tensor(out) and out.is_floating_point():
         return out.to(host_dtype)

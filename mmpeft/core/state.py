@@ -33,8 +33,6 @@ __all__ = [
     "adapter_from_file",
     "check_weights",
     "non_finite",
-    "merge",
-    "unmerge",
 ]
 
 FORMAT = "mmpeft-adapter/1"
@@ -218,7 +216,7 @@ def load_adapter(
             f"adapter file {str(path)!r} holds component methods {theirs}, but the model has {ours}; build the "
             "model with the file's components (e.g. the same text_method)"
         )
-    structure = lambda h: {k: v for k, v in h.items() if k != "init"} if h else h  # noqa: E731
+    structure = lambda h: {k: v for k, v in h.items() if k != "init"} if h else h
     if header["head"] is not None and structure(header["head"]) != structure(model.head_config):
         classes = (header["head"].get("num_classes"), (model.head_config or {}).get("num_classes"))
         hint = f" (a head for another number of classes: {classes[0]} vs {classes[1]})" if len(set(classes)) > 1 else ""
@@ -260,12 +258,3 @@ def adapter_from_file(
     model = PeftModel(backbone, method, num_classes=head["num_classes"] if head else None, head=head)
     load_adapter(model, path, allow_other_weights=allow_other_weights)
     return model
-
-
-def merge(model: PeftModel) -> None:
-    """Fold a mergeable method into the backbone (raises `NotMergeable` otherwise)."""
-    model.merge()
-
-
-def unmerge(model: PeftModel) -> None:
-    model.unmerge()

@@ -87,7 +87,7 @@ def image_problem(path: Path, full: bool = False) -> tuple[str, str] | None:
         return NOT_IMAGE, "PIL cannot identify an image format in it"
     except IsADirectoryError:
         return NOT_IMAGE, "a directory"
-    except Exception as err:  # noqa: BLE001  (PIL raises OSError, SyntaxError, ValueError, struct.error, ...)
+    except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, struct.error, ...
         return UNREADABLE, f"{type(err).__name__}: {err}"
     return None
 

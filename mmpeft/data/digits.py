@@ -31,7 +31,7 @@ def digits_arrays(task: str) -> tuple[np.ndarray, np.ndarray]:
     """(images [N, 1, 8, 8] in [-1, 1], labels [N]) of one pool; downstream images are rotated 90 degrees."""
     if task not in TASKS:
         raise ValueError(f"digits task must be one of {TASKS}, got {task!r}")
-    from sklearn.datasets import load_digits  # noqa: PLC0415 - bundled with scikit-learn, no download
+    from sklearn.datasets import load_digits  # bundled with scikit-learn, no download
 
     digits = load_digits()
     images = (digits.images.astype(np.float32) / 16.0 - 0.5) / 0.5

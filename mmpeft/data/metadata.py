@@ -54,6 +54,6 @@ def class_names(source: str, task: str, root: str | Path | None = None) -> list[
             f"{entry.get('name', task)}'s class names are read from its own {class_file}: write "
             f"class_names: '{source}:{task}@<dataset folder>' (the folder holding {class_file} and train.json)"
         )
-    from mmpeft.data.fgvc import names_from_class_folders  # noqa: PLC0415  (fgvc imports this module)
+    from mmpeft.data.fgvc_files import names_from_class_folders
 
     return names_from_class_folders(Path(root), class_file)

@@ -49,7 +49,7 @@ def load_modelnet_pickle(path: Path, num_classes: int = 40) -> tuple[list[np.nda
             content = ArrayUnpickler(file, path).load()
     except DataError:
         raise
-    except Exception as err:  # noqa: BLE001  (truncated or foreign files raise anything from EOFError to TypeError)
+    except Exception as err:  # truncated or foreign files raise anything from EOFError to TypeError
         raise DataError(f"cannot unpickle {path} ({type(err).__name__}: {err}); expected {PICKLE_FORMAT}") from err
     if not isinstance(content, list | tuple) or len(content) != 2:
         what = f"a {len(content)}-item {type(content).__name__}" if isinstance(content, list | tuple) else None

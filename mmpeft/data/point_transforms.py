@@ -145,7 +145,7 @@ def farthest_point_order(xyz: torch.Tensor, k: int, chunk: int = 256) -> torch.T
     """Indices [B, k] of farthest point sampling on clouds [B, N, 3], starting at point 0 (as pointnet2's CUDA op),
     `chunk` clouds at a time (to bound memory). A prefix of an FPS order is the FPS to that length, so one order of
     length k serves every smaller count."""
-    from mmpeft.ops.point import farthest_point_sample  # noqa: PLC0415
+    from mmpeft.ops.point import farthest_point_sample
 
     if xyz.dim() != 3 or xyz.shape[-1] != 3:
         raise ValueError(f"expected clouds [B, N, 3], got {tuple(xyz.shape)}")

@@ -202,7 +202,7 @@ def _evaluation_sampler(dataset: Dataset) -> Sampler[int] | None:
         return None
     if torch.distributed.get_world_size() < 2:
         return None
-    from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler  # noqa: PLC0415
+    from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
 
     return UnrepeatedDistributedSampler(dataset, shuffle=False)
 

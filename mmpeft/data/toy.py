@@ -18,7 +18,7 @@ __all__ = ["ToyRegressionDataModule", "DigitLatentsDataModule", "digit_latents"]
 
 def _digits() -> tuple[torch.Tensor, torch.Tensor]:
     """All 1,797 digits: images [N, 1, 8, 8] in [-1, 1] and labels [N]."""
-    from sklearn.datasets import load_digits  # noqa: PLC0415 - bundled with scikit-learn, no download
+    from sklearn.datasets import load_digits  # bundled with scikit-learn, no download
 
     digits = load_digits()
     images = torch.from_numpy((digits.images.astype(np.float32) / 16.0 - 0.5) / 0.5).unsqueeze(1)

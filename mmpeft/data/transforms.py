@@ -23,7 +23,7 @@ def _finish(transforms, mean: Sequence[float], std: Sequence[float]) -> list:
 
 def train_transform(image_size: int, mean: Sequence[float], std: Sequence[float], crop: str = "resize",
                     crop_scale: Sequence[float] = (0.08, 1.0), interpolation: str = "bicubic"):  # fmt: skip
-    from torchvision import transforms  # noqa: PLC0415
+    from torchvision import transforms
 
     if crop not in TRAIN_CROPS:
         raise ValueError(f"unknown training crop {crop!r}; choose one of {TRAIN_CROPS}")
@@ -41,7 +41,7 @@ def train_transform(image_size: int, mean: Sequence[float], std: Sequence[float]
 
 def eval_transform(image_size: int, mean: Sequence[float], std: Sequence[float], crop: str = "resize",
                    crop_pct: float = 0.875, interpolation: str = "bicubic"):  # fmt: skip
-    from torchvision import transforms  # noqa: PLC0415
+    from torchvision import transforms
 
     if crop not in EVAL_CROPS:
         raise ValueError(f"unknown evaluation crop {crop!r}; choose one of {EVAL_CROPS}")

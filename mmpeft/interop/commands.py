@@ -70,7 +70,7 @@ def _refuse_existing(path: Path, overwrite: bool) -> None:
 
 
 def _unet(source: str):
-    from mmpeft.backbones.diffusion import DiffusersUNet  # noqa: PLC0415
+    from mmpeft.backbones.diffusion import DiffusersUNet
 
     return DiffusersUNet(source=source)
 
@@ -78,12 +78,12 @@ def _unet(source: str):
 def _text_encoder(source: str):
     """The CLIP text encoder of the pipeline `--unet` names: its `text_encoder/` (beside `unet/` when `--unet` is
     the unet folder or a weights file in it)."""
-    from transformers import CLIPTextModel  # noqa: PLC0415
+    from transformers import CLIPTextModel
 
-    from mmpeft.backbones.diffusers_files import load_pretrained  # noqa: PLC0415
+    from mmpeft.backbones.diffusers_files import load_pretrained
 
     if source == "tiny_sd":
-        from mmpeft.backbones.tiny_diffusers import tiny_sd_folder  # noqa: PLC0415
+        from mmpeft.backbones.tiny_diffusers import tiny_sd_folder
 
         return load_pretrained(CLIPTextModel, tiny_sd_folder() / "text_encoder")
     path = Path(source).expanduser()
@@ -97,10 +97,10 @@ def _text_encoder(source: str):
 
 
 def export_lora_command(args: argparse.Namespace) -> int:
-    from mmpeft.core.method import method_from_config  # noqa: PLC0415
-    from mmpeft.core.model import PeftModel  # noqa: PLC0415
-    from mmpeft.core.state import load_adapter, read_adapter  # noqa: PLC0415
-    from mmpeft.interop.diffusers_lora import LORA_WEIGHT_NAME, TEXT_ENCODER, export_diffusers_lora  # noqa: PLC0415
+    from mmpeft.core.method import method_from_config
+    from mmpeft.core.model import PeftModel
+    from mmpeft.core.state import load_adapter, read_adapter
+    from mmpeft.interop.diffusers_lora import LORA_WEIGHT_NAME, TEXT_ENCODER, export_diffusers_lora
 
     out = Path(args.out)
     file = out if out.suffix == ".safetensors" else out / LORA_WEIGHT_NAME
@@ -123,8 +123,8 @@ def export_lora_command(args: argparse.Namespace) -> int:
 
 
 def import_lora_command(args: argparse.Namespace) -> int:
-    from mmpeft.core.state import save_adapter  # noqa: PLC0415
-    from mmpeft.interop.diffusers_lora import TEXT_ENCODER, import_diffusers_lora, read_diffusers_lora  # noqa: PLC0415
+    from mmpeft.core.state import save_adapter
+    from mmpeft.interop.diffusers_lora import TEXT_ENCODER, import_diffusers_lora, read_diffusers_lora
 
     out = Path(args.out)
     if out.suffix != ".safetensors":

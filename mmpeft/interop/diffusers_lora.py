@@ -80,8 +80,8 @@ _TEXT_MODES = ("error", "ignore", "import")
 
 def _unet_backbone(obj: Any, what: str):
     """The `DiffusersUNet` of a PeftModel / backbone / raw `UNet2DConditionModel`."""
-    from mmpeft.backbones.diffusion import DiffusersUNet  # noqa: PLC0415
-    from mmpeft.core.backbone import as_backbone  # noqa: PLC0415
+    from mmpeft.backbones.diffusion import DiffusersUNet
+    from mmpeft.core.backbone import as_backbone
 
     backbone = obj.backbone if isinstance(obj, PeftModel) else as_backbone(obj)
     if not isinstance(backbone, DiffusersUNet):
@@ -94,7 +94,7 @@ def _unet_backbone(obj: Any, what: str):
 
 def _lora_pieces(root: nn.Module) -> dict[str, Any]:
     """{host module path in `root`: LoRADelta} for every mmpeft LoRA piece on `root` (a UNet, a text encoder)."""
-    from mmpeft.methods.lora import LoRADelta  # noqa: PLC0415
+    from mmpeft.methods.lora import LoRADelta
 
     pieces = {}
     for name, piece in adapter_modules(root):
@@ -147,7 +147,7 @@ def exported_components(model: PeftModel, text_encoder: str = "include") -> dict
     `text_encoder="include"`: the text encoder's LoRA, and a refusal for anything a file would leave out (a
     text method other than LoRA: the file would load into a pipeline that differs from the trained model);
     "ignore": none (the UNet part alone, the caller's explicit choice)."""
-    from mmpeft.methods.lora import LoRA  # noqa: PLC0415
+    from mmpeft.methods.lora import LoRA
 
     if text_encoder not in ("include", "ignore"):
         raise ValueError(f"text_encoder must be 'include' or 'ignore', got {text_encoder!r}")
@@ -176,7 +176,7 @@ def diffusers_lora_state_dict(
     """The tensors `export_diffusers_lora` writes: `{prefix}.{module}.lora_A.weight` = A and `.lora_B.weight`
     = (alpha / r) B, per adapted Linear / Conv2d of the UNet, and `text_encoder.text_model.{module}...` per
     adapted layer of the text encoder (see the module docstring and `exported_components`)."""
-    from mmpeft.methods.lora import LoRA  # noqa: PLC0415
+    from mmpeft.methods.lora import LoRA
 
     if key_style not in _KEY_STYLES:
         raise ValueError(f"key_style must be one of {sorted(_KEY_STYLES)}, got {key_style!r}")
@@ -219,16 +219,16 @@ def export_diffusers_lora(
     `text_encoder`: "include" (a text method that is not LoRA is refused) or "ignore" (the UNet part alone,
     recorded in the header as `left_out`).
     """
-    from safetensors.torch import save_file  # noqa: PLC0415
+    from safetensors.torch import save_file
 
-    from mmpeft.core.model import backbone_signature  # noqa: PLC0415
+    from mmpeft.core.model import backbone_signature
 
     tensors = diffusers_lora_state_dict(model, key_style=key_style, dtype=dtype, text_encoder=text_encoder)
     components = exported_components(model, text_encoder)
     path = Path(path)
     file = path if path.suffix == ".safetensors" else path / weight_name
     file.parent.mkdir(parents=True, exist_ok=True)
-    config = lambda m: {"name": m.name, "config": json.loads(json.dumps(m.config()))}  # noqa: E731
+    config = lambda m: {"name": m.name, "config": json.loads(json.dumps(m.config()))}
     header = {
         "format": _FORMAT,
         "method": config(model.method),
@@ -295,7 +295,7 @@ def _resolve_file(path: str | os.PathLike, weight_name: str | None) -> Path:
 def _file_header(file: Path) -> dict[str, str]:
     if file.suffix != ".safetensors":
         return {}
-    from safetensors import safe_open  # noqa: PLC0415
+    from safetensors import safe_open
 
     with safe_open(str(file), framework="pt") as f:
         return f.metadata() or {}
@@ -312,7 +312,7 @@ def _pattern_key(patterns: Any, name: str) -> str | None:
 def _unet_alpha_module(key: str) -> str:
     """The module an alpha belongs to: diffusers' kohya conversion names them after the converted down
     weight (`...attn1.processor.to_q_lora.down.weight.alpha`), older files after the module (`...to_q.alpha`)."""
-    from diffusers.utils.state_dict_utils import convert_unet_state_dict_to_peft  # noqa: PLC0415
+    from diffusers.utils.state_dict_utils import convert_unet_state_dict_to_peft
 
     base = key.removesuffix(".alpha")
     converted = next(iter(convert_unet_state_dict_to_peft({base: None})))
@@ -325,14 +325,14 @@ def _text_alpha_module(key: str) -> str:
 
 
 def _unet_to_peft(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    from diffusers.utils.state_dict_utils import convert_unet_state_dict_to_peft  # noqa: PLC0415
+    from diffusers.utils.state_dict_utils import convert_unet_state_dict_to_peft
 
     return convert_unet_state_dict_to_peft(state)
 
 
 def _text_to_peft(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """What diffusers does to a text-encoder part before loading it (`_load_lora_into_text_encoder`)."""
-    from diffusers.utils.state_dict_utils import convert_state_dict_to_diffusers, convert_state_dict_to_peft  # noqa: PLC0415
+    from diffusers.utils.state_dict_utils import convert_state_dict_to_diffusers, convert_state_dict_to_peft
 
     return convert_state_dict_to_peft(convert_state_dict_to_diffusers(state))
 
@@ -354,7 +354,7 @@ def _scale_of(module: str, rank: int, config: dict[str, Any] | None, alphas: dic
 
 def _refuse_mmpeft_adapter(file: Path, header: dict[str, str]) -> None:
     """An mmpeft adapter file given where a diffusers LoRA file belongs: say so, and what to do with it."""
-    from mmpeft.core.state import FORMAT  # noqa: PLC0415
+    from mmpeft.core.state import FORMAT
 
     found = header.get("format", "")
     if found.split("/")[0] == FORMAT.split("/")[0]:
@@ -424,7 +424,7 @@ def read_diffusers_lora(
     also adapts a text encoder (an mmpeft UNet model would silently drop it); "ignore" skips that part;
     "import" reads the `text_encoder` part too (`text_encoder_2`, SDXL's second encoder, is refused).
     """
-    from diffusers import StableDiffusionPipeline  # noqa: PLC0415
+    from diffusers import StableDiffusionPipeline
 
     if text_encoder not in _TEXT_MODES:
         raise ValueError(f"text_encoder must be one of {_TEXT_MODES}, got {text_encoder!r}")
@@ -464,8 +464,8 @@ def read_diffusers_lora(
 def _targets_for(root: nn.Module, modules: list[str], prefix: str = "model.") -> tuple[str, ...]:
     """The shortest LoRA targets that select exactly `modules` (paths below `root.<prefix>`): the layer names
     (`to_q`, `to_out.0`, `conv2`, `q_proj`) when those pick out the same set, else the full module paths."""
-    from mmpeft.core.inject import match_name  # noqa: PLC0415
-    from mmpeft.methods.lora import DENOISER_TARGETS  # noqa: PLC0415
+    from mmpeft.core.inject import match_name
+    from mmpeft.methods.lora import DENOISER_TARGETS
 
     wanted = {f"{prefix}{m}" for m in modules}
     short = []
@@ -485,8 +485,8 @@ def _targets_for(root: nn.Module, modules: list[str], prefix: str = "model.") ->
 def _selected(root: nn.Module, targets: tuple[str, ...] | None, prefix: str = "model.") -> set[str] | None:
     """Module paths (below `root.<prefix>`) that LoRA `targets` select (None: the UNet default), or None if
     refused."""
-    from mmpeft.core.inject import find_modules  # noqa: PLC0415
-    from mmpeft.methods.lora import DEFAULT_TARGETS, parse_target  # noqa: PLC0415
+    from mmpeft.core.inject import find_modules
+    from mmpeft.methods.lora import DEFAULT_TARGETS, parse_target
 
     if targets is None and prefix != "model.":
         return None  # a text encoder has no default targets
@@ -501,8 +501,8 @@ def _selected(root: nn.Module, targets: tuple[str, ...] | None, prefix: str = "m
 def _build_method(root: nn.Module, modules: dict[str, tuple], ours: dict[str, Any] | None, prefix: str = "model."):
     """An mmpeft `LoRA` for `modules` on `root`: their rank (the largest one), and, for mmpeft's own files, the
     method config `ours` (`{"name": "lora", "config": ...}`) when it selects exactly these layers."""
-    from mmpeft.core.method import method_from_config  # noqa: PLC0415
-    from mmpeft.methods.lora import LoRA  # noqa: PLC0415
+    from mmpeft.core.method import method_from_config
+    from mmpeft.methods.lora import LoRA
 
     ranks = {m: a.shape[0] for m, (a, _, _) in modules.items()}
     scales = {m: s for m, (_, _, s) in modules.items()}
@@ -647,7 +647,7 @@ def import_diffusers_lora(
 
 def _load_in_place(model: PeftModel, lora_file: DiffusersLoRAFile, mode: str) -> PeftModel:
     """The file's deltas into a LoRA model's pieces (its text encoder's too with mode "import"), checked first."""
-    from mmpeft.methods.lora import LoRA  # noqa: PLC0415
+    from mmpeft.methods.lora import LoRA
 
     if not isinstance(model.method, LoRA):
         raise NotSupported(

@@ -3,7 +3,7 @@ Transformers for Scalable Visual Recognition", NeurIPS 2022) and the sequential 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
@@ -60,22 +60,33 @@ class Adapter(Method):
             "head_init": "trunc_normal:0.01",
         }
     }
-    help: ClassVar[dict[str, str]] = {
-        "bottleneck": "hidden width of the adapter (8: the VTAB-1k convention; the paper preset uses 64)",
-        "scale": "multiplier s on the adapter's output before it is added to the MLP output",
-        "dropout": "dropout between the activation and the up projection (training only)",
-        "activation": "nonlinearity between the projections: relu, gelu, silu, quick_gelu or identity",
-        "norm": "give the adapter its own LayerNorm on its input (MoSA's baseline)",
-        "position": '"parallel" (AdaptFormer: reads the MLP norm\'s input) or "sequential" (Pfeiffer: reads the '
-        "MLP output); either way it is added to the MLP output",
-    }
 
-    bottleneck: int = 8
-    scale: float = 0.1
-    dropout: float = 0.1
-    activation: str = "relu"
-    norm: bool = False
-    position: str = "parallel"  # or "sequential"
+    bottleneck: int = field(
+        default=8,
+        metadata={"help": "hidden width of the adapter (8: the VTAB-1k convention; the paper preset uses 64)"},
+    )
+    scale: float = field(
+        default=0.1, metadata={"help": "multiplier s on the adapter's output before it is added to the MLP output"}
+    )
+    dropout: float = field(
+        default=0.1, metadata={"help": "dropout between the activation and the up projection (training only)"}
+    )
+    activation: str = field(
+        default="relu",
+        metadata={"help": "nonlinearity between the projections: relu, gelu, silu, quick_gelu or identity"},
+    )
+    norm: bool = field(
+        default=False, metadata={"help": "give the adapter its own LayerNorm on its input (MoSA's baseline)"}
+    )
+    position: str = field(
+        default="parallel",
+        metadata={
+            "help": (
+                '"parallel" (AdaptFormer: reads the MLP norm\'s input) or "sequential" (Pfeiffer: reads the '
+                "MLP output); either way it is added to the MLP output"
+            )
+        },
+    )  # or "sequential"
 
     def __post_init__(self) -> None:
         if self.position not in ("parallel", "sequential"):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 from torch import nn
@@ -73,12 +73,16 @@ class BitFit(Method):
     identity_at_init: ClassVar[bool] = True
     mergeable: ClassVar[bool] = True
     presets: ClassVar[dict] = {"paper": {"head_init": VPT_HEAD}}
-    help: ClassVar[dict[str, str]] = {
-        "targets": 'bias-name patterns (globs) narrowing the trained biases, each must match one, e.g. ["*attn*"]; '
-        "unset: every bias",
-    }
 
-    targets: tuple[str, ...] | None = None  # None: every bias
+    targets: tuple[str, ...] | None = field(
+        default=None,
+        metadata={
+            "help": (
+                'bias-name patterns (globs) narrowing the trained biases, each must match one, e.g. ["*attn*"]; '
+                "unset: every bias"
+            )
+        },
+    )  # None: every bias
 
     def unfrozen(self, backbone: nn.Module) -> list[str]:
         biases = [n for n, _ in backbone.named_parameters() if "bias" in n.rsplit(".", 1)[-1]]

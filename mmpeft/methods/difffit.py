@@ -4,7 +4,7 @@ Parameter-Efficient Fine-Tuning", ICCV 2023, arXiv 2304.06648)."""
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar, NamedTuple
 
 import torch
@@ -255,33 +255,69 @@ class DiffFit(Method):
         "paper": {"blocks": "first_half", "positions": POSITIONS, "ln_affine": True},
         "sd": {"blocks": "all", "positions": ("branch",), "resnets": True},  # SD1.5 UNet: 501,444
     }
-    help: ClassVar[dict[str, str]] = {
-        "blocks": 'transformer blocks with γ: "first_half", "all", or [start, stop) 0-based (the paper\'s blocks '
-        "1-14 of 28 = [0, 14]); unset: the first half, every block on a UNet",
-        "positions": "where γ goes in a block, a subset of [branch, qkv, proj]: branch = attention output and MLP "
-        "output (γ1, γ2), qkv = q, k, v projections, proj = attention output again (redundant with γ1)",
-        "resnets": "UNet: also a γ on every ResNet's conv2 output (its residual branch)",
-        "ln_affine": "add weight 1 / bias 0 after every LayerNorm that has no affine (DiT), trained; folds into "
-        "the adaLN modulation when merging",
-        "norms": "train the weight and bias of every LayerNorm / GroupNorm (by type)",
-        "biases": "train every bias of the backbone",
-        "class_table": "train the DiT's pretrained class embedding table (y_embed); a fresh table for a new dataset "
-        "(the backbone's num_classes) trains under every method anyway",
-        "targets": "module-name patterns (globs) of the layers γ follows, each must match; replaces blocks / "
-        "positions / resnets; unset: the block layout",
-        "lean_memory": "γ on a linear scales the linear's output in place and keeps that output for its gradient "
-        "(no activation of its own; same function and gradients up to rounding); false: keep the pre-scale input",
-    }
 
-    blocks: tuple[int, int] | str | None = None
-    positions: tuple[str, ...] = POSITIONS
-    resnets: bool = False
-    ln_affine: bool = True
-    norms: bool = True
-    biases: bool = True
-    class_table: bool = True
-    targets: tuple[str, ...] | None = None
-    lean_memory: bool = True
+    blocks: tuple[int, int] | str | None = field(
+        default=None,
+        metadata={
+            "help": (
+                'transformer blocks with γ: "first_half", "all", or [start, stop) 0-based (the paper\'s blocks '
+                "1-14 of 28 = [0, 14]); unset: the first half, every block on a UNet"
+            )
+        },
+    )
+    positions: tuple[str, ...] = field(
+        default=POSITIONS,
+        metadata={
+            "help": (
+                "where γ goes in a block, a subset of [branch, qkv, proj]: branch = attention output and MLP "
+                "output (γ1, γ2), qkv = q, k, v projections, proj = attention output again (redundant with γ1)"
+            )
+        },
+    )
+    resnets: bool = field(
+        default=False, metadata={"help": "UNet: also a γ on every ResNet's conv2 output (its residual branch)"}
+    )
+    ln_affine: bool = field(
+        default=True,
+        metadata={
+            "help": (
+                "add weight 1 / bias 0 after every LayerNorm that has no affine (DiT), trained; folds into "
+                "the adaLN modulation when merging"
+            )
+        },
+    )
+    norms: bool = field(
+        default=True, metadata={"help": "train the weight and bias of every LayerNorm / GroupNorm (by type)"}
+    )
+    biases: bool = field(default=True, metadata={"help": "train every bias of the backbone"})
+    class_table: bool = field(
+        default=True,
+        metadata={
+            "help": (
+                "train the DiT's pretrained class embedding table (y_embed); a fresh table for a new dataset "
+                "(the backbone's num_classes) trains under every method anyway"
+            )
+        },
+    )
+    targets: tuple[str, ...] | None = field(
+        default=None,
+        metadata={
+            "help": (
+                "module-name patterns (globs) of the layers γ follows, each must match; replaces blocks / "
+                "positions / resnets; unset: the block layout"
+            )
+        },
+    )
+    lean_memory: bool = field(
+        default=True,
+        metadata={
+            "help": (
+                "γ on a linear scales the linear's output in place and keeps that output for its gradient "
+                "(no activation of its own; same function and gradients up to rounding); false: keep the pre-scale "
+                "input"
+            )
+        },
+    )
 
     def __post_init__(self) -> None:
         unknown = set(self.positions) - set(POSITIONS)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
@@ -114,24 +114,40 @@ class LoRA(Method):
             "head_init": "trunc_normal:0.02",
         },
     }
-    help: ClassVar[dict[str, str]] = {
-        "r": "rank r of the update B A",
-        "alpha": "the update is scaled by alpha / r; unset: scale 1 (alpha = r)",
-        "dropout": "dropout on the input of the low-rank branch (training only)",
-        "targets": "module-name patterns (globs) of the Linear / Conv2d layers to adapt, each must match; a trailing "
-        "[q,k,v] selects parts of a fused qkv; unset: the backbone family's default (token backbones: attn.qkv[q,v]; "
-        "UNets, DiTs: to_q, to_k, to_v, to_out.0)",
-        "b_lr_ratio": "LoRA+: B trains at this multiple of the run's learning rate (A at the run's own); 1: plain LoRA",
-        "init": "kaiming: A kaiming-uniform, B zero (the identity at step 0); trunc_normal: A and B ~ N(0, 0.02) "
-        "truncated, as NOAH's released runs start (not the identity)",
-    }
 
-    r: int = 8
-    alpha: float | None = None  # None: scale 1 (alpha = r)
-    dropout: float = 0.0
-    targets: tuple[str, ...] | None = None  # None: the backbone family's default (see the docstring)
-    b_lr_ratio: float = 1.0
-    init: str = "kaiming"
+    r: int = field(default=8, metadata={"help": "rank r of the update B A"})
+    alpha: float | None = field(
+        default=None, metadata={"help": "the update is scaled by alpha / r; unset: scale 1 (alpha = r)"}
+    )  # None: scale 1 (alpha = r)
+    dropout: float = field(
+        default=0.0, metadata={"help": "dropout on the input of the low-rank branch (training only)"}
+    )
+    targets: tuple[str, ...] | None = field(
+        default=None,
+        metadata={
+            "help": (
+                "module-name patterns (globs) of the Linear / Conv2d layers to adapt, each must match; a trailing "
+                "[q,k,v] selects parts of a fused qkv; unset: the backbone family's default (token backbones: "
+                "attn.qkv[q,v]; "
+                "UNets, DiTs: to_q, to_k, to_v, to_out.0)"
+            )
+        },
+    )  # None: the backbone family's default (see the docstring)
+    b_lr_ratio: float = field(
+        default=1.0,
+        metadata={
+            "help": "LoRA+: B trains at this multiple of the run's learning rate (A at the run's own); 1: plain LoRA"
+        },
+    )
+    init: str = field(
+        default="kaiming",
+        metadata={
+            "help": (
+                "kaiming: A kaiming-uniform, B zero (the identity at step 0); trunc_normal: A and B ~ N(0, 0.02) "
+                "truncated, as NOAH's released runs start (not the identity)"
+            )
+        },
+    )
 
     def __post_init__(self) -> None:
         if self.init not in ("kaiming", "trunc_normal"):
@@ -145,7 +161,7 @@ class LoRA(Method):
         return [{"name": "lora_B", "params": b_names, "lr_scale": self.b_lr_ratio}]
 
     def inject(self, backbone: nn.Module) -> None:
-        pattern_of = lambda target: parse_target(target)[0]  # noqa: E731
+        pattern_of = lambda target: parse_target(target)[0]
         for target, name, module in select_modules(backbone, "LoRA", self.targets, DEFAULT_TARGETS, pattern_of):
             parts = parse_target(target)[1]
             if not isinstance(module, nn.Linear | nn.Conv2d):

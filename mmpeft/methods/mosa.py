@@ -4,8 +4,8 @@ Theia-4869/MoSA)."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Any, ClassVar
+from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -153,26 +153,43 @@ class MoSA(Method):
         "paper_fgvc": {"bottleneck": 64, "experts": 4, "share": "down", "head_init": VPT_HEAD},
         "paper_cars": {"bottleneck": 64, "experts": 2, "share": "up", "head_init": VPT_HEAD},
     }
-    help: ClassVar[dict[str, str]] = {
-        "bottleneck": "hidden width r of the adapter (16: VTAB; the paper_fgvc and paper_cars presets use 64)",
-        "experts": "number N of sparse experts a split projection is divided into (disjoint random masks)",
-        "share": 'the projection kept dense: "down" (up is split), "up" (down is split) or "none" (both split)',
-        "scale": "multiplier on the adapter's output before it is added to the MLP output",
-        "dropout": "dropout between the activation and the up projection (training only)",
-        "activation": "nonlinearity between the projections: relu, gelu, silu, quick_gelu or identity",
-        "consistency_weight": "weight of the symmetric-KL term between two passes with different experts; 0: off, "
-        "one pass per step",
-        "mask_seed": "seed of the expert masks (3407: the released seed); masks are rebuilt from it, not saved",
-    }
 
-    bottleneck: int = 16
-    experts: int = 4
-    share: str = "down"
-    scale: float = 0.1
-    dropout: float = 0.1
-    activation: str = "gelu"
-    consistency_weight: float = 1.0
-    mask_seed: int = 3407
+    bottleneck: int = field(
+        default=16,
+        metadata={"help": "hidden width r of the adapter (16: VTAB; the paper_fgvc and paper_cars presets use 64)"},
+    )
+    experts: int = field(
+        default=4,
+        metadata={"help": "number N of sparse experts a split projection is divided into (disjoint random masks)"},
+    )
+    share: str = field(
+        default="down",
+        metadata={
+            "help": 'the projection kept dense: "down" (up is split), "up" (down is split) or "none" (both split)'
+        },
+    )
+    scale: float = field(
+        default=0.1, metadata={"help": "multiplier on the adapter's output before it is added to the MLP output"}
+    )
+    dropout: float = field(
+        default=0.1, metadata={"help": "dropout between the activation and the up projection (training only)"}
+    )
+    activation: str = field(
+        default="gelu",
+        metadata={"help": "nonlinearity between the projections: relu, gelu, silu, quick_gelu or identity"},
+    )
+    consistency_weight: float = field(
+        default=1.0,
+        metadata={
+            "help": (
+                "weight of the symmetric-KL term between two passes with different experts; 0: off, one pass per step"
+            )
+        },
+    )
+    mask_seed: int = field(
+        default=3407,
+        metadata={"help": "seed of the expert masks (3407: the released seed); masks are rebuilt from it, not saved"},
+    )
 
     def __post_init__(self) -> None:
         if self.share not in SHARES:
@@ -204,7 +221,7 @@ class MoSA(Method):
                 )  # fmt: skip
             )
 
-    def extra_loss(self, outputs: list[torch.Tensor], batch: Any) -> torch.Tensor | None:
+    def extra_loss(self, outputs: list[torch.Tensor]) -> torch.Tensor | None:
         if len(outputs) < 2 or self.consistency_weight == 0:
             return None
         return self.consistency_weight * symmetric_kl(outputs[0], outputs[1])

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 from torch import nn
@@ -89,20 +89,34 @@ class SSF(Method):
     identity_at_init: ClassVar[bool] = False
     mergeable: ClassVar[bool] = True
     presets: ClassVar[dict] = {"paper": {"init": "normal", "std": 0.02, "head_init": "trunc_normal:0.02"}}
-    help: ClassVar[dict[str, str]] = {
-        "targets": "module-name patterns (globs) of the layers whose output is scaled and shifted, each must match; "
-        "unset: the 8 official ViT positions on token backbones, else every linear / conv / norm with a bias",
-        "init": '"normal" (gamma ~ N(1, std), beta ~ N(0, std), as released) or "identity" (gamma 1, beta 0)',
-        "std": "standard deviation of the normal init of gamma and beta",
-        "lean_memory": "keep no activation of its own for backward: after a norm, run the norm with the composed "
-        "affine; elsewhere recover the pre-scale activation from the saved output (same function and gradients, "
-        "up to rounding); false: save the pre-scale activation, as the official code",
-    }
 
-    targets: tuple[str, ...] | None = None  # None: the family default (the 8 ViT positions on token backbones)
-    init: str = "normal"
-    std: float = 0.02
-    lean_memory: bool = True
+    targets: tuple[str, ...] | None = field(
+        default=None,
+        metadata={
+            "help": (
+                "module-name patterns (globs) of the layers whose output is scaled and shifted, each must match; "
+                "unset: the 8 official ViT positions on token backbones, else every linear / conv / norm with a bias"
+            )
+        },
+    )  # None: the family default (the 8 ViT positions on token backbones)
+    init: str = field(
+        default="normal",
+        metadata={
+            "help": '"normal" (gamma ~ N(1, std), beta ~ N(0, std), as released) or "identity" (gamma 1, beta 0)'
+        },
+    )
+    std: float = field(default=0.02, metadata={"help": "standard deviation of the normal init of gamma and beta"})
+    lean_memory: bool = field(
+        default=True,
+        metadata={
+            "help": (
+                "keep no activation of its own for backward: after a norm, run the norm with the composed "
+                "affine; elsewhere recover the pre-scale activation from the saved output (same function and "
+                "gradients, "
+                "up to rounding); false: save the pre-scale activation, as the official code"
+            )
+        },
+    )
 
     def inject(self, backbone: nn.Module) -> None:
         for _, name, module in select_modules(backbone, "SSF", self.targets, DEFAULT_TARGETS):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
@@ -148,7 +148,7 @@ class SVFitDelta(AdapterModule):
                  energy_of: str):  # fmt: skip
         super().__init__()
         self.parts = parts
-        spectrum = lambda w, **kw: Spectrum(w, r, energy, energy_of, **kw)  # noqa: E731
+        spectrum = lambda w, **kw: Spectrum(w, r, energy, energy_of, **kw)
         if parts:
             rows = {p: layer.weight[part_rows(p, layer.out_features)] for p in parts}
             self.spectra = nn.ModuleDict({p: spectrum(w) for p, w in rows.items()})
@@ -249,21 +249,40 @@ class SVFit(Method):
     identity_at_init: ClassVar[bool] = True
     mergeable: ClassVar[bool] = True
     presets: ClassVar[dict] = {"paper": {"r": None, "energy": 0.99, "energy_of": "sq"}}
-    help: ClassVar[dict[str, str]] = {
-        "r": "singular values trained per matrix (capped at min(out, in·kh·kw)); unset: the full spectrum; with "
-        "energy set it caps the energy rank",
-        "energy": "per matrix, the smallest r whose top-r singular values hold this share (0, 1] of the spectrum's "
-        "energy (see energy_of); unset: r decides; needs real weights (not meta)",
-        "energy_of": "what the energy threshold sums: sq (sigma^2, the Frobenius energy) or sum (sigma)",
-        "targets": "module-name patterns (globs) of the Linear / Conv2d layers to adapt, each must match; a trailing "
-        "[q,k,v] selects parts of a fused qkv; unset: the backbone family's default (token backbones: attn.qkv[q,v]; "
-        "UNets, DiTs: to_q, to_k, to_v, to_out.0)",
-    }
 
-    r: int | None = None  # None: the full spectrum min(out, in·kh·kw)
-    energy: float | None = None
-    energy_of: str = "sq"
-    targets: tuple[str, ...] | None = None  # None: the backbone family's default (see the docstring)
+    r: int | None = field(
+        default=None,
+        metadata={
+            "help": (
+                "singular values trained per matrix (capped at min(out, in·kh·kw)); unset: the full spectrum; with "
+                "energy set it caps the energy rank"
+            )
+        },
+    )  # None: the full spectrum min(out, in·kh·kw)
+    energy: float | None = field(
+        default=None,
+        metadata={
+            "help": (
+                "per matrix, the smallest r whose top-r singular values hold this share (0, 1] of the spectrum's "
+                "energy (see energy_of); unset: r decides; needs real weights (not meta)"
+            )
+        },
+    )
+    energy_of: str = field(
+        default="sq",
+        metadata={"help": "what the energy threshold sums: sq (sigma^2, the Frobenius energy) or sum (sigma)"},
+    )
+    targets: tuple[str, ...] | None = field(
+        default=None,
+        metadata={
+            "help": (
+                "module-name patterns (globs) of the Linear / Conv2d layers to adapt, each must match; a trailing "
+                "[q,k,v] selects parts of a fused qkv; unset: the backbone family's default (token backbones: "
+                "attn.qkv[q,v]; "
+                "UNets, DiTs: to_q, to_k, to_v, to_out.0)"
+            )
+        },
+    )  # None: the backbone family's default (see the docstring)
 
     def __post_init__(self) -> None:
         if self.r is not None and self.r < 1:

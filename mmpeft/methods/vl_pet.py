@@ -3,7 +3,7 @@ arXiv 2308.09804; code HenryHZY/VL-PET)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
@@ -105,25 +105,38 @@ class VLPET(Method):
     mergeable: ClassVar[bool] = False
     needs_tokens: ClassVar[bool] = True
     presets: ClassVar[dict] = {"paper": {"identity_init": False, "scale": 1.0, "variant": "large"}}
-    help: ClassVar[dict[str, str]] = {
-        "variant": 'gate granularity: "large" (per token and channel, an MLP), "middle_x" (per token), '
-        '"middle_y" (per channel), "small" (one per example) or "none" (no gate)',
-        "rank": "bottleneck width r of the down / up projections that compute the update dH",
-        "gate_rank": "hidden width r_g of the large variant's gate MLP (unused by the other variants)",
-        "scale": "multiplier s on the gated output: H_new = s * G * (H + dH)",
-        "identity_init": "zero-init the up projection and gate outputs with 2*sigmoid gates (identity at step 0); "
-        "false: the released init (sigmoid gates ~ 0.5, N(0, 0.02))",
-        "train_norms": "also train the affine parameters of every LayerNorm of the backbone",
-        "branches": 'block branches that get a VL-PET module: "attn" and / or "mlp"',
-    }
 
-    variant: str = "large"
-    rank: int = 96
-    gate_rank: int = 96
-    scale: float = 1.0
-    identity_init: bool = True
-    train_norms: bool = True
-    branches: tuple[str, ...] = ("attn", "mlp")
+    variant: str = field(
+        default="large",
+        metadata={
+            "help": (
+                'gate granularity: "large" (per token and channel, an MLP), "middle_x" (per token), '
+                '"middle_y" (per channel), "small" (one per example) or "none" (no gate)'
+            )
+        },
+    )
+    rank: int = field(
+        default=96, metadata={"help": "bottleneck width r of the down / up projections that compute the update dH"}
+    )
+    gate_rank: int = field(
+        default=96, metadata={"help": "hidden width r_g of the large variant's gate MLP (unused by the other variants)"}
+    )
+    scale: float = field(default=1.0, metadata={"help": "multiplier s on the gated output: H_new = s * G * (H + dH)"})
+    identity_init: bool = field(
+        default=True,
+        metadata={
+            "help": (
+                "zero-init the up projection and gate outputs with 2*sigmoid gates (identity at step 0); "
+                "false: the released init (sigmoid gates ~ 0.5, N(0, 0.02))"
+            )
+        },
+    )
+    train_norms: bool = field(
+        default=True, metadata={"help": "also train the affine parameters of every LayerNorm of the backbone"}
+    )
+    branches: tuple[str, ...] = field(
+        default=("attn", "mlp"), metadata={"help": 'block branches that get a VL-PET module: "attn" and / or "mlp"'}
+    )
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:

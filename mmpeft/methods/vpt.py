@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
@@ -78,20 +78,26 @@ class VPT(Method):
         "paper": {"deep": True, "dropout": 0.1, "decay_prompts": True, "head_init": VPT_HEAD},
         "paper_shallow": {"deep": False, "dropout": 0.0, "decay_prompts": True, "head_init": VPT_HEAD},
     }
-    help: ClassVar[dict[str, str]] = {
-        "length": "number p of prompt tokens (per block in deep mode)",
-        "deep": "VPT-deep: a fresh set of prompts before every block; false: VPT-shallow, inserted once",
-        "dropout": "dropout on the prompt tokens in training, in [0, 1)",
-        "init_bound": "prompts init uniform on +-init_bound; unset: sqrt(6 / (fan_in + D)), Xavier over the "
-        "patch projection (0.0625 on ViT-B/16)",
-        "decay_prompts": "weight-decay the prompts as VPT's SGD does; false: exempt them, as mmpeft does by default",
-    }
 
-    length: int = 10
-    deep: bool = False
-    dropout: float = 0.0
-    init_bound: float | None = None
-    decay_prompts: bool = False  # VPT's SGD decays the prompts too; mmpeft's default exempts them
+    length: int = field(default=10, metadata={"help": "number p of prompt tokens (per block in deep mode)"})
+    deep: bool = field(
+        default=False,
+        metadata={"help": "VPT-deep: a fresh set of prompts before every block; false: VPT-shallow, inserted once"},
+    )
+    dropout: float = field(default=0.0, metadata={"help": "dropout on the prompt tokens in training, in [0, 1)"})
+    init_bound: float | None = field(
+        default=None,
+        metadata={
+            "help": (
+                "prompts init uniform on +-init_bound; unset: sqrt(6 / (fan_in + D)), Xavier over the "
+                "patch projection (0.0625 on ViT-B/16)"
+            )
+        },
+    )
+    decay_prompts: bool = field(
+        default=False,
+        metadata={"help": "weight-decay the prompts as VPT's SGD does; false: exempt them, as mmpeft does by default"},
+    )  # VPT's SGD decays the prompts too; mmpeft's default exempts them
 
     def weight_decay_exempt(self, name: str, param: torch.Tensor) -> bool:
         if self.decay_prompts and "prompt" in name:

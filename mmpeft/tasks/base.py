@@ -188,7 +188,7 @@ class PeftTask(pl.LightningModule):
         inputs, targets = self.prepare_batch(batch, "train")
         cache = self._feature_cache("train", inputs)
         model = self.model if cache is None else _HeadOnCachedFeatures(self, cache)
-        result = step_loss(model, inputs, targets, lambda out, tgt: self.loss_and_metrics(out, tgt, "train"), batch)
+        result = step_loss(model, inputs, targets, lambda out, tgt: self.loss_and_metrics(out, tgt, "train"))
         if not bool(torch.isfinite(result.loss.detach())):
             raise NonFiniteLoss(self._divergence_message(result.loss, batch_idx))
         if result.extra_loss is not None:

@@ -14,8 +14,8 @@ import torch
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 
 from mmpeft.core.files import writing
+from mmpeft.core.process_memory import ProcessPeak
 from mmpeft.core.state import save_adapter
-from mmpeft.memory import ProcessPeak
 
 __all__ = [
     "AdapterExport",
@@ -151,7 +151,7 @@ class TerminationCheckpoint(pl.Callback):
     last_path: Path | None = None  # the checkpoint this process wrote on SIGTERM (read by the CLI's exit message)
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        from pytorch_lightning.utilities.exceptions import SIGTERMException  # noqa: PLC0415
+        from pytorch_lightning.utilities.exceptions import SIGTERMException
 
         if not isinstance(exception, SIGTERMException) or trainer.state.fn != "fit":
             return

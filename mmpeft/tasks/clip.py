@@ -25,7 +25,7 @@ def resolve_class_names(class_names: list[str] | str) -> list[str]:
     """
     if not isinstance(class_names, str):
         return list(class_names)
-    from mmpeft.data.metadata import class_names as dataset_class_names  # noqa: PLC0415
+    from mmpeft.data.metadata import class_names as dataset_class_names
 
     key, _, root = class_names.partition("@")
     source, _, task = key.partition(":")
@@ -132,7 +132,7 @@ class CLIPClassification(ImageClassification):
         train_classifier: bool = False,
         **kwargs: Any,
     ):
-        import open_clip  # noqa: PLC0415
+        import open_clip
 
         names = resolve_class_names(class_names)
         prompts = [t.format(n) for n in names for t in (templates or DEFAULT_TEMPLATES)]

@@ -44,7 +44,7 @@ class Denoising(PeftTask):
     ):
         super().__init__(*args, **kwargs)
         self.vlb = vlb
-        from diffusers import DDPMScheduler  # noqa: PLC0415
+        from diffusers import DDPMScheduler
 
         if prediction_type not in ("epsilon", "v_prediction"):
             raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', got {prediction_type!r}")
@@ -155,7 +155,7 @@ def learned_variance_vlb(output: torch.Tensor, targets: dict[str, torch.Tensor],
     coef1 = betas * cumprod_prev.sqrt() / (1 - cumprod)
     coef2 = (1 - cumprod_prev) * alphas.sqrt() / (1 - cumprod)
     shape = (-1,) + (1,) * (x0.dim() - 1)
-    take = lambda table: table[t].float().view(shape)  # noqa: E731
+    take = lambda table: table[t].float().view(shape)
     true_mean, true_logvar = take(coef1) * x0 + take(coef2) * xt, take(posterior_logvar)
     fraction = (var_values + 1) / 2
     model_logvar = fraction * take(torch.log(betas)) + (1 - fraction) * true_logvar

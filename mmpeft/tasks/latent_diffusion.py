@@ -33,7 +33,7 @@ def pipeline_folder(pipeline: str) -> Path:
     every latent-diffusion run reads (the VAE's config and weights, the scheduler's config) must be there; the
     text parts are checked where a text-conditioned run reads them (`LatentDiffusion`)."""
     if pipeline == "tiny_sd":
-        from mmpeft.backbones.tiny_diffusers import tiny_sd_folder  # noqa: PLC0415
+        from mmpeft.backbones.tiny_diffusers import tiny_sd_folder
 
         return Path(tiny_sd_folder())
     folder = Path(pipeline).expanduser()
@@ -48,7 +48,7 @@ def pipeline_folder(pipeline: str) -> Path:
 
 def load_tokenizer(folder: Path) -> Any:
     """The pipeline's CLIP tokenizer (`tokenizer/`: vocab.json + merges.txt, or a tokenizer.json)."""
-    from transformers import CLIPTokenizer  # noqa: PLC0415
+    from transformers import CLIPTokenizer
 
     require_files(folder, "CLIP tokenizer", ("vocab.json", "merges.txt"), ("tokenizer.json",))
     return CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
@@ -73,7 +73,7 @@ class LatentDiffusion(Denoising):
         adapter: str | None = None,
         **kwargs: Any,
     ):
-        from diffusers import AutoencoderKL, DDPMScheduler  # noqa: PLC0415
+        from diffusers import AutoencoderKL, DDPMScheduler
 
         kwargs["num_classes"] = None  # a denoiser has no head, whatever classes the image folder has
         folder = pipeline_folder(pipeline)
@@ -87,7 +87,7 @@ class LatentDiffusion(Denoising):
         self.prompt, self.cache = prompt, cache
         self.text_conditioned = getattr(self.model.backbone, "family", "") == "unet"
         if self.text_conditioned:
-            from transformers import CLIPTextModel  # noqa: PLC0415
+            from transformers import CLIPTextModel
 
             self.tokenizer = load_tokenizer(folder / "tokenizer")
             encoder = load_pretrained(CLIPTextModel, folder / "text_encoder")
@@ -105,7 +105,7 @@ class LatentDiffusion(Denoising):
     def setup(self, stage: str) -> None:
         """diffusers' own attention processors: xformers when its kernels load on CUDA, SDPA otherwise (the
         method's tensors live in Linear modules, so a processor swap keeps them)."""
-        from mmpeft.backbones.diffusers_attention import use_fast_attention  # noqa: PLC0415
+        from mmpeft.backbones.diffusers_attention import use_fast_attention
 
         super().setup(stage)
         device = self.trainer.strategy.root_device if self._trainer is not None else self.device
@@ -118,8 +118,8 @@ class LatentDiffusion(Denoising):
         differs from the trained model), and a warning says why."""
         if self.method.name != "lora" or not self.text_conditioned or not self.trainer.is_global_zero:
             return
-        from mmpeft.interop.diffusers_lora import export_diffusers_lora, exported_components  # noqa: PLC0415
-        from mmpeft.tasks.callbacks import run_dir  # noqa: PLC0415
+        from mmpeft.interop.diffusers_lora import export_diffusers_lora, exported_components
+        from mmpeft.tasks.callbacks import run_dir
 
         try:
             exported_components(self.model)

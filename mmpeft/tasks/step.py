@@ -27,12 +27,11 @@ class StepResult:
     outputs: list[torch.Tensor]  # one per forward pass
 
 
-def step_loss(model: PeftModel, inputs: Any, targets: Any, loss_fn: LossFn, batch: Any = None) -> StepResult:
-    """The loss of one training step (no backward). `batch` is what `Method.extra_loss` sees
-    (default: `(inputs, targets)`)."""
+def step_loss(model: PeftModel, inputs: Any, targets: Any, loss_fn: LossFn) -> StepResult:
+    """The loss of one training step (no backward): the task loss plus the method's `extra_loss`."""
     outputs = [model(inputs) for _ in range(model.method.forward_passes)]
     task_loss = loss_fn(outputs[0], targets)
-    extra = model.method.extra_loss(outputs, (inputs, targets) if batch is None else batch)
+    extra = model.method.extra_loss(outputs)
     return StepResult(task_loss + extra if extra is not None else task_loss, task_loss, extra, outputs)
 
 

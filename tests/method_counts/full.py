@@ -1,0 +1,5 @@
+"""Full fine-tuning: every backbone tensor."""
+
+
+def expected(model) -> int:
+    return sum(p.numel() for p in model.backbone.parameters())
