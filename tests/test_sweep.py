@@ -100,6 +100,7 @@ def test_stage1_selects_on_val_and_stage2_tests_once(smoke):
     assert (out / "cells.csv").read_text().count("\n") == 13
     results = (out / "results.md").read_text()
     assert "eurosat" in results and "specialized" in results and "structured" in results
+    assert results.startswith("# sweep ") and "Made with `mmpeft sweep " in results and "mmpeft 0.1.0" in results
 
 
 def test_group_means_and_both_vtab_means():

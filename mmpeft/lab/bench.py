@@ -44,7 +44,6 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from mmpeft.core.errors import MmpeftError, OutputExists
@@ -249,11 +248,11 @@ def _write(args: argparse.Namespace, rows: list[dict], rounds: list[dict], paths
         writer.writeheader()
         writer.writerows(rows)
     device, shape = floor["device"].replace(" ", "_"), floor["input"]
-    versions = ", ".join(f"{k} {v}" for k, v in env.items())
+    versions = ", ".join(f"{k} {v}" for k, v in env.items()) + records.git_commit()
+    made = records.made_with(command_line(getattr(args, "argv", None)), versions)
     header = (
         f"# mmpeft bench: {args.backbone}, {_size(shape)} (input {shape}), batch {args.batch}, {device}, precision "
-        f"{args.precision}\n\n`{command_line(getattr(args, 'argv', None))}`\n\n{versions}; "
-        f"{time.strftime('%Y-%m-%d')}\n\n"
+        f"{args.precision}\n\n{made}.\n\n"
         f"{args.rounds} rounds, every row once per round in its own process (order rotated per round); per "
         f"process the median of {args.steps} training steps (AdamW) after {args.warmup} warm-up steps. Cells: "
         "median over rounds (min..max); ratios to the floor paired per round. Peak memory: the process's peak "

@@ -39,15 +39,7 @@ def _make_cli_class():
         require_test_split,
     )
     from mmpeft.tasks import PeftTask
-    from mmpeft.tasks.callbacks import (
-        AdapterExport,
-        NamingCheckpointIO,
-        PredictionWriter,
-        RunStats,
-        TerminationCheckpoint,
-        human_bytes,
-        run_dir,
-    )
+    from mmpeft.tasks.callbacks import AdapterExport, NamingCheckpointIO, default_callbacks, human_bytes, run_dir
 
     class RunConfig(SaveConfigCallback):
         """Saves the config in the run's own version directory (a resumed run beside the first one's, as
@@ -98,6 +90,7 @@ def _make_cli_class():
             parser.add_argument("--run.group", type=str | None, default=None, help="W&B group (sweeps)")
             parser.add_argument("--run.tags", type=list[str], default=[], help="W&B tags")
             parser.add_argument("--run.test_after_fit", type=bool, default=False, help="test the final model")
+            parser.set_defaults({"trainer.callbacks": default_callbacks()})  # configurable, removable
             parser.link_arguments(  # only datamodules with classes have num_classes; others give no head
                 "data", "model.init_args.num_classes", _num_classes_of, apply_on="instantiate"
             )
@@ -112,12 +105,11 @@ def _make_cli_class():
                 trainer_config["logger"] = self._loggers(config)
             elif trainer_config.get("logger") is False and not trainer_config.get("default_root_dir"):
                 trainer_config["default_root_dir"] = str(self._unlogged_run_dir(config))  # never the cwd
-            configured = trainer_config.get("callbacks") or []  # the user's (`--trainer.callbacks+=...`) stay
+            configured = trainer_config.get("callbacks") or []  # the defaults, plus or instead of the user's
             configured = configured if isinstance(configured, list) else [configured]
             if trainer_config.get("plugins") is None:  # a user's own plugins (a CheckpointIO among them) are kept
                 trainer_config["plugins"] = [NamingCheckpointIO()]
-            extra = [AdapterExport(), RunStats(), TerminationCheckpoint(), PredictionWriter()]
-            trainer_config["callbacks"] = [*configured, *kwargs.pop("callbacks", []), *extra]
+            trainer_config["callbacks"] = [*configured, *kwargs.pop("callbacks", [])]
             trainer = super().instantiate_trainer(**kwargs)
             trainer.mmpeft_resumed = self._resume is not None  # read by RunConfig: the config file's name
             return trainer
@@ -193,6 +185,14 @@ def _make_cli_class():
                 if subcommand == "fit":
                     for note in check_resume_options(self.config[subcommand], ckpt):
                         print(f"resuming: {note}")
+                    if not _has_callback(self.config[subcommand]["trainer"].get("callbacks"), "RNGStateCheckpoint"):
+                        warnings.warn(
+                            "resuming without the RNGStateCheckpoint callback (it is not in trainer.callbacks): the "
+                            "random draws (dropout, drop-path, augmentation) restart from the seed, so the resumed "
+                            "run is not exact; keep mmpeft.tasks.rng.RNGStateCheckpoint among the callbacks",
+                            UserWarning,
+                            stacklevel=2,
+                        )
                     self._resume = self._resume_point(ckpt)
 
         def _before_run(self) -> None:
@@ -299,6 +299,15 @@ def run_cli(args: Sequence[str] | None = None, run: bool = True):
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
         return cli_class()(args=args, run=run)
+
+
+def _has_callback(callbacks: Any, class_name: str) -> bool:
+    """Whether a parsed `trainer.callbacks` value names a callback of `class_name`."""
+    entries = callbacks if isinstance(callbacks, list) else [callbacks] if callbacks else []
+    paths = [
+        str(getattr(e, "class_path", None) or (e.get("class_path") if isinstance(e, dict) else e)) for e in entries
+    ]
+    return any(path.rsplit(".", 1)[-1] == class_name for path in paths)
 
 
 class _ParserBuilt(Exception):

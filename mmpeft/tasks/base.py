@@ -6,12 +6,10 @@ batch becomes the backbone's input and targets, and how outputs become a loss an
 from __future__ import annotations
 
 import contextlib
-import random
 import warnings
 from collections.abc import Iterator
 from typing import Any, ClassVar
 
-import numpy as np
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
@@ -27,12 +25,13 @@ from mmpeft.core.modules import adapter_modules
 from mmpeft.core.report import parameter_report
 from mmpeft.core.state import NonFiniteTensors, check_weights, load_adapter, non_finite
 from mmpeft.tasks.callbacks import run_dir
-from mmpeft.tasks.ema import TrainableEMA
+from mmpeft.tasks.ema import EMACallback, TrainableEMA
 from mmpeft.tasks.epoch_mean import EpochMean
 from mmpeft.tasks.optim import SCHEDULES, build_optimizer, describe_groups, param_groups, timm_cosine, warmup_cosine
+from mmpeft.tasks.rng import rng_states, set_rng_states
 from mmpeft.tasks.step import step_loss
 
-__all__ = ["NonFiniteLoss", "PeftTask", "rng_states", "set_rng_states"]
+__all__ = ["NonFiniteLoss", "PeftTask", "rng_states", "set_rng_states"]  # the RNG helpers live in tasks.rng
 
 FEATURE_CACHE_STAGES = ("train", "val")  # test and predict run once each: nothing to reuse
 
@@ -44,25 +43,6 @@ class NonFiniteLoss(MmpeftError, FloatingPointError):
     """A training loss became NaN or inf: the run stops (exit 1), naming the step and the last good checkpoint."""
 
     exit_code = 1
-
-
-def rng_states() -> dict[str, Any]:
-    """Python's, NumPy's, torch's CPU and (when present) CUDA RNG states."""
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()  # as tensors and numbers: loads with weights_only
-    states = {"python": random.getstate(), "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss,
-                                                     gauss), "torch": torch.get_rng_state()}  # fmt: skip
-    if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state_all()
-    return states
-
-
-def set_rng_states(states: dict[str, Any]) -> None:
-    random.setstate(states["python"])
-    kind, keys, pos, has_gauss, gauss = states["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
-    torch.set_rng_state(states["torch"])
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
 
 
 class PeftTask(pl.LightningModule):
@@ -138,8 +118,7 @@ class PeftTask(pl.LightningModule):
             backbone.set_grad_checkpointing(True)
         self.model = PeftModel(backbone, method_from_spec(method), num_classes=num_classes or None, head=head)
         self.epoch_means = nn.ModuleDict()  # one weighted mean per logged metric (`log_epoch`), no saved state
-        self.ema = TrainableEMA(self.model, ema_decay) if ema_decay else None
-        self._ema_swapped = False
+        self._ema_default = EMACallback(ema_decay) if ema_decay else None  # checks the decay now, not at fit
         self.strict_loading = False  # checkpoints hold the trainable set only; the frozen rest comes from config
         if adapter:
             self.load_adapter(adapter)
@@ -153,8 +132,6 @@ class PeftTask(pl.LightningModule):
 
     def load_adapter(self, path: str) -> dict[str, Any]:
         header = load_adapter(self.model, path, allow_other_weights=self.hparams.allow_other_weights)
-        if self.ema is not None:
-            self.ema.reset(self.model)
         rank_zero_info(f"loaded adapter {path}")
         return header
 
@@ -320,46 +297,32 @@ class PeftTask(pl.LightningModule):
     def on_train_epoch_start(self) -> None:
         self._start_feature_pass("train")
 
-    # -- EMA of the trainable set ---------------------------------------------------------------------------
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if self.ema is not None:
-            self.ema.update(self.model)
-
-    def _swap_ema(self, into_model: bool) -> None:
-        if self.ema is not None and self._ema_swapped != into_model:
-            self.ema.swap(self.model)
-            self._ema_swapped = into_model
-
     def on_validation_epoch_start(self) -> None:
-        self._swap_ema(True)
         if self._trainer is not None and self.trainer.validating:  # a full pass: not a sanity check, not a test
             self._start_feature_pass("val")
 
-    def on_validation_epoch_end(self) -> None:
-        self._swap_ema(False)
+    # -- EMA of the trainable set: a callback (`mmpeft.tasks.ema.EMACallback`) ------------------------------
+    def configure_callbacks(self) -> list[pl.Callback]:
+        """`ema_decay` adds the EMA callback to whatever trainer runs this task."""
+        return [self._ema_default] if self._ema_default is not None else []
 
-    def on_test_epoch_start(self) -> None:
-        self._swap_ema(True)
+    def _ema_callback(self) -> EMACallback | None:
+        trainer = self._trainer
+        found = [c for c in trainer.callbacks if isinstance(c, EMACallback)] if trainer is not None else []
+        return found[0] if found else self._ema_default
 
-    on_predict_epoch_start = on_test_epoch_start
-    on_test_epoch_end = on_predict_epoch_end = on_validation_epoch_end
-
-    def on_train_end(self) -> None:
-        """From here on (the final adapter file, testing) the model holds the EMA weights."""
-        if self.ema is not None:
-            self.ema.copy_to(self.model)
+    @property
+    def ema(self) -> TrainableEMA | None:
+        """The running average of the trainable set (None without an EMA callback or before the run sets up)."""
+        callback = self._ema_callback()
+        return callback.ema if callback is not None else None
 
     @contextlib.contextmanager
     def evaluation_weights(self) -> Iterator[PeftModel]:
         """The model with the weights evaluation uses (the EMA's when on) — e.g. for adapter files."""
-        swap = self.ema is not None and not self._ema_swapped
-        if swap:
-            self.ema.swap(self.model)
-        try:
-            yield self.model
-        finally:
-            if swap:
-                self.ema.swap(self.model)
+        callback = self._ema_callback()
+        with callback.averaged(self.model) if callback is not None else contextlib.nullcontext(self.model) as model:
+            yield model
 
     def _divergence_message(self, loss: torch.Tensor, batch_idx: int) -> str:
         """Where the run diverged and what is left to resume from."""
@@ -375,9 +338,8 @@ class PeftTask(pl.LightningModule):
 
     # -- checkpoints ---------------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Keep only the trainable set (and trained buffers): frozen weights come from the backbone config.
-        The RNG states go in too, so a resumed run draws what the uninterrupted one drew (dropout, drop-path,
-        augmentation in the main process); the training order is a function of (seed, epoch) already."""
+        """Keep only the trainable set (and trained buffers): frozen weights come from the backbone config. (The
+        RNG states and the EMA are the callbacks' part of the checkpoint: `tasks.rng`, `tasks.ema`.)"""
         keep = {f"model.{k}" for k in self.model.trainable_state_dict()}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
         bad = non_finite(checkpoint["state_dict"])
@@ -387,16 +349,9 @@ class PeftTask(pl.LightningModule):
                 f"NaN or inf (e.g. {bad[:3]}); the run diverged — lower the learning rate or check the data"
             )
         checkpoint["frozen_weights"] = self.model.weights_records()
-        if self.ema is not None:
-            checkpoint["ema"] = self.ema.state_dict()
-        checkpoint["rng_states"] = rng_states()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         check_weights(checkpoint.get("frozen_weights"), self.model, "checkpoint", self.hparams.allow_other_weights)
-        if self.ema is not None and "ema" in checkpoint:
-            self.ema.load_state_dict(checkpoint["ema"])
-        if "rng_states" in checkpoint:
-            set_rng_states(checkpoint["rng_states"])
         fit_loop = checkpoint.get("loops", {}).get("fit_loop", {}).get("state_dict", {})
         self._loader_states = fit_loop.get("combined_loader") or []
 

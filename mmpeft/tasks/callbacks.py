@@ -18,6 +18,8 @@ from mmpeft.core.process_memory import ProcessPeak
 from mmpeft.core.state import save_adapter
 
 __all__ = [
+    "DEFAULT_CALLBACKS",
+    "default_callbacks",
     "AdapterExport",
     "NamingCheckpointIO",
     "RunStats",
@@ -208,3 +210,20 @@ def _input_ids(trainer: pl.Trainer, count: int) -> list[str]:
     if items is not None and len(items) == count:
         return [str(item[0]) if isinstance(item, tuple | list) else str(item) for item in items]
     return [str(i) for i in range(count)]
+
+
+# What `mmpeft fit|validate|test|predict` runs with unless the config says otherwise: `trainer.callbacks`
+# defaults to these (`mmpeft fit --print_config` lists them); `--trainer.callbacks+=X` adds X to them, and a
+# config's own `trainer.callbacks` list replaces them (drop one to turn it off, give init_args to configure one).
+DEFAULT_CALLBACKS = (
+    "mmpeft.tasks.callbacks.AdapterExport",
+    "mmpeft.tasks.callbacks.RunStats",
+    "mmpeft.tasks.callbacks.TerminationCheckpoint",
+    "mmpeft.tasks.callbacks.PredictionWriter",
+    "mmpeft.tasks.rng.RNGStateCheckpoint",
+)
+
+
+def default_callbacks() -> list[dict[str, str]]:
+    """The default `trainer.callbacks` of mmpeft's command line, as config entries."""
+    return [{"class_path": path} for path in DEFAULT_CALLBACKS]

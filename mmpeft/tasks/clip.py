@@ -145,7 +145,5 @@ class CLIPClassification(ImageClassification):
         self.model.head = ZeroShotHead(backbone_from_spec(text_tower), tokens, logit_scale, method, train_classifier)
         self.model.head_config = None  # built from the text tower and the class names, not from a spec
         self.model.apply_frozen_mode()
-        if self.ema is not None:
-            self.ema.reset(self.model)
         if adapter:
             self.load_adapter(adapter)

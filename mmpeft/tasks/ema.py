@@ -4,11 +4,16 @@ not of the backbone."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import pytorch_lightning as pl
 import torch
 
 from mmpeft.core.model import PeftModel
 
-__all__ = ["TrainableEMA"]
+__all__ = ["EMACallback", "TrainableEMA"]
 
 
 class TrainableEMA:
@@ -73,3 +78,67 @@ class TrainableEMA:
         if missing:
             raise KeyError(f"the checkpoint's EMA lacks {sorted(missing)[:3]}")
         self.shadow = {k: state[k].clone() for k in self.shadow}
+
+
+class EMACallback(pl.Callback):
+    """The EMA of the trainable set as a Lightning callback, with the hooks of Lightning's `WeightAveraging`:
+    updated after every optimizer step, swapped in for validation, test and predict (and back), copied into the
+    model when training ends (the final adapter file and testing see the average), and kept in checkpoints.
+    Unlike `WeightAveraging` (and `AveragedModel`, timm's `ModelEmaV3`), which deep-copy the whole module, the
+    shadow holds the trainable set only: KBs to MBs, not a second frozen backbone.
+
+    The average starts from the model as it is when the run sets up (its components and any adapter loaded).
+    `PeftTask(ema_decay=...)` adds one (`configure_callbacks`); `--trainer.callbacks+=mmpeft.tasks.EMACallback
+    --trainer.callbacks.decay=0.999` is the same from the command line."""
+
+    def __init__(self, decay: float = 0.9998):
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"ema_decay must be in (0, 1), got {decay}")
+        self.decay = decay
+        self.ema: TrainableEMA | None = None
+        self._swapped = False
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self.ema is None:
+            self.ema = TrainableEMA(pl_module.model, self.decay)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.ema.update(pl_module.model)
+
+    def _swap(self, pl_module: pl.LightningModule, into_model: bool) -> None:
+        if self.ema is not None and self._swapped != into_model:
+            self.ema.swap(pl_module.model)
+            self._swapped = into_model
+
+    def on_validation_epoch_start(self, trainer, pl_module) -> None:
+        self._swap(pl_module, True)
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        self._swap(pl_module, False)
+
+    on_test_epoch_start = on_predict_epoch_start = on_validation_epoch_start
+    on_test_epoch_end = on_predict_epoch_end = on_validation_epoch_end
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        """From here on (the final adapter file, testing) the model holds the average."""
+        self.ema.copy_to(pl_module.model)
+
+    @contextlib.contextmanager
+    def averaged(self, model: PeftModel) -> Iterator[PeftModel]:
+        """The model with the average in it for the duration (e.g. writing an adapter file mid-run)."""
+        swap = self.ema is not None and not self._swapped
+        if swap:
+            self.ema.swap(model)
+        try:
+            yield model
+        finally:
+            if swap:
+                self.ema.swap(model)
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
+        if self.ema is not None:
+            checkpoint["ema"] = self.ema.state_dict()
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
+        if self.ema is not None and "ema" in checkpoint:
+            self.ema.load_state_dict(checkpoint["ema"])

@@ -91,9 +91,7 @@ class LatentDiffusion(Denoising):
 
             self.tokenizer = load_tokenizer(folder / "tokenizer")
             encoder = load_pretrained(CLIPTextModel, folder / "text_encoder")
-            self.model.add_component("text_encoder", encoder, text_method)
-            if self.ema is not None:  # made by PeftTask before the component: average its method's tensors too
-                self.ema.reset(self.model)
+            self.model.add_component("text_encoder", encoder, text_method)  # the EMA, started at setup, covers it
         elif text_method is not None:
             raise ValueError("text_method needs a text-conditioned UNet; a DiT is conditioned on class labels")
         if adapter:

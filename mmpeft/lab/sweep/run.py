@@ -20,6 +20,7 @@ from typing import Any
 
 import yaml
 
+from mmpeft.lab import records
 from mmpeft.lab.results import MetricMissing, is_accuracy, metric_label, metric_value, metrics_of, results_table
 from mmpeft.lab.sweep.checks import check_sweep, nested
 from mmpeft.lab.sweep.plan import plan_stage1, plan_stage2
@@ -242,7 +243,9 @@ def _result(cell: Cell, summary: Mapping[str, Any]) -> dict[str, Any]:
     return {**summary, **asdict(cell), "id": cell.id}
 
 
-def write_results(sweep: Sweep, out: Path, stage1: list[dict], stage2: list[dict]) -> str:
+def write_results(sweep: Sweep, out: Path, stage1: list[dict], stage2: list[dict], command: str = "") -> str:
+    """`cells.csv` (every cell) and `results.md` (stage 2 as a table, headed like every lab result file: the
+    command, date, versions and commit)."""
     rows = stage1 + stage2
     metrics = list(dict.fromkeys((sweep.select["metric"], sweep.report)))  # columns named by metric
     columns = ["id", "stage", "task", "method", "seed", "point", *metrics, "trainable", "adapter", "seconds"]
@@ -266,7 +269,8 @@ def write_results(sweep: Sweep, out: Path, stage1: list[dict], stage2: list[dict
     )
     chosen = f"{'highest' if sweep.select['mode'] == 'max' else 'lowest'} {sweep.select['metric']}"
     header = (
-        f"# sweep {sweep.name}\n\n{metric_label(sweep.report)} of the point with the {chosen} in stage 1, "
+        f"# sweep {sweep.name}\n\n{records.made_with(command or f'mmpeft sweep {sweep.name}')}.\n\n"
+        f"{metric_label(sweep.report)} of the point with the {chosen} in stage 1, "
         f"mean ± std over {len(sweep.seeds)} seed(s); {means}; parameters include the head.\n\n"
     )
     (out / "results.md").write_text(header + table + "\n")
@@ -297,7 +301,7 @@ def run_sweep(path: str | Path, parallel: int | None = None, log=print) -> str:
         ) from None
     if runner.failed:
         raise RuntimeError(f"{len(runner.failed)} stage-2 cells failed (logs in {out / 'logs'}): {runner.failed[:3]}")
-    table = write_results(sweep, out, stage1, stage2)
+    table = write_results(sweep, out, stage1, stage2, records.command_line("mmpeft sweep", [str(path)]))
     log(f"\n{table}\nsweep {sweep.name}: {(time.perf_counter() - start) / 60:.1f} min; results in {out}")
     return table
 
