@@ -74,3 +74,14 @@ def test_resuming_without_the_rng_callback_says_it_is_not_exact(tmp_path):
     with pytest.warns(UserWarning, match="not exact"):
         run_cli(resume)
     assert any(isinstance(c, RNGStateCheckpoint) for c in cli.trainer.callbacks)
+
+
+def test_a_run_config_saved_before_the_defaults_gets_them_and_an_empty_list_gets_none(tmp_path):
+    """Run configs written before the callbacks became defaults say `callbacks: null`: they mean the defaults."""
+    old = Path(__file__).parent / "fixtures" / "run_configs_0.1" / "digits-quickstart.yaml"
+    assert yaml.safe_load(old.read_text())["trainer"]["callbacks"] is None
+    cli = run_cli(["fit", "-c", str(old), f"--run.dir={tmp_path}", "--run.wandb=disabled"])  # 1 batch, 1 epoch
+    found = names(cli)
+    assert (tmp_path / "quickstart" / "version_0" / "adapter.safetensors").is_file(), "AdapterExport ran"
+    assert all(path.rsplit(".", 1)[1] in found for path in DEFAULT_CALLBACKS)
+    assert "AdapterExport" not in names(built(tmp_path, "--trainer.callbacks=[]"))

@@ -39,7 +39,14 @@ def _make_cli_class():
         require_test_split,
     )
     from mmpeft.tasks import PeftTask
-    from mmpeft.tasks.callbacks import AdapterExport, NamingCheckpointIO, default_callbacks, human_bytes, run_dir
+    from mmpeft.tasks.callbacks import (
+        AdapterExport,
+        NamingCheckpointIO,
+        default_callback_classes,
+        default_callbacks,
+        human_bytes,
+        run_dir,
+    )
 
     class RunConfig(SaveConfigCallback):
         """Saves the config in the run's own version directory (a resumed run beside the first one's, as
@@ -105,7 +112,11 @@ def _make_cli_class():
                 trainer_config["logger"] = self._loggers(config)
             elif trainer_config.get("logger") is False and not trainer_config.get("default_root_dir"):
                 trainer_config["default_root_dir"] = str(self._unlogged_run_dir(config))  # never the cwd
-            configured = trainer_config.get("callbacks") or []  # the defaults, plus or instead of the user's
+            configured = trainer_config.get("callbacks")  # the defaults, plus or instead of the user's
+            if (
+                configured is None
+            ):  # `callbacks: null` (run configs saved before the defaults): the defaults; [] is none
+                configured = [callback() for callback in default_callback_classes()]
             configured = configured if isinstance(configured, list) else [configured]
             if trainer_config.get("plugins") is None:  # a user's own plugins (a CheckpointIO among them) are kept
                 trainer_config["plugins"] = [NamingCheckpointIO()]

@@ -20,6 +20,7 @@ from mmpeft.core.state import save_adapter
 __all__ = [
     "DEFAULT_CALLBACKS",
     "default_callbacks",
+    "default_callback_classes",
     "AdapterExport",
     "NamingCheckpointIO",
     "RunStats",
@@ -227,3 +228,14 @@ DEFAULT_CALLBACKS = (
 def default_callbacks() -> list[dict[str, str]]:
     """The default `trainer.callbacks` of mmpeft's command line, as config entries."""
     return [{"class_path": path} for path in DEFAULT_CALLBACKS]
+
+
+def default_callback_classes() -> list[type[pl.Callback]]:
+    """The default callbacks' classes (for a config that says `callbacks: null`)."""
+    import importlib
+
+    found = []
+    for path in DEFAULT_CALLBACKS:
+        module, _, name = path.rpartition(".")
+        found.append(getattr(importlib.import_module(module), name))
+    return found
