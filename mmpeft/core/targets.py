@@ -17,7 +17,14 @@ from torch import nn
 from mmpeft.core.errors import NotSupported
 from mmpeft.core.inject import find_modules
 
-__all__ = ["family_of", "resolve_targets", "select_modules", "DefaultTargets"]
+__all__ = ["family_of", "resolve_targets", "select_modules", "DefaultTargets", "LINEAR_TARGETS_HELP"]
+
+# The `targets` option of the methods that adapt named linears (LoRA, SVFit), one wording for both.
+LINEAR_TARGETS_HELP = (
+    "module-name patterns (globs) of the Linear / Conv2d layers to adapt, each must match; a trailing [q,k,v] "
+    "selects parts of a fused qkv; unset: the backbone family's default (token backbones: attn.qkv[q,v]; UNets, "
+    "DiTs: to_q, to_k, to_v, to_out.0)"
+)
 
 DefaultTargets = Mapping[str, Sequence[str] | Callable[[nn.Module], Sequence[str]]]
 

@@ -13,7 +13,7 @@ from mmpeft.core.fused import add_low_rank_to_parts, parse_fused_target, parts_d
 from mmpeft.core.inject import attach
 from mmpeft.core.method import Method, register_method
 from mmpeft.core.modules import AdapterModule, LowRank
-from mmpeft.core.targets import select_modules
+from mmpeft.core.targets import LINEAR_TARGETS_HELP, select_modules
 
 __all__ = ["LoRA", "LoRADelta", "parse_target", "DEFAULT_TARGETS"]
 
@@ -124,14 +124,7 @@ class LoRA(Method):
     )
     targets: tuple[str, ...] | None = field(
         default=None,
-        metadata={
-            "help": (
-                "module-name patterns (globs) of the Linear / Conv2d layers to adapt, each must match; a trailing "
-                "[q,k,v] selects parts of a fused qkv; unset: the backbone family's default (token backbones: "
-                "attn.qkv[q,v]; "
-                "UNets, DiTs: to_q, to_k, to_v, to_out.0)"
-            )
-        },
+        metadata={"help": LINEAR_TARGETS_HELP},
     )  # None: the backbone family's default (see the docstring)
     b_lr_ratio: float = field(
         default=1.0,

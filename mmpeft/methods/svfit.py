@@ -21,7 +21,7 @@ from mmpeft.core.fused import add_to_parts, parse_fused_target, part_rows, parts
 from mmpeft.core.inject import attach
 from mmpeft.core.method import Method, register_method
 from mmpeft.core.modules import AdapterModule, adapter_modules
-from mmpeft.core.targets import select_modules
+from mmpeft.core.targets import LINEAR_TARGETS_HELP, select_modules
 from mmpeft.methods.lora import DENOISER_TARGETS
 
 __all__ = [
@@ -274,14 +274,7 @@ class SVFit(Method):
     )
     targets: tuple[str, ...] | None = field(
         default=None,
-        metadata={
-            "help": (
-                "module-name patterns (globs) of the Linear / Conv2d layers to adapt, each must match; a trailing "
-                "[q,k,v] selects parts of a fused qkv; unset: the backbone family's default (token backbones: "
-                "attn.qkv[q,v]; "
-                "UNets, DiTs: to_q, to_k, to_v, to_out.0)"
-            )
-        },
+        metadata={"help": LINEAR_TARGETS_HELP},
     )  # None: the backbone family's default (see the docstring)
 
     def __post_init__(self) -> None:
