@@ -85,9 +85,9 @@ def pretrain_classifier(model: PeftModel, data: pl.LightningDataModule, path: Pa
     steps = recipe["epochs"] * len(train)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(steps, recipe["warmup_epochs"] * len(train)))
     start = time.perf_counter()
-    bar = tqdm(range(recipe["epochs"]), desc=desc, disable=not progress)
     where = {"epoch": 1, "epochs": recipe["epochs"]}
-    with _sigterm_stops(desc, where):
+    with _sigterm_stops(desc, where):  # before the bar: a SIGTERM right after it prints is handled too
+        bar = tqdm(range(recipe["epochs"]), desc=desc, disable=not progress)
         for epoch in bar:
             where["epoch"] = epoch + 1
             losses = fit_steps(model, train, optimizer, model.backbone.example_loss, scheduler)
