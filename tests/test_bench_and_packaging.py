@@ -274,8 +274,11 @@ def test_bench_live_allocator_reaches_the_workers_and_names_the_result(tmp_path,
     """`--allocator live` fixes glibc's mmap threshold in every worker's environment (so the CPU peak is the
     live tensors'), says so in the markdown and keeps its results apart (`-live`)."""
     envs = []
+    real_run = subprocess.run
 
     def fake_run(cmd, env=None, **kwargs):
+        if "--worker" not in cmd:  # the result header's `git` calls run for real
+            return real_run(cmd, env=env, **kwargs)
         envs.append(env)
         method = cmd[cmd.index("--worker") + 1]
         row = {"method": method, "input": "4x16x16", "trainable": 1, "step_ms": 1.0, "peak_mem_mb": 1.0,
