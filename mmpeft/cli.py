@@ -39,7 +39,7 @@ def params_table(backbone: str, num_classes: int = 100, preset: str = "default")
     A preset that some methods lack marks their rows; one that no method has raises UnknownName."""
     import difflib
 
-    from mmpeft.backbones import create_backbone
+    from mmpeft.backbones.registry import create_without_pretraining
     from mmpeft.core.errors import NotSupported, UnknownName
 
     known = sorted({"default", *(p for name in list_methods() for p in get_method(name).presets)})
@@ -48,12 +48,8 @@ def params_table(backbone: str, num_classes: int = 100, preset: str = "default")
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
         raise UnknownName(f"no method has preset {preset!r}{hint}; known presets: {', '.join(known)}")
 
-    def build():  # quickstart backbones are small and built without their cached pretraining (counts only)
-        from mmpeft.backbones.weights import WEIGHTS_BUILDERS
-
-        if backbone in WEIGHTS_BUILDERS:
-            return create_backbone(backbone, pretrained=False)
-        return create_backbone(backbone, device="meta")
+    def build():  # full-size backbones on the meta device; quickstart ones small and without their pretraining
+        return create_without_pretraining(backbone, device="meta")
 
     probe = build()  # a bad name fails here, once, with its own message
     classes = num_classes if getattr(probe, "num_features", 0) else None  # denoisers take no head

@@ -22,6 +22,7 @@ __all__ = [
     "register_backbone",
     "register_backbone_prefix",
     "create_backbone",
+    "create_without_pretraining",
     "backbone_names",
     "describe_backbones",
     "registered_names",
@@ -108,6 +109,17 @@ def create_backbone(name: str, **kwargs: Any) -> nn.Module:
     if prefix in _PREFIXES:  # the factory checks the rest (it knows what its names hold)
         return _PREFIXES[prefix].factory(rest, **kwargs)
     return _create_timm(name, **kwargs)
+
+
+def create_without_pretraining(name: str, **kwargs: Any) -> nn.Module:
+    """`create_backbone`, except that mmpeft's quickstart backbones (those with a registered weights builder) are
+    built with random weights instead of running or reading their upstream pretraining: for counts and timings,
+    which do not depend on the weights. `kwargs` go to every other backbone."""
+    from mmpeft.backbones.weights import WEIGHTS_BUILDERS
+
+    if name in WEIGHTS_BUILDERS:
+        return create_backbone(name, pretrained=False)
+    return create_backbone(name, **kwargs)
 
 
 def _create_timm(name: str, **kwargs: Any) -> nn.Module:

@@ -294,13 +294,10 @@ def bench_backbone(args: argparse.Namespace) -> nn.Module:
     `--img-size` / `--in-chans`. mmpeft's quickstart backbones (digits, shapes) skip their pretraining: speed
     does not depend on the weights."""
     from mmpeft.backbones import create_backbone
-    from mmpeft.backbones.registry import registered_names
-    from mmpeft.backbones.weights import WEIGHTS_BUILDERS
+    from mmpeft.backbones.registry import create_without_pretraining, registered_names
 
-    if args.backbone in WEIGHTS_BUILDERS:
-        return create_backbone(args.backbone, pretrained=False)
     if args.backbone in registered_names() or ":" in args.backbone:
-        return create_backbone(args.backbone)
+        return create_without_pretraining(args.backbone)
     extra = {"in_chans": args.in_chans} if args.in_chans != 3 else {}
     return create_backbone(args.backbone, img_size=args.img_size, **extra)
 
