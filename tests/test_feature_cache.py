@@ -58,8 +58,8 @@ def test_the_cached_probe_runs_the_backbone_only_in_the_first_epoch(probes):
     assert [forwards["train", e] for e in range(3)] == [TRAIN_IMAGES, 0, 0], "each image once, alone"
     assert [forwards["val", e] for e in range(3)] == [VAL_IMAGES, 0, 0]
     assert [plain["train", e] for e in range(3)] == [TRAIN_IMAGES] * 3, "without the cache: every epoch"
-    assert len(task._feature_caches["train"]) == 270 and len(task._feature_caches["val"]) == 108
-    assert task._feature_caches["train"].passes == task._feature_caches["val"].passes == 3, "one pass an epoch"
+    assert len(task.feature_caches["train"]) == 270 and len(task.feature_caches["val"]) == 108
+    assert task.feature_caches["train"].passes == task.feature_caches["val"].passes == 3, "one pass an epoch"
 
 
 def test_the_cached_probe_trains_exactly_as_the_uncached_probe(probes):
@@ -72,13 +72,13 @@ def test_the_cached_probe_trains_exactly_as_the_uncached_probe(probes):
     # predictions of a validation batch from the cache equal the full model's
     images, _ = next(iter(trainer.datamodule.val_dataloader()))
     cached.eval()
-    assert torch.equal(cached.model.head(cached._cached_features(cached._feature_caches["val"], images)),
+    assert torch.equal(cached.model.head(cached.feature_caches.features(cached, cached.feature_caches["val"], images)),
                        cached.model(images))  # fmt: skip
 
 
 def test_cached_features_give_the_same_loss_and_head_gradients():
     task = ImageClassification(tiny_vit(), method="linear", num_classes=10, feature_cache=True).train()
-    cache = task._feature_caches["train"]
+    cache = task.feature_caches["train"]
     images, labels = torch.randn(6, 1, 8, 8), torch.randint(0, 10, (6,))
 
     def loss_and_grads(output):
@@ -89,7 +89,7 @@ def test_cached_features_give_the_same_loss_and_head_gradients():
 
     reference = loss_and_grads(task.model(images))
     for _ in range(2):  # computed and stored, then read from the cache
-        loss, grads = loss_and_grads(task.model.head(task._cached_features(cache, images)))
+        loss, grads = loss_and_grads(task.model.head(task.feature_caches.features(task, cache, images)))
         assert torch.equal(loss, reference[0]) and all(map(torch.equal, grads, reference[1]))
     assert len(cache) == 6 and cache.hits == 6
 
@@ -98,12 +98,14 @@ def test_cached_features_give_the_same_loss_and_head_gradients():
 def test_methods_that_touch_the_backbone_are_refused(method):
     with pytest.raises(ValueError, match="only a pure linear probe"):
         ImageClassification(tiny_vit(), method=method, num_classes=10, feature_cache=True)
-    assert ImageClassification(tiny_vit(), method=method, num_classes=10)._feature_caches == {}, "auto: off"
+    assert ImageClassification(tiny_vit(), method=method, num_classes=10).feature_caches.caches == {}, "auto: off"
 
 
 def test_auto_caches_the_linear_probe_only_and_false_turns_it_off():
-    assert set(ImageClassification(tiny_vit(), method="linear", num_classes=10)._feature_caches) == {"train", "val"}
-    assert ImageClassification(tiny_vit(), method="linear", num_classes=10, feature_cache=False)._feature_caches == {}
+    probe = ImageClassification(tiny_vit(), method="linear", num_classes=10)
+    assert set(probe.feature_caches.caches) == {"train", "val"}
+    off = ImageClassification(tiny_vit(), method="linear", num_classes=10, feature_cache=False)
+    assert off.feature_caches.caches == {}
     with pytest.raises(ValueError, match="true, false or 'auto'"):
         ImageClassification(tiny_vit(), num_classes=10, feature_cache="yes")
 
@@ -111,10 +113,10 @@ def test_auto_caches_the_linear_probe_only_and_false_turns_it_off():
 def test_random_augmentation_turns_the_training_cache_off_with_one_warning():
     task, _, forwards, caught = fit(shift=1)  # random one-pixel shifts: new training inputs every epoch
     assert sum("repeat an input of the first" in m for m in caught) == 1, caught
-    assert not task._feature_caches["train"].enabled and len(task._feature_caches["train"]) == 0
+    assert not task.feature_caches["train"].enabled and len(task.feature_caches["train"]) == 0
     assert forwards["train", 0] == forwards["train", 2] == TRAIN_IMAGES
     assert TRAIN_IMAGES - 32 < forwards["train", 1] < TRAIN_IMAGES, "hits only until the check after 32 lookups"
-    assert task._feature_caches["val"].enabled and forwards["val", 1] == forwards["val", 2] == 0, "val has no shift"
+    assert task.feature_caches["val"].enabled and forwards["val", 1] == forwards["val", 2] == 0, "val has no shift"
 
 
 @dataclass
@@ -128,7 +130,7 @@ def test_a_frozen_backbone_in_train_mode_is_not_cached():
     task, _, forwards, caught = fit(method=TrainModeProbe(), epochs=2)
     assert sum("train mode" in m and "feature cache off" in m for m in caught) == 1, caught
     assert [forwards["train", e] for e in range(2)] == [TRAIN_IMAGES] * 2
-    assert not task._feature_caches["train"].enabled
+    assert not task.feature_caches["train"].enabled
 
 
 def test_content_cache_keys_and_get_or_compute():

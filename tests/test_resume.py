@@ -41,6 +41,19 @@ FAMILIES = {
         ],
         5,
     ),  # fmt: skip
+    "timm_cosine": (
+        [
+            "-c",
+            "configs/quickstart.yaml",
+            "--model.init_args.backbone.init_args.pretrained=false",
+            "--data.init_args.batch_size=64",
+            "--data.init_args.shift=1",
+            "--model.init_args.schedule=timm_cosine",  # timm's scheduler state, stepped per epoch
+            "--model.init_args.warmup_epochs=1",
+            "--model.init_args.warmup_lr=1e-5",
+        ],
+        5,
+    ),  # fmt: skip
     "point": (
         [
             "-c",

@@ -35,10 +35,11 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--key-style",
-        choices=("peft", "diffusers"),
+        choices=("peft", "diffusers"),  # diffusers_lora.KEY_STYLES; imported lazily, as torch is
         default="peft",
-        help="peft: lora_A / lora_B keys (diffusers' current files); diffusers: lora.down / lora.up, as the "
-        "DreamBooth LoRA script writes",
+        help="peft: lora_A / lora_B keys (diffusers' current files); diffusers: diffusers' "
+        "convert_state_dict_to_diffusers names (attention projections as lora.down / lora.up), as its DreamBooth "
+        "LoRA script writes",
     )
     parser.add_argument(
         "--text-encoder",

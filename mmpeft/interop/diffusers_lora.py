@@ -15,9 +15,10 @@ transformer_blocks.0.attn1.to_q`) or in the `CLIPTextModel` (`encoder.layers.0.s
 encoder's keys carry `text_model.`, transformers 4's nesting of the CLIP text model, which the files in
 circulation use; transformers 5 dropped the nesting, and diffusers 0.42 strips the prefix again when its
 text encoder has none (`_load_lora_into_text_encoder`), so one spelling loads under both. With
-`key_style="diffusers"` the two become `.lora.down.weight` / `.lora.up.weight`, exactly what the DreamBooth
-script writes (`convert_state_dict_to_diffusers`), and `.lora_linear_layer.down.weight` / `.up.weight` for the
-text encoder's (diffusers' own text-encoder spelling); diffusers converts them back to the peft names on load.
+`key_style="diffusers"` the keys go through diffusers' own `convert_state_dict_to_diffusers`, exactly as its
+DreamBooth script writes them: the attention projections become `.lora.down.weight` / `.lora.up.weight` (UNet)
+and `.lora_linear_layer.down.weight` / `.up.weight` (text encoder), other layers keep peft's names; diffusers
+converts them back on load. Export writes through diffusers' `save_lora_weights` (its packing and file name).
 
 Scaling: a file without alphas means `W + B A` to diffusers (peft's `lora_alpha / r` with `lora_alpha = r`
 when absent), for the UNet and the text encoder alike. mmpeft's `W + (alpha / r) B A` is therefore written
@@ -66,9 +67,7 @@ LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # diffusers' LORA_WEIGHT_
 METADATA_KEY = "mmpeft_lora"  # our header entry; diffusers reads only "format" and "lora_adapter_metadata"
 _DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"
 _FORMAT = "mmpeft-diffusers-lora/1"
-_KEY_STYLES = {"peft": (".lora_A.weight", ".lora_B.weight"), "diffusers": (".lora.down.weight", ".lora.up.weight")}
-# the text encoder's "diffusers" keys are `lora_linear_layer` ones (diffusers' PEFT_TO_DIFFUSERS / DIFFUSERS_TO_PEFT)
-_TEXT_KEY_STYLES = {**_KEY_STYLES, "diffusers": (".lora_linear_layer.down.weight", ".lora_linear_layer.up.weight")}
+KEY_STYLES = ("peft", "diffusers")  # peft's lora_A / lora_B names; diffusers' converter's (DreamBooth's files)
 _PREFIXES = ("unet", "text_encoder", "text_encoder_2")
 TEXT_ENCODER = "text_encoder"  # the component name in mmpeft and the key prefix in diffusers' files
 TEXT_MODEL = "text_model."  # transformers 4's CLIPTextModel nesting, as text-encoder LoRA files spell it
@@ -116,14 +115,12 @@ def _model_name(text_encoder: nn.Module, name: str) -> str:
     return name if hasattr(text_encoder, "text_model") else name.removeprefix(TEXT_MODEL)
 
 
-def _lora_tensors(
-    root: nn.Module, prefix: str, suffixes: tuple[str, str], dtype: torch.dtype | None, name_of=None
-) -> dict[str, torch.Tensor]:
-    """`{prefix}.{name}{suffixes[0]}` = A and `{suffixes[1]}` = (alpha / r) B for every LoRA piece on `root`."""
+def _lora_layers(root: nn.Module, what: str, dtype: torch.dtype | None, name_of=None) -> dict[str, torch.Tensor]:
+    """`{name}.lora_A.weight` = A and `.lora_B.weight` = (alpha / r) B (peft's names, the layer's path in `root`)
+    for every LoRA piece on `root`: the layers dict diffusers' `save_lora_weights` takes per component."""
     pieces = _lora_pieces(root)
     if not pieces:
-        raise NotSupported(f"the model's {prefix} carries no LoRA pieces (was the method unloaded?)")
-    a_suffix, b_suffix = suffixes
+        raise NotSupported(f"the model's {what} carries no LoRA pieces (was the method unloaded?)")
     out: dict[str, torch.Tensor] = {}
     for host_name, piece in pieces.items():
         host = root.get_submodule(host_name)
@@ -136,8 +133,8 @@ def _lora_tensors(
         b = delta.B.detach().float() * delta.scale
         target = dtype or delta.A.dtype
         name = name_of(host_name) if name_of else host_name
-        out[f"{prefix}.{name}{a_suffix}"] = a.to("cpu", target).contiguous()
-        out[f"{prefix}.{name}{b_suffix}"] = b.to("cpu", target).contiguous()
+        out[f"{name}.lora_A.weight"] = a.to("cpu", target).contiguous()
+        out[f"{name}.lora_B.weight"] = b.to("cpu", target).contiguous()
     return out
 
 
@@ -166,20 +163,20 @@ def exported_components(model: PeftModel, text_encoder: str = "include") -> dict
     return methods
 
 
-def diffusers_lora_state_dict(
-    model: PeftModel,
-    key_style: str = "peft",
-    prefix: str = "unet",
-    dtype: torch.dtype | None = None,
-    text_encoder: str = "include",
-) -> dict[str, torch.Tensor]:
-    """The tensors `export_diffusers_lora` writes: `{prefix}.{module}.lora_A.weight` = A and `.lora_B.weight`
-    = (alpha / r) B, per adapted Linear / Conv2d of the UNet, and `text_encoder.text_model.{module}...` per
-    adapted layer of the text encoder (see the module docstring and `exported_components`)."""
+def diffusers_lora_layers(
+    model: PeftModel, key_style: str = "peft", dtype: torch.dtype | None = None, text_encoder: str = "include"
+) -> dict[str, dict[str, torch.Tensor]]:
+    """{component ("unet", "text_encoder"): its layers dict}, what diffusers' `save_lora_weights` takes as
+    `unet_lora_layers` / `text_encoder_lora_layers`: peft's `lora_A` / `lora_B` names, or with
+    `key_style="diffusers"` those names through diffusers' own `convert_state_dict_to_diffusers` (what its
+    DreamBooth LoRA script writes). Refusals: a model that is not a LoRA on a `DiffusersUNet`, and a text method
+    a file would leave out (`exported_components`)."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+
     from mmpeft.methods.lora import LoRA
 
-    if key_style not in _KEY_STYLES:
-        raise ValueError(f"key_style must be one of {sorted(_KEY_STYLES)}, got {key_style!r}")
+    if key_style not in KEY_STYLES:
+        raise ValueError(f"key_style must be one of {list(KEY_STYLES)}, got {key_style!r}")
     if not isinstance(model, PeftModel):
         raise TypeError(f"export_diffusers_lora takes a PeftModel, got {type(model).__name__}")
     backbone = _unet_backbone(model, "export_diffusers_lora")
@@ -193,11 +190,40 @@ def diffusers_lora_state_dict(
         raise NotSupported(
             f"export_diffusers_lora writes LoRA files; the model's method is {model.method.name!r}{hint}"
         )
-    out = _lora_tensors(backbone.model, prefix, _KEY_STYLES[key_style], dtype)
+    layers = {"unet": _lora_layers(backbone.model, "unet", dtype)}
     for name in exported_components(model, text_encoder):
         encoder = model.components[name]
-        suffixes = _TEXT_KEY_STYLES[key_style]
-        out |= _lora_tensors(encoder, name, suffixes, dtype, lambda n, e=encoder: _file_name(e, n))
+        layers[name] = _lora_layers(encoder, name, dtype, lambda n, e=encoder: _file_name(e, n))
+    if key_style == "diffusers":
+        layers = {name: convert_state_dict_to_diffusers(part) for name, part in layers.items()}
+        kept = [f"{name}.{k.removesuffix('.lora_A.weight')}" for name, part in layers.items() for k in part
+                if k.endswith(".lora_A.weight")]  # fmt: skip
+        if kept:
+            raise NotSupported(
+                f"key_style='diffusers' names LoRA keys as diffusers' convert_state_dict_to_diffusers does, and it "
+                f"renames only the attention projections; {len(kept)} adapted layer(s) keep peft's names "
+                f"({kept[0]}, ...), and diffusers loads such a mixed file only in part. Use key_style='peft' "
+                "(--key-style peft), which every current diffusers reads whole"
+            )
+    return layers
+
+
+def diffusers_lora_state_dict(
+    model: PeftModel,
+    key_style: str = "peft",
+    prefix: str = "unet",
+    dtype: torch.dtype | None = None,
+    text_encoder: str = "include",
+) -> dict[str, torch.Tensor]:
+    """The tensors `export_diffusers_lora` writes, with the file's keys: `{prefix}.{module}.lora_A.weight` = A and
+    `.lora_B.weight` = (alpha / r) B per adapted Linear / Conv2d of the UNet, and `text_encoder.text_model.
+    {module}...` per adapted layer of the text encoder (see the module docstring and `exported_components`)."""
+    from diffusers.loaders import StableDiffusionLoraLoaderMixin
+
+    layers = diffusers_lora_layers(model, key_style=key_style, dtype=dtype, text_encoder=text_encoder)
+    out: dict[str, torch.Tensor] = {}
+    for name, part in layers.items():
+        out |= StableDiffusionLoraLoaderMixin.pack_weights(part, prefix if name == "unet" else name)
     return out
 
 
@@ -210,24 +236,26 @@ def export_diffusers_lora(
     text_encoder: str = "include",
 ) -> Path:
     """Write the model's LoRA (on a `DiffusersUNet`, and on its text encoder when it has one) as a diffusers LoRA
-    file; returns the file's path.
+    file with diffusers' own writer (`StableDiffusionLoraLoaderMixin.save_lora_weights`); returns its path.
 
     `path` is a folder (the file is `path/weight_name`, what `pipe.load_lora_weights(path)` finds) or a
-    `.safetensors` file. `key_style`: "peft" (`lora_A` / `lora_B`) or "diffusers" (`lora.down` / `lora.up`,
-    as diffusers' DreamBooth script). `dtype`: of the written tensors (default: the LoRA's own). The scale
-    alpha / r is folded into B; the method configs go into the header (see the module docstring).
-    `text_encoder`: "include" (a text method that is not LoRA is refused) or "ignore" (the UNet part alone,
-    recorded in the header as `left_out`).
+    `.safetensors` file. `key_style`: "peft" (`lora_A` / `lora_B`) or "diffusers" (diffusers'
+    `convert_state_dict_to_diffusers`, as its DreamBooth script). `dtype`: of the written tensors (default: the
+    LoRA's own). The scale alpha / r is folded into B; the method configs go into the header (see the module
+    docstring). `text_encoder`: "include" (a text method that is not LoRA is refused) or "ignore" (the UNet part
+    alone, recorded in the header as `left_out`). The file is written whole or not at all.
     """
+    from diffusers.loaders import StableDiffusionLoraLoaderMixin
     from safetensors.torch import save_file
 
     from mmpeft.core.model import backbone_signature
 
-    tensors = diffusers_lora_state_dict(model, key_style=key_style, dtype=dtype, text_encoder=text_encoder)
+    layers = diffusers_lora_layers(model, key_style=key_style, dtype=dtype, text_encoder=text_encoder)
     components = exported_components(model, text_encoder)
     path = Path(path)
     file = path if path.suffix == ".safetensors" else path / weight_name
-    file.parent.mkdir(parents=True, exist_ok=True)
+    if file.parent.is_file():
+        raise NotADirectoryError(f"{file.parent} is a file; give export_diffusers_lora a folder or a .safetensors path")
     config = lambda m: {"name": m.name, "config": json.loads(json.dumps(m.config()))}
     header = {
         "format": _FORMAT,
@@ -237,13 +265,25 @@ def export_diffusers_lora(
         "scale_in_B": True,
         "backbone": backbone_signature(model.backbone),
     }
-    tmp = file.with_name(file.name + ".tmp")
-    try:
-        save_file(tensors, str(tmp), metadata={"format": "pt", METADATA_KEY: json.dumps(header)})
-        os.replace(tmp, file)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+
+    def save_whole(tensors: dict[str, torch.Tensor], filename: str) -> None:
+        """diffusers' `save_function`: its default writer's `format` entry plus our header, via a temporary file,
+        so a failed export never leaves a half-written file where a good one stood."""
+        tmp = Path(filename).with_name(Path(filename).name + ".tmp")
+        try:
+            save_file(tensors, str(tmp), metadata={"format": "pt", METADATA_KEY: json.dumps(header)})
+            os.replace(tmp, filename)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+
+    StableDiffusionLoraLoaderMixin.save_lora_weights(
+        save_directory=file.parent,
+        unet_lora_layers=layers["unet"],
+        text_encoder_lora_layers=layers.get(TEXT_ENCODER),
+        weight_name=file.name,
+        save_function=save_whole,
+    )
     return file
 
 

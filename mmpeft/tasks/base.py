@@ -13,27 +13,26 @@ from typing import Any, ClassVar
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
+from timm.scheduler.scheduler import Scheduler as TimmScheduler
 from torch import nn
 
 from mmpeft.backbones import backbone_from_spec
-from mmpeft.core.cache import DEFAULT_MAX_BYTES, ContentCache
+from mmpeft.core.cache import DEFAULT_MAX_BYTES
 from mmpeft.core.errors import MmpeftError
 from mmpeft.core.identity import weights_identity
 from mmpeft.core.method import method_from_spec
 from mmpeft.core.model import PeftModel
-from mmpeft.core.modules import adapter_modules
 from mmpeft.core.report import parameter_report
 from mmpeft.core.state import NonFiniteTensors, check_weights, load_adapter, non_finite
 from mmpeft.tasks.callbacks import run_dir
 from mmpeft.tasks.ema import EMACallback, TrainableEMA
 from mmpeft.tasks.epoch_mean import EpochMean
+from mmpeft.tasks.feature_cache import FeatureCaches
 from mmpeft.tasks.optim import SCHEDULES, build_optimizer, describe_groups, param_groups, timm_cosine, warmup_cosine
 from mmpeft.tasks.rng import rng_states, set_rng_states
 from mmpeft.tasks.step import step_loss
 
 __all__ = ["NonFiniteLoss", "PeftTask", "rng_states", "set_rng_states"]  # the RNG helpers live in tasks.rng
-
-FEATURE_CACHE_STAGES = ("train", "val")  # test and predict run once each: nothing to reuse
 
 # Frozen backbones run (partly) in eval mode by design: the frozen-mode policy, not a mistake.
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
@@ -122,8 +121,7 @@ class PeftTask(pl.LightningModule):
         self.strict_loading = False  # checkpoints hold the trainable set only; the frozen rest comes from config
         if adapter:
             self.load_adapter(adapter)
-        self._feature_caches = self._feature_caches_for(feature_cache, feature_cache_bytes)
-        self._feature_mode_checked: int | None = None  # the epoch whose frozen modes were checked
+        self.feature_caches = FeatureCaches(self, feature_cache, feature_cache_bytes)
 
     # -- the method's view -----------------------------------------------------------------------------
     @property
@@ -163,8 +161,7 @@ class PeftTask(pl.LightningModule):
     # -- Lightning hooks -------------------------------------------------------------------------------------
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         inputs, targets = self.prepare_batch(batch, "train")
-        cache = self._feature_cache("train", inputs)
-        model = self.model if cache is None else _HeadOnCachedFeatures(self, cache)
+        model = self.feature_caches.runner(self, "train", inputs) or self.model
         result = step_loss(model, inputs, targets, lambda out, tgt: self.loss_and_metrics(out, tgt, "train"))
         if not bool(torch.isfinite(result.loss.detach())):
             raise NonFiniteLoss(self._divergence_message(result.loss, batch_idx))
@@ -174,8 +171,8 @@ class PeftTask(pl.LightningModule):
 
     def _evaluate(self, batch: Any, stage: str) -> None:
         inputs, targets = self.prepare_batch(batch, stage)
-        cache = self._feature_cache(stage, inputs)
-        output = self(inputs) if cache is None else self.model.head(self._cached_features(cache, inputs))
+        cached = self.feature_caches.runner(self, stage, inputs)
+        output = self(inputs) if cached is None else cached(inputs)
         self.loss_and_metrics(output, targets, stage)
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
@@ -203,7 +200,7 @@ class PeftTask(pl.LightningModule):
             f"({report.trainable_no_head:,} without head, {report.percent:.3f}% of the "
             f"{report.backbone:,}-parameter backbone)"
         )
-        if self._feature_caches:
+        if self.feature_caches:
             self.print("feature cache on: the frozen backbone runs once per training / validation input")
         warning = random_frozen_backbone_warning(self.model)
         if warning:
@@ -217,9 +214,8 @@ class PeftTask(pl.LightningModule):
         rank_zero_info(f"optimizer {hp.optimizer}, peak lr per group:\n{describe_groups(groups)}")
         epochs = max(self.trainer.max_epochs or 1, 1)
         if hp.schedule == "timm_cosine":  # per epoch; each group's own base lr, timm's absolute warmup / min lr
-            factors = [timm_cosine(epochs, int(hp.warmup_epochs), hp.cooldown_epochs, g["lr"], hp.warmup_lr, hp.min_lr)
-                       for g in optimizer.param_groups]  # fmt: skip
-            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factors)
+            warmup = int(hp.warmup_epochs)
+            scheduler = timm_cosine(optimizer, epochs, warmup, hp.cooldown_epochs, hp.warmup_lr, hp.min_lr)
             return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
         total = int(self.trainer.estimated_stepping_batches)
         warmup = int(round(hp.warmup_epochs * total / epochs))
@@ -227,79 +223,21 @@ class PeftTask(pl.LightningModule):
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
-    # -- the cached linear probe -------------------------------------------------------------------------------
-    def _feature_caches_for(self, spec: bool | str, max_bytes: int) -> dict[str, ContentCache]:
-        """The feature caches (training, validation) the `feature_cache` option asks for and the model allows."""
-        if spec not in (True, False, "auto"):
-            raise ValueError(f"feature_cache must be true, false or 'auto', got {spec!r}")
-        why = self.feature_cache_refusal() if spec else None
-        if spec is True and why:
-            raise ValueError(
-                f"feature_cache=true caches the frozen backbone's features, which only a pure linear probe allows: "
-                f"{why} (feature_cache: auto turns it on exactly when it is valid)"
-            )
-        if not spec or why:
-            return {}
-        return {stage: ContentCache(f"{stage} backbone-feature", max_bytes) for stage in FEATURE_CACHE_STAGES}
+    def lr_scheduler_step(self, scheduler: Any, metric: Any) -> None:
+        """timm's schedulers take the epoch they set the rate for; the fit loop calls this at an epoch's end,
+        before it counts that epoch, so the rate is the next one's, `current_epoch + 1`."""
+        if isinstance(scheduler, TimmScheduler):
+            scheduler.step(epoch=self.current_epoch + 1)
+        else:
+            super().lr_scheduler_step(scheduler, metric)
 
-    def feature_cache_refusal(self) -> str | None:
-        """Why the backbone's features cannot be cached (None: they can): something in the backbone trains, a
-        method piece is attached, or the task computes its output in a forward of its own."""
-        name = self.method.name
-        if type(self).forward is not PeftTask.forward:
-            return f"{type(self).__name__} computes its output in a forward of its own"
-        trained = [n for n, p in self.model.backbone.named_parameters() if p.requires_grad]
-        if trained:
-            return f"method {name!r} trains {len(trained)} backbone tensor(s) ({trained[0]}, ...)"
-        pieces = [n for n, _ in adapter_modules(self.model.backbone)]
-        if pieces:
-            return f"method {name!r} attaches pieces to the backbone ({pieces[0] or 'the backbone'}, ...)"
-        return None
-
-    def _feature_cache(self, stage: str, inputs: Any) -> ContentCache | None:
-        """The stage's feature cache when it is in use for these inputs (test and predict run once: no cache)."""
-        cache = self._feature_caches.get(stage)
-        if cache is None or not cache.enabled:
-            return None
-        if not isinstance(inputs, torch.Tensor):
-            cache.disable(f"feature cache off: the {stage} inputs are a {type(inputs).__name__}, not a tensor")
-            return None
-        if stage == "train" and self._feature_mode_checked != self.current_epoch:  # once an epoch: the policy is fixed
-            self._feature_mode_checked = self.current_epoch
-            stochastic = next((n or "the backbone" for n, m in self.model.backbone.named_modules() if m.training), None)
-            if stochastic is not None:  # a frozen module in train mode (dropout, drop-path): features are random
-                cache.disable(
-                    f"feature cache off: the frozen backbone runs {stochastic} in train mode (method "
-                    f"{self.method.name!r} has frozen_mode {self.method.frozen_mode!r}), so its features are not a "
-                    "function of the input"
-                )
-                return None
-        return cache
-
-    def _cached_features(self, cache: ContentCache, inputs: torch.Tensor) -> torch.Tensor:
-        """The frozen backbone's features of a batch: cached rows from the cache, the new inputs from one backbone
-        forward (of the whole batch when every input is new, as in the first epoch)."""
-        backbone = self.model.backbone
-
-        def features(batch: torch.Tensor) -> torch.Tensor:
-            with torch.no_grad():
-                return backbone(batch)
-
-        out = cache.get_or_compute(inputs, features)
-        world = self.trainer.world_size if self._trainer is not None else 1
-        cache.check_repeats(expected=1.0 / max(world, 1))  # under DDP a rank sees another shard every epoch
-        return out
-
-    def _start_feature_pass(self, stage: str) -> None:
-        if stage in self._feature_caches:
-            self._feature_caches[stage].start_pass()
-
+    # -- the cached linear probe (`mmpeft.tasks.feature_cache`) ------------------------------------------------
     def on_train_epoch_start(self) -> None:
-        self._start_feature_pass("train")
+        self.feature_caches.start_pass("train")
 
     def on_validation_epoch_start(self) -> None:
         if self._trainer is not None and self.trainer.validating:  # a full pass: not a sanity check, not a test
-            self._start_feature_pass("val")
+            self.feature_caches.start_pass("val")
 
     # -- EMA of the trainable set: a callback (`mmpeft.tasks.ema.EMACallback`) ------------------------------
     def configure_callbacks(self) -> list[pl.Callback]:
@@ -382,13 +320,3 @@ def random_frozen_backbone_warning(model: PeftModel) -> str | None:
         "PATH (or `pretrained: true` for mmpeft's quickstart backbones). Ignore this only for a deliberate "
         "random-weights baseline"
     )
-
-
-class _HeadOnCachedFeatures:
-    """What `step_loss` runs for a cached probe: the head on the cached features; the model's method."""
-
-    def __init__(self, task: PeftTask, cache: ContentCache):
-        self.task, self.cache, self.method = task, cache, task.model.method
-
-    def __call__(self, inputs: torch.Tensor) -> torch.Tensor:
-        return self.task.model.head(self.task._cached_features(self.cache, inputs))

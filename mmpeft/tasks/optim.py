@@ -6,6 +6,7 @@ import math
 from collections.abc import Callable
 
 import torch
+from timm.scheduler import CosineLRScheduler
 from torch import nn
 
 from mmpeft.core.method import Method
@@ -93,19 +94,19 @@ def warmup_cosine(total_steps: int, warmup_steps: int, min_ratio: float = 0.0) -
 
 
 def timm_cosine(
-    epochs: int, warmup_epochs: int, cooldown_epochs: int, base_lr: float, warmup_lr: float, min_lr: float
-) -> Callable[[int], float]:
-    """lr multiplier per epoch of timm's `CosineLRScheduler` as SSF's scripts create it (`--sched cosine`,
-    `t_in_epochs`, no warmup prefix): linear from `warmup_lr` during warmup, then the cosine over the first
-    `epochs - cooldown_epochs` epochs counted from epoch 0 (warmup included), then `min_lr` held through
-    the cooldown epochs timm adds to the run (SSF: 100 + 10)."""
+    optimizer: torch.optim.Optimizer,
+    epochs: int,
+    warmup_epochs: int,
+    cooldown_epochs: int,
+    warmup_lr: float,
+    min_lr: float,
+) -> CosineLRScheduler:
+    """timm's `CosineLRScheduler` as SSF's scripts create it (`--sched cosine`, `t_in_epochs`, no warmup prefix):
+    linear from `warmup_lr` during warmup, then the cosine over the first `epochs - cooldown_epochs` epochs
+    counted from epoch 0 (warmup included), then `min_lr` held through the cooldown epochs timm adds to the run
+    (SSF: 100 + 10). Each group warms up to and decays from its own lr; `warmup_lr` and `min_lr` are absolute.
+    Stepped per epoch by `PeftTask.lr_scheduler_step`."""
     t_initial = max(epochs - cooldown_epochs, 1)
-
-    def lr_at(epoch: int) -> float:
-        if epoch < warmup_epochs:
-            return warmup_lr + epoch * (base_lr - warmup_lr) / warmup_epochs
-        if epoch < t_initial:
-            return min_lr + 0.5 * (base_lr - min_lr) * (1 + math.cos(math.pi * epoch / t_initial))
-        return min_lr
-
-    return lambda epoch: lr_at(epoch) / base_lr if base_lr else 0.0
+    return CosineLRScheduler(
+        optimizer, t_initial, lr_min=min_lr, warmup_t=warmup_epochs, warmup_lr_init=warmup_lr, cycle_limit=1
+    )
