@@ -1,10 +1,12 @@
-"""k-shot subsets of the quickstart data and the k-shot transfer tables (`python -m mmpeft.quickstart --shots`),
-with `run_one` faked: no training here."""
+"""k-shot subsets of the quickstart data and the k-shot transfer tables (`python -m mmpeft.quickstart --shots`, a
+sweep file per task), with the cells' runs faked: no training here."""
 
 from __future__ import annotations
 
 import csv
+import json
 import statistics
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +14,9 @@ import torch
 from mmpeft.data.digits import DigitsDataModule
 from mmpeft.data.shapes import ShapesDataModule
 from mmpeft.lab import transfer as q
+from mmpeft.lab.sweep.checks import check_sweep
+from mmpeft.lab.sweep.plan import plan_stage2
+from mmpeft.lab.sweep.run import Runner, _result
 
 
 def _keys(images: torch.Tensor) -> set[bytes]:
@@ -87,6 +92,23 @@ def fake_runs(monkeypatch):
     return calls
 
 
+@pytest.fixture
+def fake_cells(monkeypatch):
+    """The sweep runner's cells, faked: a k-shot cell's accuracy is ACC[seed] (+0.1 at k = 20)."""
+    cells = []
+
+    def run_one(self, cell, device):
+        cells.append(cell)
+        acc = ACC[cell.seed] + (0.1 if cell.args["data.init_args.shots"] == 20 else 0.0)
+        method = cell.args.get("model.init_args.method")
+        summary = {"metrics": {"val/acc": acc, "test/acc": acc}, "trainable": 1000 + len(str(method)), "seconds": 1.0}
+        self.result_path(cell).write_text(json.dumps(summary))  # as the real runner: a finished cell is kept
+        return _result(cell, summary)
+
+    monkeypatch.setattr(Runner, "run_one", run_one)
+    return cells
+
+
 def _main(tmp_path, *extra: str) -> list[str]:
     argv = ["--shots", "5,20", "--seeds", "0,1,2", "--methods", "linear,lora,vpt", "--epochs", "7",
             "--runs-dir", str(tmp_path / "runs"), "--out-dir", str(tmp_path / "out"), *extra]  # fmt: skip
@@ -94,14 +116,21 @@ def _main(tmp_path, *extra: str) -> list[str]:
     return argv
 
 
-def test_kshot_table_aggregates_writes_and_names_the_command(tmp_path, fake_runs, capsys):
+def test_kshot_table_aggregates_writes_and_names_the_command(tmp_path, fake_cells, capsys):
     argv = _main(tmp_path)
-    assert len(fake_runs) == 3 * 2 * 3, "every method x k x seed"
-    assert {c["precision"] for c in fake_runs} == {"32"} and {c["epochs"] for c in fake_runs} == {7}
-    assert all(c["extra"] == [*q.KSHOT_DATA["digits"], "--trainer.check_val_every_n_epoch=7"] for c in fake_runs)
-    lora = [c for c in fake_runs if c["method"] is None]  # the quickstart config's own method
-    assert {c["lr"] for c in lora} == {q.RUNS["lora (quickstart)"][2]}, "the quickstart's lr is reused"
-    assert sorted((c["shots"], c["seed"]) for c in lora) == [(5, 0), (5, 1), (5, 2), (20, 0), (20, 1), (20, 2)]
+    assert len(fake_cells) == 3 * 2 * 3, "every method x k x seed"
+    assert {c.args["trainer.precision"] for c in fake_cells} == {"32"}
+    assert {(c.args["trainer.max_epochs"], c.args["trainer.check_val_every_n_epoch"]) for c in fake_cells} == {(7, 7)}
+    assert {(c.args["data.init_args.train_fraction"], c.args["data.init_args.val_fraction"]) for c in fake_cells} == {
+        (0.55, 0.2)
+    }, "the digits k-shot split"
+    assert all(c.args["data.init_args.shot_seed"] == c.args["seed_everything"] == c.seed for c in fake_cells)
+    lora = [c for c in fake_cells if c.method == "lora"]
+    assert all("model.init_args.method" not in c.args for c in lora), "the quickstart config's own method"
+    assert {c.args["model.init_args.lr"] for c in lora} == {q.RUNS["lora (quickstart)"][2]}, "the quickstart's lr"
+    assert sorted((c.args["data.init_args.shots"], c.seed) for c in lora) == [(5, 0), (5, 1), (5, 2), (20, 0), (20, 1),
+                                                                               (20, 2)]  # fmt: skip
+    assert all(Path(f).is_absolute() for c in fake_cells for f in c.configs), "runs from any folder"
 
     rows = list(csv.DictReader((tmp_path / "out" / "digits-kshot.csv").open()))
     assert list(rows[0])[:8] == ["method", "shots", "seeds", "acc_mean", "acc_std", "trainable", "epochs", "precision"]
@@ -121,34 +150,34 @@ def test_kshot_table_aggregates_writes_and_names_the_command(tmp_path, fake_runs
     assert "digits-kshot.md" in capsys.readouterr().out
 
 
-def test_kshot_table_refuses_to_overwrite(tmp_path, fake_runs, capsys):
+def test_kshot_table_refuses_to_overwrite(tmp_path, fake_cells, capsys):
     _main(tmp_path)
     before = (tmp_path / "out" / "digits-kshot.csv").read_text()
-    n = len(fake_runs)
+    n = len(fake_cells)
     with pytest.raises(SystemExit):
         _main(tmp_path)
-    assert "--overwrite" in capsys.readouterr().err and len(fake_runs) == n, "refused before training anything"
+    assert "--overwrite" in capsys.readouterr().err and len(fake_cells) == n, "refused before training anything"
     assert (tmp_path / "out" / "digits-kshot.csv").read_text() == before
     _main(tmp_path, "--overwrite")
-    assert len(fake_runs) == 2 * n
+    assert len(fake_cells) == n, "the cells' results are kept: an overwrite rewrites the table, reruns nothing"
 
 
-def test_kshot_precision_reaches_the_trainer_and_the_file_name(tmp_path, fake_runs):
+def test_kshot_precision_reaches_the_trainer_and_the_file_name(tmp_path, fake_cells):
     _main(tmp_path, "--precision", "bf16-mixed", "--task", "shapes")
-    assert {c["precision"] for c in fake_runs} == {"bf16-mixed"}
-    assert {c["config"] for c in fake_runs} == {q.QUICKSTARTS["shapes"][0]}
+    assert {c.args["trainer.precision"] for c in fake_cells} == {"bf16-mixed"}
+    assert {tuple(c.configs) for c in fake_cells} == {(str(q.QUICKSTARTS["shapes"][0]),)}
     assert (tmp_path / "out" / "shapes-kshot-bf16-mixed.md").exists()
     assert "precision bf16-mixed" in (tmp_path / "out" / "shapes-kshot-bf16-mixed.md").read_text()
     assert not (tmp_path / "out" / "shapes-kshot.md").exists()
 
 
-def test_kshot_rejects_unknown_methods(tmp_path, fake_runs, capsys):
+def test_kshot_rejects_unknown_methods(tmp_path, fake_cells, capsys):
     with pytest.raises(ValueError, match="unknown k-shot method"):
         q.kshot_table("digits", [5], [0], ["lora", "nope"], runs_dir=str(tmp_path))
     with pytest.raises(SystemExit):
         q.main(["--shots", "5", "--methods", "lora,nope", "--out-dir", str(tmp_path)])
     assert "unknown method(s) nope" in capsys.readouterr().err
-    assert not fake_runs
+    assert not fake_cells
 
 
 def test_every_kshot_method_is_registered_and_covers_both_tasks():
@@ -173,3 +202,24 @@ def test_the_shapes_table_is_a_mean_over_three_seeds_and_digits_keeps_one(tmp_pa
     fake_runs.clear()
     q.main(["--runs-dir", str(tmp_path)])
     assert {c["seed"] for c in fake_runs} == {0} and "| linear probe | 0.500 | 0.500 |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("task", sorted(q.QUICKSTARTS))
+def test_kshot_sweep_files_plan_the_table_and_agree_with_the_quickstart_runs(task):
+    """The shipped k-shot sweep is the table's one source: 11 methods x k in {5, 20} x seeds 0-2, each seed drawing
+    its own shots; a method the full-data quickstart table has too keeps that table's method, backbone and lr."""
+    sweep = q.load_sweep(q.KSHOT_SWEEPS[task])
+    check_sweep(sweep, q.KSHOT_SWEEPS[task])  # `mmpeft sweep`'s pre-flight: every cell parses with fit's parser
+    cells = plan_stage2(sweep, [])
+    assert len(cells) == 11 * 2 * 3 and sweep.tasks == ["k5", "k20"] and sweep.seeds == [0, 1, 2]
+    assert all(c.args["data.init_args.shot_seed"] == c.seed for c in cells)
+    assert {(c.task, c.args["data.init_args.shots"]) for c in cells} == {("k5", 5), ("k20", 20)}
+    assert all("data.init_args.protocol" not in c.args and "data.init_args.task" not in c.args for c in cells)
+    assert {c.args["trainer.max_epochs"] for c in cells} == {50}
+    quickstart = q.QUICKSTARTS[task][1]
+    shared = {"random_probe": "linear probe, random weights", "linear": "linear probe", "bitfit": "bitfit",
+              "lora": "lora (quickstart)", "adapter": "adapter", "full": "full fine-tuning",
+              "scratch": "from scratch"}  # fmt: skip
+    runs = q.kshot_runs(task)
+    for key, label in shared.items():
+        assert runs[key] == quickstart[label], key

@@ -5,12 +5,13 @@ print the tables in the README (random-weights probe, linear probe, PEFT methods
 training from scratch); tests run them on a reduced budget to check that each quickstart is a real
 transfer.
 
-`--shots 5,20 --seeds 0,1,2` makes the few-shot transfer table instead: every method of `kshot_runs(task)`
-(`--methods` picks some) trained on k downstream examples per class, drawn with each seed (the same val and
-test splits for every subset), tested once at the end of training; it writes
-`experiments/transfer/<task>-kshot[-<precision>].csv` and `.md` (test accuracy mean ± std over the seeds, in
-percent, and trainable parameters; the md's header names the command, precision, versions and date) and never
-replaces existing result files without `--overwrite`.
+`--shots 5,20 --seeds 0,1,2` makes the few-shot transfer table instead. It is a sweep with one grid point per
+method, `experiments/transfer/<task>-kshot.yaml` (`mmpeft sweep` runs the same file): every method (`--methods`
+picks some) trained on k downstream examples per class, drawn with each seed (the same val and test splits for
+every subset), tested once at the end of training. The cells run through the sweep runner (checked first, one
+`mmpeft fit` each, resumable); the table goes to `experiments/transfer/<task>-kshot[-<precision>].csv` and `.md`
+(test accuracy mean ± std over the seeds, in percent, and trainable parameters; the md's header names the command,
+precision, versions and date), never replacing existing result files without `--overwrite`.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import argparse
 import csv
 import datetime
 import json
+import os
 import shlex
 import statistics
 import sys
@@ -28,8 +30,14 @@ from pathlib import Path
 from typing import Any
 
 from mmpeft.lab import records
+from mmpeft.lab.results import metric_value
+from mmpeft.lab.sweep.checks import check_sweep
+from mmpeft.lab.sweep.plan import plan_stage2
+from mmpeft.lab.sweep.run import Runner
+from mmpeft.lab.sweep.spec import Sweep, load_sweep
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+REPO = Path(__file__).resolve().parents[2]
+CONFIGS = REPO / "configs"
 CONFIG = CONFIGS / "quickstart.yaml"
 
 # label -> (method spec, pretrained backbone?, learning rate)
@@ -119,39 +127,9 @@ def transfer_table(epochs: int = 30, runs_dir: str = "runs/transfer", labels: li
 
 # -- few-shot tables ------------------------------------------------------------------------------------------
 OUT_DIR = Path("experiments") / "transfer"
-# task -> data options of every k-shot run. Digits: the quickstart splits the downstream pool 50/20/30 and digit 6
-# has 36 images there, 18 of them training; 55/20/25 is the smallest training share with 20 of every digit
-# (val 108, test 134 images), one split for every k and seed.
-KSHOT_DATA: dict[str, list[str]] = {
-    "digits": ["--data.init_args.train_fraction=0.55", "--data.init_args.val_fraction=0.2"],
-    "shapes": [],
-}
-# key -> the label of the quickstart run whose method, backbone and learning rate a k-shot row reuses
-FROM_RUNS = {
-    "random_probe": "linear probe, random weights",
-    "linear": "linear probe",
-    "bitfit": "bitfit",
-    "lora": "lora (quickstart)",
-    "adapter": "adapter",
-    "full": "full fine-tuning",
-    "scratch": "from scratch",
-}
-# task -> key -> (method spec, learning rate) of the methods the quickstart tables lack; lrs chosen on val
-# (`LR_CHOICE` says how), never on test. VL-PET's rank: ViT-B's 96 of 768 scaled to the width (128, 96).
-NEW_RUNS: dict[str, dict[str, tuple[Any, float]]] = {
-    "digits": {
-        "vpt": ("vpt", 3e-3),
-        "ssf": ("ssf", 1e-2),
-        "mosa": ("mosa", 1e-1),
-        "vl_pet": ({"name": "vl_pet", "rank": 16, "gate_rank": 16}, 3e-2),
-    },
-    "shapes": {
-        "vpt": ("vpt", 1e-1),
-        "ssf": ("ssf", 3e-2),
-        "mosa": ("mosa", 1e-2),  # tied with 3e-2 on val: the smaller
-        "vl_pet": ({"name": "vl_pet", "rank": 12, "gate_rank": 12}, 1e-2),
-    },
-}
+# task -> its k-shot table as a sweep file (methods, learning rates, data options, seeds): the one source of both
+# `python -m mmpeft.quickstart --shots` and `mmpeft sweep`
+KSHOT_SWEEPS: dict[str, Path] = {task: REPO / "experiments" / "transfer" / f"{task}-kshot.yaml" for task in QUICKSTARTS}
 LR_CHOICE = (
     "Learning rates: the quickstart's per-method values where it has the method (not re-tuned for k shots); "
     "for VPT, SSF, MoSA and VL-PET chosen on val (seed 0, the mean of the k=5 and k=20 val accuracies after the "
@@ -185,11 +163,35 @@ CSV_COLUMNS = ["method", "shots", "seeds", "acc_mean", "acc_std", "trainable", "
 
 
 def kshot_runs(task: str) -> dict[str, tuple[Any, bool, float]]:
-    """key -> (method spec, pretrained backbone?, learning rate) of every method of a task's k-shot table."""
-    runs = QUICKSTARTS[task][1]
-    table = {key: runs[label] for key, label in FROM_RUNS.items()}
-    table.update({key: (method, True, lr) for key, (method, lr) in NEW_RUNS[task].items()})
-    return {key: table[key] for key in ORDER if key in table}
+    """key -> (method spec, pretrained backbone?, learning rate) of every method of a task's k-shot sweep file (a
+    spec of None: the quickstart config's own method)."""
+    sweep = load_sweep(KSHOT_SWEEPS[task])
+    runs = {}
+    for key in sweep.methods:
+        args = sweep.settings(sweep.tasks[0], key)[1]
+        pretrained = args.get("model.init_args.backbone.init_args.pretrained", True)
+        runs[key] = (args.get("model.init_args.method"), pretrained, args["model.init_args.lr"])
+    return runs
+
+
+def kshot_sweep(task: str, shots: Sequence[int], seeds: Sequence[int], methods: Sequence[str] | None = None,
+                epochs: int = 50, runs_dir: str | Path = "/tmp/mmpeft-kshot",
+                precision: str = "32") -> Sweep:  # fmt: skip
+    """The task's k-shot sweep file narrowed to these k, seeds, methods, epochs and precision (a task per k, named
+    `k<k>`, whose rule sets `data.init_args.shots`); its cells land in `runs_dir/<table stem>/`."""
+    sweep = load_sweep(KSHOT_SWEEPS[task])
+    unknown = [m for m in methods or [] if m not in sweep.methods]
+    if unknown:
+        raise ValueError(f"unknown k-shot method(s) {unknown} for {task}; choose from {', '.join(sweep.methods)}")
+    sweep.methods = {m: [str(REPO / f) for f in sweep.configs(m)] for m in methods or sweep.methods}
+    sweep.tasks = [f"k{k}" for k in shots]
+    rules = [r for r in sweep.overrides if "task" not in r]
+    sweep.overrides = [{"task": f"k{k}", "args": {"data.init_args.shots": k}} for k in shots] + rules
+    sweep.seeds = list(seeds)
+    sweep.args = {**sweep.args, "trainer.max_epochs": epochs, "trainer.check_val_every_n_epoch": epochs,
+                  "trainer.precision": precision}  # fmt: skip
+    sweep.name, sweep.out = kshot_stem(task, precision), str(runs_dir)
+    return sweep
 
 
 def method_label(task: str, key: str, lr: float) -> str:
@@ -218,42 +220,35 @@ def refuse_overwrite(paths: Sequence[Path], overwrite: bool) -> None:
 
 def kshot_table(task: str, shots: Sequence[int], seeds: Sequence[int], methods: Sequence[str] | None = None,
                 epochs: int = 50, runs_dir: str = "/tmp/mmpeft-kshot", precision: str = "32",
-                pretrain_epochs: int | None = None,
                 log: Callable[[str], None] = print) -> list[dict[str, Any]]:  # fmt: skip
-    """One row per (method, k): test accuracy mean ± std (in %) over `seeds` and the trainable count.
+    """One row per (method, k): test accuracy mean ± std (in %) over `seeds` and the trainable count, from the
+    k-shot sweep (`kshot_sweep`) run by the sweep runner: checked before the first cell, one `mmpeft fit` per
+    cell, and resumable (a rerun with the same `runs_dir` runs only the missing cells).
 
     Validation runs once, after the last epoch (nothing in training reads it, and evaluation draws nothing from
     the training RNG, so the model is the same as with validation every epoch, in a fraction of the time)."""
-    config, runs = QUICKSTARTS[task][0], kshot_runs(task)
-    unknown = [m for m in methods or [] if m not in runs]
-    if unknown:
-        raise ValueError(f"unknown k-shot method(s) {unknown} for {task}; choose from {', '.join(runs)}")
-    rows = []
-    for key in methods or list(runs):
-        method, pretrained, lr = runs[key]
+    sweep = kshot_sweep(task, shots, seeds, methods, epochs, runs_dir, precision)
+    check_sweep(sweep, KSHOT_SWEEPS[task])
+    runner = Runner(sweep, Path(sweep.out) / sweep.name, log)
+    results = runner.run(plan_stage2(sweep, []), stage=2, metric="test/acc")
+    if runner.failed:
+        logs = runner.out / "logs"
+        raise RuntimeError(f"{len(runner.failed)} k-shot cells failed (logs in {logs}): {runner.failed[:3]}")
+    runs, rows = kshot_runs(task), []
+    for key in sweep.methods:
         for k in shots:
-            results, start = [], time.perf_counter()
-            for seed in seeds:
-                t0 = time.perf_counter()
-                r = run_one(method, pretrained, lr, epochs, runs_dir, f"{task}-k{k}-{key}-seed{seed}", pretrain_epochs,
-                            seed=seed, config=config, shots=k, precision=precision,
-                            extra=[*KSHOT_DATA[task], f"--trainer.check_val_every_n_epoch={epochs}"])  # fmt: skip
-                results.append(r)
-                log(
-                    f"{task} {key} k={k} seed={seed}: test acc {r['test_acc']:.4f}, val acc {r['val_acc']:.4f}, "
-                    f"{time.perf_counter() - t0:.1f} s"
-                )
-            if len({r["trainable"] for r in results}) != 1:
-                raise RuntimeError(f"{key}: the trainable count changed across seeds: {results}")
-            accs = [100.0 * r["test_acc"] for r in results]
+            cells = sorted((r for r in results if r["method"] == key and r["task"] == f"k{k}"), key=lambda r: r["seed"])
+            if len({r["trainable"] for r in cells}) != 1:
+                raise RuntimeError(f"{key}: the trainable count changed across seeds: {cells}")
+            accs = [100.0 * metric_value(r, "test/acc") for r in cells]
             acc_mean, acc_std = records.mean_std(accs)
             rows.append({
-                "method": key, "shots": k, "seeds": ";".join(map(str, seeds)), "acc_mean": acc_mean,
-                "acc_std": acc_std, "trainable": results[0]["trainable"],
-                "epochs": epochs, "precision": str(precision), "lr": lr,
+                "method": key, "shots": k, "seeds": ";".join(str(r["seed"]) for r in cells), "acc_mean": acc_mean,
+                "acc_std": acc_std, "trainable": cells[0]["trainable"],
+                "epochs": epochs, "precision": str(precision), "lr": runs[key][2],
                 "test_accs": ";".join(f"{a:.2f}" for a in accs),
-                "val_acc_mean": statistics.fmean(100.0 * r["val_acc"] for r in results),
-                "seconds": round(time.perf_counter() - start, 1),
+                "val_acc_mean": statistics.fmean(100.0 * metric_value(r, "val/acc") for r in cells),
+                "seconds": round(sum(r.get("seconds", 0.0) for r in cells), 1),
             })  # fmt: skip
     return rows
 
@@ -327,6 +322,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         import torch
 
         torch.set_num_threads(args.threads)
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # the k-shot cells run as processes of their own
     runs_dir = args.runs_dir or ("runs/transfer" if args.task == "digits" else f"runs/transfer_{args.task}")
     if args.shots:
         methods = args.methods.split(",") if args.methods else None

@@ -53,6 +53,11 @@ def _check_structure(sweep: Sweep) -> list[str]:
         problems.append(f"tasks must be a non-empty list of task names, not {sweep.tasks!r}")
     if not isinstance(sweep.seeds, list) or not sweep.seeds or not all(isinstance(x, int) for x in sweep.seeds):
         problems.append(f"seeds must be a non-empty list of integers, not {sweep.seeds!r}")
+    if not isinstance(sweep.seed_keys, list) or not all(isinstance(k, str) for k in sweep.seed_keys):
+        problems.append(f"seed_keys must be a list of dotted keys (data.init_args.shot_seed), not {sweep.seed_keys!r}")
+    for name in ("task_key", "protocol_key"):
+        if getattr(sweep, name) is not None and not isinstance(getattr(sweep, name), str):
+            problems.append(f"{name} must be a dotted key or null, not {getattr(sweep, name)!r}")
     if not isinstance(sweep.methods, Mapping) or not sweep.methods:
         problems.append(f"methods must map method labels to config files, not {sweep.methods!r}")
     else:

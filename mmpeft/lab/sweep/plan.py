@@ -19,8 +19,13 @@ def grid(search: Mapping[str, list]) -> list[dict[str, Any]]:
 
 
 def cell_args(sweep: Sweep, stage: int, task: str, seed: int, point: dict, fixed: dict) -> dict[str, Any]:
-    args = {**fixed, **point, sweep.task_key: task, sweep.protocol_key: sweep.protocols[stage - 1]}
+    args = {**fixed, **point}
+    if sweep.task_key is not None:
+        args[sweep.task_key] = task
+    if sweep.protocol_key is not None:
+        args[sweep.protocol_key] = sweep.protocols[stage - 1]
     args["seed_everything"] = seed
+    args.update(dict.fromkeys(sweep.seed_keys, seed))
     if sweep.data_root is not None:
         args[sweep.root_key] = sweep.data_root
     return args

@@ -98,9 +98,10 @@ class Sweep:
     args: dict[str, Any] = field(default_factory=dict)
     overrides: list[dict[str, Any]] = field(default_factory=list)
     data_root: str | None = None
-    task_key: str = "data.init_args.task"
+    task_key: str | None = "data.init_args.task"  # None: a task is a label its override rules give meaning to
     root_key: str = "data.init_args.root"
-    protocol_key: str = "data.init_args.protocol"
+    protocol_key: str | None = "data.init_args.protocol"  # None: the data has no tune / final protocols
+    seed_keys: list[str] = field(default_factory=list)  # dotted keys that take the cell's seed too (shot_seed)
     protocols: tuple[str, str] = ("tune", "final")
     metadata: str | None = "vtab1k"  # dataset metadata with task groups (None: no groups)
     out: str = "runs/sweeps"
