@@ -1,0 +1,199 @@
+"""Writing an mmpeft LoRA as a diffusers LoRA file, through diffusers' own writer (`save_lora_weights`, and
+`convert_state_dict_to_diffusers` for diffusers' key names); the format: `mmpeft.interop.diffusers_lora`."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from mmpeft.core.errors import NotSupported
+from mmpeft.core.model import PeftModel
+from mmpeft.interop.lora_format import (
+    FORMAT,
+    KEY_STYLES,
+    LORA_WEIGHT_NAME,
+    METADATA_KEY,
+    TEXT_ENCODER,
+    file_key_name,
+    lora_pieces,
+    unet_backbone,
+)
+
+__all__ = ["diffusers_lora_layers", "diffusers_lora_state_dict", "export_diffusers_lora", "exported_components"]
+
+
+def _lora_layers(root: nn.Module, what: str, dtype: torch.dtype | None, name_of=None) -> dict[str, torch.Tensor]:
+    """`{name}.lora_A.weight` = A and `.lora_B.weight` = (alpha / r) B (peft's names, the layer's path in `root`)
+    for every LoRA piece on `root`: the layers dict diffusers' `save_lora_weights` takes per component."""
+    pieces = lora_pieces(root)
+    if not pieces:
+        raise NotSupported(f"the model's {what} carries no LoRA pieces (was the method unloaded?)")
+    out: dict[str, torch.Tensor] = {}
+    for host_name, piece in pieces.items():
+        host = root.get_submodule(host_name)
+        if piece.parts:
+            raise NotSupported(f"LoRA on parts {piece.parts} of a fused qkv ({host_name!r}) has no diffusers form")
+        if isinstance(host, nn.Conv2d) and host.dilation != (1, 1):
+            raise NotSupported(f"{host_name!r} is a dilated Conv2d; peft's LoRA conv has no dilation")
+        delta = piece.deltas["all"]
+        a = delta.A.detach().float()
+        b = delta.B.detach().float() * delta.scale
+        target = dtype or delta.A.dtype
+        name = name_of(host_name) if name_of else host_name
+        out[f"{name}.lora_A.weight"] = a.to("cpu", target).contiguous()
+        out[f"{name}.lora_B.weight"] = b.to("cpu", target).contiguous()
+    return out
+
+
+def exported_components(model: PeftModel, text_encoder: str = "include") -> dict[str, Any]:
+    """{component name: its LoRA method} of the components whose LoRA a diffusers file holds beside the UNet's.
+
+    `text_encoder="include"`: the text encoder's LoRA, and a refusal for anything a file would leave out (a
+    text method other than LoRA: the file would load into a pipeline that differs from the trained model);
+    "ignore": none (the UNet part alone, the caller's explicit choice)."""
+    from mmpeft.methods.lora import LoRA
+
+    if text_encoder not in ("include", "ignore"):
+        raise ValueError(f"text_encoder must be 'include' or 'ignore', got {text_encoder!r}")
+    methods = dict(getattr(model, "component_methods", {}))
+    if text_encoder == "ignore":
+        return {}
+    for name, method in methods.items():
+        if name != TEXT_ENCODER or not isinstance(method, LoRA):
+            what = f"the {name} carries {method.name!r}" if name == TEXT_ENCODER else f"component {name!r}"
+            raise NotSupported(
+                f"{what}, which has no diffusers LoRA form (a diffusers file holds LoRA on the UNet and the "
+                f"{TEXT_ENCODER}); a file with the UNet's LoRA alone would load into a pipeline that differs from "
+                "the trained model, so none is written. The mmpeft adapter file holds the whole model; "
+                "text_encoder='ignore' (--text-encoder ignore) writes the UNet part alone"
+            )
+    return methods
+
+
+def diffusers_lora_layers(
+    model: PeftModel, key_style: str = "peft", dtype: torch.dtype | None = None, text_encoder: str = "include"
+) -> dict[str, dict[str, torch.Tensor]]:
+    """{component ("unet", "text_encoder"): its layers dict}, what diffusers' `save_lora_weights` takes as
+    `unet_lora_layers` / `text_encoder_lora_layers`: peft's `lora_A` / `lora_B` names, or with
+    `key_style="diffusers"` those names through diffusers' own `convert_state_dict_to_diffusers` (what its
+    DreamBooth LoRA script writes). Refusals: a model that is not a LoRA on a `DiffusersUNet`, and a text method
+    a file would leave out (`exported_components`)."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+
+    from mmpeft.methods.lora import LoRA
+
+    if key_style not in KEY_STYLES:
+        raise ValueError(f"key_style must be one of {list(KEY_STYLES)}, got {key_style!r}")
+    if not isinstance(model, PeftModel):
+        raise TypeError(f"export_diffusers_lora takes a PeftModel, got {type(model).__name__}")
+    backbone = unet_backbone(model, "export_diffusers_lora")
+    if not isinstance(model.method, LoRA):
+        hint = (
+            " (DiffFit's biases and scales are no low-rank delta: merge the method and save the UNet with "
+            "backbone.model.save_pretrained)"
+            if model.method.name == "difffit"
+            else ""
+        )
+        raise NotSupported(
+            f"export_diffusers_lora writes LoRA files; the model's method is {model.method.name!r}{hint}"
+        )
+    layers = {"unet": _lora_layers(backbone.model, "unet", dtype)}
+    for name in exported_components(model, text_encoder):
+        encoder = model.components[name]
+        layers[name] = _lora_layers(encoder, name, dtype, lambda n, e=encoder: file_key_name(e, n))
+    if key_style == "diffusers":
+        layers = {name: convert_state_dict_to_diffusers(part) for name, part in layers.items()}
+        kept = [f"{name}.{k.removesuffix('.lora_A.weight')}" for name, part in layers.items() for k in part
+                if k.endswith(".lora_A.weight")]  # fmt: skip
+        if kept:
+            raise NotSupported(
+                f"key_style='diffusers' names LoRA keys as diffusers' convert_state_dict_to_diffusers does, and it "
+                f"renames only the attention projections; {len(kept)} adapted layer(s) keep peft's names "
+                f"({kept[0]}, ...), and diffusers loads such a mixed file only in part. Use key_style='peft' "
+                "(--key-style peft), which every current diffusers reads whole"
+            )
+    return layers
+
+
+def diffusers_lora_state_dict(
+    model: PeftModel,
+    key_style: str = "peft",
+    prefix: str = "unet",
+    dtype: torch.dtype | None = None,
+    text_encoder: str = "include",
+) -> dict[str, torch.Tensor]:
+    """The tensors `export_diffusers_lora` writes, with the file's keys: `{prefix}.{module}.lora_A.weight` = A and
+    `.lora_B.weight` = (alpha / r) B per adapted Linear / Conv2d of the UNet, and `text_encoder.text_model.
+    {module}...` per adapted layer of the text encoder (see the module docstring and `exported_components`)."""
+    from diffusers.loaders import StableDiffusionLoraLoaderMixin
+
+    layers = diffusers_lora_layers(model, key_style=key_style, dtype=dtype, text_encoder=text_encoder)
+    out: dict[str, torch.Tensor] = {}
+    for name, part in layers.items():
+        out |= StableDiffusionLoraLoaderMixin.pack_weights(part, prefix if name == "unet" else name)
+    return out
+
+
+def export_diffusers_lora(
+    model: PeftModel,
+    path: str | os.PathLike,
+    weight_name: str = LORA_WEIGHT_NAME,
+    key_style: str = "peft",
+    dtype: torch.dtype | None = None,
+    text_encoder: str = "include",
+) -> Path:
+    """Write the model's LoRA (on a `DiffusersUNet`, and on its text encoder when it has one) as a diffusers LoRA
+    file with diffusers' own writer (`StableDiffusionLoraLoaderMixin.save_lora_weights`); returns its path.
+
+    `path` is a folder (the file is `path/weight_name`, what `pipe.load_lora_weights(path)` finds) or a
+    `.safetensors` file. `key_style`: "peft" (`lora_A` / `lora_B`) or "diffusers" (diffusers'
+    `convert_state_dict_to_diffusers`, as its DreamBooth script). `dtype`: of the written tensors (default: the
+    LoRA's own). The scale alpha / r is folded into B; the method configs go into the header (see the module
+    docstring). `text_encoder`: "include" (a text method that is not LoRA is refused) or "ignore" (the UNet part
+    alone, recorded in the header as `left_out`). The file is written whole or not at all.
+    """
+    from diffusers.loaders import StableDiffusionLoraLoaderMixin
+    from safetensors.torch import save_file
+
+    from mmpeft.core.model import backbone_signature
+
+    layers = diffusers_lora_layers(model, key_style=key_style, dtype=dtype, text_encoder=text_encoder)
+    components = exported_components(model, text_encoder)
+    path = Path(path)
+    file = path if path.suffix == ".safetensors" else path / weight_name
+    if file.parent.is_file():
+        raise NotADirectoryError(f"{file.parent} is a file; give export_diffusers_lora a folder or a .safetensors path")
+    config = lambda m: {"name": m.name, "config": json.loads(json.dumps(m.config()))}
+    header = {
+        "format": FORMAT,
+        "method": config(model.method),
+        "components": {name: config(m) for name, m in components.items()},
+        "left_out": sorted(set(getattr(model, "component_methods", {})) - set(components)),
+        "scale_in_B": True,
+        "backbone": backbone_signature(model.backbone),
+    }
+
+    def save_whole(tensors: dict[str, torch.Tensor], filename: str) -> None:
+        """diffusers' `save_function`: its default writer's `format` entry plus our header, via a temporary file,
+        so a failed export never leaves a half-written file where a good one stood."""
+        tmp = Path(filename).with_name(Path(filename).name + ".tmp")
+        try:
+            save_file(tensors, str(tmp), metadata={"format": "pt", METADATA_KEY: json.dumps(header)})
+            os.replace(tmp, filename)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+
+    StableDiffusionLoraLoaderMixin.save_lora_weights(
+        save_directory=file.parent,
+        unet_lora_layers=layers["unet"],
+        text_encoder_lora_layers=layers.get(TEXT_ENCODER),
+        weight_name=file.name,
+        save_function=save_whole,
+    )
+    return file
