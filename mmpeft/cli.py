@@ -9,6 +9,7 @@ mmpeft backbones [FILTER]          the backbone names, their family and whether 
 mmpeft plot   CSV [CSV ...]        accuracy vs trainable parameters, or step time and memory, as PNGs
 mmpeft export-lora ADAPTER --out DIR    an mmpeft UNet LoRA adapter as a diffusers LoRA file
 mmpeft import-lora FILE --out ADAPTER   a diffusers / kohya LoRA file as an mmpeft adapter file
+mmpeft sample --run RUN --prompt P      images from a diffusion run through diffusers' pipelines, and a grid PNG
 """
 
 from __future__ import annotations
@@ -168,6 +169,11 @@ def build_own_parser() -> argparse.ArgumentParser:
     bb = sub.add_parser("backbones", help="the backbone names, their family and whether they take weights")
     bb.add_argument("filter", nargs="?", default=None, help="keep names, families or descriptions containing this")
     bb.set_defaults(run=_backbones)
+    from mmpeft.lab.sample import add_sample_arguments, sample_command
+
+    sm = sub.add_parser("sample", help="images (and a grid PNG) from a diffusion run through diffusers' pipelines")
+    add_sample_arguments(sm)
+    sm.set_defaults(run=sample_command)
     from mmpeft.lab.plot import add_plot_arguments, plot_command
 
     pl = sub.add_parser("plot", help="PNGs from result CSVs: accuracy vs trainable parameters, step time and memory")

@@ -82,6 +82,7 @@ class LatentDiffusion(Denoising):
             if key in config:
                 kwargs.setdefault(key, config[key])
         super().__init__(*args, adapter=None, **kwargs)  # `adapter` loads below, once the text encoder exists
+        self.pipeline_scheduler_config = dict(config)  # the sampling defaults (steps_offset, clip_sample, ...)
         self.vae = load_pretrained(AutoencoderKL, folder / "vae").eval()
         self.vae.requires_grad_(False)
         self.prompt, self.cache = prompt, cache
