@@ -67,6 +67,16 @@ FAMILIES = {
     ),  # fmt: skip
     "diffusion": (["-c", "configs/diffusion/lora.yaml", "--data.init_args.batch_size=4"], 3),
     "dit": (["-c", "configs/diffusion/lora_dit.yaml", "--data.init_args.batch_size=4"], 3),
+    "dreambooth": (  # 14 instance images (+ class images) per epoch in batches of 7 + 7: the diffusers pitfall
+        [
+            "-c",
+            "configs/diffusion/dreambooth_lora.yaml",
+            "--data.init_args.batch_size=7",
+            "--data.init_args.num_class_images=4",
+            "--data.init_args.class_steps=2",
+        ],
+        2,
+    ),  # fmt: skip
 }
 
 
@@ -74,6 +84,8 @@ def _args(family: str, images: Path, run_dir: Path) -> list[str]:
     config, _ = FAMILIES[family]
     config = [str(ROOT / a) if a.startswith("configs/") else a for a in config]
     data = [f"--data.init_args.root={images}"] if family in ("diffusion", "dit") else []
+    if family == "dreambooth":  # the class images are made once, by the first run, and reused by every later one
+        data = [f"--data.init_args.instance_dir={images / 'img'}", f"--data.init_args.class_dir={images / 'class'}"]
     return ["fit", *config, *data, *QUICK, "--trainer.max_epochs=2", f"--run.dir={run_dir}", "--run.name=run"]
 
 

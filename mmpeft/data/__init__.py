@@ -1,6 +1,7 @@
 """LightningDataModules and the embedded offline datasets."""
 
 from mmpeft.data.digits import DigitsDataModule
+from mmpeft.data.dreambooth import DreamBoothDataModule
 from mmpeft.data.fgvc import FGVCDataModule
 from mmpeft.data.image_list import ImageListDataModule
 from mmpeft.data.modelnet40 import ModelNet40DataModule
@@ -12,6 +13,7 @@ from mmpeft.data.vtab import VTAB1kDataModule
 __all__ = [
     "DigitsDataModule",
     "DigitLatentsDataModule",
+    "DreamBoothDataModule",
     "FGVCDataModule",
     "ImageListDataModule",
     "ModelNet40DataModule",

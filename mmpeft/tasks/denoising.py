@@ -37,6 +37,10 @@ class Denoising(PeftTask):
             images; diffusers' scripts suggest about 0.1).
         input_perturbation: noise the latents with `noise + input_perturbation * N(0, 1)` while the target stays
             the unperturbed noise (Ning et al., 2023; diffusers' scripts suggest 0.1).
+
+    Prior preservation (DreamBooth, Ruiz et al., CVPR 2023): a batch whose third element marks its class half
+    (`DreamBoothDataModule`) trains on L_instance + `prior_loss_weight` * L_prior, each the mean over its half
+    (diffusers' DreamBooth scripts; weight 1.0 by default, as there).
     """
 
     monitor = "val/loss"
@@ -54,6 +58,7 @@ class Denoising(PeftTask):
         snr_gamma: float | None = None,
         noise_offset: float = 0.0,
         input_perturbation: float = 0.0,
+        prior_loss_weight: float = 1.0,
         **kwargs: Any,
     ):
         super().__init__(*args, **kwargs)
@@ -63,6 +68,9 @@ class Denoising(PeftTask):
         if noise_offset < 0 or input_perturbation < 0:
             raise ValueError("noise_offset and input_perturbation are non-negative scales (0: off)")
         self.snr_gamma, self.noise_offset, self.input_perturbation = snr_gamma, noise_offset, input_perturbation
+        if prior_loss_weight < 0:
+            raise ValueError(f"prior_loss_weight must be non-negative (DreamBooth: 1.0), got {prior_loss_weight}")
+        self.prior_loss_weight = prior_loss_weight
         from diffusers import DDPMScheduler
 
         if prediction_type not in ("epsilon", "v_prediction"):
@@ -141,6 +149,9 @@ class Denoising(PeftTask):
         else:
             target = noise
         targets = {"target": target, "latents": latents, "noisy": noisy, "timesteps": timesteps}
+        prior = batch[2] if isinstance(batch, list | tuple) and len(batch) > 2 else None
+        if isinstance(prior, torch.Tensor) and prior.dtype == torch.bool and bool(prior.any()):
+            targets["prior"] = prior.to(latents.device)
         return BackboneInput(x=noisy, timestep=timesteps, cond=cond), targets
 
     def loss_and_metrics(self, output: torch.Tensor, targets: Any, stage: str) -> torch.Tensor:
@@ -148,9 +159,18 @@ class Denoising(PeftTask):
         adds the variational bound of the sampled timestep (see `learned_variance_vlb`)."""
         target = targets["target"] if isinstance(targets, dict) else targets
         channels = target.shape[1]
-        if stage == "train" and self.snr_gamma is not None and isinstance(targets, dict):
-            per_sample = F.mse_loss(output[:, :channels].float(), target.float(), reduction="none")
-            loss = (per_sample.flatten(1).mean(1) * self.min_snr_weights(targets["timesteps"])).mean()
+        weighted = stage == "train" and self.snr_gamma is not None and isinstance(targets, dict)
+        prior = targets.get("prior") if isinstance(targets, dict) else None
+        if weighted or prior is not None:
+            per_sample = F.mse_loss(output[:, :channels].float(), target.float(), reduction="none").flatten(1).mean(1)
+            if weighted:
+                per_sample = per_sample * self.min_snr_weights(targets["timesteps"])
+            if prior is not None:
+                prior_loss = per_sample[prior].mean()
+                self.log_epoch("prior_loss", prior_loss.detach(), int(prior.sum()), stage)
+                loss = per_sample[~prior].mean() + self.prior_loss_weight * prior_loss
+            else:
+                loss = per_sample.mean()
         else:
             loss = F.mse_loss(output[:, :channels].float(), target.float())
         if output.shape[1] == 2 * channels and isinstance(targets, dict) and self.vlb:

@@ -130,6 +130,41 @@ class LatentDiffusion(Denoising):
         text = " (UNet and text encoder)" if "text_encoder" in getattr(self.model, "component_methods", {}) else ""
         self.print(f"diffusers LoRA file{text}: {path}")
 
+    @torch.no_grad()
+    def generate_prior_images(self, data: Any) -> None:
+        """Prior preservation's class images (`DreamBoothDataModule`), the missing ones only: sampled from the frozen
+        model (every method switched off through `disabled()`, no second copy of the weights) with diffusers'
+        pipeline, each from its own seed, and recorded in the folder's provenance file for later runs."""
+        import contextlib
+        import json
+
+        from mmpeft.core.identity import weights_identity
+        from mmpeft.core.pristine import disabled
+        from mmpeft.data.dreambooth import PROVENANCE
+        from mmpeft.interop.sampling import build_pipeline, generate
+
+        fingerprint = weights_identity(self.model.backbone).fingerprint() or "unknown"
+        seeds = data.missing_class_images(fingerprint)
+        if not seeds:
+            return
+        hp, folder = data.hparams, data.class_dir
+        folder.mkdir(parents=True, exist_ok=True)
+        if self._trainer is not None:
+            self.to(self.trainer.strategy.root_device)
+        self.print(f"prior preservation: generating {len(seeds)} class images of {hp.class_prompt!r} in {folder}")
+        was_training = self.training
+        with contextlib.ExitStack() as off:
+            off.enter_context(self.model.disabled())
+            for name in getattr(self.model, "component_methods", {}):
+                off.enter_context(disabled(self.model.components[name]))
+            pipe = build_pipeline(self.eval(), "dpm").to(self.device)
+            for seed in seeds:  # one at a time: each lands on disk at once, so an interrupted run keeps them
+                (image,) = generate(pipe, [seed], [hp.class_prompt], steps=hp.class_steps,
+                                    guidance_scale=hp.class_guidance_scale, size=hp.image_size)  # fmt: skip
+                image.image.save(folder / f"class-{seed:05d}.png")
+                (folder / PROVENANCE).write_text(json.dumps(data.prior_provenance(fingerprint), indent=1))
+        self.train(was_training)
+
     @property
     def text_encoder(self) -> nn.Module:
         return self.model.components["text_encoder"]
