@@ -10,6 +10,7 @@ mmpeft plot   CSV [CSV ...]        accuracy vs trainable parameters, or step tim
 mmpeft export-lora ADAPTER --out DIR    an mmpeft UNet LoRA adapter as a diffusers LoRA file
 mmpeft import-lora FILE --out ADAPTER   a diffusers / kohya LoRA file as an mmpeft adapter file
 mmpeft sample --run RUN --prompt P      images from a diffusion run through diffusers' pipelines, and a grid PNG
+mmpeft export --run RUN --format F      a diffusion run as a merged diffusers folder or a diffusers LoRA file
 """
 
 from __future__ import annotations
@@ -174,6 +175,11 @@ def build_own_parser() -> argparse.ArgumentParser:
     sm = sub.add_parser("sample", help="images (and a grid PNG) from a diffusion run through diffusers' pipelines")
     add_sample_arguments(sm)
     sm.set_defaults(run=sample_command)
+    from mmpeft.lab.export import add_model_export_arguments, model_export_command
+
+    ex = sub.add_parser("export", help="a diffusion run as a merged diffusers folder or a diffusers LoRA file")
+    add_model_export_arguments(ex)
+    ex.set_defaults(run=model_export_command)
     from mmpeft.lab.plot import add_plot_arguments, plot_command
 
     pl = sub.add_parser("plot", help="PNGs from result CSVs: accuracy vs trainable parameters, step time and memory")

@@ -153,3 +153,56 @@ def test_a_learned_sigma_dit_samples_with_its_own_variance_under_ddpm_learned():
     fixed = _pixels(generate(build_pipeline(task, "ddpm", progress=False), [0], class_ids=[1], steps=3,
                              guidance_scale=1.0))[0]  # fmt: skip
     assert not np.array_equal(learned, fixed), "the learned variance reaches the scheduler's step"
+
+
+def _fit_with_samples(images_root: Path, run_dir: Path, samples: str | None) -> Path:
+    args = ["fit", "-c", str(REPO / "configs/diffusion/lora.yaml"), f"--data.init_args.root={images_root}",
+            "--trainer.enable_progress_bar=false", "--run.wandb=disabled", "--trainer.enable_model_summary=false",
+            "--trainer.max_epochs=1", "--model.init_args.lr=0.01", f"--run.dir={run_dir}", "--run.name=r"]  # fmt: skip
+    if samples is not None:
+        args.append(f"--model.init_args.samples={samples}")
+    assert main(args) == 0
+    return run_dir / "r" / "version_0"
+
+
+def test_sample_grids_of_the_frozen_model_every_n_steps_and_at_the_end_leave_training_untouched(tmp_path):
+    from mmpeft.core.state import read_adapter
+    from tests.toys import write_ramp_images
+
+    images = write_ramp_images(tmp_path / "images", {"train": 8, "val": 4})  # 2 steps of 4
+    run = _fit_with_samples(images, tmp_path / "with", "{every_n_steps: 1, seeds: [0, 1], steps: 2}")
+    grids = sorted(str(p.relative_to(run / "samples")) for p in (run / "samples").glob("*/grid.png"))
+    assert grids == ["final/grid.png", "frozen/grid.png", "step-000001/grid.png", "step-000002/grid.png"]
+    assert Image.open(run / "samples" / "final" / "grid.png").size == (2 * 64, 64), "a column per seed"
+    frozen = np.asarray(Image.open(run / "samples" / "frozen" / "000-seed0.png"))
+    final = np.asarray(Image.open(run / "samples" / "final" / "000-seed0.png"))
+    assert not np.array_equal(frozen, final), "the trained adapter changes the samples"
+    fresh = _sd({"name": "lora", "r": 4}).eval()
+    again = _pixels(generate(build_pipeline(fresh, "dpm", progress=False), [0], [PROMPT], steps=2))[0]
+    assert np.array_equal(frozen, again), "the frozen grid is the model with its method switched off"
+    plain = _fit_with_samples(images, tmp_path / "without", None)
+    ours, _ = read_adapter(run / "adapter.safetensors")
+    theirs, _ = read_adapter(plain / "adapter.safetensors")
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs), "sampling draws nothing from the training RNG"
+    assert not (plain / "samples").exists()
+
+
+def test_sample_grids_go_to_loggers_that_take_images(tmp_path):
+    from mmpeft.tasks.sample_grids import SampleGrids
+
+    class ImageLogger:
+        def __init__(self):
+            self.calls, self.log_dir = [], str(tmp_path)
+
+        def log_image(self, **kwargs):
+            self.calls.append(kwargs)
+
+    logger = ImageLogger()
+    trainer = type("Trainer", (), {"loggers": [logger], "global_step": 7, "default_root_dir": str(tmp_path)})()
+    grids = SampleGrids(class_ids=[1, 2], seeds=[0], steps=2)
+    grids.write(trainer, _dit().eval(), "step-000007")
+    (call,) = logger.calls
+    assert call["key"] == "samples/model" and call["step"] == 7 and call["caption"] == ["step-000007: 1, 2"]
+    assert (tmp_path / "samples" / "step-000007" / "grid.png").is_file()
+    with pytest.raises(ValueError, match="unknown scheduler"):
+        SampleGrids(scheduler="nope")

@@ -3,6 +3,7 @@
 from mmpeft.data.digits import DigitsDataModule
 from mmpeft.data.dreambooth import DreamBoothDataModule
 from mmpeft.data.fgvc import FGVCDataModule
+from mmpeft.data.image_folders import CaptionedImagesDataModule, ClassFolderDataModule
 from mmpeft.data.image_list import ImageListDataModule
 from mmpeft.data.modelnet40 import ModelNet40DataModule
 from mmpeft.data.scanobjectnn import ScanObjectNNDataModule
@@ -11,6 +12,8 @@ from mmpeft.data.toy import DigitLatentsDataModule, ToyRegressionDataModule
 from mmpeft.data.vtab import VTAB1kDataModule
 
 __all__ = [
+    "CaptionedImagesDataModule",
+    "ClassFolderDataModule",
     "DigitsDataModule",
     "DigitLatentsDataModule",
     "DreamBoothDataModule",

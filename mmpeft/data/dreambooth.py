@@ -26,8 +26,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from mmpeft.data.checks import DataError
 from mmpeft.data.sampling import split_loader
+from mmpeft.data.transforms import diffusion_transform
 
-__all__ = ["DreamBoothDataModule", "IMAGE_SUFFIXES", "image_files", "personalization_transform", "PROVENANCE"]
+__all__ = ["DreamBoothDataModule", "IMAGE_SUFFIXES", "image_files", "PROVENANCE"]
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 PROVENANCE = "provenance.json"
@@ -36,18 +37,6 @@ PROVENANCE = "provenance.json"
 def image_files(folder: Path) -> list[Path]:
     """The images directly in `folder`, sorted by name."""
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-
-
-def personalization_transform(size: int, center_crop: bool, random_flip: bool, interpolation: str = "bilinear"):
-    """Resize the short side to `size`, crop `size` x `size` (centre or random), optionally flip, scale to [-1, 1]
-    (diffusers' DreamBooth and text-to-image scripts)."""
-    from torchvision import transforms
-
-    mode = transforms.InterpolationMode(interpolation)
-    crop = transforms.CenterCrop(size) if center_crop else transforms.RandomCrop(size)
-    flip = [transforms.RandomHorizontalFlip()] if random_flip else []
-    resize = transforms.Resize(size, interpolation=mode)
-    return transforms.Compose([resize, crop, *flip, transforms.ToTensor(), transforms.Normalize([0.5], [0.5])])
 
 
 class _Personalization(Dataset):
@@ -179,7 +168,7 @@ class DreamBoothDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         hp = self.hparams
-        transform = personalization_transform(hp.image_size, hp.center_crop, hp.random_flip)
+        transform = diffusion_transform(hp.image_size, hp.center_crop, hp.random_flip)
         prior = None
         length = len(self.instances) * hp.repeats
         if self.prior_preservation:
@@ -193,7 +182,7 @@ class DreamBoothDataModule(pl.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         hp = self.hparams
-        transform = personalization_transform(hp.image_size, True, False)
+        transform = diffusion_transform(hp.image_size, True, False)
         data = _Personalization(self.instances, hp.instance_prompt, transform, None, len(self.instances))
         return split_loader(data, hp.batch_size, shuffle=False, num_workers=hp.num_workers,
                             collate_fn=collate_with_prior)  # fmt: skip

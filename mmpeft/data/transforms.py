@@ -1,5 +1,8 @@
 """Image preprocessing the recipes need, in one place, named as the official code does it.
 
+Diffusion training (`diffusion_transform`): resize the short side, crop (centre or random), optionally flip, and
+scale to [-1, 1], as diffusers' DreamBooth and text-to-image scripts do.
+
 Training crops: "resize" (straight to a square: VTAB-1k's direct resize, no augmentation),
 "resize_crop" (VPT's FGVC: resize to 256/224 of the size, random crop, flip) and
 "random_resized_crop" (SSF's `--simple-aug` and CLIP-LoRA: RandomResizedCrop over `crop_scale` of
@@ -11,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-__all__ = ["TRAIN_CROPS", "EVAL_CROPS", "train_transform", "eval_transform"]
+__all__ = ["TRAIN_CROPS", "EVAL_CROPS", "train_transform", "eval_transform", "diffusion_transform"]
 
 TRAIN_CROPS = ("resize", "resize_crop", "random_resized_crop")
 EVAL_CROPS = ("resize", "center_crop")
@@ -51,3 +54,16 @@ def eval_transform(image_size: int, mean: Sequence[float], std: Sequence[float],
     else:
         first = [transforms.Resize(int(image_size / crop_pct), interpolation=mode), transforms.CenterCrop(image_size)]
     return transforms.Compose([*first, *_finish(transforms, mean, std)])
+
+
+def diffusion_transform(size: int, center_crop: bool = True, random_flip: bool = False,
+                        interpolation: str = "bilinear"):  # fmt: skip
+    """Resize the short side to `size`, crop `size` x `size` (centre or random), optionally flip, scale to [-1, 1]
+    (the VAE's range; diffusers' DreamBooth and text-to-image scripts)."""
+    from torchvision import transforms
+
+    mode = transforms.InterpolationMode(interpolation)
+    crop = transforms.CenterCrop(size) if center_crop else transforms.RandomCrop(size)
+    flip = [transforms.RandomHorizontalFlip()] if random_flip else []
+    resize = transforms.Resize(size, interpolation=mode)
+    return transforms.Compose([resize, crop, *flip, transforms.ToTensor(), transforms.Normalize([0.5], [0.5])])

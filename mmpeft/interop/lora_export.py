@@ -50,21 +50,58 @@ def _lora_layers(root: nn.Module, what: str, dtype: torch.dtype | None, name_of=
     return out
 
 
+def _svfit_layers(root: nn.Module, what: str, dtype: torch.dtype | None, name_of=None) -> dict[str, torch.Tensor]:
+    """SVFit as LoRA (its update is exactly rank r): A = diag(sigma - sigma0) V_r^T and B = U_r per adapted layer
+    (a Conv2d: A the k x k conv of V_r^T rows, B the 1 x 1 conv of U_r, as peft's LoRA conv), in peft's names."""
+    from mmpeft.core.modules import adapter_modules
+    from mmpeft.methods.svfit import SVFitDelta
+
+    out: dict[str, torch.Tensor] = {}
+    for name, piece in adapter_modules(root):
+        if not isinstance(piece, SVFitDelta):
+            continue
+        host_name = name.rpartition(".")[0]
+        host = root.get_submodule(host_name)
+        if piece.parts:
+            raise NotSupported(f"SVFit on parts {piece.parts} of a fused qkv ({host_name!r}) has no diffusers form")
+        if isinstance(host, nn.Conv2d) and host.dilation != (1, 1):
+            raise NotSupported(f"{host_name!r} is a dilated Conv2d; peft's LoRA conv has no dilation")
+        spectrum = piece.spectra["all"]
+        shift = spectrum.sigma.detach().double() - spectrum.sigma0.double()
+        a = shift[:, None] * spectrum.Vh.double()  # [r, in * kh * kw]
+        b = spectrum.U.double()  # [out, r]
+        if isinstance(host, nn.Conv2d):
+            a, b = a.view(spectrum.rank, *host.weight.shape[1:]), b[:, :, None, None]
+        target = dtype or host.weight.dtype
+        key = name_of(host_name) if name_of else host_name
+        out[f"{key}.lora_A.weight"] = a.to("cpu", target).contiguous()
+        out[f"{key}.lora_B.weight"] = b.to("cpu", target).contiguous()
+    if not out:
+        raise NotSupported(f"the model's {what} carries no SVFit pieces (was the method unloaded?)")
+    return out
+
+
+def _layers_of(method: Any, root: nn.Module, what: str, dtype: torch.dtype | None, name_of=None):
+    """The layers dict of a low-rank method: LoRA as trained, SVFit as its exact rank-r LoRA."""
+    return (_svfit_layers if method.name == "svfit" else _lora_layers)(root, what, dtype, name_of)
+
+
+LOW_RANK = ("lora", "svfit")  # the methods a diffusers LoRA file holds exactly
+
+
 def exported_components(model: PeftModel, text_encoder: str = "include") -> dict[str, Any]:
-    """{component name: its LoRA method} of the components whose LoRA a diffusers file holds beside the UNet's.
+    """{component name: its LoRA / SVFit method} of the components a diffusers file holds beside the UNet's.
 
     `text_encoder="include"`: the text encoder's LoRA, and a refusal for anything a file would leave out (a
     text method other than LoRA: the file would load into a pipeline that differs from the trained model);
     "ignore": none (the UNet part alone, the caller's explicit choice)."""
-    from mmpeft.methods.lora import LoRA
-
     if text_encoder not in ("include", "ignore"):
         raise ValueError(f"text_encoder must be 'include' or 'ignore', got {text_encoder!r}")
     methods = dict(getattr(model, "component_methods", {}))
     if text_encoder == "ignore":
         return {}
     for name, method in methods.items():
-        if name != TEXT_ENCODER or not isinstance(method, LoRA):
+        if name != TEXT_ENCODER or method.name not in LOW_RANK:
             what = f"the {name} carries {method.name!r}" if name == TEXT_ENCODER else f"component {name!r}"
             raise NotSupported(
                 f"{what}, which has no diffusers LoRA form (a diffusers file holds LoRA on the UNet and the "
@@ -81,31 +118,26 @@ def diffusers_lora_layers(
     """{component ("unet", "text_encoder"): its layers dict}, what diffusers' `save_lora_weights` takes as
     `unet_lora_layers` / `text_encoder_lora_layers`: peft's `lora_A` / `lora_B` names, or with
     `key_style="diffusers"` those names through diffusers' own `convert_state_dict_to_diffusers` (what its
-    DreamBooth LoRA script writes). Refusals: a model that is not a LoRA on a `DiffusersUNet`, and a text method
-    a file would leave out (`exported_components`)."""
+    DreamBooth LoRA script writes). LoRA is written as trained, SVFit as its exact rank-r LoRA. Refusals: a
+    model that is not LoRA / SVFit on a `DiffusersUNet`, and a text method a file would leave out
+    (`exported_components`)."""
     from diffusers.utils import convert_state_dict_to_diffusers
-
-    from mmpeft.methods.lora import LoRA
 
     if key_style not in KEY_STYLES:
         raise ValueError(f"key_style must be one of {list(KEY_STYLES)}, got {key_style!r}")
     if not isinstance(model, PeftModel):
         raise TypeError(f"export_diffusers_lora takes a PeftModel, got {type(model).__name__}")
     backbone = unet_backbone(model, "export_diffusers_lora")
-    if not isinstance(model.method, LoRA):
-        hint = (
-            " (DiffFit's biases and scales are no low-rank delta: merge the method and save the UNet with "
-            "backbone.model.save_pretrained)"
-            if model.method.name == "difffit"
-            else ""
-        )
+    if model.method.name not in LOW_RANK:
         raise NotSupported(
-            f"export_diffusers_lora writes LoRA files; the model's method is {model.method.name!r}{hint}"
+            f"export_diffusers_lora writes LoRA files, from LoRA or SVFit (an exact rank-r update); the model's "
+            f"method is {model.method.name!r}, which has no low-rank form: `mmpeft export --format diffusers` "
+            "writes the merged UNet as a diffusers folder instead"
         )
-    layers = {"unet": _lora_layers(backbone.model, "unet", dtype)}
-    for name in exported_components(model, text_encoder):
+    layers = {"unet": _layers_of(model.method, backbone.model, "unet", dtype)}
+    for name, method in exported_components(model, text_encoder).items():
         encoder = model.components[name]
-        layers[name] = _lora_layers(encoder, name, dtype, lambda n, e=encoder: file_key_name(e, n))
+        layers[name] = _layers_of(method, encoder, name, dtype, lambda n, e=encoder: file_key_name(e, n))
     if key_style == "diffusers":
         layers = {name: convert_state_dict_to_diffusers(part) for name, part in layers.items()}
         kept = [f"{name}.{k.removesuffix('.lora_A.weight')}" for name, part in layers.items() for k in part

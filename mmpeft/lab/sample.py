@@ -11,11 +11,11 @@ import argparse
 import json
 import time
 from pathlib import Path
-from typing import Any
 
 from mmpeft.core.errors import MmpeftError, OutputExists
+from mmpeft.lab.run_configs import resolve_run, task_from_configs
 
-__all__ = ["add_sample_arguments", "sample_command", "task_from_configs"]
+__all__ = ["add_sample_arguments", "sample_command"]
 
 
 def _ints(text: str) -> list[int]:
@@ -45,40 +45,6 @@ def add_sample_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="write into an --out folder that holds images already")
 
 
-def task_from_configs(configs: list[str], adapter: str | None = None) -> Any:
-    """The run's task (model only: no data, trainer or run folder) from `fit` config files, with `adapter`
-    loaded; the configs are checked by `mmpeft fit`'s own parser first."""
-    from jsonargparse import ArgumentParser
-
-    from mmpeft.lab.lightning_cli import build_parser
-    from mmpeft.tasks.base import PeftTask
-
-    fit = build_parser().parse_args(["fit", *(a for c in configs for a in ("-c", c))])["fit"]
-    model = fit.model.as_dict() if hasattr(fit.model, "as_dict") else dict(fit.model)
-    if adapter is not None:
-        model.setdefault("init_args", {})["adapter"] = str(adapter)
-    only_model = ArgumentParser(exit_on_error=False)
-    only_model.add_subclass_arguments(PeftTask, "model", required=True)
-    return only_model.instantiate_classes(only_model.parse_object({"model": model})).model
-
-
-def _resolve(args: argparse.Namespace) -> tuple[list[str], str | None, Path]:
-    configs, adapter = list(args.config), args.adapter
-    if args.run_dir is not None:
-        run = Path(args.run_dir)
-        if not (run / "config.yaml").is_file():
-            raise MmpeftError(f"{run} is not a run folder (no config.yaml in it); pass --run runs/<name>/version_N")
-        configs = [str(run / "config.yaml"), *configs]
-        if adapter is None and (run / "adapter.safetensors").is_file():
-            adapter = str(run / "adapter.safetensors")
-    if not configs:
-        raise MmpeftError("mmpeft sample needs the run: --run RUN_FOLDER, or -c CONFIG [--adapter FILE]")
-    if adapter is None:
-        print("mmpeft sample: no adapter file given: sampling the frozen model as its config builds it")
-    out = Path(args.out) if args.out else (Path(args.run_dir) / "samples" if args.run_dir else Path("samples"))
-    return configs, adapter, out
-
-
 def sample_command(args: argparse.Namespace) -> int:
     import torch
 
@@ -86,7 +52,10 @@ def sample_command(args: argparse.Namespace) -> int:
 
     if bool(args.prompt) == bool(args.class_ids):
         raise MmpeftError("pass --prompt (text-conditioned UNets) or --class-ids (class-conditional DiTs), one of them")
-    configs, adapter, out = _resolve(args)
+    configs, adapter, out = resolve_run(args.run_dir, args.config, args.adapter, "samples")
+    out = Path(args.out) if args.out else out
+    if adapter is None:
+        print("mmpeft sample: no adapter file given: sampling the frozen model as its config builds it")
     if out.is_dir() and any(out.glob("*.png")) and not args.overwrite:
         raise OutputExists(f"{out} holds images already; pass --overwrite or another --out")
     start = time.perf_counter()

@@ -24,6 +24,7 @@ from mmpeft.backbones.diffusers_files import load_pretrained, require_files
 from mmpeft.core.cache import ContentCache
 from mmpeft.core.errors import NotSupported, WeightsUnavailable
 from mmpeft.tasks.denoising import Denoising
+from mmpeft.tasks.sample_grids import SampleGrids
 
 __all__ = ["LatentDiffusion", "pipeline_folder"]
 
@@ -60,7 +61,9 @@ class LatentDiffusion(Denoising):
     class labels for a DiT), `text_method` (a method on the text encoder), `cache` (cache latents and
     text states of the frozen encoders), `attention` ("auto": xformers on CUDA when its kernels load,
     else SDPA; "sdpa"; "xformers"), `adapter` (as PeftTask's; loaded after the text encoder is added, so a
-    file with a `text_method` part loads whole). Batches are (images in [-1, 1], captions or labels)."""
+    file with a `text_method` part loads whole), `samples` (grids of fixed prompts / classes and seeds every N
+    steps, at the end, and of the frozen model once: `{every_n_steps: 100, prompts: [...], seeds: [0, 1]}`, see
+    `mmpeft.tasks.sample_grids.SampleGrids`). Batches are (images in [-1, 1], captions or labels)."""
 
     def __init__(
         self,
@@ -71,6 +74,7 @@ class LatentDiffusion(Denoising):
         cache: bool = True,
         attention: str = "auto",
         adapter: str | None = None,
+        samples: dict[str, Any] | None = None,
         **kwargs: Any,
     ):
         from diffusers import AutoencoderKL, DDPMScheduler
@@ -100,6 +104,7 @@ class LatentDiffusion(Denoising):
         self._latent_cache = ContentCache("VAE latent")  # the one cache mechanism (mmpeft.core.cache)
         self._text_cache = ContentCache("text-encoder state")
         self.attention = attention
+        self._sample_grids = SampleGrids(**samples) if samples else None  # checked now, not at the end of fit
 
     def setup(self, stage: str) -> None:
         """diffusers' own attention processors: xformers when its kernels load on CUDA, SDPA otherwise (the
@@ -110,12 +115,17 @@ class LatentDiffusion(Denoising):
         device = self.trainer.strategy.root_device if self._trainer is not None else self.device
         self.attention_backend = use_fast_attention(self.model.backbone, self.attention, device=device)
 
+    def configure_callbacks(self) -> list:
+        """`samples` adds the sample-grid callback (`mmpeft.tasks.sample_grids`) to whatever trainer runs this task."""
+        grids = [self._sample_grids] if self._sample_grids is not None else []
+        return [*super().configure_callbacks(), *grids]
+
     def on_fit_end(self) -> None:
         """A LoRA on a UNet is also written as `diffusers_lora/pytorch_lora_weights.safetensors`, the file
         `StableDiffusionPipeline.load_lora_weights` takes, with the text encoder's LoRA when `text_method` is one.
         A text method with no diffusers LoRA form gets no file (rather than one that loads into a pipeline that
         differs from the trained model), and a warning says why."""
-        if self.method.name != "lora" or not self.text_conditioned or not self.trainer.is_global_zero:
+        if self.method.name not in ("lora", "svfit") or not self.text_conditioned or not self.trainer.is_global_zero:
             return
         from mmpeft.interop.diffusers_lora import export_diffusers_lora, exported_components
         from mmpeft.tasks.callbacks import run_dir

@@ -1,0 +1,47 @@
+"""A trained run's task rebuilt for inference (sampling, export): from its run folder or its config files and an
+adapter file, the model alone (no data, trainer or run folder), checked by `mmpeft fit`'s own parser."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from mmpeft.core.errors import MmpeftError
+
+__all__ = ["resolve_run", "task_from_configs"]
+
+
+def task_from_configs(configs: list[str], adapter: str | None = None) -> Any:
+    """The run's task (model only: no data, trainer or run folder) from `fit` config files, with `adapter`
+    loaded; the configs are checked by `mmpeft fit`'s own parser first."""
+    from jsonargparse import ArgumentParser
+
+    from mmpeft.lab.lightning_cli import build_parser
+    from mmpeft.tasks.base import PeftTask
+
+    fit = build_parser().parse_args(["fit", *(a for c in configs for a in ("-c", c))])["fit"]
+    model = fit.model.as_dict() if hasattr(fit.model, "as_dict") else dict(fit.model)
+    if adapter is not None:
+        model.setdefault("init_args", {})["adapter"] = str(adapter)
+    only_model = ArgumentParser(exit_on_error=False)
+    only_model.add_subclass_arguments(PeftTask, "model", required=True)
+    return only_model.instantiate_classes(only_model.parse_object({"model": model})).model
+
+
+def resolve_run(
+    run_dir: str | None, configs: list[str], adapter: str | None, default_out: str
+) -> tuple[list[str], str | None, Path]:
+    """(config files, adapter file, default output folder) of `--run RUN` and / or `-c CONFIG --adapter FILE`:
+    a run folder gives its `config.yaml` and `adapter.safetensors` (explicit ones win)."""
+    configs = list(configs)
+    if run_dir is not None:
+        run = Path(run_dir)
+        if not (run / "config.yaml").is_file():
+            raise MmpeftError(f"{run} is not a run folder (no config.yaml in it); pass --run runs/<name>/version_N")
+        configs = [str(run / "config.yaml"), *configs]
+        if adapter is None and (run / "adapter.safetensors").is_file():
+            adapter = str(run / "adapter.safetensors")
+    if not configs:
+        raise MmpeftError("give the run: --run RUN_FOLDER, or -c CONFIG [--adapter FILE]")
+    out = Path(run_dir) / default_out if run_dir else Path(default_out)
+    return configs, adapter, out
