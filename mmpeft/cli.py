@@ -11,6 +11,7 @@ mmpeft export-lora ADAPTER --out DIR    an mmpeft UNet LoRA adapter as a diffuse
 mmpeft import-lora FILE --out ADAPTER   a diffusers / kohya LoRA file as an mmpeft adapter file
 mmpeft sample --run RUN --prompt P      images from a diffusion run through diffusers' pipelines, and a grid PNG
 mmpeft export --run RUN --format F      a diffusion run as a merged diffusers folder or a diffusers LoRA file
+mmpeft score SAMPLES --reference REAL   CLIP-T, CLIP-I, DINO and FID of generated images, from local weights
 """
 
 from __future__ import annotations
@@ -180,6 +181,11 @@ def build_own_parser() -> argparse.ArgumentParser:
     ex = sub.add_parser("export", help="a diffusion run as a merged diffusers folder or a diffusers LoRA file")
     add_model_export_arguments(ex)
     ex.set_defaults(run=model_export_command)
+    from mmpeft.lab.score import add_score_arguments, score_command
+
+    sc = sub.add_parser("score", help="CLIP-T, CLIP-I, DINO and FID of generated images, from local weights")
+    add_score_arguments(sc)
+    sc.set_defaults(run=score_command)
     from mmpeft.lab.plot import add_plot_arguments, plot_command
 
     pl = sub.add_parser("plot", help="PNGs from result CSVs: accuracy vs trainable parameters, step time and memory")

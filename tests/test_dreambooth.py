@@ -120,3 +120,20 @@ def test_personalization_end_to_end_class_images_once_from_the_frozen_model(subj
     assert _fit(subject, classes, tmp_path / "runs", "--data.init_args.class_prompt=a photo of cat") == 2
     assert "made with other settings" in capsys.readouterr().err
     assert {p.name: p.read_bytes() for p in sorted(classes.glob("*.png"))} == before
+
+
+@pytest.mark.parametrize("method", ["difffit", "svfit"])
+def test_personalization_runs_with_other_methods_and_logs_the_prior_loss(method, subject, tmp_path):
+    import csv
+
+    args = ["fit", "-c", str(REPO / f"configs/diffusion/dreambooth_{method}.yaml"), *QUICK,
+            f"--data.init_args.instance_dir={subject}", f"--data.init_args.class_dir={tmp_path / 'classes'}",
+            "--data.init_args.num_class_images=2", "--data.init_args.class_steps=1", "--trainer.max_epochs=1",
+            f"--run.dir={tmp_path}"]  # fmt: skip
+    assert main(args) == 0
+    run = tmp_path / f"dreambooth-{method}" / "version_0"
+    tensors, header = read_adapter(run / "adapter.safetensors")
+    assert tensors and header["method"]["name"] == method
+    with open(run / "metrics.csv", newline="") as f:
+        logged = {k for row in csv.DictReader(f) for k, v in row.items() if v}
+    assert "train/prior_loss_epoch" in logged

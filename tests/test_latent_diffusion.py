@@ -37,7 +37,7 @@ def val_loss_before_and_after(config: str, images: Path, tmp_path: Path, *extra:
 DIFFUSION_CONFIGS = [f"configs/diffusion/{m}{s}.yaml" for m in ("difffit", "lora", "svfit") for s in ("", "_dit")]
 # workflows on their own data layouts (tests/test_dreambooth.py, tests/test_image_folders.py)
 WORKFLOW_CONFIGS = ["configs/diffusion/captions_lora.yaml", "configs/diffusion/difffit_dit_folders.yaml",
-                    "configs/diffusion/dreambooth_lora.yaml"]  # fmt: skip
+                    *(f"configs/diffusion/dreambooth_{m}.yaml" for m in ("difffit", "lora", "svfit"))]  # fmt: skip
 
 
 def test_every_diffusion_method_has_a_tiny_sd_and_a_tiny_dit_config():
