@@ -314,3 +314,15 @@ def _without(model, key: str):
             return {k: v for k, v in model.trainable_state_dict().items() if k != key}
 
     return Fewer()
+
+
+def test_predict_and_a_missing_prompt_say_what_to_do_instead(images, tmp_path, capsys):
+    """Issue 24: `mmpeft predict` on a diffusion run used to fail with "no 'test' split" (and would have returned noise
+    predictions); `prompt: null` on a data module without captions crashed inside the tokenizer."""
+    base = ["-c", str(ROOT / "configs/diffusion/lora.yaml"), f"--data.init_args.root={images}",
+            f"--run.dir={tmp_path}", *QUICK]  # fmt: skip
+    assert main(["predict", *base]) == 2
+    assert "mmpeft sample --run RUN_FOLDER" in capsys.readouterr().err
+    assert main(["fit", *base, "--model.init_args.prompt=null", "--trainer.max_epochs=1"]) == 2
+    err = capsys.readouterr().err
+    assert "prompt: null takes each image's prompt from the data" in err and "CaptionedImagesDataModule" in err

@@ -111,6 +111,12 @@ class LatentDiffusion(Denoising):
         method's tensors live in Linear modules, so a processor swap keeps them)."""
         from mmpeft.backbones.diffusers_attention import use_fast_attention
 
+        if stage == "predict":
+            raise NotSupported(
+                "`mmpeft predict` returns a model's outputs for a data split; a diffusion model's images come from "
+                "sampling: mmpeft sample --run RUN_FOLDER --prompt '...' (or -c CONFIG --adapter FILE; --class-ids "
+                "for a DiT)"
+            )
         super().setup(stage)
         device = self.trainer.strategy.root_device if self._trainer is not None else self.device
         self.attention_backend = use_fast_attention(self.model.backbone, self.attention, device=device)
@@ -213,4 +219,13 @@ class LatentDiffusion(Denoising):
         if not self.text_conditioned:
             return latents, conditioning  # class labels
         prompts = [self.prompt] * len(images) if self.prompt is not None else list(conditioning)
+        if not all(isinstance(p, str) for p in prompts):
+            from mmpeft.data.checks import DataError
+
+            raise DataError(
+                f"prompt: null takes each image's prompt from the data, but this data module gives "
+                f"{type(prompts[0]).__name__} labels, not captions; set the instance prompt "
+                "(--model.init_args.prompt 'a photo of sks dog'), or use a data module with captions "
+                "(CaptionedImagesDataModule: metadata.jsonl; DreamBoothDataModule: instance / class prompts)"
+            )
         return latents, self._text_states(prompts)
