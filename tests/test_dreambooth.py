@@ -88,7 +88,8 @@ def _fit(subject: Path, classes: Path, run_dir: Path, *extra: str) -> int:
     return main(["fit", "-c", str(REPO / "configs/diffusion/dreambooth_lora.yaml"), *QUICK,
                  f"--data.init_args.instance_dir={subject}", f"--data.init_args.class_dir={classes}",
                  "--data.init_args.num_class_images=3", "--data.init_args.class_steps=2", "--trainer.max_epochs=1",
-                 f"--run.dir={run_dir}", *extra])  # fmt: skip
+                 "--model.init_args.samples={every_n_steps: 0, seeds: [0, 1], steps: 2}", f"--run.dir={run_dir}",
+                 *extra])  # fmt: skip
 
 
 def test_personalization_end_to_end_class_images_once_from_the_frozen_model(subject, tmp_path, capsys):
@@ -103,6 +104,8 @@ def test_personalization_end_to_end_class_images_once_from_the_frozen_model(subj
     run = tmp_path / "runs" / "dreambooth-lora" / "version_0"
     tensors, _ = read_adapter(run / "adapter.safetensors")
     assert tensors and (run / "diffusers_lora" / "pytorch_lora_weights.safetensors").is_file()
+    for tag in ("frozen", "final"):  # the instance prompt's grid, before and after
+        assert Image.open(run / "samples" / tag / "grid.png").size == (2 * 64, 64)
 
     # the frozen model made them: a fresh frozen pipeline with the same seed gives the same image
     from mmpeft.backbones import DiffusersUNet
@@ -129,7 +132,7 @@ def test_personalization_runs_with_other_methods_and_logs_the_prior_loss(method,
     args = ["fit", "-c", str(REPO / f"configs/diffusion/dreambooth_{method}.yaml"), *QUICK,
             f"--data.init_args.instance_dir={subject}", f"--data.init_args.class_dir={tmp_path / 'classes'}",
             "--data.init_args.num_class_images=2", "--data.init_args.class_steps=1", "--trainer.max_epochs=1",
-            f"--run.dir={tmp_path}"]  # fmt: skip
+            "--model.init_args.samples=null", f"--run.dir={tmp_path}"]  # fmt: skip
     assert main(args) == 0
     run = tmp_path / f"dreambooth-{method}" / "version_0"
     tensors, header = read_adapter(run / "adapter.safetensors")

@@ -74,6 +74,7 @@ FAMILIES = {
             "--data.init_args.batch_size=7",
             "--data.init_args.num_class_images=4",
             "--data.init_args.class_steps=2",
+            "--model.init_args.samples=null",
         ],
         2,
     ),  # fmt: skip

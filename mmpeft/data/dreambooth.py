@@ -118,6 +118,10 @@ class DreamBoothDataModule(pl.LightningDataModule):
         self.class_dir = Path(class_dir) if class_dir else None
         self.num_classes = None  # a prompt-conditioned task: no head
 
+    def sample_prompts(self) -> list[str]:
+        """What validation grids sample by default: the instance prompt."""
+        return [self.hparams.instance_prompt]
+
     @property
     def prior_preservation(self) -> bool:
         return self.class_dir is not None

@@ -176,6 +176,11 @@ class CaptionedImagesDataModule(_FolderData):
         transform = diffusion_transform(self.image_size, self.center_crop, self.random_flip)
         return _Images(self.items["train"], transform, self.hparams.caption_dropout)
 
+    def sample_prompts(self, count: int = 2) -> list[str]:
+        """What validation grids sample by default: the first `count` distinct validation (or training) captions."""
+        captions = [c for _, c in self.items.get("val") or self.items["train"]]
+        return list(dict.fromkeys(captions))[:count]
+
 
 class ClassFolderDataModule(_FolderData):
     """Class-conditional images, one sub-folder per class (`root/train/<class>/`, optional `root/val/<class>/`);

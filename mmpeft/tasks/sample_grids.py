@@ -26,7 +26,8 @@ __all__ = ["SampleGrids"]
 class SampleGrids(pl.Callback):
     """Args:
     every_n_steps: sample every this many optimizer steps (0: only at the start and the end of fit).
-    prompts / class_ids: what to sample (default: the task's instance prompt, or classes 0-3 of a DiT).
+    prompts / class_ids: what to sample (default: the task's prompt, else the data's `sample_prompts()`, or
+        classes 0-3 of a DiT).
     seeds: one image per seed and prompt (a grid row per prompt, a column per seed).
     steps, guidance_scale, scheduler: the sampler (`mmpeft.interop.sampling.SCHEDULERS`).
     frozen: also write the frozen model's grid once, at the start of fit.
@@ -56,11 +57,16 @@ class SampleGrids(pl.Callback):
         self.steps, self.guidance_scale, self.scheduler, self.frozen = steps, guidance_scale, scheduler, frozen
         self.written: list[Path] = []
 
-    def _conditioning(self, task: Any) -> dict[str, list]:
+    def _conditioning(self, trainer: pl.Trainer, task: Any) -> dict[str, list]:
+        """The prompts (or classes) to sample: the configured ones, else the task's prompt, else the data's own
+        (`sample_prompts()`: DreamBooth's instance prompt, a few validation captions)."""
         if getattr(task, "text_conditioned", False):
             prompts = self.prompts or ([task.prompt] if getattr(task, "prompt", None) else [])
+            data = getattr(trainer, "datamodule", None)
+            if not prompts and hasattr(data, "sample_prompts"):
+                prompts = list(data.sample_prompts())
             if not prompts:
-                raise ValueError("samples: this run has no instance prompt; give samples.prompts")
+                raise ValueError("samples: neither the task nor the data gives a prompt; set samples.prompts")
             return {"prompts": prompts}
         classes = self.class_ids or list(range(min(getattr(task, "class_count", None) or 4, 4)))
         return {"class_ids": classes}
@@ -70,7 +76,7 @@ class SampleGrids(pl.Callback):
         """Sample the grid `tag` into `<run>/samples/<tag>/` and log it to the loggers that take images."""
         from mmpeft.interop.sampling import build_pipeline, generate, write_images
 
-        cond = self._conditioning(task)
+        cond = self._conditioning(trainer, task)
         guidance = self.guidance_scale if self.guidance_scale is not None else (7.5 if "prompts" in cond else 4.0)
         was_training = task.training
         weights = task.evaluation_weights() if tag != "frozen" else contextlib.nullcontext()
