@@ -46,7 +46,7 @@ def test_a_registered_name_is_a_backbone_on_the_command_line(one_epoch_digits, t
 def test_an_unknown_name_lists_the_registered_ones(tmp_path, capsys):
     assert main(short_fit(tmp_path, "--model.init_args.backbone", "digit_vit")) == 2
     err = capsys.readouterr().err
-    assert "unknown backbone 'digit_vit' (did you mean digits_vit?)" in err
+    assert "unknown backbone 'digit_vit' (did you mean digits_vit, digits_dit?)" in err
     for name in ("digits_vit", "shapes_point", "tiny_dit", "point_mae", "diffusers_unet:<path>", "open_clip:<model>"):
         assert name in err, name
 
@@ -61,7 +61,7 @@ def test_an_unknown_name_lists_the_registered_ones(tmp_path, capsys):
          "did you mean mmpeft.backbones.DigitsViT"),
         (["--model.class_path", "mmpeft.tasks.ImageClasification"], "did you mean mmpeft.tasks.ImageClassification"),
         (["--model.init_args.backbone", "DigitsVit"],
-         "no backbone class 'DigitsVit'; did you mean mmpeft.backbones.DigitsViT?"),
+         "no backbone class 'DigitsVit'; did you mean mmpeft.backbones.DigitsViT, mmpeft.backbones.DigitsDiT?"),
     ],
 )  # fmt: skip
 def test_class_path_typos_get_a_suggestion(args, expected, tmp_path, capsys):

@@ -10,6 +10,7 @@ from torch import nn
 from mmpeft.backbones.clip import ClipImageTower, ClipTextTower
 from mmpeft.backbones.diffusion import DiffusersUNet
 from mmpeft.backbones.digits import DigitsViT
+from mmpeft.backbones.digits_dit import DigitsDiT
 from mmpeft.backbones.dit import DiffusersDiT
 from mmpeft.backbones.point import PointTransformer
 from mmpeft.backbones.registry import (
@@ -28,6 +29,7 @@ __all__ = [
     "ClipImageTower",
     "ClipTextTower",
     "DigitsViT",
+    "DigitsDiT",
     "PointTransformer",
     "ShapesPointTransformer",
     "DiffusersUNet",

@@ -195,6 +195,7 @@ def pretrained_weights(name: str, arch: dict, recipe: dict) -> Path:
         with torch.random.fork_rng():  # a fresh context: the pretraining's Lightning objects must not see the
             # hyper-parameters LightningCLI sets for the task whose __init__ builds this backbone by name
             info = contextvars.Context().run(build_weights, name, path, recipe=recipe, arch=arch)
-        print(f"pretrained {name} in {info['seconds']} s, upstream val acc {info['upstream_val_acc']:.3f}; "
-              f"cached at {path}")  # fmt: skip
+        scores = ", ".join(f"upstream {k.removeprefix('upstream_').replace('_', ' ')} {v:.3f}"
+                           for k, v in info.items() if k.startswith("upstream_"))  # fmt: skip
+        print(f"pretrained {name} in {info['seconds']} s, {scores}; cached at {path}")
     return path

@@ -33,7 +33,7 @@ from mmpeft.core.model import PeftModel
 from mmpeft.tasks.optim import build_optimizer, param_groups, warmup_cosine
 from mmpeft.tasks.step import fit_steps
 
-__all__ = ["pretrain_classifier", "fixed_threads", "PretrainingStopped"]
+__all__ = ["pretrain_classifier", "train_from_scratch", "save_backbone", "fixed_threads", "PretrainingStopped"]
 
 
 class PretrainingStopped(MmpeftError):
@@ -75,12 +75,11 @@ def fixed_threads(threads: int) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
-def pretrain_classifier(model: PeftModel, data: pl.LightningDataModule, path: Path, recipe: dict[str, Any],
-                        arch: dict[str, Any], desc: str, progress: bool = True) -> dict[str, Any]:  # fmt: skip
-    """Train `model` (a fresh backbone with method "full" and a head) on `data`'s train split with AdamW,
-    warmup then cosine (`recipe`: epochs, lr, weight_decay, warmup_epochs); write the backbone's weights
-    to `path` with the upstream validation accuracy, the time, the recipe and the arch as metadata."""
-    train = data.train_dataloader()
+def train_from_scratch(model: PeftModel, train: Any, loss_fn: Any, recipe: dict[str, Any], desc: str,
+                       progress: bool = True, batches: Any = None) -> float:  # fmt: skip
+    """Train `model` (a fresh backbone with method "full") on the `train` loader with AdamW, warmup then cosine
+    (`recipe`: epochs, lr, weight_decay, warmup_epochs); `batches(loader)` turns a loader's batches into
+    (inputs, targets) when they are not already. Returns the seconds it took."""
     optimizer = build_optimizer(param_groups(model, model.method, recipe["weight_decay"]), "adamw", recipe["lr"])
     steps = recipe["epochs"] * len(train)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(steps, recipe["warmup_epochs"] * len(train)))
@@ -90,19 +89,32 @@ def pretrain_classifier(model: PeftModel, data: pl.LightningDataModule, path: Pa
         bar = tqdm(range(recipe["epochs"]), desc=desc, disable=not progress)
         for epoch in bar:
             where["epoch"] = epoch + 1
-            losses = fit_steps(model, train, optimizer, model.backbone.example_loss, scheduler)
+            losses = fit_steps(model, batches(train) if batches else train, optimizer, loss_fn, scheduler)
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
     model.eval()
-    correct = total = 0
-    with torch.no_grad():
-        for inputs, labels in data.val_dataloader():
-            correct += int((model(inputs).argmax(-1) == labels).sum())
-            total += len(labels)
-    info = {"upstream_val_acc": correct / total, "seconds": round(time.perf_counter() - start, 1),
-            "recipe": recipe, "arch": arch}  # fmt: skip
+    return time.perf_counter() - start
+
+
+def save_backbone(model: PeftModel, path: Path, info: dict[str, Any]) -> dict[str, Any]:
+    """Write the backbone's weights to `path` atomically, with `info` (what made them) as metadata."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
     os.close(fd)
     save_file(model.backbone.state_dict(), tmp, metadata={"info": json.dumps(info)})
     os.replace(tmp, path)
     return info
+
+
+def pretrain_classifier(model: PeftModel, data: pl.LightningDataModule, path: Path, recipe: dict[str, Any],
+                        arch: dict[str, Any], desc: str, progress: bool = True) -> dict[str, Any]:  # fmt: skip
+    """Train `model` (a fresh backbone with method "full" and a head) on `data`'s train split
+    (`train_from_scratch`); write the backbone's weights to `path` with the upstream validation accuracy, the
+    time, the recipe and the arch as metadata."""
+    seconds = train_from_scratch(model, data.train_dataloader(), model.backbone.example_loss, recipe, desc, progress)
+    correct = total = 0
+    with torch.no_grad():
+        for inputs, labels in data.val_dataloader():
+            correct += int((model(inputs).argmax(-1) == labels).sum())
+            total += len(labels)
+    info = {"upstream_val_acc": correct / total, "seconds": round(seconds, 1), "recipe": recipe, "arch": arch}
+    return save_backbone(model, path, info)
