@@ -132,7 +132,7 @@ def fine_tune(method: Any, lr: float, epochs: int, seed: int = 0, pretrain_epoch
     return model.eval()
 
 
-def diffusion_transfer(epochs: int = 20, per_class: int = 20, steps: int = 50, seed: int = 0,
+def diffusion_transfer(epochs: int = 120, per_class: int = 20, steps: int = 50, seed: int = 0,
                        labels: Sequence[str] | None = None, pretrain_epochs: int | None = None,
                        log: Callable[[str], None] = print) -> tuple[dict, dict[str, torch.Tensor]]:  # fmt: skip
     """label -> {fid, cond_acc, trainable, seconds} for every run of `DIFFUSION_RUNS`, and each run's samples."""

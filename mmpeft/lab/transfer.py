@@ -307,7 +307,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", choices=[*sorted(QUICKSTARTS), "digits-diffusion"], default="digits",
                         help="digits-diffusion: the diffusion quickstart (mmpeft.lab.diffusion_transfer)")  # fmt: skip
-    parser.add_argument("--epochs", type=int, default=None, help="default: 30 (full data), 50 (--shots)")
+    parser.add_argument(
+        "--epochs",
+        type=int,
+        default=None,
+        help="default: 30 (full data), 50 (--shots), 120 (digits-diffusion fine-tuning)",
+    )
     parser.add_argument("--runs-dir", default=None, help="default: runs/transfer (digits), runs/transfer_shapes")
     parser.add_argument("--shots", type=_ints, default=None, help="k-shot table: k per class, e.g. 5,20")
     parser.add_argument("--seeds", type=_ints, default=None,
@@ -369,7 +374,7 @@ def diffusion_main(args: argparse.Namespace, argv: Sequence[str]) -> None:
         raise SystemExit(f"error: {e}") from None
     seed = (args.seeds or [0])[0]
     per_class = 20
-    results, samples = diffusion_transfer(args.epochs or 20, per_class=per_class, seed=seed)
+    results, samples = diffusion_transfer(args.epochs or 120, per_class=per_class, seed=seed)
     grid = write_grid(samples, per_class, paths[1])
     command = shlex.join(["python", "-m", "mmpeft.quickstart", *argv])
     lines = [
