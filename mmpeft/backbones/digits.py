@@ -9,15 +9,7 @@ from __future__ import annotations
 
 from mmpeft.backbones.registry import register_backbone
 from mmpeft.backbones.timm_vit import TimmViT
-from mmpeft.backbones.weights import (
-    cache_dir,
-    load_weights,
-    optional_path,
-    pretrained_weights,
-    read_state_dict,
-    register_weights_builder,
-)
-from mmpeft.core.identity import record_weights
+from mmpeft.backbones.weights import cache_dir, load_quickstart_weights, register_weights_builder
 
 __all__ = ["DigitsViT", "cache_dir", "ARCH", "RECIPE"]
 
@@ -48,10 +40,4 @@ class DigitsViT(TimmViT):
     def __init__(self, pretrained: bool = True, weights: str | None = None, epochs: int | None = None):
         super().__init__("vit_tiny_patch16_224", **ARCH)
         self.name = "digits_vit"
-        weights = optional_path(weights)
-        if weights is None and pretrained:
-            recipe = {**RECIPE, **({"epochs": epochs} if epochs else {})}
-            weights = str(pretrained_weights("digits_vit", ARCH, recipe))
-        if weights is not None:
-            load_weights(self, read_state_dict(weights), weights)
-        record_weights(self, weights)
+        load_quickstart_weights(self, "digits_vit", ARCH, RECIPE, pretrained, weights, epochs)

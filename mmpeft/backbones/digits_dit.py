@@ -9,14 +9,7 @@ from __future__ import annotations
 
 from mmpeft.backbones.dit import DiffusersDiT
 from mmpeft.backbones.registry import register_backbone
-from mmpeft.backbones.weights import (
-    load_weights,
-    optional_path,
-    pretrained_weights,
-    read_state_dict,
-    register_weights_builder,
-)
-from mmpeft.core.identity import record_weights
+from mmpeft.backbones.weights import load_quickstart_weights, register_weights_builder
 
 __all__ = ["DigitsDiT", "DIGITS_DIT", "DIGITS_DIT_RECIPE", "DIGITS_SCHEDULE"]
 
@@ -59,10 +52,4 @@ class DigitsDiT(DiffusersDiT):
 
     def __init__(self, pretrained: bool = True, weights: str | None = None, epochs: int | None = None):
         super().__init__(config=dict(DIGITS_DIT), name="digits_dit", example_size=8)
-        weights = optional_path(weights)
-        if weights is None and pretrained:
-            recipe = {**DIGITS_DIT_RECIPE, **({"epochs": epochs} if epochs else {})}
-            weights = str(pretrained_weights("digits_dit", DIGITS_DIT, recipe))
-        if weights is not None:
-            load_weights(self, read_state_dict(weights), weights)
-        record_weights(self, weights)
+        load_quickstart_weights(self, "digits_dit", DIGITS_DIT, DIGITS_DIT_RECIPE, pretrained, weights, epochs)

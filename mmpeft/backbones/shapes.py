@@ -7,14 +7,7 @@ from __future__ import annotations
 
 from mmpeft.backbones.point import PointTransformer
 from mmpeft.backbones.registry import register_backbone
-from mmpeft.backbones.weights import (
-    load_weights,
-    optional_path,
-    pretrained_weights,
-    read_state_dict,
-    register_weights_builder,
-)
-from mmpeft.core.identity import record_weights
+from mmpeft.backbones.weights import load_quickstart_weights, register_weights_builder
 
 __all__ = ["ShapesPointTransformer", "ARCH", "RECIPE"]
 
@@ -50,10 +43,4 @@ class ShapesPointTransformer(PointTransformer):
         arch = {**ARCH, "pointnet_widths": tuple(ARCH["pointnet_widths"]), "drop_path_rate": drop_path_rate}
         super().__init__("point_mae", **arch)
         self.name = "shapes_point"
-        weights = optional_path(weights)
-        if weights is None and pretrained:
-            recipe = {**RECIPE, **({"epochs": epochs} if epochs else {})}
-            weights = str(pretrained_weights("shapes_point", ARCH, recipe))
-        if weights is not None:
-            load_weights(self, read_state_dict(weights), weights)
-        record_weights(self, weights)
+        load_quickstart_weights(self, "shapes_point", ARCH, RECIPE, pretrained, weights, epochs)

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from mmpeft.core.errors import WeightsUnavailable
+from mmpeft.core.identity import record_weights
 
 __all__ = [
     "optional_path",
@@ -27,6 +28,7 @@ __all__ = [
     "build_weights",
     "cache_dir",
     "pretrained_weights",
+    "load_quickstart_weights",
     "weights_source",
 ]
 
@@ -199,3 +201,16 @@ def pretrained_weights(name: str, arch: dict, recipe: dict) -> Path:
                            for k, v in info.items() if k.startswith("upstream_"))  # fmt: skip
         print(f"pretrained {name} in {info['seconds']} s, {scores}; cached at {path}")
     return path
+
+
+def load_quickstart_weights(module: nn.Module, name: str, arch: dict, recipe: dict, pretrained: bool,
+                            weights: str | os.PathLike | None, epochs: int | None = None) -> None:  # fmt: skip
+    """A quickstart backbone's weights: `weights` (a file) if given, else with `pretrained` mmpeft's own upstream
+    pretraining of `name` (built on first use and cached; `epochs` overrides the recipe's), else none (random
+    init). The loaded weights' identity is recorded either way."""
+    weights = optional_path(weights)
+    if weights is None and pretrained:
+        weights = str(pretrained_weights(name, arch, {**recipe, **({"epochs": epochs} if epochs else {})}))
+    if weights is not None:
+        load_weights(module, read_state_dict(weights), weights)
+    record_weights(module, weights)

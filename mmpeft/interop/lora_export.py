@@ -20,70 +20,61 @@ from mmpeft.interop.lora_format import (
     METADATA_KEY,
     TEXT_ENCODER,
     file_key_name,
-    lora_pieces,
     unet_backbone,
 )
 
 __all__ = ["diffusers_lora_layers", "diffusers_lora_state_dict", "export_diffusers_lora", "exported_components"]
 
 
-def _lora_layers(root: nn.Module, what: str, dtype: torch.dtype | None, name_of=None) -> dict[str, torch.Tensor]:
-    """`{name}.lora_A.weight` = A and `.lora_B.weight` = (alpha / r) B (peft's names, the layer's path in `root`)
-    for every LoRA piece on `root`: the layers dict diffusers' `save_lora_weights` takes per component."""
-    pieces = lora_pieces(root)
-    if not pieces:
-        raise NotSupported(f"the model's {what} carries no LoRA pieces (was the method unloaded?)")
-    out: dict[str, torch.Tensor] = {}
-    for host_name, piece in pieces.items():
-        host = root.get_submodule(host_name)
-        if piece.parts:
-            raise NotSupported(f"LoRA on parts {piece.parts} of a fused qkv ({host_name!r}) has no diffusers form")
-        if isinstance(host, nn.Conv2d) and host.dilation != (1, 1):
-            raise NotSupported(f"{host_name!r} is a dilated Conv2d; peft's LoRA conv has no dilation")
-        delta = piece.deltas["all"]
-        a = delta.A.detach().float()
-        b = delta.B.detach().float() * delta.scale
-        target = dtype or delta.A.dtype
-        name = name_of(host_name) if name_of else host_name
-        out[f"{name}.lora_A.weight"] = a.to("cpu", target).contiguous()
-        out[f"{name}.lora_B.weight"] = b.to("cpu", target).contiguous()
-    return out
+def _lora_factors(piece: nn.Module, host: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.dtype]:
+    """A LoRA piece's (A, (alpha / r) B) as trained, and its own dtype."""
+    delta = piece.deltas["all"]
+    return delta.A.detach().float(), delta.B.detach().float() * delta.scale, delta.A.dtype
 
 
-def _svfit_layers(root: nn.Module, what: str, dtype: torch.dtype | None, name_of=None) -> dict[str, torch.Tensor]:
-    """SVFit as LoRA (its update is exactly rank r): A = diag(sigma - sigma0) V_r^T and B = U_r per adapted layer
-    (a Conv2d: A the k x k conv of V_r^T rows, B the 1 x 1 conv of U_r, as peft's LoRA conv), in peft's names."""
+def _svfit_factors(piece: nn.Module, host: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.dtype]:
+    """SVFit as LoRA (its update is exactly rank r): A = diag(sigma - sigma0) V_r^T, B = U_r (a Conv2d: A the k x k
+    conv of V_r^T rows, B the 1 x 1 conv of U_r, as peft's LoRA conv)."""
+    spectrum = piece.spectra["all"]
+    shift = spectrum.sigma.detach().double() - spectrum.sigma0.double()
+    a = shift[:, None] * spectrum.Vh.double()  # [r, in * kh * kw]
+    b = spectrum.U.double()  # [out, r]
+    if isinstance(host, nn.Conv2d):
+        a, b = a.view(spectrum.rank, *host.weight.shape[1:]), b[:, :, None, None]
+    return a, b, host.weight.dtype
+
+
+def _low_rank_layers(method: str, root: nn.Module, what: str, dtype: torch.dtype | None, name_of=None):
+    """`{name}.lora_A.weight` = A and `.lora_B.weight` = B (peft's names, the layer's path in `root`) for every
+    piece of the low-rank `method` on `root`: the layers dict diffusers' `save_lora_weights` takes per component."""
     from mmpeft.core.modules import adapter_modules
+    from mmpeft.methods.lora import LoRADelta
     from mmpeft.methods.svfit import SVFitDelta
 
+    piece_type, factors = {"lora": (LoRADelta, _lora_factors), "svfit": (SVFitDelta, _svfit_factors)}[method]
+    label = {"lora": "LoRA", "svfit": "SVFit"}[method]
     out: dict[str, torch.Tensor] = {}
     for name, piece in adapter_modules(root):
-        if not isinstance(piece, SVFitDelta):
+        if not isinstance(piece, piece_type):
             continue
         host_name = name.rpartition(".")[0]
         host = root.get_submodule(host_name)
         if piece.parts:
-            raise NotSupported(f"SVFit on parts {piece.parts} of a fused qkv ({host_name!r}) has no diffusers form")
+            raise NotSupported(f"{label} on parts {piece.parts} of a fused qkv ({host_name!r}) has no diffusers form")
         if isinstance(host, nn.Conv2d) and host.dilation != (1, 1):
             raise NotSupported(f"{host_name!r} is a dilated Conv2d; peft's LoRA conv has no dilation")
-        spectrum = piece.spectra["all"]
-        shift = spectrum.sigma.detach().double() - spectrum.sigma0.double()
-        a = shift[:, None] * spectrum.Vh.double()  # [r, in * kh * kw]
-        b = spectrum.U.double()  # [out, r]
-        if isinstance(host, nn.Conv2d):
-            a, b = a.view(spectrum.rank, *host.weight.shape[1:]), b[:, :, None, None]
-        target = dtype or host.weight.dtype
+        a, b, own = factors(piece, host)
         key = name_of(host_name) if name_of else host_name
-        out[f"{key}.lora_A.weight"] = a.to("cpu", target).contiguous()
-        out[f"{key}.lora_B.weight"] = b.to("cpu", target).contiguous()
+        out[f"{key}.lora_A.weight"] = a.to("cpu", dtype or own).contiguous()
+        out[f"{key}.lora_B.weight"] = b.to("cpu", dtype or own).contiguous()
     if not out:
-        raise NotSupported(f"the model's {what} carries no SVFit pieces (was the method unloaded?)")
+        raise NotSupported(f"the model's {what} carries no {label} pieces (was the method unloaded?)")
     return out
 
 
 def _layers_of(method: Any, root: nn.Module, what: str, dtype: torch.dtype | None, name_of=None):
     """The layers dict of a low-rank method: LoRA as trained, SVFit as its exact rank-r LoRA."""
-    return (_svfit_layers if method.name == "svfit" else _lora_layers)(root, what, dtype, name_of)
+    return _low_rank_layers(method.name, root, what, dtype, name_of)
 
 
 LOW_RANK = ("lora", "svfit")  # the methods a diffusers LoRA file holds exactly
