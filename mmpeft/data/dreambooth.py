@@ -168,7 +168,9 @@ class DreamBoothDataModule(pl.LightningDataModule):
                     f"{self.hparams.num_class_images} images, and the task cannot generate them"
                 )
             return
-        make(self)
+        if self.trainer.is_global_zero:  # one process writes the class images; the others wait for them
+            make(self)
+        self.trainer.strategy.barrier("dreambooth class images")
 
     def train_dataloader(self) -> DataLoader:
         hp = self.hparams
