@@ -11,9 +11,10 @@ from mmpeft.core.errors import MmpeftError
 __all__ = ["resolve_run", "task_from_configs"]
 
 
-def task_from_configs(configs: list[str], adapter: str | None = None) -> Any:
+def task_from_configs(configs: list[str], adapter: str | None = None, source: str | None = None) -> Any:
     """The run's task (model only: no data, trainer or run folder) from `fit` config files, with `adapter`
-    loaded; the configs are checked by `mmpeft fit`'s own parser first."""
+    loaded; the configs are checked by `mmpeft fit`'s own parser first. `source`: another weights folder for the
+    backbone (a merged `mmpeft export --format diffusers` folder, which needs no adapter)."""
     from jsonargparse import ArgumentParser
 
     from mmpeft.lab.lightning_cli import build_parser
@@ -23,6 +24,11 @@ def task_from_configs(configs: list[str], adapter: str | None = None) -> Any:
     model = fit.model.as_dict() if hasattr(fit.model, "as_dict") else dict(fit.model)
     if adapter is not None:
         model.setdefault("init_args", {})["adapter"] = str(adapter)
+    if source is not None:
+        backbone = model.setdefault("init_args", {}).get("backbone")
+        if not isinstance(backbone, dict) or "init_args" not in backbone:
+            raise MmpeftError("--source replaces the backbone's weights folder; this config names its backbone by name")
+        backbone["init_args"]["source"] = str(source)
     only_model = ArgumentParser(exit_on_error=False)
     only_model.add_subclass_arguments(PeftTask, "model", required=True)
     return only_model.instantiate_classes(only_model.parse_object({"model": model})).model

@@ -31,6 +31,8 @@ def add_sample_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run", dest="run_dir", default=None, help="a run folder (its config.yaml and adapter.safetensors)")
     p.add_argument("-c", "--config", action="append", default=[], help="the run's config file(s), as for `fit`")
     p.add_argument("--adapter", default=None, help="an adapter file (default: the run folder's)")
+    p.add_argument("--source", default=None,
+                   help="the denoiser's weights from this folder (a merged export's unet/; no adapter)")  # fmt: skip
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for several); text-to-image UNets")
     p.add_argument("--class-ids", type=_ints, default=[], help="class ids, e.g. 1,5 (class-conditional DiTs)")
     p.add_argument("--seeds", type=_ints, default=[0], help="one image per seed and prompt / class (default 0)")
@@ -54,12 +56,14 @@ def sample_command(args: argparse.Namespace) -> int:
         raise MmpeftError("pass --prompt (text-conditioned UNets) or --class-ids (class-conditional DiTs), one of them")
     configs, adapter, out = resolve_run(args.run_dir, args.config, args.adapter, "samples")
     out = Path(args.out) if args.out else out
-    if adapter is None:
+    if args.source is not None and args.adapter is None:
+        adapter = None  # a merged folder holds the trained weights; the run folder's adapter would apply them twice
+    elif adapter is None:
         print("mmpeft sample: no adapter file given: sampling the frozen model as its config builds it")
     if out.is_dir() and any(out.glob("*.png")) and not args.overwrite:
         raise OutputExists(f"{out} holds images already; pass --overwrite or another --out")
     start = time.perf_counter()
-    task = task_from_configs(configs, adapter).eval()
+    task = task_from_configs(configs, adapter, args.source).eval()
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     pipe = build_pipeline(task.to(device), args.scheduler).to(device)
     guidance = args.guidance_scale if args.guidance_scale is not None else (7.5 if args.prompt else 4.0)
@@ -67,7 +71,7 @@ def sample_command(args: argparse.Namespace) -> int:
                       args.negative_prompt)  # fmt: skip
     grid = write_images(images, out)
     (out / "samples.json").write_text(json.dumps({
-        "configs": configs, "adapter": adapter, "scheduler": args.scheduler, "steps": args.steps,
+        "configs": configs, "adapter": adapter, "source": args.source, "scheduler": args.scheduler, "steps": args.steps,
         "guidance_scale": guidance, "seeds": args.seeds, "size": args.size,
         "images": [{"file": f"{i:03d}-seed{im.seed}.png", "seed": im.seed, "prompt": im.prompt,
                     "class_id": im.class_id} for i, im in enumerate(images)],
