@@ -20,6 +20,7 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from mmpeft.core.errors import MmpeftError
 from mmpeft.core.method import create_method, get_method, list_methods
@@ -132,6 +133,40 @@ def _backbones(args: argparse.Namespace) -> int:
     return 0
 
 
+def _module_commands() -> list[tuple[str, str, Any, Any]]:
+    """(name, help, add_arguments, run) of the commands whose arguments and work live in their own modules."""
+    from mmpeft.interop.commands import (
+        add_export_arguments,
+        add_import_arguments,
+        export_lora_command,
+        import_lora_command,
+    )
+    from mmpeft.lab.bench import add_bench_arguments
+    from mmpeft.lab.export import add_model_export_arguments, model_export_command
+    from mmpeft.lab.plot import add_plot_arguments, plot_command
+    from mmpeft.lab.sample import add_sample_arguments, sample_command
+    from mmpeft.lab.score import add_score_arguments, score_command
+    from mmpeft.lab.sweep import add_sweep_arguments
+
+    return [
+        ("bench", "median step time and peak memory of every method, next to the floor", add_bench_arguments, _bench),
+        ("sweep", "tasks x methods x seeds x search grid: tune on val, retrain, test once", add_sweep_arguments,
+         _sweep),
+        ("export-lora", "an mmpeft UNet LoRA adapter as a diffusers LoRA file (load_lora_weights)",
+         add_export_arguments, export_lora_command),
+        ("import-lora", "a diffusers / kohya LoRA file as an mmpeft adapter file", add_import_arguments,
+         import_lora_command),
+        ("sample", "images (and a grid PNG) from a diffusion run through diffusers' pipelines", add_sample_arguments,
+         sample_command),
+        ("export", "a diffusion run as a merged diffusers folder or a diffusers LoRA file", add_model_export_arguments,
+         model_export_command),
+        ("score", "CLIP-T, CLIP-I, DINO and FID of generated images, from local weights", add_score_arguments,
+         score_command),
+        ("plot", "PNGs from result CSVs: accuracy vs trainable parameters, step time and memory", add_plot_arguments,
+         plot_command),
+    ]  # fmt: skip
+
+
 def build_own_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mmpeft", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -142,55 +177,16 @@ def build_own_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-classes", type=int, default=100, help="classes of the task head (default 100)")
     p.add_argument("--preset", default="default", help="'default' or 'paper' (methods without it are marked)")
     p.set_defaults(run=_params)
-    from mmpeft.lab.bench import add_bench_arguments
-
-    b = sub.add_parser("bench", help="median step time and peak memory of every method, next to the floor")
-    add_bench_arguments(b)
-    b.set_defaults(run=_bench)
-    from mmpeft.lab.sweep import add_sweep_arguments
-
-    s = sub.add_parser("sweep", help="tasks x methods x seeds x search grid: tune on val, retrain, test once")
-    add_sweep_arguments(s)
-    s.set_defaults(run=_sweep)
-    from mmpeft.interop.commands import (
-        add_export_arguments,
-        add_import_arguments,
-        export_lora_command,
-        import_lora_command,
-    )
-
-    e = sub.add_parser("export-lora", help="an mmpeft UNet LoRA adapter as a diffusers LoRA file (load_lora_weights)")
-    add_export_arguments(e)
-    e.set_defaults(run=export_lora_command)
-    i = sub.add_parser("import-lora", help="a diffusers / kohya LoRA file as an mmpeft adapter file")
-    add_import_arguments(i)
-    i.set_defaults(run=import_lora_command)
+    for name, help_text, add_arguments, run in _module_commands():
+        command = sub.add_parser(name, help=help_text)
+        add_arguments(command)
+        command.set_defaults(run=run)
     m = sub.add_parser("methods", help="the registered methods, or one method's options (with help) and presets")
     m.add_argument("name", nargs="?", default=None, help="a method name: list its options and presets")
     m.set_defaults(run=_methods)
     bb = sub.add_parser("backbones", help="the backbone names, their family and whether they take weights")
     bb.add_argument("filter", nargs="?", default=None, help="keep names, families or descriptions containing this")
     bb.set_defaults(run=_backbones)
-    from mmpeft.lab.sample import add_sample_arguments, sample_command
-
-    sm = sub.add_parser("sample", help="images (and a grid PNG) from a diffusion run through diffusers' pipelines")
-    add_sample_arguments(sm)
-    sm.set_defaults(run=sample_command)
-    from mmpeft.lab.export import add_model_export_arguments, model_export_command
-
-    ex = sub.add_parser("export", help="a diffusion run as a merged diffusers folder or a diffusers LoRA file")
-    add_model_export_arguments(ex)
-    ex.set_defaults(run=model_export_command)
-    from mmpeft.lab.score import add_score_arguments, score_command
-
-    sc = sub.add_parser("score", help="CLIP-T, CLIP-I, DINO and FID of generated images, from local weights")
-    add_score_arguments(sc)
-    sc.set_defaults(run=score_command)
-    from mmpeft.lab.plot import add_plot_arguments, plot_command
-
-    pl = sub.add_parser("plot", help="PNGs from result CSVs: accuracy vs trainable parameters, step time and memory")
-    add_plot_arguments(pl)
-    pl.set_defaults(run=plot_command)
     return parser
 
 

@@ -90,3 +90,16 @@ def test_bad_values_are_refused_naming_the_option():
         _task(snr_gamma=0.0)
     with pytest.raises(ValueError, match="noise_offset and input_perturbation"):
         _task(noise_offset=-0.1)
+
+
+def test_every_diffusion_config_names_the_loss_options_and_keeps_them_off():
+    """Issue 24 item 4: each option is named in every diffusion config, off (the comments give diffusers' values)."""
+    from pathlib import Path
+
+    import yaml
+
+    configs = sorted((Path(__file__).resolve().parents[1] / "configs/diffusion").glob("*.yaml"))
+    assert len(configs) == 11
+    for path in configs:
+        model = yaml.safe_load(path.read_text())["model"]["init_args"]
+        assert (model["snr_gamma"], model["noise_offset"], model["input_perturbation"]) == (None, 0.0, 0.0), path.name

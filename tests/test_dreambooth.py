@@ -140,3 +140,29 @@ def test_personalization_runs_with_other_methods_and_logs_the_prior_loss(method,
     with open(run / "metrics.csv", newline="") as f:
         logged = {k for row in csv.DictReader(f) for k, v in row.items() if v}
     assert "train/prior_loss_epoch" in logged
+
+
+def test_an_unreadable_photo_is_named_with_the_fix(subject, tmp_path):
+    import shutil
+
+    folder = tmp_path / "photos"
+    shutil.copytree(subject, folder)
+    (folder / "broken.png").write_bytes(b"not a png")
+    data = DreamBoothDataModule(str(folder), "a photo of sks dog", image_size=16, batch_size=4)
+    with pytest.raises(DataError, match=r"cannot read image .*broken\.png .*fix or remove it from the folder"):
+        list(data.val_dataloader())
+
+
+def test_the_personalization_configs_hold_the_values_their_comments_cite():
+    """diffusers' DreamBooth (LoRA) script and README recipe, as the configs' comments cite them."""
+    import yaml
+
+    for method in ("lora", "difffit", "svfit"):
+        config = yaml.safe_load((REPO / f"configs/diffusion/dreambooth_{method}.yaml").read_text())
+        model, data = config["model"]["init_args"], config["data"]["init_args"]
+        assert model["prior_loss_weight"] == 1.0 and data["batch_size"] == 1, method  # DreamBooth's defaults
+        assert model["prompt"] is None and data["center_crop"] is True and data["random_flip"] is False
+    lora = yaml.safe_load((REPO / "configs/diffusion/dreambooth_lora.yaml").read_text())["model"]["init_args"]
+    assert lora["method"] == {"name": "lora", "r": 4} and lora["lr"] == 1e-4  # --rank 4, the README's lr 1e-4
+    captions = yaml.safe_load((REPO / "configs/diffusion/captions_lora.yaml").read_text())["model"]["init_args"]
+    assert captions["lr"] == 1e-4  # train_text_to_image_lora.py's default learning rate

@@ -12,13 +12,13 @@ import torch
 from mmpeft.backbones import DiffusersDiT, DiffusersUNet
 from mmpeft.backbones.tiny_diffusers import tiny_sd_folder, tiny_sd_pipeline
 from mmpeft.cli import main
-from mmpeft.core.context import BackboneInput
 from mmpeft.core.errors import OutputExists
 from mmpeft.core.model import PeftModel
 from mmpeft.core.state import save_adapter
 from mmpeft.interop.diffusers_lora import export_diffusers_lora
 from mmpeft.interop.merged_export import export_merged
 from mmpeft.tasks import LatentDiffusion
+from tests.test_diffusers_interop import _ours, _theirs  # the same inputs, UNet through mmpeft and plain
 
 REPO = Path(__file__).resolve().parents[1]
 TOL = 1e-4
@@ -31,23 +31,6 @@ def _perturb(model: torch.nn.Module, seed: int = 0, std: float = 0.05) -> None:
         for p in model.parameters():
             if p.requires_grad:
                 p.add_(torch.randn(p.shape, generator=g) * std)
-
-
-def _unet_inputs() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(1)
-    return torch.randn(2, 4, 8, 8, generator=g), torch.tensor([10, 900]), torch.randn(2, 4, 32, generator=g)
-
-
-@torch.no_grad()
-def _ours(model: PeftModel) -> torch.Tensor:
-    x, t, cond = _unet_inputs()
-    return model.eval()(BackboneInput(x=x, timestep=t, cond=cond))
-
-
-@torch.no_grad()
-def _theirs(unet: torch.nn.Module) -> torch.Tensor:
-    x, t, cond = _unet_inputs()
-    return unet.eval()(x, t, encoder_hidden_states=cond).sample
 
 
 @pytest.mark.parametrize("method", ["difffit", "svfit", "lora", "bitfit"])

@@ -82,7 +82,7 @@ def test_dit_guidance_uses_the_model_s_null_class_and_its_learned_sigma_is_dropp
     inner.register_forward_pre_hook(lambda m, args, kwargs: seen.append(kwargs["class_labels"]), with_kwargs=True)
     images = generate(build_pipeline(task, "ddim", progress=False), [0, 1], class_ids=[4], steps=2, guidance_scale=4.0)
     null = inner.config.num_embeds_ada_norm  # 10 for the tiny DiT: not DiTPipeline's hard-coded 1000
-    assert [t.tolist() for t in seen[:2]] == [[4, null], [4, null]]
+    assert [t.tolist() for t in seen[:2]] == [[4, 4, null, null]] * 2, "both seeds in one batch, then the null class"
     assert len(images) == 2 and images[0].image.size == (32, 32) and images[0].class_id == 4
 
 

@@ -21,10 +21,10 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from mmpeft.data.checks import DataError
+from mmpeft.data.image_list import open_image
 from mmpeft.data.sampling import split_loader
 from mmpeft.data.transforms import diffusion_transform
 
@@ -51,8 +51,7 @@ class _Personalization(Dataset):
         return self.length
 
     def _load(self, path: Path) -> torch.Tensor:
-        with Image.open(path) as image:
-            return self.transform(image.convert("RGB"))
+        return self.transform(open_image(path, fix="fix or remove it from the folder"))
 
     def __getitem__(self, i: int) -> tuple:
         item = (self._load(self.instances[i % len(self.instances)]), self.prompt)

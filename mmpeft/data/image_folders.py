@@ -25,11 +25,11 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from mmpeft.data.checks import DataError
 from mmpeft.data.dreambooth import IMAGE_SUFFIXES, image_files
+from mmpeft.data.image_list import open_image
 from mmpeft.data.sampling import split_loader
 from mmpeft.data.transforms import diffusion_transform
 
@@ -81,8 +81,7 @@ class _Images(Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, Any]:
         path, cond = self.items[i]
-        with Image.open(path) as image:
-            pixels = self.transform(image.convert("RGB"))
+        pixels = self.transform(open_image(path, fix="fix it or remove its line from metadata.jsonl / its folder"))
         if self.dropout and random.random() < self.dropout:  # seeded per item by the training loader
             cond = ""
         return pixels, cond

@@ -24,7 +24,7 @@ from mmpeft.data.sampling import split_loader
 from mmpeft.data.splits import SplitLoaders
 from mmpeft.data.transforms import TRAIN_CROPS, eval_transform, train_transform
 
-__all__ = ["ImageListDataModule", "ImageList", "read_list", "parse_list"]
+__all__ = ["ImageListDataModule", "ImageList", "open_image", "read_list", "parse_list"]
 
 LAYOUT = __doc__.split("\n\n", 2)[2].rstrip()
 LINE_FORMAT = "'<relative/path> <integer label>'"
@@ -72,16 +72,17 @@ class ImageList(Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         rel, label = self.items[i]
-        path = self.root / rel
-        try:
-            with Image.open(path) as opened:
-                image = opened.convert(self.channels)  # decodes the pixels
-        except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, ...
-            raise DataError(
-                f"cannot read image {path} ({type(err).__name__}: {err}); fix or remove it from the split file, "
-                f"and {VERIFY_HINT} so every bad image is found at once"
-            ) from err
-        return self.transform(image), label
+        fix = f"fix or remove it from the split file, and {VERIFY_HINT} so every bad image is found at once"
+        return self.transform(open_image(self.root / rel, self.channels, fix)), label
+
+
+def open_image(path: Path, channels: str = "RGB", fix: str = "fix or remove it") -> Image.Image:
+    """The decoded image in `channels`; an unreadable file is a `DataError` naming it and `fix`, what to do."""
+    try:
+        with Image.open(path) as opened:
+            return opened.convert(channels)  # decodes the pixels
+    except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, ...
+        raise DataError(f"cannot read image {path} ({type(err).__name__}: {err}); {fix}") from err
 
 
 class ImageListDataModule(CheckedImages, SplitLoaders, pl.LightningDataModule):

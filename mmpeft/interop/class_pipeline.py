@@ -32,14 +32,16 @@ class ClassConditionalPipeline(DiffusionPipeline):
         class_labels: Sequence[int],
         num_inference_steps: int = 25,
         guidance_scale: float = 1.0,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
         output_type: str = "pil",
     ) -> Any:
         config = self.transformer.config
         device, dtype = self._execution_device, self.transformer.dtype
         labels = torch.as_tensor(list(class_labels), device=device)
         channels, side = config.in_channels, config.sample_size
-        x = torch.randn((len(labels), channels, side, side), generator=generator, device=device, dtype=dtype)
+        from diffusers.utils.torch_utils import randn_tensor  # a generator per sample, as diffusers' pipelines
+
+        x = randn_tensor((len(labels), channels, side, side), generator=generator, device=device, dtype=dtype)
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         x = x * self.scheduler.init_noise_sigma
         guided = guidance_scale > 1

@@ -179,7 +179,8 @@ def generate(
     negative_prompt: str | None = None,
 ) -> list[GeneratedImage]:
     """One image per (prompt or class id, seed), in that order, each from its own `torch.Generator(seed)` (so an
-    image depends on its seed alone). `size`: the image side (default: the denoiser's own)."""
+    image depends on its seed alone); the seeds of one prompt run as one batch. `size`: the image side (default:
+    the denoiser's own)."""
     if bool(prompts) == bool(class_ids):
         raise ValueError("give prompts (a text-conditioned UNet) or class ids (a class-conditional DiT), one of them")
     text = isinstance(pipe.components.get("unet"), PipelineDenoiser)
@@ -188,20 +189,19 @@ def generate(
         raise ValueError(f"this model is conditioned on {wanted}; pass {wanted}")
     device = pipe._execution_device if hasattr(pipe, "_execution_device") else torch.device("cpu")
     out = []
-    for cond in prompts or class_ids:
-        for seed in seeds:
-            generator = torch.Generator(device=device).manual_seed(int(seed))
-            if text:
-                side = {} if size is None else {"height": size, "width": size}
-                result = pipe(
-                    cond, num_inference_steps=steps, guidance_scale=guidance_scale, generator=generator,
-                    negative_prompt=negative_prompt, **side,
-                )  # fmt: skip
-                out.append(GeneratedImage(result.images[0], int(seed), prompt=cond))
-            else:
-                result = pipe([int(cond)], num_inference_steps=steps, guidance_scale=guidance_scale,
-                              generator=generator)  # fmt: skip
-                out.append(GeneratedImage(result.images[0], int(seed), class_id=int(cond)))
+    for cond in prompts or class_ids:  # one call per prompt / class: its conditioning is encoded once
+        generators = [torch.Generator(device=device).manual_seed(int(seed)) for seed in seeds]
+        if text:
+            side = {} if size is None else {"height": size, "width": size}
+            result = pipe(
+                cond, num_inference_steps=steps, guidance_scale=guidance_scale, generator=generators,
+                num_images_per_prompt=len(seeds), negative_prompt=negative_prompt, **side,
+            )  # fmt: skip
+            out += [GeneratedImage(im, int(seed), prompt=cond) for im, seed in zip(result.images, seeds)]
+        else:
+            result = pipe([int(cond)] * len(seeds), num_inference_steps=steps, guidance_scale=guidance_scale,
+                          generator=generators)  # fmt: skip
+            out += [GeneratedImage(im, int(seed), class_id=int(cond)) for im, seed in zip(result.images, seeds)]
     return out
 
 

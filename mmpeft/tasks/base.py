@@ -121,7 +121,8 @@ class PeftTask(pl.LightningModule):
         self.strict_loading = False  # checkpoints hold the trainable set only; the frozen rest comes from config
         if adapter:
             self.load_adapter(adapter)
-        self.feature_caches = FeatureCaches(self, feature_cache, feature_cache_bytes)
+        own_forward = type(self).forward is not PeftTask.forward  # a task computing its output its own way
+        self.feature_caches = FeatureCaches(self, feature_cache, feature_cache_bytes, own_forward)
 
     # -- the method's view -----------------------------------------------------------------------------
     @property

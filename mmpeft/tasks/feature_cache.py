@@ -23,11 +23,11 @@ __all__ = ["FEATURE_CACHE_STAGES", "FeatureCaches", "feature_cache_refusal"]
 FEATURE_CACHE_STAGES = ("train", "val")  # test and predict run once each: nothing to reuse
 
 
-def feature_cache_refusal(task: PeftTask) -> str | None:
+def feature_cache_refusal(task: PeftTask, own_forward: bool = False) -> str | None:
     """Why the backbone's features cannot be cached (None: they can): something in the backbone trains, a
-    method piece is attached, or the task computes its output in a forward of its own."""
+    method piece is attached, or the task computes its output in a forward of its own (`own_forward`)."""
     name = task.method.name
-    if type(task).forward.__qualname__ != "PeftTask.forward":  # by name: `tasks.base` imports this module
+    if own_forward:
         return f"{type(task).__name__} computes its output in a forward of its own"
     trained = [n for n, p in task.model.backbone.named_parameters() if p.requires_grad]
     if trained:
@@ -42,10 +42,10 @@ class FeatureCaches:
     """The training and validation feature caches the `feature_cache` option asks for and the task allows
     (empty, and falsy, when caching is off)."""
 
-    def __init__(self, task: PeftTask, spec: bool | str, max_bytes: int):
+    def __init__(self, task: PeftTask, spec: bool | str, max_bytes: int, own_forward: bool = False):
         if spec not in (True, False, "auto"):
             raise ValueError(f"feature_cache must be true, false or 'auto', got {spec!r}")
-        why = feature_cache_refusal(task) if spec else None
+        why = feature_cache_refusal(task, own_forward) if spec else None
         if spec is True and why:
             raise ValueError(
                 f"feature_cache=true caches the frozen backbone's features, which only a pure linear probe allows: "
