@@ -113,8 +113,9 @@ def test_personalization_end_to_end_class_images_once_from_the_frozen_model(subj
     from mmpeft.tasks import LatentDiffusion
 
     frozen = LatentDiffusion(DiffusersUNet(source="tiny_sd"), method="lora", pipeline="tiny_sd").eval()
-    (again,) = generate(build_pipeline(frozen, "dpm", progress=False), [1], ["a photo of dog"], steps=2, size=64)
-    assert np.array_equal(np.asarray(again.image), np.asarray(Image.open(classes / "class-00001.png")))
+    again = generate(build_pipeline(frozen, "dpm", progress=False), [0, 1, 2], ["a photo of dog"], steps=2, size=64)
+    for image in again:  # made in one call, as the task makes up to PRIOR_CHUNK of one prompt
+        assert np.array_equal(np.asarray(image.image), np.asarray(Image.open(classes / f"class-0000{image.seed}.png")))
 
     # a second run reuses them; another class prompt is refused before training, the folder untouched
     assert _fit(subject, classes, tmp_path / "runs") == 0

@@ -37,6 +37,7 @@ def val_loss_before_and_after(config: str, images: Path, tmp_path: Path, *extra:
 DIFFUSION_CONFIGS = [f"configs/diffusion/{m}{s}.yaml" for m in ("difffit", "lora", "svfit") for s in ("", "_dit")]
 # workflows on their own data layouts (tests/test_dreambooth.py, tests/test_image_folders.py)
 WORKFLOW_CONFIGS = ["configs/diffusion/captions_lora.yaml", "configs/diffusion/difffit_dit_folders.yaml",
+                    "configs/diffusion/digits_personalize.yaml",
                     *(f"configs/diffusion/dreambooth_{m}.yaml" for m in ("difffit", "lora", "svfit"))]  # fmt: skip
 
 

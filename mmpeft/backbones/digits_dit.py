@@ -48,8 +48,14 @@ class DigitsDiT(DiffusersDiT):
         pretrained: load (building on first use) mmpeft's upstream-pretrained weights; False: random init.
         weights: a weights file instead.
         epochs: the pretraining budget (part of the cache key).
+        add_classes / new_class_init: new labels 10.. after the ten digits (personalization: a new digit style as
+            a new class) and the digit each starts from, added after the pretrained weights load
+            (`DiffusersDiT.add_class_rows`).
     """
 
-    def __init__(self, pretrained: bool = True, weights: str | None = None, epochs: int | None = None):
+    def __init__(self, pretrained: bool = True, weights: str | None = None, epochs: int | None = None,
+                 add_classes: int = 0, new_class_init: list[int] | None = None):  # fmt: skip
         super().__init__(config=dict(DIGITS_DIT), name="digits_dit", example_size=8)
         load_quickstart_weights(self, "digits_dit", DIGITS_DIT, DIGITS_DIT_RECIPE, pretrained, weights, epochs)
+        if add_classes:
+            self.add_class_rows(add_classes, new_class_init)

@@ -3,8 +3,8 @@ class tables and timestep MLPs into one (`TiedEmbedding`)."""
 
 from __future__ import annotations
 
-import copy
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -87,6 +87,11 @@ class DiffusersDiT(DiffusersDenoiser):
             the config's `num_embeds_ada_norm` set to K so a saved model reloads. Untied, every block gets
             a copy of the same table. The fresh table is the task's (`task_owned`): it trains under every
             method and is saved in the adapter file.
+        add_classes: N new labels K..K+N-1 after the pretrained K, for personalization (a new subject as a new
+            class, DreamBooth's rare token): the pretrained rows are kept, and the null row moves to the end
+            (K+N). The grown table is the task's, as a fresh one is.
+        new_class_init: the pretrained label each new row starts from (DreamBooth's class noun: "a sks dog"
+            starts from what "dog" means), one per new row; default: the mean of the pretrained class rows.
     """
 
     family = "dit"
@@ -107,9 +112,14 @@ class DiffusersDiT(DiffusersDenoiser):
         example_tokens: int = 77,
         tie_embeddings: bool = True,
         num_classes: int | None = None,
+        add_classes: int = 0,
+        new_class_init: list[int] | None = None,
     ):
         super().__init__(source, config, model, name, dtype, device, example_size, example_tokens)
-        self.fresh_class_table = num_classes is not None
+        if num_classes is not None and add_classes:
+            raise ValueError("give num_classes (a fresh table for a new dataset) or add_classes (new labels after "
+                             "the pretrained ones), not both")  # fmt: skip
+        self.fresh_class_table = False
         if num_classes is not None:
             self._fresh_class_table(num_classes)
         if tie_embeddings and len(self.model.transformer_blocks) > 1:
@@ -118,6 +128,10 @@ class DiffusersDiT(DiffusersDenoiser):
                 warnings.warn(untied_warning(self.name, differ), stacklevel=2)
             else:
                 tie_dit_embeddings(self.model)
+        if add_classes:
+            self.add_class_rows(add_classes, new_class_init)
+        elif new_class_init:
+            raise ValueError("new_class_init names where new class rows start; give add_classes as well")
 
     def task_owned(self) -> list[str]:
         """A fresh class table (`num_classes`; every block's copy when untied): it belongs to the new dataset, not
@@ -140,18 +154,41 @@ class DiffusersDiT(DiffusersDenoiser):
     def _fresh_class_table(self, num_classes: int) -> None:
         if num_classes < 1:
             raise ValueError(f"num_classes must be positive, got {num_classes}")
-        blocks = self.model.transformer_blocks
-        labels = blocks[0].norm1.emb.class_embedder
+        labels = self.model.transformer_blocks[0].norm1.emb.class_embedder
         old = labels.embedding_table.weight
         rows = num_classes + int(labels.dropout_prob > 0)  # + the CFG null row
-        table = nn.Embedding(rows, old.shape[1], device=old.device, dtype=old.dtype).requires_grad_(False)
-        for i, block in enumerate(blocks):
+        table = nn.Embedding(rows, old.shape[1], device=old.device, dtype=old.dtype)
+        self._set_class_tables(lambda _: table.weight.detach().clone(), num_classes)
+
+    def add_class_rows(self, count: int, init: list[int] | None = None) -> None:
+        """`add_classes` / `new_class_init`: grow every class table by `count` rows before the null row, keeping
+        the pretrained rows (called after the pretrained weights are in, by a subclass that loads them itself)."""
+        if count < 1:
+            raise ValueError(f"add_classes must be positive, got {count}")
+        k = self.num_classes
+        if init is not None and (len(init) != count or not all(0 <= label < k for label in init)):
+            wanted = f"one pretrained label (0..{k - 1}) per new row ({count})"
+            raise ValueError(f"new_class_init needs {wanted}, got {init}")
+
+        def grown(old: torch.Tensor) -> torch.Tensor:
+            new = old[list(init)] if init is not None else old[:k].mean(0, keepdim=True).expand(count, -1)
+            return torch.cat([old[:k], new, old[k:]]).detach().clone()  # old[k:]: the null row, if any
+
+        self._set_class_tables(grown, k + count)
+
+    def _set_class_tables(self, rows_from: Callable[[torch.Tensor], torch.Tensor], num_classes: int) -> None:
+        """Every block's own class table (one when tied) replaced by `rows_from(its old weight)`, frozen, and the
+        label count set where diffusers reads it (the null label, the config a saved model reloads with)."""
+        for block in self.model.transformer_blocks:
             embedder = block.norm1.emb
             if isinstance(embedder, TiedEmbedding):
                 continue
-            embedder.class_embedder.embedding_table = table if i == 0 else copy.deepcopy(table)
-            embedder.class_embedder.num_classes = num_classes
+            labels = embedder.class_embedder
+            weight = rows_from(labels.embedding_table.weight)
+            labels.embedding_table = nn.Embedding.from_pretrained(weight, freeze=True)
+            labels.num_classes = num_classes
         self.model.register_to_config(num_embeds_ada_norm=num_classes)
+        self.fresh_class_table = True
 
     def call_model(self, inputs: BackboneInput) -> Any:
         return self.model(inputs.x, timestep=inputs.timestep, class_labels=inputs.cond, **inputs.kwargs)

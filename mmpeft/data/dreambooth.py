@@ -3,6 +3,10 @@
     instance_dir/            dog1.jpg dog2.png ...   (3-5 photos of the subject)
     class_dir/               prior images of the class (generated once by the frozen model when missing)
 
+A class-conditional DiT is personalized the same way with labels in place of prompts: the subject becomes a new
+class (`instance_class`, a row the backbone adds with `add_classes`), and prior preservation keeps the pretrained
+classes (`prior_classes`), whose images live in `class_dir/<label>/`.
+
 Training images are resized on the short side and cropped (centre or random) to `image_size`, optionally
 flipped, as diffusers' DreamBooth scripts do, and scaled to [-1, 1]. With prior preservation (`class_dir` and
 `class_prompt`), each batch holds `batch_size` instance images and as many class images, concatenated so one
@@ -39,34 +43,38 @@ def image_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
-class _Personalization(Dataset):
-    """Item i: (instance image i mod N, instance prompt[, class image i mod M, class prompt])."""
+Conditioning = str | int  # a prompt (a text-conditioned UNet) or a class label (a class-conditional DiT)
 
-    def __init__(self, instances: list[Path], prompt: str, transform, prior: tuple[list[Path], str] | None,
-                 length: int):  # fmt: skip
-        self.instances, self.prompt, self.transform = instances, prompt, transform
-        self.prior, self.length = prior, length
+
+class _Personalization(Dataset):
+    """Item i: (instance image i mod N, its conditioning[, class image i mod M, its conditioning])."""
+
+    def __init__(self, instances: list[Path], cond: Conditioning, transform,
+                 prior: list[tuple[Path, Conditioning]] | None, length: int, channels: str):  # fmt: skip
+        self.instances, self.cond, self.transform = instances, cond, transform
+        self.prior, self.length, self.channels = prior, length, channels
 
     def __len__(self) -> int:
         return self.length
 
     def _load(self, path: Path) -> torch.Tensor:
-        return self.transform(open_image(path, fix="fix or remove it from the folder"))
+        return self.transform(open_image(path, self.channels, fix="fix or remove it from the folder"))
 
     def __getitem__(self, i: int) -> tuple:
-        item = (self._load(self.instances[i % len(self.instances)]), self.prompt)
+        item = (self._load(self.instances[i % len(self.instances)]), self.cond)
         if self.prior is None:
             return item
-        files, class_prompt = self.prior
-        return (*item, self._load(files[i % len(files)]), class_prompt)
+        path, cond = self.prior[i % len(self.prior)]
+        return (*item, self._load(path), cond)
 
 
-def collate_with_prior(items: list[tuple]) -> tuple[torch.Tensor, list[str], torch.Tensor]:
-    """(instance images + class images, their prompts, a mask of the class half): one forward for both."""
+def collate_with_prior(items: list[tuple]) -> tuple[torch.Tensor, list[str] | torch.Tensor, torch.Tensor]:
+    """(instance images + class images, their prompts or labels, a mask of the class half): one forward for both."""
     instances = [it[0] for it in items] + [it[2] for it in items if len(it) > 2]
-    prompts = [it[1] for it in items] + [it[3] for it in items if len(it) > 2]
+    conds = [it[1] for it in items] + [it[3] for it in items if len(it) > 2]
     prior = torch.tensor([False] * len(items) + [True] * (len(instances) - len(items)))
-    return torch.stack(instances), prompts, prior
+    labels = all(isinstance(c, int) for c in conds)
+    return torch.stack(instances), torch.tensor(conds) if labels else conds, prior
 
 
 class DreamBoothDataModule(pl.LightningDataModule):
@@ -74,19 +82,23 @@ class DreamBoothDataModule(pl.LightningDataModule):
 
     Args:
         instance_dir: the subject's photos (3-5 as in DreamBooth).
-        instance_prompt: e.g. "a photo of sks dog" (a rare token for the subject).
+        instance_prompt: e.g. "a photo of sks dog" (a rare token for the subject); a text-conditioned UNet.
+        instance_class: the subject's label instead, for a class-conditional DiT (a new row: `add_classes`).
         class_dir / class_prompt: prior preservation ("a photo of dog"); both or neither.
+        prior_classes: the labels whose generated images keep the prior for a DiT (with `class_dir`, in place of
+            `class_prompt`): image k is of label prior_classes[k mod len], in `class_dir/<label>/`.
         num_class_images: class images to keep in `class_dir` (diffusers' default 100).
         image_size: training resolution (SD 1.x: 512; the tiny SD: 64).
         center_crop: centre crop after the short-side resize (else a random crop); random_flip: flip half the time.
         repeats: how many times the instance photos are seen per epoch (without prior preservation).
         class_steps / class_guidance_scale: the sampler settings of generated class images.
+        channels: 3 (RGB) or 1 (grayscale, a one-channel pixel model such as `digits_dit`).
     """
 
     def __init__(
         self,
         instance_dir: str,
-        instance_prompt: str,
+        instance_prompt: str | None = None,
         class_dir: str | None = None,
         class_prompt: str | None = None,
         num_class_images: int = 100,
@@ -98,6 +110,9 @@ class DreamBoothDataModule(pl.LightningDataModule):
         num_workers: int = 0,
         class_steps: int = 25,
         class_guidance_scale: float = 7.5,
+        instance_class: int | None = None,
+        prior_classes: list[int] | None = None,
+        channels: int = 3,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -110,29 +125,76 @@ class DreamBoothDataModule(pl.LightningDataModule):
                 f"instance_dir {str(self.instance_dir)!r} holds no images ({', '.join(IMAGE_SUFFIXES)}); put the "
                 "subject's photos directly in it"
             )
-        if (class_dir is None) != (class_prompt is None):
-            raise ValueError("prior preservation needs both class_dir and class_prompt (or neither)")
+        if (instance_prompt is None) == (instance_class is None):
+            raise ValueError("give instance_prompt (a text-conditioned UNet) or instance_class (a class-conditional "
+                             "DiT), one of them")  # fmt: skip
+        self.labelled = instance_class is not None
+        prior_cond = prior_classes if self.labelled else class_prompt
+        wrong = class_prompt if self.labelled else prior_classes
+        if wrong is not None:
+            raise ValueError("a class-conditional run keeps its prior with prior_classes, a text one with "
+                             "class_prompt; this run gives the other")  # fmt: skip
+        if (class_dir is None) != (prior_cond is None) or prior_cond == []:
+            what = "prior_classes" if self.labelled else "class_prompt"
+            raise ValueError(f"prior preservation needs both class_dir and {what} (or neither)")
         if num_class_images < 1 or repeats < 1:
             raise ValueError("num_class_images and repeats must be at least 1")
+        if channels not in (1, 3):
+            raise ValueError(f"channels must be 3 (RGB) or 1 (grayscale), got {channels}")
         self.class_dir = Path(class_dir) if class_dir else None
-        self.num_classes = None  # a prompt-conditioned task: no head
+        # a prompt-conditioned task has no class count; labels are checked against the DiT's class table
+        self.num_classes = 1 + max([instance_class, *(prior_classes or [])]) if self.labelled else None
+
+    @property
+    def instance_cond(self) -> Conditioning:
+        return self.hparams.instance_class if self.labelled else self.hparams.instance_prompt
 
     def sample_prompts(self) -> list[str]:
         """What validation grids sample by default: the instance prompt."""
-        return [self.hparams.instance_prompt]
+        return [] if self.labelled else [self.hparams.instance_prompt]
+
+    def sample_class_ids(self) -> list[int]:
+        """A class-conditional run's validation grids: the new class."""
+        return [self.hparams.instance_class] if self.labelled else []
+
+    @property
+    def channel_mode(self) -> str:
+        return "L" if self.hparams.channels == 1 else "RGB"
 
     @property
     def prior_preservation(self) -> bool:
         return self.class_dir is not None
 
-    def class_files(self) -> list[Path]:
-        return image_files(self.class_dir)[: self.hparams.num_class_images] if self.class_dir.is_dir() else []
+    def _class_images(self) -> list[tuple[Path, Conditioning]]:
+        """Every class image present with its conditioning: `class_dir/*` (the class prompt) or
+        `class_dir/<label>/*` for each prior class."""
+        if not self.class_dir.is_dir():
+            return []
+        if not self.labelled:
+            return [(path, self.hparams.class_prompt) for path in image_files(self.class_dir)]
+        folders = [(self.class_dir / str(label), label) for label in self.hparams.prior_classes]
+        return [(path, label) for folder, label in folders if folder.is_dir() for path in image_files(folder)]
+
+    def class_files(self) -> list[tuple[Path, Conditioning]]:
+        """The class images training uses, with their prompt or label (`num_class_images` of them)."""
+        return self._class_images()[: self.hparams.num_class_images]
+
+    def prior_targets(self, seeds: list[int]) -> list[tuple[int, Conditioning, Path]]:
+        """(seed, prompt or label, file) of each class image to make: `class-<seed>.png`, under its label's folder
+        for a class-conditional run (image k of label prior_classes[k mod len])."""
+        hp = self.hparams
+        if not self.labelled:
+            return [(s, hp.class_prompt, self.class_dir / f"class-{s:05d}.png") for s in seeds]
+        labels = hp.prior_classes
+        return [(s, labels[s % len(labels)], self.class_dir / str(labels[s % len(labels)]) / f"class-{s:05d}.png")
+                for s in seeds]  # fmt: skip
 
     def prior_provenance(self, model_fingerprint: str) -> dict[str, Any]:
-        """What the class images were made with: the frozen model, prompt, size and sampler settings."""
+        """What the class images were made with: the frozen model, prompt or labels, size and sampler settings."""
         hp = self.hparams
-        return {"model": model_fingerprint, "class_prompt": hp.class_prompt, "image_size": hp.image_size,
-                "steps": hp.class_steps, "guidance_scale": hp.class_guidance_scale}  # fmt: skip
+        prior = {"prior_classes": list(hp.prior_classes)} if self.labelled else {"class_prompt": hp.class_prompt}
+        return {"model": model_fingerprint, **prior, "image_size": hp.image_size, "steps": hp.class_steps,
+                "guidance_scale": hp.class_guidance_scale}  # fmt: skip
 
     def missing_class_images(self, model_fingerprint: str) -> list[int]:
         """The seeds of the class images still to make. Images written by another model or prompt are not reused:
@@ -141,7 +203,7 @@ class DreamBoothDataModule(pl.LightningDataModule):
             return []
         wanted = self.prior_provenance(model_fingerprint)
         record = self.class_dir / PROVENANCE
-        have = image_files(self.class_dir) if self.class_dir.is_dir() else []
+        have = self._class_images()
         if have:
             if not record.is_file():
                 return []  # the user's own class photos: used as they are
@@ -177,17 +239,18 @@ class DreamBoothDataModule(pl.LightningDataModule):
         prior = None
         length = len(self.instances) * hp.repeats
         if self.prior_preservation:
-            files = self.class_files()
-            if not files:
+            prior = self.class_files()
+            if not prior:
                 raise DataError(f"class_dir {str(self.class_dir)!r} holds no class images (were they generated?)")
-            prior, length = (files, hp.class_prompt), max(len(files), len(self.instances))
-        data = _Personalization(self.instances, hp.instance_prompt, transform, prior, length)
+            length = max(len(prior), len(self.instances))
+        data = _Personalization(self.instances, self.instance_cond, transform, prior, length, self.channel_mode)
         return split_loader(data, hp.batch_size, shuffle=True, num_workers=hp.num_workers,
                             collate_fn=collate_with_prior)  # fmt: skip
 
     def val_dataloader(self) -> DataLoader:
         hp = self.hparams
         transform = diffusion_transform(hp.image_size, True, False)
-        data = _Personalization(self.instances, hp.instance_prompt, transform, None, len(self.instances))
+        data = _Personalization(self.instances, self.instance_cond, transform, None, len(self.instances),
+                                self.channel_mode)  # fmt: skip
         return split_loader(data, hp.batch_size, shuffle=False, num_workers=hp.num_workers,
                             collate_fn=collate_with_prior)  # fmt: skip

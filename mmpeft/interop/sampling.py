@@ -209,6 +209,7 @@ def write_images(images: Sequence[GeneratedImage], out: str | Path, columns: int
     """Each image as `<out>/<index>-seed<seed>.png` and all of them as `<out>/grid.png` (a row per prompt or
     class, a column per seed, diffusers' `make_image_grid`); returns the grid's path."""
     from diffusers.utils import make_image_grid
+    from PIL import Image
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -216,8 +217,8 @@ def write_images(images: Sequence[GeneratedImage], out: str | Path, columns: int
         item.image.save(out / f"{i:03d}-seed{item.seed}.png")
     columns = columns or len({item.seed for item in images})
     rows = -(-len(images) // columns)
-    blank = images[0].image.copy()
-    blank.paste((255, 255, 255), (0, 0, *blank.size))
+    first = images[0].image
+    blank = Image.new(first.mode, first.size, "white")  # any mode: RGB, or L for one-channel pixel models
     tiles = [item.image for item in images] + [blank] * (rows * columns - len(images))
     grid = out / "grid.png"
     make_image_grid(tiles, rows=rows, cols=columns).save(grid)

@@ -49,12 +49,13 @@ class DigitsClassifier(nn.Module):
         return self.head(self.body(x))
 
 
-def digits_classifier(epochs: int = 30, seed: int = 0) -> tuple[DigitsClassifier, float]:
-    """The scorer: trained on the real rotated digits' training split; returns it and its test accuracy."""
+def digits_classifier(epochs: int = 30, seed: int = 0, task: str = "downstream") -> tuple[DigitsClassifier, float]:
+    """The scorer: trained on the real rotated digits' training split (`task="upstream"`: the upright ones);
+    returns it and its test accuracy."""
     from mmpeft.data.digits import DigitsDataModule
 
     torch.manual_seed(seed)
-    data = DigitsDataModule("downstream", batch_size=64, seed=seed, train_fraction=0.7, val_fraction=0.0, shift=1)
+    data = DigitsDataModule(task, batch_size=64, seed=seed, train_fraction=0.7, val_fraction=0.0, shift=1)
     data.setup("fit")
     model = DigitsClassifier()
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
@@ -73,9 +74,9 @@ def digits_classifier(epochs: int = 30, seed: int = 0) -> tuple[DigitsClassifier
 
 @torch.no_grad()
 def sample_digits(model: nn.Module, per_class: int, steps: int = 50, guidance_scale: float = 2.0,
-                  seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """`per_class` samples of every digit through diffusers' DDIM loop (`ClassConditionalPipeline`, pixel space):
-    (images [N, 1, 8, 8] in [-1, 1], labels [N])."""
+                  seed: int = 0, classes: Sequence[int] = range(10)) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """`per_class` samples of every class (the ten digits by default) through diffusers' DDIM loop
+    (`ClassConditionalPipeline`, pixel space): (images [N, 1, 8, 8] in [-1, 1], labels [N])."""
     from diffusers import DDIMScheduler
 
     from mmpeft.backbones.digits_dit import DIGITS_SCHEDULE
@@ -85,7 +86,7 @@ def sample_digits(model: nn.Module, per_class: int, steps: int = 50, guidance_sc
     scheduler = DDIMScheduler(**DIGITS_SCHEDULE, clip_sample=True, set_alpha_to_one=True)
     pipe = ClassConditionalPipeline(PipelineDenoiser(model.eval(), scheduler), scheduler, vae=None)
     pipe.set_progress_bar_config(disable=True)
-    labels = torch.arange(10).repeat_interleave(per_class)
+    labels = torch.as_tensor(list(classes)).repeat_interleave(per_class)
     generator = torch.Generator().manual_seed(seed)
     out = pipe(labels.tolist(), steps, guidance_scale, generator, output_type="np").images
     images = torch.from_numpy(out).permute(0, 3, 1, 2)[:, :1] * 2 - 1
@@ -159,13 +160,13 @@ def diffusion_transfer(epochs: int = 120, per_class: int = 20, steps: int = 50, 
     return results, samples
 
 
-def write_grid(samples: dict[str, torch.Tensor], per_class: int, path: str | Path) -> Path:
-    """One row per run (frozen first), the first sample of each digit 0-9 across, 4x upscaled: a PNG."""
+def write_grid(samples: dict[str, torch.Tensor], per_class: int, path: str | Path, classes: int = 10) -> Path:
+    """One row per run (frozen first), the first sample of each class (digits 0-9) across, 4x upscaled: a PNG."""
     from PIL import Image
 
     rows = []
     for images in samples.values():
-        first = images[::per_class][:10]  # digit k's first sample
+        first = images[::per_class][:classes]  # class k's first sample
         rows.append(torch.cat(list(first[:, 0]), dim=1))
     grid = ((torch.cat(rows, dim=0) + 1) / 2).clamp(0, 1)
     picture = Image.fromarray((grid * 255).byte().numpy()).resize((grid.shape[1] * 4, grid.shape[0] * 4), Image.NEAREST)

@@ -129,3 +129,10 @@ def mean_std(values: Iterable[float]) -> tuple[float, float]:
     """Mean and sample standard deviation over seeds (0 for a single seed)."""
     values = [float(v) for v in values]
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def refuse_overwrite(paths: Sequence[Path], overwrite: bool) -> None:
+    """Result files are never replaced silently: existing ones need `--overwrite`."""
+    existing = [str(p) for p in paths if p.exists()]
+    if existing and not overwrite:
+        raise FileExistsError(f"result file(s) {', '.join(existing)} exist; pass --overwrite to replace them")

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from mmpeft.lab import records
+from mmpeft.lab.diffusion_quickstart import DIFFUSION_TASKS, diffusion_main
 from mmpeft.lab.results import metric_value
 from mmpeft.lab.sweep.checks import check_sweep
 from mmpeft.lab.sweep.plan import plan_stage2
@@ -212,12 +213,6 @@ def kshot_paths(task: str, precision: str = "32", out_dir: str | Path = OUT_DIR)
     return stem.with_suffix(".csv"), stem.with_suffix(".md")
 
 
-def refuse_overwrite(paths: Sequence[Path], overwrite: bool) -> None:
-    existing = [str(p) for p in paths if p.exists()]
-    if existing and not overwrite:
-        raise FileExistsError(f"result file(s) {', '.join(existing)} exist; pass --overwrite to replace them")
-
-
 def kshot_table(task: str, shots: Sequence[int], seeds: Sequence[int], methods: Sequence[str] | None = None,
                 epochs: int = 50, runs_dir: str = "/tmp/mmpeft-kshot", precision: str = "32",
                 log: Callable[[str], None] = print) -> list[dict[str, Any]]:  # fmt: skip
@@ -286,7 +281,7 @@ def kshot_markdown(task: str, rows: Sequence[dict[str, Any]], command: str, prec
 def write_kshot(task: str, rows: Sequence[dict[str, Any]], command: str, precision: str = "32",
                 out_dir: str | Path = OUT_DIR, overwrite: bool = False) -> tuple[Path, Path]:  # fmt: skip
     csv_path, md_path = kshot_paths(task, precision, out_dir)
-    refuse_overwrite((csv_path, md_path), overwrite)
+    records.refuse_overwrite((csv_path, md_path), overwrite)
     csv_path.parent.mkdir(parents=True, exist_ok=True)
     with csv_path.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
@@ -305,15 +300,20 @@ def _ints(text: str) -> list[int]:
 def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--task", choices=[*sorted(QUICKSTARTS), "digits-diffusion"], default="digits",
-                        help="digits-diffusion: the diffusion quickstart (mmpeft.lab.diffusion_transfer)")  # fmt: skip
+    parser.add_argument("--task", choices=[*sorted(QUICKSTARTS), *DIFFUSION_TASKS], default="digits",
+                        help="digits-diffusion / digits-personalize: the diffusion quickstarts "
+                             "(mmpeft.lab.diffusion_transfer, mmpeft.lab.diffusion_personalize)")  # fmt: skip
     parser.add_argument(
         "--epochs",
         type=int,
         default=None,
-        help="default: 30 (full data), 50 (--shots), 120 (digits-diffusion fine-tuning)",
+        help="default: 30 (full data), 50 (--shots), 120 (digits-diffusion), 90 (digits-personalize)",
     )
-    parser.add_argument("--runs-dir", default=None, help="default: runs/transfer (digits), runs/transfer_shapes")
+    parser.add_argument(
+        "--runs-dir",
+        default=None,  # fmt: skip
+        help="default: runs/transfer (digits), runs/transfer_shapes, runs/digits-personalize",
+    )
     parser.add_argument("--shots", type=_ints, default=None, help="k-shot table: k per class, e.g. 5,20")
     parser.add_argument("--seeds", type=_ints, default=None,
                         help="run seeds (default 0,1,2; the digits table: 0)")  # fmt: skip
@@ -329,7 +329,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
         torch.set_num_threads(args.threads)
         os.environ["OMP_NUM_THREADS"] = str(args.threads)  # the k-shot cells run as processes of their own
-    if args.task == "digits-diffusion":
+    if args.task in DIFFUSION_TASKS:
         diffusion_main(args, argv)
         return
     runs_dir = args.runs_dir or ("runs/transfer" if args.task == "digits" else f"runs/transfer_{args.task}")
@@ -339,7 +339,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         if unknown:
             parser.error(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(kshot_runs(args.task))}")
         try:
-            refuse_overwrite(kshot_paths(args.task, args.precision, args.out_dir), args.overwrite)
+            records.refuse_overwrite(kshot_paths(args.task, args.precision, args.out_dir), args.overwrite)
         except FileExistsError as e:
             parser.error(str(e))
         seeds = args.seeds or [0, 1, 2]
@@ -360,43 +360,6 @@ def main(argv: Sequence[str] | None = None) -> None:
         test = f"{r['test_acc']:.3f}" + (f" ± {r['test_acc_std']:.3f} ({', '.join(f'{a:.3f}' for a in r['test_accs'])})"
                                           if many else "")  # fmt: skip
         print(f"| {label} | {test} | {r['val_acc']:.3f} | {r['trainable']:,} | {r['seconds']} |")
-
-
-def diffusion_main(args: argparse.Namespace, argv: Sequence[str]) -> None:
-    """`--task digits-diffusion`: the table (FID in the scorer's features, conditional accuracy) and the grid."""
-    from mmpeft.lab.diffusion_transfer import diffusion_transfer, write_grid
-
-    out = Path(args.out_dir)
-    paths = [out / "digits-diffusion.md", out / "digits-diffusion.png"]
-    try:
-        refuse_overwrite(paths, args.overwrite)
-    except FileExistsError as e:
-        raise SystemExit(f"error: {e}") from None
-    seed = (args.seeds or [0])[0]
-    per_class = 20
-    results, samples = diffusion_transfer(args.epochs or 120, per_class=per_class, seed=seed)
-    grid = write_grid(samples, per_class, paths[1])
-    command = shlex.join(["python", "-m", "mmpeft.quickstart", *argv])
-    lines = [
-        "# digits-diffusion: a pixel DiT pretrained on upright digits, fine-tuned to rotated ones",
-        "",
-        f"{records.made_with(command)}.",
-        "",
-        "FID in the features of a CNN trained on real rotated digits (lower is better) against the real rotated "
-        f"test digits, and the share of samples that CNN classifies as their conditioning digit; {per_class} "
-        "samples per digit, DDIM 50 steps, guidance 2. Frozen: the pretrained model as it is (it draws upright "
-        f"digits). Grid: {paths[1].name} (a row per run, digits 0-9 across).",
-        "",
-        "| run | FID | conditional accuracy | trainable | seconds |",
-        "|---|---|---|---|---|",
-        *(
-            f"| {k} | {r['fid']:.2f} | {r['cond_acc']:.3f} | {r['trainable']:,} | {r['seconds']} |"
-            for k, r in results.items()
-        ),
-    ]
-    paths[0].write_text("\n".join(lines) + "\n")
-    print("\n".join(lines[-len(results) - 2 :]))
-    print(f"wrote {paths[0]} and {grid}")
 
 
 if __name__ == "__main__":

@@ -28,6 +28,18 @@ from mmpeft.tasks.sample_grids import SampleGrids
 
 __all__ = ["LatentDiffusion", "pipeline_folder"]
 
+PRIOR_CHUNK = 8  # class images made per pipeline call (one generator each: the same images as one at a time)
+
+
+def prior_chunks(targets: list[tuple[int, Any, Path]]) -> list[tuple[Any, list[tuple[int, Path]]]]:
+    """(prompt or label, up to PRIOR_CHUNK (seed, file) pairs) per pipeline call: the targets grouped by their
+    conditioning, so one call encodes it once and batches its seeds."""
+    groups: dict[Any, list[tuple[int, Path]]] = {}
+    for seed, cond, path in targets:
+        groups.setdefault(cond, []).append((seed, path))
+    return [(cond, pairs[i : i + PRIOR_CHUNK]) for cond, pairs in groups.items()
+            for i in range(0, len(pairs), PRIOR_CHUNK)]  # fmt: skip
+
 
 def pipeline_folder(pipeline: str) -> Path:
     """A local diffusers pipeline folder; "tiny_sd" builds (once, cached) the random tiny SD pipeline. The parts
@@ -56,7 +68,8 @@ def load_tokenizer(folder: Path) -> Any:
 
 
 class LatentDiffusion(Denoising):
-    """Args (beyond `Denoising`'s): `pipeline` (a local diffusers pipeline folder, or "tiny_sd"),
+    """Args (beyond `Denoising`'s): `pipeline` (a local diffusers pipeline folder, or "tiny_sd"; null: pixel space,
+    no VAE, the noise schedule from this task's own arguments, for a class-conditional DiT such as `digits_dit`),
     `prompt` (one prompt for every image, DreamBooth's instance prompt; else batches carry captions, or
     class labels for a DiT), `text_method` (a method on the text encoder), `cache` (cache latents and
     text states of the frozen encoders), `attention` ("auto": xformers on CUDA when its kernels load,
@@ -68,7 +81,7 @@ class LatentDiffusion(Denoising):
     def __init__(
         self,
         *args: Any,
-        pipeline: str = "tiny_sd",
+        pipeline: str | None = "tiny_sd",
         prompt: str | None = None,
         text_method: str | dict[str, Any] | None = None,
         cache: bool = True,
@@ -80,17 +93,19 @@ class LatentDiffusion(Denoising):
         from diffusers import AutoencoderKL, DDPMScheduler
 
         kwargs["num_classes"] = None  # a denoiser has no head, whatever classes the image folder has
-        folder = pipeline_folder(pipeline)
-        config = DDPMScheduler.load_config(str(folder), subfolder="scheduler")
+        folder = pipeline_folder(pipeline) if pipeline is not None else None
+        config = DDPMScheduler.load_config(str(folder), subfolder="scheduler") if folder else {}
         for key in ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end", "prediction_type"):
             if key in config:
                 kwargs.setdefault(key, config[key])
         super().__init__(*args, adapter=None, **kwargs)  # `adapter` loads below, once the text encoder exists
         self.pipeline_scheduler_config = dict(config)  # the sampling defaults (steps_offset, clip_sample, ...)
-        self.vae = load_pretrained(AutoencoderKL, folder / "vae").eval()
-        self.vae.requires_grad_(False)
         self.prompt, self.cache = prompt, cache
         self.text_conditioned = getattr(self.model.backbone, "family", "") == "unet"
+        if folder is None and self.text_conditioned:
+            raise ValueError("pipeline: null (pixel space) is for a class-conditional DiT; a text-conditioned UNet "
+                             "needs its pipeline folder's VAE, tokenizer and text encoder")  # fmt: skip
+        self.vae = load_pretrained(AutoencoderKL, folder / "vae").eval().requires_grad_(False) if folder else None
         if self.text_conditioned:
             from transformers import CLIPTextModel
 
@@ -167,17 +182,21 @@ class LatentDiffusion(Denoising):
         folder.mkdir(parents=True, exist_ok=True)
         if self._trainer is not None:
             self.to(self.trainer.strategy.root_device)
-        self.print(f"prior preservation: generating {len(seeds)} class images of {hp.class_prompt!r} in {folder}")
+        of = f"of classes {hp.prior_classes}" if data.labelled else f"of {hp.class_prompt!r}"
+        self.print(f"prior preservation: generating {len(seeds)} class images {of} in {folder}")
         was_training = self.training
         with contextlib.ExitStack() as off:
             off.enter_context(self.model.disabled())
             for name in getattr(self.model, "component_methods", {}):
                 off.enter_context(disabled(self.model.components[name]))
             pipe = build_pipeline(self.eval(), "dpm").to(self.device)
-            for seed in seeds:  # one at a time: each lands on disk at once, so an interrupted run keeps them
-                (image,) = generate(pipe, [seed], [hp.class_prompt], steps=hp.class_steps,
-                                    guidance_scale=hp.class_guidance_scale, size=hp.image_size)  # fmt: skip
-                image.image.save(folder / f"class-{seed:05d}.png")
+            for cond, chunk in prior_chunks(data.prior_targets(seeds)):  # an interrupted run keeps what it wrote
+                kind = {"class_ids": [cond]} if data.labelled else {"prompts": [cond], "size": hp.image_size}
+                images = generate(pipe, [s for s, _ in chunk], **kind, steps=hp.class_steps,
+                                  guidance_scale=hp.class_guidance_scale)  # fmt: skip
+                for image, (_, path) in zip(images, chunk, strict=True):
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    image.image.save(path)
                 (folder / PROVENANCE).write_text(json.dumps(data.prior_provenance(fingerprint), indent=1))
         self.train(was_training)
 
@@ -188,7 +207,10 @@ class LatentDiffusion(Denoising):
     # -- encoders ---------------------------------------------------------------------------------------
     @torch.no_grad()
     def _latent_distribution(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(mean, std) of the VAE posterior, scaled to the denoiser's latent space, cached per image."""
+        """(mean, std) of the VAE posterior, scaled to the denoiser's latent space, cached per image; in pixel
+        space (no VAE) the images themselves, with no spread."""
+        if self.vae is None:
+            return images, torch.zeros_like(images)
 
         def encode(batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             dist = self.vae.encode(batch.to(self.vae.dtype)).latent_dist

@@ -59,7 +59,8 @@ class SampleGrids(pl.Callback):
 
     def _conditioning(self, trainer: pl.Trainer, task: Any) -> dict[str, list]:
         """The prompts (or classes) to sample: the configured ones, else the task's prompt, else the data's own
-        (`sample_prompts()`: DreamBooth's instance prompt, a few validation captions)."""
+        (`sample_prompts()`: DreamBooth's instance prompt, a few validation captions; `sample_class_ids()`: its
+        instance class), else a DiT's classes 0-3."""
         if getattr(task, "text_conditioned", False):
             prompts = self.prompts or ([task.prompt] if getattr(task, "prompt", None) else [])
             data = getattr(trainer, "datamodule", None)
@@ -68,7 +69,8 @@ class SampleGrids(pl.Callback):
             if not prompts:
                 raise ValueError("samples: neither the task nor the data gives a prompt; set samples.prompts")
             return {"prompts": prompts}
-        classes = self.class_ids or list(range(min(getattr(task, "class_count", None) or 4, 4)))
+        data_classes = getattr(getattr(trainer, "datamodule", None), "sample_class_ids", list)  # DreamBooth's new class
+        classes = self.class_ids or list(data_classes()) or list(range(min(getattr(task, "class_count", None) or 4, 4)))
         return {"class_ids": classes}
 
     @torch.no_grad()
