@@ -7,9 +7,9 @@ its gain is +0.00 to +0.03 over seeds 0-2 at this budget (+0.04 to +0.10 after 1
 in every seed of the full quickstart (0.213 ± 0.010 against 0.137 ± 0.018) but not by a margin above noise at a test's
 budget. Its trainable set acts per channel, the same at every position, and a rotation is a permutation of positions.
 
-Personalization (`configs/diffusion/digits_personalize.yaml`, 60 epochs here): prior preservation keeps the digits.
-Measured over seeds 0-2: the upright classifier's accuracy on digits 0-9 is 0.47-0.52 with the prior, 0.14-0.17
-without it (frozen 0.51-0.55). The new style is learned at the quickstart's 90 epochs on the 100-epoch DiT (the
+Personalization (`configs/diffusion/digits_personalize.yaml`, 30 epochs here): prior preservation keeps the digits.
+Measured over seeds 0-2: the upright classifier's accuracy on digits 0-9 is 0.45-0.54 with the prior, 0.16-0.20
+without it (frozen 0.51-0.55; at 60 epochs 0.47-0.52 against 0.14-0.17). The new style is learned at the quickstart's 90 epochs on the 100-epoch DiT (the
 committed table), not yet at this budget, so it is not asserted here."""
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ def test_the_grid_has_a_row_per_run_and_a_column_per_digit(transfer, tmp_path):
 @pytest.fixture(scope="module")
 def personalization(tmp_path_factory):
     work = tmp_path_factory.mktemp("personalize")
-    return diffusion_personalize(work, epochs=60, per_class=20, pretrain_epochs=40, log=lambda line: None), work
+    return diffusion_personalize(work, epochs=30, per_class=20, pretrain_epochs=40, log=lambda line: None), work
 
 
 def test_prior_preservation_keeps_the_digits_the_new_class_would_overwrite(personalization):
