@@ -99,7 +99,7 @@ def test_every_diffusion_config_names_the_loss_options_and_keeps_them_off():
     import yaml
 
     configs = sorted((Path(__file__).resolve().parents[1] / "configs/diffusion").glob("*.yaml"))
-    assert len(configs) == 11
+    assert len(configs) == 12
     for path in configs:
         model = yaml.safe_load(path.read_text())["model"]["init_args"]
         assert (model["snr_gamma"], model["noise_offset"], model["input_perturbation"]) == (None, 0.0, 0.0), path.name
