@@ -21,7 +21,7 @@ from mmpeft.core.modules import adapter_modules
 from mmpeft.core.state import load_adapter, save_adapter
 from mmpeft.tasks.step import fit_steps
 from tests.conftest import BackboneCase, backbone_cases
-from tests.method_counts import expected_count
+from tests.method_counts import expected_count, prepare_for_tests
 
 CASES = {c.name: c for c in backbone_cases()}
 NUM_CLASSES = 5
@@ -55,7 +55,9 @@ def build(method: str, case: str, seed: int = 0, other: bool = False) -> PeftMod
     c = CASES[case]
     backbone = (c.build_other if other else c.build)()
     torch.manual_seed(seed + 1000)  # method init independent of the backbone's draws
-    return PeftModel(backbone, method, num_classes=NUM_CLASSES if backbone.num_features else None)
+    model = PeftModel(backbone, method, num_classes=NUM_CLASSES if backbone.num_features else None)
+    prepare_for_tests(method)(model)
+    return model
 
 
 def inputs(model: PeftModel, seed: int = 0):
@@ -116,7 +118,10 @@ def expected_backbone_trainable(method: str, model: PeftModel) -> int:
 
 
 def test_every_method_runs_on_every_token_backbone():
-    assert not [p.id for p in UNSUPPORTED if _is_token(p.values[1])]
+    """Every token backbone, or, for a method that reads point geometry (`needs_points`), every point transformer."""
+    assert not [p.id for p in UNSUPPORTED if _is_token(p.values[1]) and not get_method(p.values[0]).needs_points]
+    points = [m for m in list_methods() if get_method(m).needs_points]
+    assert points and all((m, "point_mae") in [tuple(p.values) for p in SUPPORTED] for m in points)
 
 
 def test_ssf_bitfit_and_full_defaults_apply_on_every_backbone():
@@ -127,8 +132,13 @@ def test_ssf_bitfit_and_full_defaults_apply_on_every_backbone():
 
 @pytest.mark.parametrize(("method", "case"), UNSUPPORTED)
 def test_unsupported_pairs_raise_not_supported(method, case):
+    declared = get_method(method)
     expected = (
-        "TokenBackbone" if get_method(method).needs_tokens else "no default targets for 'timm'|no pooled features"
+        "TokenBackbone|point transformer"
+        if declared.needs_points
+        else "TokenBackbone"
+        if declared.needs_tokens
+        else "no default targets for 'timm'|no pooled features"
     )
     with pytest.raises(NotSupported, match=expected):
         build(method, case)
@@ -144,16 +154,15 @@ def test_frozen_tensors_and_bn_statistics_bit_identical_after_steps(method, case
     trainable = set(model.trainable_names())
     train_steps(model)
     after = model.state_dict()
-    bn_buffers = {
+    trained_bn_buffers = {  # BatchNorms that train whole (the MLP-BN head's, a method's own, all under full)
         f"{n}.{b}"
         for n, m in model.named_modules()
-        if isinstance(m, _BatchNorm)
+        if isinstance(m, _BatchNorm) and all(p.requires_grad for p in m.parameters(recurse=False))
         for b, _ in m.named_buffers(recurse=False)
     }
-    full = method == "full"
     for key, value in before.items():
-        if key in trainable or (key in bn_buffers and (full or key.startswith("head."))):
-            continue  # BatchNorms that train whole (the MLP-BN head's; every one under full) keep statistics
+        if key in trainable or key in trained_bn_buffers:
+            continue  # ... keep statistics; every frozen BatchNorm's stay bit-identical
         assert torch.equal(value, after[key]), f"frozen tensor {key} changed"
     for name, p in model.named_parameters():
         if name not in trainable:

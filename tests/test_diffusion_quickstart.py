@@ -9,8 +9,9 @@ budget. Its trainable set acts per channel, the same at every position, and a ro
 
 Personalization (`configs/diffusion/digits_personalize.yaml`, 30 epochs here): prior preservation keeps the digits.
 Measured over seeds 0-2: the upright classifier's accuracy on digits 0-9 is 0.45-0.54 with the prior, 0.16-0.20
-without it (frozen 0.51-0.55; at 60 epochs 0.47-0.52 against 0.14-0.17). The new style is learned at the quickstart's 90 epochs on the 100-epoch DiT (the
-committed table), not yet at this budget, so it is not asserted here."""
+without it (frozen 0.51-0.55; at 60 epochs 0.47-0.52 against 0.14-0.17). The new style is learned at the
+quickstart's 90 epochs on the 100-epoch DiT (the committed table), not yet at this budget, so it is not asserted
+here."""
 
 from __future__ import annotations
 

@@ -215,6 +215,31 @@ class PointTransformer(TokenBackbone):
         ctx.layout.update(cls=slice(0, 1), patches=slice(1, 1 + self.num_group))
         return torch.cat([self.cls_token.expand(b, -1, -1), tokens], dim=1)
 
+    @torch.no_grad()
+    def query_features(self, xyz: torch.Tensor, num_group: int | None = None,
+                       group_size: int | None = None) -> torch.Tensor:  # fmt: skip
+        """The backbone in its pretraining form, as Point-PEFT's memory bank and query read it: its own grouping
+        (`num_group` x `group_size`, default the backbone's), no cls token, every block with the positions re-added,
+        the final norm, and the max over the tokens: [B, embed_dim]. It runs through `disabled()`: the pristine
+        pretrained encoder whatever a method attaches or trains in place, without a second copy of the weights."""
+        from mmpeft.core.pristine import disabled
+        from mmpeft.ops.point import group
+
+        g, k = num_group or self.num_group, group_size or self.group_size
+        _check_grouping(g, k, xyz.shape[1])
+        with disabled(self):
+            neighbourhood, centres = group(xyz, g, k)
+            tokens = self.encoder(neighbourhood)
+            x = self.reduce_dim(tokens) if self.reduce_dim is not None else tokens
+            pos = self.pos_embed(centres)
+            ctx = ForwardContext(training=False, xyz=xyz, centres=centres, positions=pos)
+            ctx.layout["patches"] = slice(0, g)
+            ctx.token_meta["centres"] = centres
+            with self.context_slot.active(ctx):
+                for block in self.blocks:
+                    x = block(x + pos, ctx)
+                return self.norm(x).max(dim=1).values
+
     def example_inputs(self, batch: int, generator: torch.Generator | None = None) -> torch.Tensor:
         return torch.randn(batch, self.num_points, 3, generator=generator)
 

@@ -50,6 +50,8 @@ class Method:
       identity_at_init: the adapted backbone computes exactly the frozen backbone's function at step 0.
       mergeable: `merge` folds the method into the backbone (else it raises `NotMergeable`).
       needs_tokens: attaches to the token anatomy (sites, layout), so only runs on a `TokenBackbone`.
+      needs_points: reads point geometry (token centres, the point encoder's own query form), so only runs on a
+          point transformer (Point-PEFT); it raises `NotSupported` on any other backbone.
       frozen_mode: "train" (frozen modules follow train/eval, e.g. dropout and drop-path stay
           active) or "eval" (the frozen backbone always runs in eval mode, as VPT does).
       trains_backbone: every backbone tensor trains in place (full fine-tuning): no step-0 copy is
@@ -68,6 +70,7 @@ class Method:
     identity_at_init: ClassVar[bool] = True
     mergeable: ClassVar[bool] = False
     needs_tokens: ClassVar[bool] = False
+    needs_points: ClassVar[bool] = False
     frozen_mode: ClassVar[str] = "train"
     trains_backbone: ClassVar[bool] = False
     forward_passes: ClassVar[int] = 1

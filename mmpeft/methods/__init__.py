@@ -5,6 +5,7 @@ from mmpeft.methods.baselines import BitFit, FullFinetune, LinearProbe
 from mmpeft.methods.difffit import DiffFit
 from mmpeft.methods.lora import LoRA
 from mmpeft.methods.mosa import MoSA
+from mmpeft.methods.point_peft import PointPEFT
 from mmpeft.methods.ssf import SSF
 from mmpeft.methods.svfit import SVFit
 from mmpeft.methods.vl_pet import VLPET
@@ -18,6 +19,7 @@ __all__ = [
     "LinearProbe",
     "LoRA",
     "MoSA",
+    "PointPEFT",
     "SSF",
     "SVFit",
     "VLPET",

@@ -20,7 +20,7 @@ from typing import ParamSpec, TypeVar
 import torch
 from torch import Tensor
 
-__all__ = ["farthest_point_sample", "knn", "gather_points", "group", "full_precision"]
+__all__ = ["farthest_point_sample", "knn", "gather_points", "group", "full_precision", "inverse_distance_weights"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -194,3 +194,15 @@ def group(xyz: Tensor, num_groups: int, group_size: int, start: int | Tensor = 0
     centre = gather_points(xyz, farthest_point_sample(xyz, num_groups, start))
     neighbourhood = gather_points(xyz, knn(centre, xyz, group_size)) - centre.unsqueeze(2)
     return neighbourhood, centre
+
+
+def inverse_distance_weights(to_xyz: Tensor, from_xyz: Tensor, eps: float = 1e-8) -> Tensor:
+    """Weights [B, N, S] that carry features of S points to N points: each row is 1 / (squared distance + eps) over
+    *all* S points, normalised to sum to 1 (Point-PEFT's propagation; PointNet++ keeps only the 3 nearest)."""
+    _check_points(to_xyz, "to_xyz")
+    _check_points(from_xyz, "from_xyz")
+    dtype = _compute_dtype(to_xyz)
+    a, b = to_xyz.to(dtype), from_xyz.to(dtype)
+    squared = (a.unsqueeze(2) - b.unsqueeze(1)).pow(2).sum(-1)  # exact differences: no cancellation near 0
+    weights = 1.0 / (squared + eps)
+    return (weights / weights.sum(-1, keepdim=True)).to(to_xyz.dtype)

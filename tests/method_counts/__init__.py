@@ -26,6 +26,13 @@ def expected_count(method: str) -> Callable[[PeftModel], int]:
     return module.expected
 
 
+def prepare_for_tests(method: str) -> Callable[[PeftModel], None]:
+    """The optional `prepare(model)` of `tests/method_counts/<method>.py`: what a method needs beside its weights
+    before a forward (Point-PEFT's memory bank, which a run builds from its training split); a no-op otherwise."""
+    module = importlib.import_module(f"tests.method_counts.{method}")
+    return getattr(module, "prepare", lambda model: None)
+
+
 def own_modules(backbone: nn.Module) -> list[nn.Module]:
     """The backbone's modules without the method's pieces."""
     pieces = [prefix for prefix, _ in adapter_modules(backbone)]

@@ -1,0 +1,134 @@
+"""Point-PEFT (issue 25): exact counts on `meta`, the parameter-free retrieval, the query pass through `disabled()`,
+batch-order equivariance (the official code fails it for B > 1), the bank kept out of the adapter file."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mmpeft.backbones.point import PointTransformer
+from mmpeft.core.model import PeftModel
+from mmpeft.core.report import parameter_report
+from mmpeft.core.state import read_adapter, save_adapter
+from mmpeft.methods.point_peft import PROMPTS, BankMissing, PointPEFT, retrieve
+from tests.conftest import tiny_point
+
+
+def _scan_mae() -> PointTransformer:
+    """Point-MAE as Point-PEFT fine-tunes it on ScanObjectNN: 2,048 points in 128 groups of 32."""
+    return PointTransformer("point_mae", device="meta", num_group=128, group_size=32, num_points=2048)
+
+
+@pytest.mark.parametrize(
+    ("spec", "count"),
+    [
+        ({"name": "point_peft", "preset": "paper"}, 710_761),  # README "0.7M": no unused tensors in blocks 6-11
+        ({"name": "point_peft", "preset": "paper", "official_unused": True}, 773_017),  # what the official code builds
+        ({"name": "point_peft"}, 710_761 + 24),  # mmpeft's default learns two coefficients per block from zero
+    ],
+)
+def test_exact_trainable_counts_with_a_15_class_head(spec, count):
+    model = PeftModel(_scan_mae(), spec, num_classes=15)
+    assert parameter_report(model).trainable == count
+    head = sum(p.numel() for p in model.head.parameters())
+    assert head == 267_535  # the official MLP-BN head, 35% of the paper count
+
+
+def test_the_paper_preset_holds_the_official_values():
+    method = PointPEFT(**PointPEFT.presets["paper"])
+    assert (method.init, method.query_grouping, method.prompt_blocks) == ("official", (64, 32), 6)
+    assert (method.top_k, method.cache_hidden, method.adapter_hidden) == (8, 8, 16)  # 10 prompts, 384-8-384, -16-
+    assert (method.centre_coef, method.propagate_coef, method.ffn_scale, method.dropout) == (0.3, 0.3, 0.7, 0.1)
+    assert (method.local_width, method.local_heads) == (18, 6)  # qkv 384 -> 54, 6 heads of 3
+
+
+def test_retrieval_has_no_parameters_and_finds_an_entry_first():
+    g = torch.Generator().manual_seed(0)
+    bank = torch.randn(50, 16, generator=g, requires_grad=False)
+    query = (bank[[7, 31]] * 3.0).requires_grad_(True)  # a scaled copy: the same direction
+    cache = retrieve(query, bank, 8)
+    assert cache.shape == (2, 10, 16)
+    assert torch.equal(cache[:, 2], bank[[7, 31]])  # the entry itself comes first
+    assert torch.equal(cache[:, 0], query.detach())
+    scores = torch.nn.functional.normalize(query.detach(), dim=-1) @ torch.nn.functional.normalize(bank, dim=-1).T
+    top, index = scores.topk(8)
+    weights = top.softmax(-1)
+    assert torch.allclose(weights.sum(-1), torch.ones(2))
+    torch.testing.assert_close(cache[:, 1], (weights.unsqueeze(-1) * bank[index]).sum(1))
+    cache.sum().backward()  # gradients reach the query, never the bank
+    assert query.grad is not None and bank.grad is None
+    with pytest.raises(ValueError, match="top_k=51 but the memory bank holds 50"):
+        retrieve(query, bank, 51)
+
+
+def _model(seed: int = 0, **options) -> PeftModel:
+    torch.manual_seed(seed)
+    model = PeftModel(tiny_point(), {"name": "point_peft", **options}, num_classes=5)
+    bank = model.backbone.query_features(model.backbone.example_inputs(16, torch.Generator().manual_seed(1)))
+    PointPEFT.attach_bank(model.backbone, bank, "bank.safetensors", "abc123")
+    return model
+
+
+def _clouds(batch: int = 4, seed: int = 2) -> torch.Tensor:
+    return torch.randn(batch, 64, 3, generator=torch.Generator().manual_seed(seed))
+
+
+def test_the_query_pass_is_the_pristine_backbone_after_the_biases_trained():
+    torch.manual_seed(0)
+    pristine = tiny_point().eval()
+    model = _model()
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.05)
+    for step in range(2):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(_clouds(seed=step)), torch.tensor([0, 1, 2, 3])).backward()
+        opt.step()
+    trained = model.backbone.blocks[0].attn.proj.bias
+    assert not torch.equal(trained, pristine.blocks[0].attn.proj.bias)  # the biases did train in place
+    clouds = _clouds(seed=9)
+    torch.testing.assert_close(model.backbone.query_features(clouds), pristine.query_features(clouds), atol=0, rtol=0)
+
+
+def test_shuffling_the_batch_permutes_the_outputs():
+    model = _model().eval()
+    clouds, order = _clouds(6), torch.tensor([3, 0, 5, 1, 4, 2])
+    with torch.no_grad():
+        torch.testing.assert_close(model(clouds)[order], model(clouds[order]), atol=1e-5, rtol=0)
+
+
+def test_prompts_sit_after_cls_in_the_first_blocks_only_and_leave_at_each_end():
+    model = _model(prompt_blocks=1).eval()
+    seen = []
+    for i, block in enumerate(model.backbone.blocks):
+        block.register_forward_pre_hook(lambda m, args, i=i: seen.append((i, args[0].shape[1], dict(args[1].layout))))
+    with torch.no_grad():
+        model(_clouds(2))
+    (i0, n0, layout0), (i1, n1, layout1) = [entry for entry in seen if "cls" in entry[2]]  # not the query pass
+    assert n0 == 1 + 10 + 8 and layout0[PROMPTS] == slice(1, 11) and layout0["patches"] == slice(11, 19)
+    assert n1 == 1 + 8 and PROMPTS not in layout1  # removed at block 0's end; block 1 has none of its own
+    assert not any(name.startswith("before_block.1") for name, _ in model.backbone.named_modules() if "prompt" in name)
+
+
+def test_without_a_bank_the_forward_says_how_to_build_it():
+    torch.manual_seed(0)
+    model = PeftModel(tiny_point(), "point_peft", num_classes=5)
+    with pytest.raises(BankMissing, match="mmpeft bank -c CONFIG"):
+        model(_clouds(2))
+
+
+def test_the_adapter_file_names_the_bank_and_holds_none_of_it(tmp_path):
+    model = _model()
+    save_adapter(model, tmp_path / "adapter.safetensors")
+    tensors, header = read_adapter(tmp_path / "adapter.safetensors")
+    assert not [k for k in tensors if k.endswith("bank")]
+    config = header["method"]["config"]
+    assert config["bank"] == "bank.safetensors" and config["bank_sha256"] == "abc123"
+    assert "prompt_cor" in " ".join(tensors) and any("pool_norm.running_mean" in k for k in tensors)
+
+
+def test_only_point_transformers_take_it():
+    from mmpeft.core.errors import NotSupported
+    from tests.toys import ToyPointTower
+
+    with pytest.raises(NotSupported, match="point transformer"):
+        PeftModel(ToyPointTower(), "point_peft", num_classes=5)
