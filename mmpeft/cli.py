@@ -141,6 +141,7 @@ def _module_commands() -> list[tuple[str, str, Any, Any]]:
         export_lora_command,
         import_lora_command,
     )
+    from mmpeft.lab.bank import add_bank_arguments, bank_command
     from mmpeft.lab.bench import add_bench_arguments
     from mmpeft.lab.export import add_model_export_arguments, model_export_command
     from mmpeft.lab.plot import add_plot_arguments, plot_command
@@ -156,6 +157,8 @@ def _module_commands() -> list[tuple[str, str, Any, Any]]:
          add_export_arguments, export_lora_command),
         ("import-lora", "a diffusers / kohya LoRA file as an mmpeft adapter file", add_import_arguments,
          import_lora_command),
+        ("bank", "a method's derived state from its run's training data (Point-PEFT's memory bank), no training",
+         add_bank_arguments, bank_command),
         ("sample", "images (and a grid PNG) from a diffusion run through diffusers' pipelines", add_sample_arguments,
          sample_command),
         ("export", "a diffusion run as a merged diffusers folder or a diffusers LoRA file", add_model_export_arguments,

@@ -45,11 +45,15 @@ def test_standalone_configs_parse(path, capsys):
 
 
 def test_every_method_has_vtab_and_fgvc_configs():
-    from mmpeft.core.method import list_methods
+    """Image methods on VTAB-1k and FGVC; methods that read point geometry on ScanObjectNN and ModelNet40."""
+    from mmpeft.core.method import get_method, list_methods
 
+    points = {m for m in list_methods() if get_method(m).needs_points}
     for bench in ("vtab", "fgvc"):
         names = {"vpt" if p.stem.startswith("vpt_") else p.stem for p in (CONFIGS / bench).glob("*.yaml")}
-        assert set(list_methods()) <= names, bench
+        assert set(list_methods()) - points <= names, bench
+    for bench in ("point/scanobjectnn", "point/modelnet40"):
+        assert points and points <= {p.stem for p in (CONFIGS / bench).glob("*.yaml")}, bench
 
 
 # -- class paths keep resolving after the modules moved (issue 23) ----------------------------------------------

@@ -132,3 +132,93 @@ def test_only_point_transformers_take_it():
 
     with pytest.raises(NotSupported, match="point transformer"):
         PeftModel(ToyPointTower(), "point_peft", num_classes=5)
+
+
+# -- the memory bank in a run: built once from the training split, cached, named by the adapter, checked -------------
+@pytest.fixture(scope="module")
+def scan_root(tmp_path_factory):
+    from mmpeft.data.point_fixtures import write_scanobjectnn_fixture
+
+    root = tmp_path_factory.mktemp("scan")
+    write_scanobjectnn_fixture(root, "OBJ_BG", n_train=40, n_test=20, points=64)
+    return root
+
+
+def _fit(root, runs, *extra: str):
+    from mmpeft.lab.lightning_cli import run_cli
+
+    b, d = "--model.init_args.backbone.init_args", "--data.init_args"
+    tiny = dict(num_points=64, num_group=8, group_size=8, depth=2, embed_dim=32, num_heads=4, encoder_dims=32)
+    cli = run_cli([
+        "-c", "configs/point/scanobjectnn/point_peft.yaml", *(f"{b}.{k}={v}" for k, v in tiny.items()),
+        f"{b}.pointnet_widths=[16, 32, 64]", f"{d}.root={root}", f"{d}.variant=OBJ_BG", f"{d}.num_points=64",
+        f"{d}.batch_size=8", f"{d}.num_workers=0", "--trainer.max_epochs=1", "--trainer.enable_progress_bar=false",
+        "--trainer.limit_val_batches=1", f"--run.dir={runs}", "--run.wandb=disabled", "--run.test_after_fit=false",
+        "--model.init_args.method={name: point_peft, preset: paper, query_grouping: [8, 8]}", *extra,
+    ], run=False)  # fmt: skip
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    return cli
+
+
+def test_a_run_builds_the_bank_once_and_the_adapter_names_it(scan_root, tmp_path, capsys, monkeypatch):
+    from mmpeft.methods.point_bank import load_bank
+
+    monkeypatch.setenv("MMPEFT_CACHE", str(tmp_path / "cache"))  # a cache of its own: no other test's bank
+
+    cli = _fit(scan_root, tmp_path / "runs")
+    said = capsys.readouterr().out
+    train = len(cli.datamodule.data["train"][1])  # the training split, without the validation clouds
+    assert "no memory bank at" in said and f"building it from the training split ({train} clouds" in said
+    method = cli.model.model.method
+    features, digest = load_bank(method.bank)
+    assert features.shape == (train, 32) and digest == method.bank_sha256
+    run = next((tmp_path / "runs").rglob("adapter.safetensors"))
+    tensors, header = read_adapter(run)
+    assert header["method"]["config"]["bank"] == method.bank and not [k for k in tensors if "bank" in k]
+    _fit(scan_root, tmp_path / "runs")  # the same backbone and data: the cached bank, not built again
+    assert "building" not in capsys.readouterr().out
+
+
+def test_a_bank_of_other_data_is_refused_naming_the_difference(scan_root, tmp_path):
+    from mmpeft.methods.point_bank import BankMismatch
+
+    cli = _fit(scan_root, tmp_path / "a")
+    bank = cli.model.model.method.bank
+    with pytest.raises(BankMismatch, match=r"dataset: file .*seed.*0.*this run .*seed.*1"):
+        _fit(
+            scan_root,
+            tmp_path / "b",
+            "--data.init_args.seed=1",
+            f"--model.init_args.method={{name: point_peft, preset: paper, query_grouping: [8, 8], bank: {bank}}}",
+        )
+
+
+def test_the_bank_command_builds_what_fit_then_reuses(scan_root, tmp_path, capsys, monkeypatch):
+    import yaml
+
+    from mmpeft.cli import main
+
+    config = yaml.safe_load(open("configs/point/scanobjectnn/point_peft.yaml"))
+    config["model"]["init_args"]["backbone"]["init_args"].update(
+        num_points=64, num_group=8, group_size=8, depth=2, embed_dim=32, num_heads=4, encoder_dims=32,
+        pointnet_widths=[16, 32, 64],
+    )  # fmt: skip
+    config["model"]["init_args"]["method"] = {"name": "point_peft", "preset": "paper", "query_grouping": [8, 8]}
+    config["data"]["init_args"].update(root=str(scan_root), variant="OBJ_BG", num_points=64, num_workers=0)
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(config))
+    monkeypatch.setenv("MMPEFT_CACHE", str(tmp_path / "cache"))
+    assert main(["bank", "-c", str(path)]) == 0
+    said = capsys.readouterr().out
+    assert "building it from the training split" in said and "memory bank: " in said
+    assert main(["bank", "-c", str(path)]) == 0  # built once: the second call finds it
+    assert "building" not in capsys.readouterr().out
+    _fit(scan_root, tmp_path / "runs")  # fit with the same backbone and data uses the command's bank
+    assert "building" not in capsys.readouterr().out
+
+
+def test_the_bank_command_refuses_a_method_without_derived_state(tmp_path, capsys):
+    from mmpeft.cli import main
+
+    assert main(["bank", "-c", "configs/point/scanobjectnn/vpt_deep.yaml"]) != 0
+    assert "builds no derived state" in capsys.readouterr().err

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from mmpeft.core.errors import WeightsUnavailable
+from mmpeft.core.files import cache_dir
 from mmpeft.core.identity import record_weights
 
 __all__ = [
@@ -180,11 +181,6 @@ def build_weights(name: str, path: Path, **options: object) -> dict:
 
     module, _, function = WEIGHTS_BUILDERS[name].partition(":")
     return getattr(importlib.import_module(module), function)(path, **options)
-
-
-def cache_dir() -> Path:
-    """`$MMPEFT_CACHE`, else `~/.cache/mmpeft`."""
-    return Path(os.environ.get("MMPEFT_CACHE", Path.home() / ".cache" / "mmpeft"))
 
 
 def pretrained_weights(name: str, arch: dict, recipe: dict) -> Path:

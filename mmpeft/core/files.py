@@ -11,10 +11,11 @@ import errno
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 from mmpeft.core.errors import DiskFull
 
-__all__ = ["writing", "disk_full_reason", "disk_full_message"]
+__all__ = ["writing", "disk_full_reason", "disk_full_message", "cache_dir"]
 
 FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 FULL_TEXTS = ("No space left on device", "Disk quota exceeded", "StorageFull", "QuotaExceeded")
@@ -53,3 +54,9 @@ def writing(path: str | os.PathLike, what: str = "") -> Iterator[None]:
         if full is None:
             raise
         raise DiskFull(disk_full_message(f"{what} {os.fspath(path)}".strip(), full[0])) from err
+
+
+def cache_dir() -> Path:
+    """Where mmpeft caches what it builds (quickstart weights, the tiny pipelines, Point-PEFT's memory banks):
+    `$MMPEFT_CACHE`, else `~/.cache/mmpeft`."""
+    return Path(os.environ.get("MMPEFT_CACHE", Path.home() / ".cache" / "mmpeft"))

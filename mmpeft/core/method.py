@@ -103,6 +103,11 @@ class Method:
         """Names of backbone tensors the method trains in place (BitFit's biases, LN-tuning)."""
         return []
 
+    def prepare(self, backbone: nn.Module, data: Any, may_build: bool = True, log: Any = print) -> None:
+        """Derived state the method builds from the training data before a run uses it (Point-PEFT's memory bank):
+        loaded when it exists, built when `may_build` (one process of a multi-process run builds, the others load
+        after a barrier). `data` is the run's datamodule (None outside a run). Nothing by default."""
+
     def extra_loss(self, outputs: list[torch.Tensor]) -> torch.Tensor | None:
         """A loss term added to the task loss; `outputs` holds one entry per forward pass
         (`forward_passes` of them, e.g. MoSA's two passes and their consistency term)."""

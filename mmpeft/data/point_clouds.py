@@ -24,6 +24,7 @@ the test set: it warns, and `protocol_note` says so for the run log.
 
 from __future__ import annotations
 
+import json
 import math
 import warnings
 
@@ -224,6 +225,20 @@ class PointDataModule(SplitLoaders, pl.LightningDataModule):
         if split == "test" and hp.votes > 1:
             return PointClouds(points, labels, hp.num_points, self.vote_transform(), votes=hp.votes, seed=hp.seed)
         return PointClouds(points, labels, hp.num_points)
+
+    def data_identity(self) -> str:
+        """Which clouds the training split holds (dataset, files, protocol, split seed, shots), for derived state
+        built from it (Point-PEFT's memory bank): the loader and augmentation settings are left out."""
+        loading = ("batch_size", "num_workers", "augment", "vote_augment", "votes", "drop_last")
+        kept = {k: v for k, v in self.hparams.items() if k not in loading and not k.startswith("_")}  # not the CLI's
+        return f"{type(self).__name__} {json.dumps(kept, sort_keys=True, default=str)}"
+
+    def training_clouds(self, batch_size: int) -> DataLoader:
+        """The training split's clouds in order, without augmentation (the first `num_points` of each): what derived
+        state such as Point-PEFT's memory bank is built from. Batches are (clouds, labels)."""
+        self.setup()
+        points, labels = self.data["train"]
+        return split_loader(PointClouds(points, labels, self.hparams.num_points), batch_size, shuffle=False)
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         hp = self.hparams

@@ -8,7 +8,7 @@ from typing import Any
 
 from mmpeft.core.errors import MmpeftError
 
-__all__ = ["resolve_run", "task_from_configs"]
+__all__ = ["resolve_run", "task_from_configs", "data_from_configs"]
 
 
 def task_from_configs(configs: list[str], adapter: str | None = None, source: str | None = None) -> Any:
@@ -17,10 +17,14 @@ def task_from_configs(configs: list[str], adapter: str | None = None, source: st
     backbone (a merged `mmpeft export --format diffusers` folder, which needs no adapter)."""
     from jsonargparse import ArgumentParser
 
-    from mmpeft.lab.lightning_cli import build_parser
     from mmpeft.tasks.base import PeftTask
 
-    fit = build_parser().parse_args(["fit", *(a for c in configs for a in ("-c", c))])["fit"]
+    fit = _fit_config(configs)
+    seed = fit.get("seed_everything")
+    if isinstance(seed, int) and not isinstance(seed, bool):  # as `fit` seeds before it builds the model
+        from pytorch_lightning import seed_everything
+
+        seed_everything(seed, verbose=False)
     model = fit.model.as_dict() if hasattr(fit.model, "as_dict") else dict(fit.model)
     if adapter is not None:
         model.setdefault("init_args", {})["adapter"] = str(adapter)
@@ -32,6 +36,25 @@ def task_from_configs(configs: list[str], adapter: str | None = None, source: st
     only_model = ArgumentParser(exit_on_error=False)
     only_model.add_subclass_arguments(PeftTask, "model", required=True)
     return only_model.instantiate_classes(only_model.parse_object({"model": model})).model
+
+
+def _fit_config(configs: list[str]) -> Any:
+    """The `fit` section of the configs, checked by `mmpeft fit`'s own parser."""
+    from mmpeft.lab.lightning_cli import build_parser
+
+    return build_parser().parse_args(["fit", *(a for c in configs for a in ("-c", c))])["fit"]
+
+
+def data_from_configs(configs: list[str]) -> Any:
+    """The run's datamodule alone (no model, trainer or run folder), from `fit` config files."""
+    import pytorch_lightning as pl
+    from jsonargparse import ArgumentParser
+
+    fit = _fit_config(configs)
+    data = fit.data.as_dict() if hasattr(fit.data, "as_dict") else dict(fit.data)
+    only_data = ArgumentParser(exit_on_error=False)
+    only_data.add_subclass_arguments(pl.LightningDataModule, "data", required=True)
+    return only_data.instantiate_classes(only_data.parse_object({"data": data})).data
 
 
 def resolve_run(

@@ -41,7 +41,8 @@ gating them faithfully would change the method, so Point-PEFT declares it is not
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar
+from pathlib import Path
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -51,8 +52,9 @@ from mmpeft.core.anatomy import ForwardContext, TokenBackbone
 from mmpeft.core.errors import MmpeftError, NotSupported
 from mmpeft.core.method import Method, register_method
 from mmpeft.core.modules import AdapterModule, Bottleneck
+from mmpeft.methods.point_bank import BankMismatch
 
-__all__ = ["PointPEFT", "BankMissing", "retrieve", "PROMPTS"]
+__all__ = ["PointPEFT", "BankMissing", "BankMismatch", "retrieve", "PROMPTS"]
 
 PROMPTS = "point_prompts"  # the token group of the inserted prompts
 INITS = ("zero", "official")
@@ -312,7 +314,7 @@ class PointPEFT(Method):
             if root is None:
                 root = piece
                 object.__setattr__(piece, "_backbone", backbone)
-                piece._query_grouping = tuple(self.query_grouping or (backbone.num_group, backbone.group_size))
+                piece._query_grouping = self.query_grouping_of(backbone)
             if i < blocks:
                 backbone.before_block[i].append(piece)
             else:  # created, never used (the official code's blocks 6-11): counted, saved, trained by nothing
@@ -335,6 +337,46 @@ class PointPEFT(Method):
         names = {n for n, _ in backbone.named_parameters()}
         wanted = [f"blocks.{i}.{t}" for i in range(len(backbone.blocks)) for t in TRAINED_IN_BLOCKS]
         return [n for n in [*wanted, *TRAINED_OVERALL] if n in names]
+
+    def query_grouping_of(self, backbone: nn.Module) -> tuple[int, int]:
+        return tuple(self.query_grouping or (backbone.num_group, backbone.group_size))
+
+    def prepare(self, backbone: nn.Module, data: Any, may_build: bool = True, log: Any = print) -> None:
+        """The memory bank of the run's training split: the `bank` file when given (built there when missing), else
+        the cache's file for this backbone and data (built on first use, then reused); refused when it was made
+        for another backbone or other data, or, for a trained adapter, when it is not the bank it trained with."""
+        from mmpeft.methods.point_bank import bank_provenance, build_bank, default_bank_path, load_bank, save_bank
+
+        if data is None or not hasattr(data, "training_clouds"):
+            if self.bank:  # outside a run (an adapter loaded for inference): the file it names, unchecked data
+                features, digest = load_bank(self.bank)
+                self._attach(backbone, features, self.bank, digest)
+            return
+        grouping = self.query_grouping_of(backbone)
+        data.setup("fit")
+        loader = data.training_clouds(batch_size=32)
+        provenance = bank_provenance(backbone, grouping, data.data_identity(), "train", len(loader.dataset),
+                                     data.num_points)  # fmt: skip
+        path = Path(self.bank) if self.bank else default_bank_path(provenance)
+        if not path.is_file():
+            if not may_build:
+                raise BankMissing(f"no memory bank at {path} (the building process did not write it)")
+            log(f"Point-PEFT: no memory bank at {path}; building it from the training split "
+                f"({provenance['count']} clouds, query grouping {grouping[0]} x {grouping[1]})")  # fmt: skip
+            features = build_bank(backbone, (clouds for clouds, _ in loader), grouping, total=len(loader))
+            digest = save_bank(path, features, provenance)
+            log(f"Point-PEFT: wrote the memory bank {path} ({features.shape[0]} x {features.shape[1]}, sha256 "
+                f"{digest[:12]})")  # fmt: skip
+        features, digest = load_bank(path, provenance)
+        self._attach(backbone, features, str(path), digest)
+
+    def _attach(self, backbone: nn.Module, features: torch.Tensor, path: str, digest: str) -> None:
+        if self.bank_sha256 and self.bank_sha256 != digest:
+            raise BankMismatch(
+                f"this adapter was trained with the memory bank sha256 {self.bank_sha256[:12]}..., and {path} is "
+                f"{digest[:12]}...: give the bank it trained with (the method's `bank` option)"
+            )
+        PointPEFT.attach_bank(backbone, features, path, digest)
 
     @staticmethod
     def attach_bank(backbone: nn.Module, bank: torch.Tensor, path: str | None = None, sha256: str | None = None):

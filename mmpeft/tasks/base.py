@@ -20,7 +20,7 @@ from mmpeft.backbones import backbone_from_spec
 from mmpeft.core.cache import DEFAULT_MAX_BYTES
 from mmpeft.core.errors import MmpeftError
 from mmpeft.core.identity import weights_identity
-from mmpeft.core.method import method_from_spec
+from mmpeft.core.method import Method, method_from_spec
 from mmpeft.core.model import PeftModel
 from mmpeft.core.report import parameter_report
 from mmpeft.core.state import NonFiniteTensors, check_weights, load_adapter, non_finite
@@ -185,6 +185,22 @@ class PeftTask(pl.LightningModule):
     def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         inputs = self.prepare_batch(batch, "predict")[0] if isinstance(batch, list | tuple) else batch
         return self(inputs)
+
+    def setup(self, stage: str) -> None:
+        """Before any step of any stage: the method's derived state from the data (`Method.prepare`; Point-PEFT's
+        memory bank), built by one process while the others wait, then loaded by each."""
+        super().setup(stage)
+        if type(self.method).prepare is Method.prepare:
+            return
+        data = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        if self._trainer is None:
+            self.method.prepare(self.model.backbone, data, log=self.print)
+            return
+        if self.trainer.is_global_zero:
+            self.method.prepare(self.model.backbone, data, log=self.print)
+        self.trainer.strategy.barrier("method derived state")
+        if not self.trainer.is_global_zero:
+            self.method.prepare(self.model.backbone, data, may_build=False, log=self.print)
 
     def on_fit_start(self) -> None:
         report = parameter_report(self.model)
