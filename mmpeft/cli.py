@@ -206,7 +206,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if argv and argv[0] in LIGHTNING_COMMANDS:
             run_cli(None if from_shell else argv)
             return 0
-        args = build_own_parser().parse_args(argv)
+        parser = build_own_parser()
+        args, extra = parser.parse_known_args(argv)
+        if extra and not getattr(args, "takes_overrides", False):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = extra  # `fit`-style options for commands that build a run from its config (`bank`)
         args.argv = argv  # the exact command, for result headers
         return args.run(args)
     except SystemExit as exit_:

@@ -211,7 +211,7 @@ def test_the_bank_command_builds_what_fit_then_reuses(scan_root, tmp_path, capsy
     assert main(["bank", "-c", str(path)]) == 0
     said = capsys.readouterr().out
     assert "building it from the training split" in said and "memory bank: " in said
-    assert main(["bank", "-c", str(path)]) == 0  # built once: the second call finds it
+    assert main(["bank", "-c", str(path), "--data.init_args.batch_size=4"]) == 0  # found: loading options aside
     assert "building" not in capsys.readouterr().out
     _fit(scan_root, tmp_path / "runs")  # fit with the same backbone and data uses the command's bank
     assert "building" not in capsys.readouterr().out

@@ -108,6 +108,10 @@ class Method:
         loaded when it exists, built when `may_build` (one process of a multi-process run builds, the others load
         after a barrier). `data` is the run's datamodule (None outside a run). Nothing by default."""
 
+    def stand_in_state(self, backbone: nn.Module) -> None:
+        """Derived state of its real size with random values (a benchmark measures its cost, not its values);
+        nothing by default."""
+
     def extra_loss(self, outputs: list[torch.Tensor]) -> torch.Tensor | None:
         """A loss term added to the task loss; `outputs` holds one entry per forward pass
         (`forward_passes` of them, e.g. MoSA's two passes and their consistency term)."""

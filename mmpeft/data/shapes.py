@@ -348,6 +348,18 @@ class ShapesDataModule(SplitLoaders, pl.LightningDataModule):
                 self.datasets[split] = PointClouds(torch.from_numpy(clouds), torch.from_numpy(labels), self.num_points,
                                                    shuffle)  # fmt: skip
 
+    def data_identity(self) -> str:
+        """Which clouds the training split holds, for derived state built from it (Point-PEFT's memory bank)."""
+        shots = f", {self.shots} shots (seed {self.shot_seed})" if self.shots else ""
+        return (f"ShapesDataModule {self.task}: {self.per_class['train']} per class, {self.num_points} points, "
+                f"seed {self.seed}{shots}")  # fmt: skip
+
+    def training_clouds(self, batch_size: int) -> DataLoader:
+        """The training clouds in their generated order, without the per-epoch shuffle of their points."""
+        self.setup()
+        train = self.datasets["train"]
+        return split_loader(PointClouds(train.points, train.labels, self.num_points), batch_size, shuffle=False)
+
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         self.setup()
         return split_loader(self.datasets[split], self.batch_size, shuffle, self.seed, num_workers=self.num_workers)

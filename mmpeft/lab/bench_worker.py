@@ -162,6 +162,7 @@ def _build(args: argparse.Namespace, row: str, device: torch.device):
     else:
         spec = VARIANTS.get(name, name)
         model = PeftModel(backbone, Floor() if name == "floor" else spec, num_classes=classes)
+        model.method.stand_in_state(backbone)  # e.g. Point-PEFT's memory bank, at its real size
         if name == "floor":
             model.head.requires_grad_(False)
     if checkpointing:

@@ -3,6 +3,7 @@ adapter file, the model alone (no data, trainer or run folder), checked by `mmpe
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,8 @@ from mmpeft.core.errors import MmpeftError
 __all__ = ["resolve_run", "task_from_configs", "data_from_configs"]
 
 
-def task_from_configs(configs: list[str], adapter: str | None = None, source: str | None = None) -> Any:
+def task_from_configs(configs: list[str], adapter: str | None = None, source: str | None = None,
+                      overrides: Sequence[str] = ()) -> Any:  # fmt: skip
     """The run's task (model only: no data, trainer or run folder) from `fit` config files, with `adapter`
     loaded; the configs are checked by `mmpeft fit`'s own parser first. `source`: another weights folder for the
     backbone (a merged `mmpeft export --format diffusers` folder, which needs no adapter)."""
@@ -19,7 +21,7 @@ def task_from_configs(configs: list[str], adapter: str | None = None, source: st
 
     from mmpeft.tasks.base import PeftTask
 
-    fit = _fit_config(configs)
+    fit = _fit_config(configs, overrides)
     seed = fit.get("seed_everything")
     if isinstance(seed, int) and not isinstance(seed, bool):  # as `fit` seeds before it builds the model
         from pytorch_lightning import seed_everything
@@ -38,19 +40,20 @@ def task_from_configs(configs: list[str], adapter: str | None = None, source: st
     return only_model.instantiate_classes(only_model.parse_object({"model": model})).model
 
 
-def _fit_config(configs: list[str]) -> Any:
-    """The `fit` section of the configs, checked by `mmpeft fit`'s own parser."""
+def _fit_config(configs: list[str], overrides: Sequence[str] = ()) -> Any:
+    """The `fit` section of the configs and `fit`-style overrides (`--data.init_args.root DIR`), checked by
+    `mmpeft fit`'s own parser."""
     from mmpeft.lab.lightning_cli import build_parser
 
-    return build_parser().parse_args(["fit", *(a for c in configs for a in ("-c", c))])["fit"]
+    return build_parser().parse_args(["fit", *(a for c in configs for a in ("-c", c)), *overrides])["fit"]
 
 
-def data_from_configs(configs: list[str]) -> Any:
-    """The run's datamodule alone (no model, trainer or run folder), from `fit` config files."""
+def data_from_configs(configs: list[str], overrides: Sequence[str] = ()) -> Any:
+    """The run's datamodule alone (no model, trainer or run folder), from `fit` config files and overrides."""
     import pytorch_lightning as pl
     from jsonargparse import ArgumentParser
 
-    fit = _fit_config(configs)
+    fit = _fit_config(configs, overrides)
     data = fit.data.as_dict() if hasattr(fit.data, "as_dict") else dict(fit.data)
     only_data = ArgumentParser(exit_on_error=False)
     only_data.add_subclass_arguments(pl.LightningDataModule, "data", required=True)

@@ -58,6 +58,7 @@ __all__ = ["PointPEFT", "BankMissing", "BankMismatch", "retrieve", "PROMPTS"]
 
 PROMPTS = "point_prompts"  # the token group of the inserted prompts
 INITS = ("zero", "official")
+STAND_IN_BANK = 11_392  # the official bank of ScanObjectNN PB_T50_RS (356 batches of 32)
 
 
 class BankMissing(MmpeftError):
@@ -369,6 +370,11 @@ class PointPEFT(Method):
                 f"{digest[:12]})")  # fmt: skip
         features, digest = load_bank(path, provenance)
         self._attach(backbone, features, str(path), digest)
+
+    def stand_in_state(self, backbone: nn.Module) -> None:
+        """A random bank of ScanObjectNN PB_T50_RS's size (11,392 features), for benchmarks."""
+        g = torch.Generator().manual_seed(0)
+        PointPEFT.attach_bank(backbone, torch.randn(STAND_IN_BANK, backbone.embed_dim, generator=g))
 
     def _attach(self, backbone: nn.Module, features: torch.Tensor, path: str, digest: str) -> None:
         if self.bank_sha256 and self.bank_sha256 != digest:
