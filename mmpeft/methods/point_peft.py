@@ -174,14 +174,42 @@ class LocalAttention(nn.Module):
         return x + self.proj(out.transpose(1, 2).reshape(n, k, self.inner))
 
 
-class GeometricAdapter(AdapterModule):
-    """Hook on `block.out` of every block (see the module docstring). Block 0's owns the shared local attention."""
+def grouping_key(ctx: ForwardContext) -> str:
+    return f"point_peft.grouping.{ctx.token_meta['centres'].shape[1]}"
 
-    def __init__(self, dim: int, hidden: int, dropout: float, sub_centres: int, group_size: int, centre_coef: float,
-                 propagate_coef: float, init: str, shared: LocalAttention | None, inner: int, heads: int,
-                 device=None):  # fmt: skip
+
+class Grouping(AdapterModule):
+    """Hook on `before_block[i]`, after any prompt insertion: the geometric adapter's (sub-centre indices, kNN
+    groups, propagation weights) of this forward's token centres. The centres do not change between blocks (the
+    patches keep theirs, the prompts have `prompt_cor`), so all blocks with the same tokens share one FPS + kNN (the
+    official code groups again in every block); made here, outside a checkpointed block, so a recompute sees it."""
+
+    def __init__(self, sub_centres: int, group_size: int):
         super().__init__()
         self.sub_centres, self.group_size = sub_centres, group_size
+
+    def forward(self, x: torch.Tensor, ctx: ForwardContext, index: int) -> torch.Tensor:
+        from mmpeft.ops.point import farthest_point_sample, gather_points, inverse_distance_weights, knn
+
+        key = grouping_key(ctx)
+        if key not in ctx.draws:
+            centres = ctx.token_meta["centres"]
+            points = centres[:, ctx.span("cls").stop :]
+            n = points.shape[1]
+            sub = farthest_point_sample(points, min(self.sub_centres, n))
+            sub_xyz = gather_points(points, sub)
+            weights = inverse_distance_weights(centres[:, ctx.span("patches")], sub_xyz)
+            ctx.draws[key] = (sub, knn(sub_xyz, points, min(self.group_size, n)), weights)
+        return x
+
+
+class GeometricAdapter(AdapterModule):
+    """Hook on `block.out` of every block (see the module docstring); its groups come from `Grouping`. Block 0's owns
+    the shared local attention."""
+
+    def __init__(self, dim: int, hidden: int, dropout: float, centre_coef: float, propagate_coef: float, init: str,
+                 shared: LocalAttention | None, inner: int, heads: int, device=None):  # fmt: skip
+        super().__init__()
         if shared is None:
             self.local = LocalAttention(dim, inner, heads, init, device)
         else:
@@ -199,20 +227,17 @@ class GeometricAdapter(AdapterModule):
         return getattr(self, "_local", None) or self.local
 
     def forward(self, z: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        from mmpeft.ops.point import farthest_point_sample, gather_points, inverse_distance_weights, knn
+        from mmpeft.ops.point import gather_points
 
         cls = ctx.span("cls")
-        centres = ctx.token_meta["centres"][:, cls.stop :]  # prompts (prompt_cor) and patches, after [cls]
-        tokens = z[:, cls.stop :]
+        tokens = z[:, cls.stop :]  # prompts (centres: prompt_cor) and patches, after [cls]
         b, n, d = tokens.shape
-        sub = farthest_point_sample(centres, min(self.sub_centres, n))
-        sub_xyz = gather_points(centres, sub)
-        groups = gather_points(tokens, knn(sub_xyz, centres, min(self.group_size, n)))  # [B, S, k, D]
+        sub, neighbours, weights = ctx.draws[grouping_key(ctx)]  # made before the block by `Grouping`
+        groups = gather_points(tokens, neighbours)  # [B, S, k, D]
         s, k = groups.shape[1:3]
         pooled = self.shared(groups.reshape(b * s, k, d)).max(dim=1).values  # [B*S, D]
         pooled = F.gelu(self.pool_norm(pooled)).reshape(b, s, d) + self.centre_coef * gather_points(tokens, sub)
         patches = ctx.span("patches")
-        weights = inverse_distance_weights(ctx.token_meta["centres"][:, patches], sub_xyz)
         update = torch.zeros_like(z)
         update[:, patches] = self.propagate_coef * (weights.to(pooled.dtype) @ pooled)
         z = z + update
@@ -323,12 +348,12 @@ class PointPEFT(Method):
         sub = self.sub_centres or max(backbone.num_group // 2, 1)
         size = self.sub_group_size or max(backbone.group_size // 2, 1)
         for i, block in enumerate(backbone.blocks):
+            backbone.before_block[i].append(Grouping(sub, size))  # after block i's prompt insertion
             block.site("mlp.branch").append(
                 FFNAdapter(dim, self.adapter_hidden, self.dropout, self.ffn_scale, self.init, device)
             )
-            geometric = GeometricAdapter(dim, self.adapter_hidden, self.dropout, sub, size, self.centre_coef,
-                                         self.propagate_coef, self.init, shared, self.local_width, self.local_heads,
-                                         device)  # fmt: skip
+            geometric = GeometricAdapter(dim, self.adapter_hidden, self.dropout, self.centre_coef, self.propagate_coef,
+                                         self.init, shared, self.local_width, self.local_heads, device)  # fmt: skip
             shared = shared or geometric.local
             block.site("block.out").append(geometric)
             if i < blocks:
