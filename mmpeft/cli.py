@@ -12,6 +12,7 @@ mmpeft import-lora FILE --out ADAPTER   a diffusers / kohya LoRA file as an mmpe
 mmpeft sample --run RUN --prompt P      images from a diffusion run through diffusers' pipelines, and a grid PNG
 mmpeft export --run RUN --format F      a diffusion run as a merged diffusers folder or a diffusers LoRA file
 mmpeft score SAMPLES --reference REAL   CLIP-T, CLIP-I, DINO and FID of generated images, from local weights
+mmpeft bank -c CONFIG [fit options]     a method's derived state from the training data (Point-PEFT's memory bank)
 """
 
 from __future__ import annotations
