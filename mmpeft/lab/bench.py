@@ -70,8 +70,8 @@ class ResultsExist(OutputExists):
     """The result file for this backbone, input, batch, device and precision exists and --overwrite was not given."""
 
 
-WORKER_OPTIONS = ("backbone", "img_size", "in_chans", "batch", "steps", "warmup", "infer_steps", "checkpointing",
-                  "num_classes", "device", "precision")  # fmt: skip
+WORKER_OPTIONS = ("backbone", "backbone_options", "img_size", "in_chans", "batch", "steps", "warmup", "infer_steps",
+                  "checkpointing", "num_classes", "device", "precision")  # fmt: skip
 
 
 def _run_worker(args: argparse.Namespace, method: str) -> dict:

@@ -95,6 +95,8 @@ VARIANTS: dict[str, dict | None] = {
 def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backbone", default="vit_base_patch16_224", help="mmpeft or timm backbone name")
     p.add_argument("--img-size", type=int, default=224, help="image size of timm backbones (others bring theirs)")
+    p.add_argument("--backbone-options", default="{}", help='JSON keyword arguments for a registered backbone, e.g. '
+                   '\'{"num_points": 2048, "num_group": 128}\' (Point-MAE on ScanObjectNN)')  # fmt: skip
     p.add_argument("--in-chans", type=int, default=3)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--methods", default="all", help="comma-separated method names or variants (lora_qkv, "
@@ -298,7 +300,10 @@ def bench_backbone(args: argparse.Namespace) -> nn.Module:
     from mmpeft.backbones.registry import create_without_pretraining, registered_names
 
     if args.backbone in registered_names() or ":" in args.backbone:
-        return create_without_pretraining(args.backbone)
+        options = json.loads(getattr(args, "backbone_options", "{}") or "{}")
+        if not isinstance(options, dict):
+            raise ValueError(f"--backbone-options takes a JSON object, got {args.backbone_options!r}")
+        return create_without_pretraining(args.backbone, **options)
     extra = {"in_chans": args.in_chans} if args.in_chans != 3 else {}
     return create_backbone(args.backbone, img_size=args.img_size, **extra)
 
