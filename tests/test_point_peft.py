@@ -55,6 +55,8 @@ def test_retrieval_has_no_parameters_and_finds_an_entry_first():
     weights = top.softmax(-1)
     assert torch.allclose(weights.sum(-1), torch.ones(2))
     torch.testing.assert_close(cache[:, 1], (weights.unsqueeze(-1) * bank[index]).sum(1))
+    unit = torch.nn.functional.normalize(bank, dim=-1)
+    assert torch.equal(retrieve(query, bank, 8, unit), cache)  # the attached bank's precomputed unit rows: the same
     cache.sum().backward()  # gradients reach the query, never the bank
     assert query.grad is not None and bank.grad is None
     with pytest.raises(ValueError, match="top_k=51 but the memory bank holds 50"):
@@ -120,7 +122,7 @@ def test_the_adapter_file_names_the_bank_and_holds_none_of_it(tmp_path):
     model = _model()
     save_adapter(model, tmp_path / "adapter.safetensors")
     tensors, header = read_adapter(tmp_path / "adapter.safetensors")
-    assert not [k for k in tensors if k.endswith("bank")]
+    assert not [k for k in tensors if "bank" in k]  # neither the bank nor its normalised rows
     config = header["method"]["config"]
     assert config["bank"] == "bank.safetensors" and config["bank_sha256"] == "abc123"
     assert "prompt_cor" in " ".join(tensors) and any("pool_norm.running_mean" in k for k in tensors)

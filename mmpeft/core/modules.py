@@ -415,3 +415,10 @@ class Gate(AdapterModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x * self.value
+
+
+def context_dropout_mask(ctx, key: str, shape: tuple[int, ...], p: float, like: torch.Tensor) -> torch.Tensor:
+    """Inverted-dropout keep mask (scaled by 1 / (1 - p)) drawn through the forward context, so a checkpointed
+    recompute draws the same one (VPT's and Point-PEFT's prompt dropout)."""
+    keep = ctx.draw(key, lambda g: torch.rand(shape, generator=g) >= p)
+    return keep.to(device=like.device, dtype=like.dtype) / (1.0 - p)

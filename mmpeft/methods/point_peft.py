@@ -51,7 +51,7 @@ from torch import nn
 from mmpeft.core.anatomy import ForwardContext, TokenBackbone
 from mmpeft.core.errors import MmpeftError, NotSupported
 from mmpeft.core.method import Method, register_method
-from mmpeft.core.modules import AdapterModule, Bottleneck
+from mmpeft.core.modules import AdapterModule, Bottleneck, context_dropout_mask
 from mmpeft.methods.point_bank import BankMismatch
 
 __all__ = ["PointPEFT", "BankMissing", "BankMismatch", "retrieve", "PROMPTS"]
@@ -65,25 +65,19 @@ class BankMissing(MmpeftError):
     """Point-PEFT's prompts need the memory bank, and none is attached."""
 
 
-def retrieve(query: torch.Tensor, bank: torch.Tensor, k: int) -> torch.Tensor:
+def retrieve(query: torch.Tensor, bank: torch.Tensor, k: int, bank_unit: torch.Tensor | None = None) -> torch.Tensor:
     """Point-PEFT's parameter-free retrieval: the cache prompt [B, k + 2, D] = [query, prior, the k retrieved],
     where the k bank rows [M, D] nearest the query [B, D] in cosine similarity (both sides normalised) are
-    weighted by the softmax of their similarities (temperature 1) into the prior."""
+    weighted by the softmax of their similarities (temperature 1) into the prior. `bank_unit`: the bank's rows
+    already normalised (kept with the bank, so a training step does not normalise 11,392 rows again)."""
     if k > bank.shape[0]:
         raise ValueError(f"top_k={k} but the memory bank holds {bank.shape[0]} features")
-    scores = F.normalize(query, dim=-1) @ F.normalize(bank, dim=-1).T
+    unit = bank_unit if bank_unit is not None else F.normalize(bank, dim=-1)
+    scores = F.normalize(query, dim=-1) @ unit.T
     top, index = scores.topk(k, dim=-1)
     retrieved = bank[index]  # [B, k, D]
     prior = (top.softmax(-1).unsqueeze(1) @ retrieved).squeeze(1)
     return torch.cat([query.unsqueeze(1), prior.unsqueeze(1), retrieved], dim=1)
-
-
-def _dropout(ctx: ForwardContext, key: str, x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
-    """Inverted dropout whose mask is drawn through the context (a checkpointed recompute draws the same)."""
-    if not training or p == 0:
-        return x
-    keep = ctx.draw(key, lambda g: torch.rand(x.shape, generator=g) >= p)
-    return x * keep.to(device=x.device, dtype=x.dtype) / (1.0 - p)
 
 
 def _bottleneck(dim: int, hidden: int, dropout: float, init: str, device) -> Bottleneck:
@@ -105,6 +99,7 @@ class PointPriorPrompts(AdapterModule):
         if root is None:  # block 0's: the shared state
             self.prompt_cor = nn.Parameter(torch.zeros(length, 3, device=device))
             self.register_derived("bank", torch.zeros(0, dim, device=device))
+            self.register_derived("bank_unit", torch.zeros(0, dim, device=device))  # its rows normalised
         else:
             object.__setattr__(self, "_root", root)
         if self.prompts.device.type != "meta":
@@ -126,7 +121,8 @@ class PointPriorPrompts(AdapterModule):
                     "attached: `mmpeft fit` builds it before training (cached), `mmpeft bank -c CONFIG` builds it "
                     "alone; in Python, PointPEFT.attach_bank(backbone, bank)"
                 )
-            ctx.draws["point_peft.cache"] = retrieve(root.query(ctx), root.bank, self.prompts.shape[0] - 2)
+            ctx.draws["point_peft.cache"] = retrieve(root.query(ctx), root.bank, self.prompts.shape[0] - 2,
+                                                     root.bank_unit)  # fmt: skip
         return ctx.draws["point_peft.cache"]
 
     def query(self, ctx: ForwardContext) -> torch.Tensor:
@@ -135,8 +131,10 @@ class PointPriorPrompts(AdapterModule):
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext, index: int) -> torch.Tensor:
         b = x.shape[0]
-        prompts = _dropout(ctx, f"point_peft.prompts.{index}", self.prompts.expand(b, -1, -1), self.dropout,
-                           self.training)  # fmt: skip
+        prompts = self.prompts.expand(b, -1, -1)
+        if self.training and self.dropout > 0:
+            prompts = prompts * context_dropout_mask(ctx, f"point_peft.prompts.{index}", prompts.shape, self.dropout,
+                                                     prompts)  # fmt: skip
         cache = self.cache_prompt(ctx).to(prompts.dtype)
         prompts = prompts + cache + self.cache_adapter(cache)
         centres = self.root.prompt_cor.to(x.dtype).expand(b, -1, -1)
@@ -421,4 +419,5 @@ class PointPEFT(Method):
         if bank.dim() != 2 or bank.shape[1] != root.prompts.shape[1]:
             raise ValueError(f"a memory bank is [M, {root.prompts.shape[1]}], got {list(bank.shape)}")
         root.bank = bank.detach().to(device=root.prompts.device, dtype=root.prompts.dtype)
+        root.bank_unit = F.normalize(root.bank, dim=-1)
         method.bank, method.bank_sha256 = path, sha256

@@ -12,15 +12,9 @@ from torch import nn
 from mmpeft.core.anatomy import ForwardContext, TokenBackbone
 from mmpeft.core.heads import VPT_HEAD
 from mmpeft.core.method import Method, register_method
-from mmpeft.core.modules import AdapterModule, PromptTokens
+from mmpeft.core.modules import AdapterModule, PromptTokens, context_dropout_mask
 
 __all__ = ["VPT", "PromptInsertion"]
-
-
-def _dropout_mask(ctx: ForwardContext, key: str, shape: tuple[int, ...], p: float, like: torch.Tensor):
-    """Inverted-dropout keep mask drawn through the context, so checkpointed recomputes match."""
-    keep = ctx.draw(key, lambda g: torch.rand(shape, generator=g) >= p)
-    return keep.to(device=like.device, dtype=like.dtype) / (1.0 - p)
 
 
 class PromptInsertion(AdapterModule):
@@ -42,7 +36,7 @@ class PromptInsertion(AdapterModule):
     def forward(self, x: torch.Tensor, ctx: ForwardContext, index: int) -> torch.Tensor:
         prompts = self.tokens(self.depth_index, x.shape[0])
         if self.training and self.dropout > 0:
-            prompts = prompts * _dropout_mask(ctx, f"vpt.dropout.{index}", prompts.shape, self.dropout, prompts)
+            prompts = prompts * context_dropout_mask(ctx, f"vpt.dropout.{index}", prompts.shape, self.dropout, prompts)
         if self.depth_index == 0:
             return ctx.insert(x, prompts, "prompts", ctx.prompt_index)
         return ctx.replace(x, "prompts", prompts)
