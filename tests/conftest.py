@@ -122,6 +122,8 @@ def backbone_cases() -> list[BackboneCase]:
         ),
         BackboneCase("sd_unet", tiny_unet, lambda: tiny_unet(layers_per_block=1)),
         BackboneCase("dit", tiny_dit, lambda: tiny_dit(num_layers=3)),
+        BackboneCase("any2point_2d", tiny_any2point, lambda: tiny_any2point(depth=3)),
+        BackboneCase("any2point_text", lambda: tiny_any2point(text=True), lambda: tiny_any2point(text=True, width=48)),
     ]
 
 
@@ -140,3 +142,17 @@ def tiny_clip(width: int = 64, text_width: int = 32) -> nn.Module:
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+def tiny_any2point(text: bool = False, width: int = 32, depth: int = 2) -> nn.Module:
+    """Any2Point on a tiny source: a DINOv2-style timm ViT (LayerScale, two registers, a 4 x 4 patch grid) or a
+    tiny open_clip text tower (a 16-row table); 64 points, two tokenizer stages to 16 tokens of k = 8."""
+    from mmpeft.backbones import Any2Point, TimmViT
+    from mmpeft.backbones.clip import ClipTextTower
+
+    if text:
+        source = ClipTextTower(model=tiny_clip(text_width=width))
+    else:
+        source = TimmViT("test_vit", img_size=64, depth=depth, embed_dim=width, num_heads=2, reg_tokens=2,
+                         init_values=0.1, no_embed_class=True)  # fmt: skip
+    return Any2Point(source, num_points=64, raw_width=6, stages=2, k=8, stage_blocks=(1, 1), last_bottleneck=8)

@@ -15,13 +15,13 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from mmpeft.core.anatomy import TokenBackbone
 from mmpeft.core.errors import AdapterMismatch, NotMergeable, NotSupported
-from mmpeft.core.method import get_method, list_methods
+from mmpeft.core.method import get_method, list_methods, task_owned
 from mmpeft.core.model import PeftModel
 from mmpeft.core.modules import adapter_modules
 from mmpeft.core.state import load_adapter, save_adapter
 from mmpeft.tasks.step import fit_steps
 from tests.conftest import BackboneCase, backbone_cases
-from tests.method_counts import expected_count, prepare_for_tests
+from tests.method_counts import expected_count, prepare_for_tests, task_owned_count
 
 CASES = {c.name: c for c in backbone_cases()}
 NUM_CLASSES = 5
@@ -114,14 +114,17 @@ def test_exactly_the_declared_set_trains(method, case):
 def expected_backbone_trainable(method: str, model: PeftModel) -> int:
     """Counts from the backbone's module shapes, independently of how the methods declare them: each method's
     own `tests/method_counts/<method>.py`."""
-    return expected_count(method)(model)
+    return expected_count(method)(model) + task_owned_count(model.backbone)
 
 
 def test_every_method_runs_on_every_token_backbone():
-    """Every token backbone, or, for a method that reads point geometry (`needs_points`), every point transformer."""
+    """Every token backbone, or, for a method that reads point geometry (`needs_points`), the point backbone it is
+    made for (a point transformer; Any2Point's)."""
     assert not [p.id for p in UNSUPPORTED if _is_token(p.values[1]) and not get_method(p.values[0]).needs_points]
     points = [m for m in list_methods() if get_method(m).needs_points]
-    assert points and all((m, "point_mae") in [tuple(p.values) for p in SUPPORTED] for m in points)
+    homes = {"point_peft": ["point_mae"], "any2point": ["any2point_2d", "any2point_text"]}
+    assert sorted(points) == sorted(homes)
+    assert all((m, case) in [tuple(p.values) for p in SUPPORTED] for m in points for case in homes[m])
 
 
 def test_ssf_bitfit_and_full_defaults_apply_on_every_backbone():
@@ -134,7 +137,7 @@ def test_ssf_bitfit_and_full_defaults_apply_on_every_backbone():
 def test_unsupported_pairs_raise_not_supported(method, case):
     declared = get_method(method)
     expected = (
-        "TokenBackbone|point transformer"
+        "TokenBackbone|point transformer|any2point backbone"
         if declared.needs_points
         else "TokenBackbone"
         if declared.needs_tokens
@@ -182,10 +185,12 @@ def test_frozen_mode_policy_survives_train_eval_switches(method, case):
     model.eval()
     model.train()
     policy = model.method.frozen_mode
+    owned = set(task_owned(model.backbone))  # tensors the backbone trains for its task, whatever the method
     for name, m in model.backbone.named_modules():
         in_method = any(name.startswith(p) for p, _ in adapter_modules(model.backbone))
-        if in_method:
-            assert m.training
+        own = [f"{name}.{n}" if name else n for n, _ in m.named_parameters(recurse=False)]
+        if in_method or (own and all(n in owned for n in own)):
+            assert m.training, f"{name} trains, so it follows train mode"
         elif isinstance(m, _BatchNorm) and method != "full":
             assert not m.training, f"frozen BatchNorm {name} in train mode"
         elif policy == "eval":

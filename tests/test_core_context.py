@@ -411,10 +411,11 @@ class AddOne(AdapterModule):
     def __init__(self):
         super().__init__()
         self.w = nn.Parameter(torch.ones(()))
-        self.seen = None
+        self.seen = self.branch = None
 
-    def forward(self, x: torch.Tensor, ctx: ForwardContext, x_in: torch.Tensor | None = None) -> torch.Tensor:
-        self.seen = x_in
+    def forward(self, x: torch.Tensor, ctx: ForwardContext, x_in: torch.Tensor | None = None,
+                branch: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+        self.seen, self.branch = x_in, branch
         return x + self.w * (x_in if x_in is not None else 1.0)
 
 
@@ -432,6 +433,7 @@ def test_parallel_site_sits_after_layer_scale_and_drop_path_and_block_out_after_
     torch.manual_seed(1)
     parallel = block(x, ctx)
     assert torch.equal(piece.seen, plain), "x_in is the stream after attention (the MLP branch was dropped)"
+    assert torch.equal(piece.branch, torch.zeros_like(plain)), "branch: what the block added there (dropped: zero)"
     torch.testing.assert_close(parallel, 2 * plain)  # the adapter's f(x_in) is neither scaled by LayerScale nor dropped
     block.site("mlp.parallel").pop(0)
     out = AddOne()

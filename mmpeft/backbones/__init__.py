@@ -7,6 +7,7 @@ import difflib
 
 from torch import nn
 
+from mmpeft.backbones.any2point import Any2Point
 from mmpeft.backbones.clip import ClipImageTower, ClipTextTower
 from mmpeft.backbones.diffusion import DiffusersUNet
 from mmpeft.backbones.digits import DigitsViT
@@ -26,6 +27,7 @@ from mmpeft.backbones.tiny_diffusers import TINY_DIT, TINY_SD_UNET
 from mmpeft.core.errors import UnknownName
 
 __all__ = [
+    "Any2Point",
     "ClipImageTower",
     "ClipTextTower",
     "DigitsViT",

@@ -8,15 +8,17 @@ attribute names, so a converted model loads the original checkpoint.
         h = [attn.in]([norm1.out](norm1(x)))
         a = [attn.out](attn(h, ctx))               attn.qkv, attn.proj are plain linears
         a = [attn.branch](a, x_in=x)               after proj, before LayerScale
-        y = [attn.parallel](x + drop_path1(ls1(a)), x_in=x)   after the residual add
+        y = [attn.parallel](x + b, x_in=x, branch=b)  b = drop_path1(ls1(a)); after the residual add
         h = [norm2.out](norm2(y))
         m = [mlp.out](mlp(h))                      mlp.fc1, mlp.fc2 are plain linears
         m = [mlp.branch](m, x_in=y)                inside LayerScale and drop-path
-        z = [mlp.parallel](y + drop_path2(ls2(m)), x_in=y)    after them (AdaptFormer's placement)
+        z = [mlp.parallel](y + b, x_in=y, branch=b)   b = drop_path2(ls2(m)); after them (AdaptFormer's)
         return [block.out](z)
 
 A parallel adapter on `mlp.parallel` returns `z + f(x_in)`: its output is not scaled by LayerScale
-nor dropped by drop-path, as in AdaptFormer's official code; on `mlp.branch` it is.
+nor dropped by drop-path, as in AdaptFormer's official code; on `mlp.branch` it is. A parallel site also
+passes `branch`, what the block adds to the stream there (after LayerScale and drop-path): a piece that reads the
+branch as the residual adds it (Any2Point's adapter on the FFN output after LayerScale) needs no second copy.
 """
 
 from __future__ import annotations
@@ -130,10 +132,12 @@ class TokenBlock(nn.Module):
         s = self.sites
         h = s.attn_in(s.norm1_out(self.norm1(x), ctx), ctx)
         a = s.attn_branch(s.attn_out(self.attn(h, ctx), ctx), ctx, x_in=x)
-        y = s.attn_parallel(x + self.drop_path1(self.ls1(a)), ctx, x_in=x)
+        b = self.drop_path1(self.ls1(a))
+        y = s.attn_parallel(x + b, ctx, x_in=x, branch=b)
         h = s.norm2_out(self.norm2(y), ctx)
         m = s.mlp_branch(s.mlp_out(self.mlp(h), ctx), ctx, x_in=y)
-        z = s.mlp_parallel(y + self.drop_path2(self.ls2(m)), ctx, x_in=y)
+        b = self.drop_path2(self.ls2(m))
+        z = s.mlp_parallel(y + b, ctx, x_in=y, branch=b)
         return s.block_out(z, ctx)
 
 

@@ -77,9 +77,11 @@ class ForwardContext:
     Every backbone fills `timestep`, `cond`, `step` (and `xyz` for points) from its input. Token
     backbones also keep `layout` (token groups as slices of the sequence), the attention mask,
     per-block `positions`, the pooling index and `token_meta` (per-token tensors such as point
-    centres); anything that inserts or removes tokens goes through `insert` / `remove`, which keep
-    all of them consistent. `draws` stores per-forward random choices so a checkpointed recompute
-    is the identical forward.
+    centres); a backbone whose positions are read off another model's position table under virtual
+    views (Any2Point) also fills `view_coords`, where each token lands in that table per view, which
+    methods pool by (Any2Point's guided adapter). Anything that inserts or removes tokens goes through
+    `insert` / `remove`, which keep all of them consistent. `draws` stores per-forward random choices so a
+    checkpointed recompute is the identical forward.
     """
 
     layout: dict[str, slice] = field(default_factory=dict)
@@ -88,6 +90,9 @@ class ForwardContext:
     positions: torch.Tensor | None = None  # [B, L, D], added before every block where the backbone does so
     pool_index: torch.Tensor | None = None  # [B] token index pooled by "eot"
     token_meta: dict[str, torch.Tensor] = field(default_factory=dict)  # [B, L, ...] per-token tensors
+    # [B, L, V, d]: each token's coordinates in the source's position space under V virtual views (d = 2: pixel
+    # column and row of a 2-D source's image; d = 1: a 1-D source's position index); zeros for tokens without one
+    view_coords: torch.Tensor | None = None
     centres: torch.Tensor | None = None
     timestep: torch.Tensor | None = None
     cond: Any = None
@@ -139,7 +144,7 @@ class ForwardContext:
     ) -> torch.Tensor:
         """Insert `tokens` [B, n, D] at sequence index `at` as group `name`; returns the new x.
 
-        Per-token tensors (positions, `token_meta`) get rows for the new tokens: `meta[key]` if
+        Per-token tensors (positions, view coordinates, `token_meta`) get rows for the new tokens: `meta[key]` if
         given, zeros otherwise.
         """
         n = tokens.shape[1]
@@ -154,6 +159,8 @@ class ForwardContext:
         meta = meta or {}
         if self.positions is not None:
             self.positions = _insert_rows(self.positions, at, n, meta.get("positions"))
+        if self.view_coords is not None:
+            self.view_coords = _insert_rows(self.view_coords, at, n, meta.get("view_coords"))
         self.token_meta = {k: _insert_rows(v, at, n, meta.get(k)) for k, v in self.token_meta.items()}
         if self.attn_mask is not None:  # the causal part is the `causal` flag, so SDPA keeps its fast path
             self.attn_mask = _insert_mask(self.attn_mask, at, n)
@@ -179,6 +186,8 @@ class ForwardContext:
         }
         if self.positions is not None:
             self.positions = _drop_rows(self.positions, s)
+        if self.view_coords is not None:
+            self.view_coords = _drop_rows(self.view_coords, s)
         self.token_meta = {k: _drop_rows(v, s) for k, v in self.token_meta.items()}
         if self.attn_mask is not None:
             keep = [i for i in range(self.attn_mask.shape[-1]) if not s.start <= i < s.stop]

@@ -30,7 +30,7 @@ HEADS = ("linear", "mlp")
 # type): kaiming-normal weight (fan_out) and the prior bias -log((1 - 0.01) / 0.01). MoSA, built on the
 # VPT codebase, keeps it (Theia-4869/MoSA `src/models/mlp.py` L52-57).
 VPT_HEAD = "kaiming_normal_fan_out;bias=-4.59511985013459"
-_MLP_KEYS = {"hidden", "norm", "dropout", "activation"}
+_MLP_KEYS = {"hidden", "norm", "dropout", "activation", "hidden_bias"}  # hidden_bias: default true
 
 
 def head_spec(spec: str | dict[str, Any] | None, num_classes: int) -> dict[str, Any]:
@@ -56,7 +56,7 @@ def _mlp(in_features: int, spec: dict[str, Any]) -> nn.Sequential:
     layers: list[nn.Module] = []
     width = in_features
     for hidden in spec["hidden"]:
-        layers.append(nn.Linear(width, hidden))
+        layers.append(nn.Linear(width, hidden, bias=spec.get("hidden_bias", True)))
         if spec["norm"] == "batch":
             layers.append(nn.BatchNorm1d(hidden))
         elif spec["norm"] == "layer":

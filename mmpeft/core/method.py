@@ -336,7 +336,8 @@ def apply_frozen_mode(backbone: nn.Module, training: bool, frozen_mode: str) -> 
     """Re-apply the frozen-mode policy after a train/eval switch.
 
     Frozen BatchNorm layers always run in eval mode so their statistics stay bit-identical; with
-    `frozen_mode="eval"` the whole frozen backbone does, and only method modules follow `training`.
+    `frozen_mode="eval"` the whole frozen backbone does, and only method modules and the layers that train whole
+    (the tensors a backbone owns for its task, e.g. Any2Point's tokenizer) follow `training`.
     """
     if frozen_mode not in FROZEN_MODES:
         raise ValueError(f"frozen_mode must be one of {FROZEN_MODES}, got {frozen_mode!r}")
@@ -347,6 +348,10 @@ def apply_frozen_mode(backbone: nn.Module, training: bool, frozen_mode: str) -> 
         backbone.eval()
         for _, module in adapter_modules(backbone):
             module.train(True)
+        for module in backbone.modules():  # layers that train whole (a backbone's own tokenizer) are not frozen
+            own = list(module.parameters(recurse=False))
+            if own and all(p.requires_grad for p in own):
+                module.training = True
         return
     backbone.train(True)
     for module in backbone.modules():

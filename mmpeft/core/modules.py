@@ -23,6 +23,7 @@ __all__ = [
     "Bottleneck",
     "ScaleShift",
     "PromptTokens",
+    "LocalAttention",
     "Gate",
     "adapter_modules",
     "call_piece",
@@ -422,3 +423,32 @@ def context_dropout_mask(ctx, key: str, shape: tuple[int, ...], p: float, like: 
     recompute draws the same one (VPT's and Point-PEFT's prompt dropout)."""
     keep = ctx.draw(key, lambda g: torch.rand(shape, generator=g) >= p)
     return keep.to(device=like.device, dtype=like.dtype) / (1.0 - p)
+
+
+class LocalAttention(nn.Module):
+    """A narrow pre-LayerNorm self-attention inside small token sets, with its own residual: qkv D -> 3 x inner,
+    `heads` heads of inner / heads, softmax scale inner^-1/2 (the value Point-PEFT's and Any2Point's official
+    code use, not the head width's), proj inner -> D. Point-PEFT runs it inside kNN groups, Any2Point over the
+    tokens of one sample with a cell mask; both share one module across blocks. `zero_out`: the output
+    projection starts at zero, so the residual is the identity at init."""
+
+    def __init__(self, dim: int, inner: int, heads: int, qkv_bias: bool = False, zero_out: bool = False,
+                 device: torch.device | None = None):  # fmt: skip
+        super().__init__()
+        if inner % heads:
+            raise ValueError(f"local attention width {inner} does not split into {heads} heads")
+        self.heads, self.inner = heads, inner
+        self.norm = nn.LayerNorm(dim, device=device)
+        self.qkv = nn.Linear(dim, 3 * inner, bias=qkv_bias, device=device)
+        self.proj = nn.Linear(inner, dim, device=device)
+        if zero_out and self.proj.weight.device.type != "meta":
+            nn.init.zeros_(self.proj.weight)
+            nn.init.zeros_(self.proj.bias)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """[N, k, D] token sets -> the same plus the attention's output; `mask` [N, k, k] (True: attend)."""
+        n, k, _ = x.shape
+        q, kk, v = self.qkv(self.norm(x)).reshape(n, k, 3, self.heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        mask = mask.unsqueeze(1) if mask is not None else None
+        out = F.scaled_dot_product_attention(q, kk, v, attn_mask=mask, scale=self.inner**-0.5)
+        return x + self.proj(out.transpose(1, 2).reshape(n, k, self.inner))

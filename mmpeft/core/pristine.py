@@ -40,11 +40,21 @@ class InPlaceOriginals(nn.Module):
 
 
 def record_originals(backbone: nn.Module, names: Iterable[str]) -> None:
+    """Keep the step-0 values of the parameters `names`, and of the buffers of every layer whose parameters are all
+    among them (the running statistics of a BatchNorm that trains whole, e.g. in Any2Point's tokenizer)."""
     names = sorted(set(names))
     if not names:
         return
     params = dict(backbone.named_parameters())
-    backbone.add_module(ORIGINALS, InPlaceOriginals({n: params[n] for n in names}))
+    kept = {n: params[n] for n in names}
+    trained = set(names)
+    for prefix, module in backbone.named_modules():
+        own = [f"{prefix}.{n}" if prefix else n for n, _ in module.named_parameters(recurse=False)]
+        if own and all(n in trained for n in own):
+            for n, buffer in module.named_buffers(recurse=False):
+                if buffer is not None and n not in module._non_persistent_buffers_set:
+                    kept[f"{prefix}.{n}" if prefix else n] = buffer
+    backbone.add_module(ORIGINALS, InPlaceOriginals(kept))
 
 
 def originals_of(backbone: nn.Module) -> InPlaceOriginals | None:
@@ -69,18 +79,24 @@ def _originals_swapped_in(backbone: nn.Module) -> Iterator[None]:
         return
     params = dict(backbone.named_parameters())
     holders = _holders(backbone)
-    swapped: list[tuple[nn.Module, str, nn.Parameter]] = []
+    swapped: list[tuple[dict, str, torch.Tensor]] = []
     try:
         for name, original in store.items():
+            if name not in params:  # a buffer of a layer that trains whole: swapped in place of the running one
+                owner, _, attr = name.rpartition(".")
+                module = backbone.get_submodule(owner) if owner else backbone
+                swapped.append((module._buffers, attr, module._buffers[attr]))
+                module._buffers[attr] = original.clone()  # a forward in train mode may update it: not the record
+                continue
             trained = params[name]
             stand_in = nn.Parameter(original, requires_grad=False)
             for module, attr in holders[id(trained)]:
-                swapped.append((module, attr, module._parameters[attr]))
+                swapped.append((module._parameters, attr, module._parameters[attr]))
                 module._parameters[attr] = stand_in
         yield
     finally:
-        for module, attr, trained in reversed(swapped):
-            module._parameters[attr] = trained
+        for table, attr, trained in reversed(swapped):
+            table[attr] = trained
 
 
 @torch.no_grad()
@@ -89,9 +105,9 @@ def restore_originals(backbone: nn.Module) -> None:
     store = originals_of(backbone)
     if store is None:
         return
-    params = dict(backbone.named_parameters())
+    tensors = {**dict(backbone.named_buffers()), **dict(backbone.named_parameters())}
     for name, original in store.items():
-        params[name].copy_(original)
+        tensors[name].copy_(original)
 
 
 @contextlib.contextmanager

@@ -1,6 +1,7 @@
 """Built-in methods; importing this package registers them."""
 
 from mmpeft.methods.adapter import Adapter
+from mmpeft.methods.any2point import Any2PointAdapter
 from mmpeft.methods.baselines import BitFit, FullFinetune, LinearProbe
 from mmpeft.methods.difffit import DiffFit
 from mmpeft.methods.lora import LoRA
@@ -13,6 +14,7 @@ from mmpeft.methods.vpt import VPT
 
 __all__ = [
     "Adapter",
+    "Any2PointAdapter",
     "BitFit",
     "DiffFit",
     "FullFinetune",

@@ -23,7 +23,8 @@ class SiteAdapter(Bottleneck):
         super().__init__(dim, hidden, **kwargs)
         self.parallel = parallel
 
-    def forward(self, m: torch.Tensor, ctx: ForwardContext, x_in: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, m: torch.Tensor, ctx: ForwardContext, x_in: torch.Tensor | None = None,
+                branch: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
         return m + super().forward(x_in if self.parallel else m)
 
 

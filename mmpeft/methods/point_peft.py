@@ -51,7 +51,7 @@ from torch import nn
 from mmpeft.core.anatomy import ForwardContext, TokenBackbone
 from mmpeft.core.errors import MmpeftError, NotSupported
 from mmpeft.core.method import Method, register_method
-from mmpeft.core.modules import AdapterModule, Bottleneck, context_dropout_mask
+from mmpeft.core.modules import AdapterModule, Bottleneck, LocalAttention, context_dropout_mask
 from mmpeft.methods.point_bank import BankMismatch
 
 __all__ = ["PointPEFT", "BankMissing", "BankMismatch", "retrieve", "PROMPTS"]
@@ -148,30 +148,6 @@ class PromptRemoval(AdapterModule):
         return ctx.remove(x, PROMPTS) if PROMPTS in ctx.layout else x
 
 
-class LocalAttention(nn.Module):
-    """The small self-attention inside each kNN group, shared by every block: pre-LayerNorm, qkv D -> 3 x inner
-    without bias, `heads` heads of inner / heads, softmax scale inner^-1/2 (the official value), proj inner -> D."""
-
-    def __init__(self, dim: int, inner: int, heads: int, init: str, device=None):
-        super().__init__()
-        if inner % heads:
-            raise ValueError(f"local attention width {inner} does not split into {heads} heads")
-        self.heads, self.inner = heads, inner
-        self.norm = nn.LayerNorm(dim, device=device)
-        self.qkv = nn.Linear(dim, 3 * inner, bias=False, device=device)
-        self.proj = nn.Linear(inner, dim, device=device)
-        if init == "zero" and self.proj.weight.device.type != "meta":
-            nn.init.zeros_(self.proj.weight)
-            nn.init.zeros_(self.proj.bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """[N, k, D] groups -> the same plus the attention's output (residual)."""
-        n, k, _ = x.shape
-        q, kk, v = self.qkv(self.norm(x)).reshape(n, k, 3, self.heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
-        out = F.scaled_dot_product_attention(q, kk, v, scale=self.inner**-0.5)
-        return x + self.proj(out.transpose(1, 2).reshape(n, k, self.inner))
-
-
 def grouping_key(ctx: ForwardContext) -> str:
     return f"point_peft.grouping.{ctx.token_meta['centres'].shape[1]}"
 
@@ -209,7 +185,7 @@ class GeometricAdapter(AdapterModule):
                  shared: LocalAttention | None, inner: int, heads: int, device=None):  # fmt: skip
         super().__init__()
         if shared is None:
-            self.local = LocalAttention(dim, inner, heads, init, device)
+            self.local = LocalAttention(dim, inner, heads, zero_out=init == "zero", device=device)
         else:
             object.__setattr__(self, "_local", shared)
         self.pool_norm = nn.BatchNorm1d(dim, device=device)

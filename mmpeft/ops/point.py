@@ -20,7 +20,10 @@ from typing import ParamSpec, TypeVar
 import torch
 from torch import Tensor
 
-__all__ = ["farthest_point_sample", "knn", "gather_points", "group", "full_precision", "inverse_distance_weights"]
+__all__ = [
+    "farthest_point_sample", "knn", "gather_points", "group", "full_precision", "inverse_distance_weights",
+    "cell_ids", "pool_cells",
+]  # fmt: skip
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -206,3 +209,28 @@ def inverse_distance_weights(to_xyz: Tensor, from_xyz: Tensor, eps: float = 1e-8
     squared = (a.unsqueeze(2) - b.unsqueeze(1)).pow(2).sum(-1)  # exact differences: no cancellation near 0
     weights = 1.0 / (squared + eps)
     return (weights / weights.sum(-1, keepdim=True)).to(to_xyz.dtype)
+
+
+def cell_ids(cells: Tensor) -> tuple[Tensor, int]:
+    """Dense ids [B, G] of the occupied (sample, cell) pairs of integer cell coordinates `cells` [B, G, d], and their
+    count: the pure-PyTorch stand-in for torch_geometric's `voxel_grid` + `torch.unique` (and torch-cluster behind
+    it). Cells never span samples, so pooling by these ids keeps every sample independent of the rest."""
+    if cells.dim() != 3 or cells.is_floating_point():
+        raise ValueError(f"cells must be integer coordinates [B, G, d], got {cells.dtype} {list(cells.shape)}")
+    b, g, d = cells.shape
+    sample = torch.arange(b, device=cells.device).view(b, 1, 1).expand(b, g, 1)
+    _, inverse = torch.unique(torch.cat([sample, cells.long()], dim=-1).reshape(b * g, d + 1), dim=0,
+                              return_inverse=True)  # fmt: skip
+    return inverse.view(b, g), int(inverse.max()) + 1 if inverse.numel() else 0
+
+
+def pool_cells(x: Tensor, ids: Tensor, count: int, reduce: str) -> Tensor:
+    """Per cell, the "mean" or "max" of the rows of `x` [B, G, C] whose `ids` [B, G] (from `cell_ids`) name it:
+    [count, C] (torch_scatter's `scatter_mean` / `segment_csr(reduce="max")` in pure PyTorch)."""
+    if reduce not in ("mean", "max"):
+        raise ValueError(f"reduce must be 'mean' or 'max', got {reduce!r}")
+    channels = x.shape[-1]
+    index = ids.reshape(-1, 1).expand(-1, channels)
+    out = x.new_zeros(count, channels)
+    return out.scatter_reduce(0, index, x.reshape(-1, channels), "mean" if reduce == "mean" else "amax",
+                              include_self=False)  # fmt: skip

@@ -11,6 +11,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from mmpeft.core.method import task_owned
 from mmpeft.core.model import PeftModel
 from mmpeft.core.modules import adapter_modules
 
@@ -34,9 +35,24 @@ def prepare_for_tests(method: str) -> Callable[[PeftModel], None]:
 
 
 def own_modules(backbone: nn.Module) -> list[nn.Module]:
-    """The backbone's modules without the method's pieces."""
+    """The backbone's modules without the method's pieces and without the modules the task owns whole (Any2Point's
+    tokenizer and final norm: `task_owned_count` counts them for every method)."""
     pieces = [prefix for prefix, _ in adapter_modules(backbone)]
-    return [m for n, m in backbone.named_modules() if not any(n.startswith(p) for p in pieces)]
+    owned = set(task_owned(backbone))
+    kept = []
+    for n, m in backbone.named_modules():
+        params = [f"{n}.{p}" if n else p for p, _ in m.named_parameters(recurse=False)]
+        if any(n.startswith(p) for p in pieces) or (params and all(p in owned for p in params)):
+            continue
+        kept.append(m)
+    return kept
+
+
+def task_owned_count(backbone: nn.Module) -> int:
+    """Parameters of the backbone's own trainable tensors (`Backbone.task_owned`), which train under every method:
+    each method's `expected` counts what it trains beyond them."""
+    owned = set(task_owned(backbone))
+    return sum(p.numel() for n, p in backbone.named_parameters() if n in owned)
 
 
 def attention_linears(backbone: nn.Module) -> list[nn.Linear]:
