@@ -188,6 +188,54 @@ RECIPES |= {
     for m in POINT_METHODS
 }  # fmt: skip
 
+ANY2POINT = {  # Ivan-Tang-3D/Any2Point cfgs/scanobjectnn/Any2Point.yaml (lr 5e-4, adamw wd 0.05, cosine 300 epochs,
+    # warmup 10, min_lr 1e-6, grad_norm_clip 10) and the MN40 folders' cfgs/finetune_modelnet.yaml (the same, CosLR)
+    f"{M}.optimizer": "adamw",
+    f"{M}.lr": 5e-4,
+    f"{M}.weight_decay": 0.05,
+    f"{M}.warmup_epochs": 10,
+    f"{M}.min_lr": 1e-6,
+    f"{T}.max_epochs": 300,
+    f"{T}.gradient_clip_val": 10,
+    f"{D}.batch_size": 32,
+    f"{D}.num_points": 1024,
+    f"{B}.num_points": 1024,
+}
+ANY2POINT_METHOD = "model.init_args.method"
+RECIPES |= {
+    # Any2Point_DINOV2_Vision/fine_tune.sh: --trans=-1.8 --patchknn 64 --coef_pro 0.7 --coef_2dgird 26
+    # --scale_factor 0.3 --coef_3dgird 0.16 --attn2d_dim 12; cfg adapter_dim 8, attn_drop_rate 0.1
+    "point/scanobjectnn/any2point_dinov2.yaml": {
+        **ANY2POINT, f"{B}.source": "vit_base_patch14_dinov2", f"{B}.k": 64, f"{B}.shift": -1.8, f"{B}.attn_drop": 0.1,
+        f"{B}.normalize": "scan", f"{D}.augment": "rotate", f"{D}.normalize": "center",
+        ANY2POINT_METHOD: {"name": "any2point", "preset": "paper", "r": 8, "scale": 0.3, "ensemble": 0.7,
+                           "voxel": 0.16, "cell_2d": 26},
+    },
+    # Any2Point_CLIP_Lang/fine_tune.sh: --pos_cor -1 0 1 --coef_pro 0.3 --coef_1dgird 2 --coef_3dgird 0.08
+    # --scale_factor 0.3 --attn1d_dim 12; cfg adapter_dim 16; Point_PN_scan k_neighbors 81
+    "point/scanobjectnn/any2point_clip_text.yaml": {
+        **ANY2POINT, f"{B}.k": 81, f"{B}.direction": [-1.0, 0.0, 1.0], f"{B}.normalize": "scan",
+        f"{D}.augment": "rotate", f"{D}.normalize": "center",
+        ANY2POINT_METHOD: {"name": "any2point", "preset": "paper", "r": 16, "scale": 0.3, "ensemble": 0.3,
+                           "voxel": 0.08, "cell_1d": 2},
+    },
+    # Any2Point_DINOV2_modelnet/fine_tune.sh: --coef_pro 0.1 --scale_factor 1.0 --coef_2dgird 26 --coef_3dgird 0.16
+    # --adapter_dim 8 --patchknn 81 --trans=-1.4; cfg drop_path_rate 0.1; Point_PN type 'mn40'
+    "point/modelnet40/any2point_dinov2.yaml": {
+        **ANY2POINT, f"{B}.k": 81, f"{B}.shift": -1.4, f"{B}.normalize": "mn40",
+        f"{B}.source_options": {"drop_path_rate": 0.1},
+        ANY2POINT_METHOD: {"name": "any2point", "preset": "paper", "r": 8, "scale": 1.0, "ensemble": 0.1,
+                           "voxel": 0.16, "cell_2d": 26},
+    },
+    # Any2Point_clip_lang_modelnet/fine_tune.sh: --coef_pro 0.5 --scale_factor 0.3 --coef_1dgird 2 --coef_3dgird 0.16
+    # --adapter_dim 16 --patchknn 64 --pos_cor 1 -1 0
+    "point/modelnet40/any2point_clip_text.yaml": {
+        **ANY2POINT, f"{B}.k": 64, f"{B}.direction": [1.0, -1.0, 0.0], f"{B}.normalize": "mn40",
+        ANY2POINT_METHOD: {"name": "any2point", "preset": "paper", "r": 16, "scale": 0.3, "ensemble": 0.5,
+                           "voxel": 0.16, "cell_1d": 2},
+    },
+}  # fmt: skip
+
 # The head each method's `paper` preset initialises, as the official code does.
 VPT_HEAD = "kaiming_normal_fan_out;bias=-4.59511985013459"  # KMnP/vpt src/models/mlp.py L53-57: -log(0.99 / 0.01)
 HEAD_INITS = {

@@ -86,7 +86,12 @@ def test_mmpeft_backbones_prints_the_table(capsys):
         assert f"| {name} |" in out
     assert main(["backbones", "point"]) == 0
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "name" not in line]
-    assert sorted(line.split("|")[1].strip() for line in lines) == ["any2point", "point_bert", "point_mae", "shapes_point"]
+    assert sorted(line.split("|")[1].strip() for line in lines) == [
+        "any2point",
+        "point_bert",
+        "point_mae",
+        "shapes_point",
+    ]
 
 
 def test_help_names_every_command():
