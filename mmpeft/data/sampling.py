@@ -60,9 +60,13 @@ class ItemDraw(NamedTuple):
 
 @contextmanager
 def seeded_rngs(seed: int) -> Iterator[None]:
-    """Run the block under torch's, NumPy's and Python's global RNGs seeded from `seed`, then put them back."""
+    """Run the block under torch's (CPU), NumPy's and Python's global RNGs seeded from `seed`, then put them back.
+
+    Only torch's CPU generator, the one it saves and restores: `torch.manual_seed` would also queue a lazy seed of
+    every CUDA device, and a CUDA build of torch formats the whole call stack for each queued call (about a third
+    of a small quickstart run's time went there, once per loaded item)."""
     saved = torch.get_rng_state(), np.random.get_state(), random.getstate()
-    torch.manual_seed(seed)
+    torch.default_generator.manual_seed(seed)
     np.random.seed(seed % 2**32)
     random.seed(seed)
     try:
