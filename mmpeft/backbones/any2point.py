@@ -79,7 +79,8 @@ class Any2Point(TokenBackbone):
         shift: a 2-D source's `--trans`, the views' push along z (-1.8 DINOv2 on ScanObjectNN, -1.4 elsewhere).
         direction: a 1-D source's `--pos_cor`, the line the clouds project on ((-1, 0, 1) ScanObjectNN, (1, -1, 0)
             ModelNet40).
-        attn_drop: dropout on the source's attention weights (the official DINOv2 recipe: 0.1; CLIP's: none).
+        attn_drop: dropout on the source's attention weights (the official DINOv2 recipe: 0.1; CLIP's: none); unset:
+            the source's own.
         device: build on this device ("meta" for counts).
     """
 
@@ -91,7 +92,7 @@ class Any2Point(TokenBackbone):
                  num_points: int = 1024, raw_width: int = 96, stages: int = 3, k: int = 64,
                  stage_blocks: tuple[int, ...] = (2, 1, 1), last_bottleneck: int = 32, normalize: str = "scan",
                  views: int = 6, shift: float = -1.8, direction: tuple[float, float, float] = (-1.0, 0.0, 1.0),
-                 attn_drop: float = 0.0, device: str | torch.device | None = None):  # fmt: skip
+                 attn_drop: float | None = None, device: str | torch.device | None = None):  # fmt: skip
         super().__init__()
         options = dict(source_options or {})
         if weights is not None:
@@ -132,8 +133,9 @@ class Any2Point(TokenBackbone):
         else:
             self.positional_embedding, self.reg_token, self.num_reg_tokens = src.positional_embedding, None, 0
         self.blocks, self.norm = src.blocks, src.norm
-        for block in self.blocks:
-            block.attn.attn_drop = attn_drop
+        if attn_drop is not None:  # unset: the source's own
+            for block in self.blocks:
+                block.attn.attn_drop = attn_drop
         self.num_points, self.num_group, self.group_size = num_points, self.tokenizer.centres[0], k
         tokenizer = [f"tokenizer.{n}" for n, _ in self.tokenizer.named_parameters()]
         self._task_owned = (*tokenizer, "cls_token", "cls_pos", *(f"norm.{n}" for n, _ in self.norm.named_parameters()))

@@ -21,6 +21,7 @@ Not copied from the official code:
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -36,17 +37,22 @@ VIEW_ANGLES = (
 
 
 def view_rotations(views: int = 6, dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:
-    """[V, 3, 3] rotations R = Rx Ry Rz of the first `views` views (computed in fp64); a point p maps to R p."""
+    """[V, 3, 3] rotations R = Rx Ry Rz of the first `views` views (computed once in fp64); a point p maps to R p."""
     if not 1 <= views <= len(VIEW_ANGLES):
         raise ValueError(f"views must be in 1..{len(VIEW_ANGLES)}, got {views}")
+    return _rotations_fp64()[:views].to(dtype=dtype, device=device)
+
+
+@functools.cache
+def _rotations_fp64() -> torch.Tensor:
     mats = []
-    for x, y, z in VIEW_ANGLES[:views]:
+    for x, y, z in VIEW_ANGLES:
         cx, sx, cy, sy, cz, sz = math.cos(x), math.sin(x), math.cos(y), math.sin(y), math.cos(z), math.sin(z)
         rx = torch.tensor([[1, 0, 0], [0, cx, -sx], [0, sx, cx]], dtype=torch.float64)
         ry = torch.tensor([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]], dtype=torch.float64)
         rz = torch.tensor([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]], dtype=torch.float64)
         mats.append(rx @ ry @ rz)
-    return torch.stack(mats).to(dtype=dtype, device=device)
+    return torch.stack(mats)
 
 
 def _rotated(centres: torch.Tensor, views: int) -> torch.Tensor:

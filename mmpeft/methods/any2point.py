@@ -41,18 +41,25 @@ from mmpeft.core.errors import NotSupported
 from mmpeft.core.method import Method, register_method
 from mmpeft.core.modules import AdapterModule, Bottleneck, LocalAttention
 
-__all__ = ["Any2PointAdapter", "GuidedAdapter", "cell_index"]
+__all__ = ["Any2PointAdapter", "GuidedAdapter", "cell_index", "cell_mask"]
 
 INITS = ("zero", "official")
 
 
-def cell_index(ctx: ForwardContext, key: str, coords: torch.Tensor, size: float) -> tuple[torch.Tensor, int]:
-    """(ids [B, G], count) of the occupied cells of side `size` holding coordinates [B, G, d], made once per forward
-    and kept in the context's draws (every block pools by the same cells)."""
+def cell_index(ctx: ForwardContext, key: str, coords, size: float) -> tuple[torch.Tensor, int]:
+    """(ids [B, G], count) of the occupied cells of side `size` holding the coordinates [B, G, d] that `coords()`
+    gives, made once per forward and kept in the context's draws (every block pools by the same cells)."""
     from mmpeft.ops.point import cell_ids
 
     if key not in ctx.draws:
-        ctx.draws[key] = cell_ids(torch.floor(coords / size).long())
+        ctx.draws[key] = cell_ids(torch.floor(coords() / size).long())
+    return ctx.draws[key]
+
+
+def cell_mask(ctx: ForwardContext, key: str, ids: torch.Tensor) -> torch.Tensor:
+    """The local attention's mask [B, G, G] (True: same cell, self included), once per forward and view."""
+    if key not in ctx.draws:
+        ctx.draws[key] = ids.unsqueeze(2) == ids.unsqueeze(1)
     return ctx.draws[key]
 
 
@@ -73,7 +80,7 @@ class GuidedAdapter(AdapterModule):
         if shared is None:
             self.local = nn.ModuleList(LocalAttention(dim, local_width, local_heads, qkv_bias=True, device=device)
                                        for _ in range(views))  # fmt: skip
-            if init == "official" and self.norm_device_ok(device):
+            if init == "official" and self.adapter.up.weight.device.type != "meta":
                 for attn in self.local:
                     for lin in (attn.qkv, attn.proj):
                         nn.init.xavier_uniform_(lin.weight)
@@ -87,30 +94,29 @@ class GuidedAdapter(AdapterModule):
         else:
             self.ensemble = ensemble
 
-    @staticmethod
-    def norm_device_ok(device) -> bool:
-        return device is None or torch.device(device).type != "meta"
-
     @property
     def shared(self) -> nn.ModuleList:
         return getattr(self, "_local", None) or self.local
 
-    def forward(self, z: torch.Tensor, ctx: ForwardContext, x_in: torch.Tensor | None = None,
-                branch: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    def forward(self, z: torch.Tensor, ctx: ForwardContext, x_in: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
         from mmpeft.ops.point import pool_cells
 
-        z = z + self.scale * self.adapter(branch if branch is not None else z - x_in)
+        z = z + self.scale * self.adapter(branch)  # the FFN branch after LayerScale and drop-path (`mlp.parallel`)
         patches = ctx.span("patches")
         x = z[:, patches]
-        centres, coords = ctx.token_meta["centres"][:, patches], ctx.view_coords[:, patches]
-        start = centres.amin(dim=1, keepdim=True)  # voxels counted from each cloud's own corner
-        ids, count = cell_index(ctx, "any2point.voxels", centres - start, self.voxel)
+        coords = ctx.view_coords[:, patches]
+
+        def voxel_coords() -> torch.Tensor:  # voxels counted from each cloud's own corner
+            centres = ctx.token_meta["centres"][:, patches]
+            return centres - centres.amin(dim=1, keepdim=True)
+
+        ids, count = cell_index(ctx, "any2point.voxels", voxel_coords, self.voxel)
         pooled = pool_cells(x, ids, count, "max") + pool_cells(x, ids, count, "mean")
         x3d = F.gelu(self.norm3d(pooled))[ids]  # [B, G, D]
         parts, weights = [], []
         for j, (attn, norm) in enumerate(zip(self.shared, self.norm_views, strict=True)):
-            cells, n = cell_index(ctx, f"any2point.cells.{j}", coords[:, :, j], self.cell)
-            local = attn(x, mask=cells.unsqueeze(2) == cells.unsqueeze(1))
+            cells, n = cell_index(ctx, f"any2point.cells.{j}", lambda j=j: coords[:, :, j], self.cell)
+            local = attn(x, mask=cell_mask(ctx, f"any2point.mask.{j}", cells))
             part = F.gelu(norm(pool_cells(local, cells, n, "mean")))[cells]
             parts.append(part)
             weights.append((F.cosine_similarity(part, x3d, dim=-1) + 1) / 2)

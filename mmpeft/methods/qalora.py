@@ -26,7 +26,7 @@ from torch import nn
 
 from mmpeft.core.errors import NotSupported
 from mmpeft.core.modules import AdapterModule, LowRank
-from mmpeft.core.quant import ActivationQuantizer, WeightQuantizer, quantize_to_int
+from mmpeft.core.quant import ActivationQuantizer, WeightQuantizer
 
 __all__ = ["QALoRALayer"]
 
@@ -62,21 +62,20 @@ class QALoRALayer(AdapterModule):
         """W_base = (W_int - z_w) * s_w (differentiable in s_w)."""
         return (self.weight_int.to(self.w_quant.step.dtype) - self.w_quant.zero_point) * self.w_quant.step
 
+    def merged_weight(self) -> torch.Tensor:
+        """W_base + B A, before fake quantization."""
+        weight = self.base_weight()
+        return weight + self.lora.delta_weight().to(weight.dtype) if self.lora is not None else weight
+
     def quantized_weight(self) -> torch.Tensor:
         """Q_w(W_base + B A): the weight the layer computes with (on the grid)."""
-        weight = self.base_weight()
-        if self.lora is not None:
-            weight = weight + self.lora.delta_weight().to(weight.dtype)
-        return self.w_quant(weight)
+        return self.w_quant(self.merged_weight())
 
+    @torch.no_grad()
     def integers(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(integers uint8, step, zero point) of the trained layer: B A folded in and quantized once, the export."""
-        with torch.no_grad():
-            weight = self.base_weight()
-            if self.lora is not None:
-                weight = weight + self.lora.delta_weight().to(weight.dtype)
-            step, zero = self.w_quant.step.detach(), self.w_quant.zero_point
-            return quantize_to_int(weight, step, zero, self.w_bits), step.clone(), zero.clone()
+        step, zero = self.w_quant.step.detach().clone(), self.w_quant.zero_point.clone()
+        return self.w_quant.integers(self.merged_weight()), step, zero
 
     def forward(self, host: nn.Module, x: torch.Tensor) -> torch.Tensor:
         x = self.a_quant(x, self.context)
