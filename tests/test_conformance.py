@@ -120,9 +120,11 @@ def expected_backbone_trainable(method: str, model: PeftModel) -> int:
 def test_every_method_runs_on_every_token_backbone():
     """Every token backbone, or, for a method that reads point geometry (`needs_points`), the point backbone it is
     made for (a point transformer; Any2Point's)."""
-    assert not [p.id for p in UNSUPPORTED if _is_token(p.values[1]) and not get_method(p.values[0]).needs_points]
-    points = [m for m in list_methods() if get_method(m).needs_points]
-    homes = {"point_peft": ["point_mae"], "any2point": ["any2point_2d", "any2point_text"]}
+    specialised = lambda m: get_method(m).needs_points or get_method(m).needs_denoiser
+    assert not [p.id for p in UNSUPPORTED if _is_token(p.values[1]) and not specialised(p.values[0])]
+    points = [m for m in list_methods() if specialised(m)]
+    homes = {"point_peft": ["point_mae"], "any2point": ["any2point_2d", "any2point_text"],
+             "efficientdm": ["sd_unet", "dit"]}  # fmt: skip
     assert sorted(points) == sorted(homes)
     assert all((m, case) in [tuple(p.values) for p in SUPPORTED] for m in points for case in homes[m])
 
@@ -137,7 +139,9 @@ def test_ssf_bitfit_and_full_defaults_apply_on_every_backbone():
 def test_unsupported_pairs_raise_not_supported(method, case):
     declared = get_method(method)
     expected = (
-        "TokenBackbone|point transformer|any2point backbone"
+        "diffusion denoiser"
+        if declared.needs_denoiser
+        else "TokenBackbone|point transformer|any2point backbone"
         if declared.needs_points
         else "TokenBackbone"
         if declared.needs_tokens

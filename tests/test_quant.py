@@ -197,6 +197,12 @@ def test_a_layer_kept_at_eight_bits_has_no_lora_and_what_is_derived_is_not_state
     host = torch.nn.Linear(8, 6)
     piece = QALoRALayer(host, w_bits=8, a_bits=8, rank=0)
     assert piece.lora is None and piece.w_bits == 8
+    assert not list(piece.parameters()), "nothing of an 8-bit layer trains: it stays at its PTQ values"
     state = piece.state_dict()
-    assert "weight_int" not in state and "w_quant.zero_point" not in state
-    assert {"w_quant.step", "a_quant.step", "a_quant.zero_point", "a_quant.timesteps"} <= set(state)
+    assert "weight_int" not in state and "w_quant.zero_point" not in state and "w_quant.step" not in state
+    assert {"a_quant.step", "a_quant.zero_point", "a_quant.timesteps", "a_quant.calibrated"} <= set(state)
+    trained = QALoRALayer(host, w_bits=4, a_bits=8, rank=2)
+    assert {"w_quant.step", "a_quant.step", "a_quant.zero_point", "lora.A", "lora.B"} == {
+        n for n, _ in trained.named_parameters()
+    }
+    assert "w_quant.step" in trained.state_dict()

@@ -35,6 +35,7 @@ __all__ = [
 ]
 
 FROZEN_MODES = ("train", "eval")
+DENOISER_FAMILIES = ("unet", "dit")
 METHODS: dict[str, type[Method]] = {}
 
 
@@ -52,6 +53,8 @@ class Method:
       needs_tokens: attaches to the token anatomy (sites, layout), so only runs on a `TokenBackbone`.
       needs_points: reads point geometry (token centres, the point encoder's own query form), so only runs on a
           point transformer (Point-PEFT); it raises `NotSupported` on any other backbone.
+      needs_denoiser: works on a diffusion denoiser's schedule and layers (EfficientDM's per-step quantizers), so only
+          runs on a UNet or a DiT (backbone family "unet" / "dit"); `apply` refuses any other backbone.
       frozen_mode: "train" (frozen modules follow train/eval, e.g. dropout and drop-path stay
           active) or "eval" (the frozen backbone always runs in eval mode, as VPT does).
       trains_backbone: every backbone tensor trains in place (full fine-tuning): no step-0 copy is
@@ -71,6 +74,7 @@ class Method:
     mergeable: ClassVar[bool] = False
     needs_tokens: ClassVar[bool] = False
     needs_points: ClassVar[bool] = False
+    needs_denoiser: ClassVar[bool] = False
     frozen_mode: ClassVar[str] = "train"
     trains_backbone: ClassVar[bool] = False
     forward_passes: ClassVar[int] = 1
@@ -107,6 +111,11 @@ class Method:
         """Derived state the method builds from the training data before a run uses it (Point-PEFT's memory bank):
         loaded when it exists, built when `may_build` (one process of a multi-process run builds, the others load
         after a barrier). `data` is the run's datamodule (None outside a run). Nothing by default."""
+
+    def use_schedule(self, backbone: nn.Module, timesteps: Any) -> None:
+        """A sampler is about to run with these timesteps (None: back to the training schedule): a method that
+        keeps per-denoising-step state (EfficientDM's activation tables) reads it through them. Nothing by
+        default."""
 
     def stand_in_state(self, backbone: nn.Module) -> None:
         """Derived state of its real size with random values (a benchmark measures its cost, not its values);
@@ -152,6 +161,12 @@ class Method:
                 f"method {self.name!r} attaches to the token anatomy, but {type(backbone).__name__} "
                 f"{getattr(backbone, 'name', '')!r} is not a TokenBackbone{why}; methods that work on any "
                 f"backbone: {', '.join(list_methods(needs_tokens=False))}"
+            )
+        if self.needs_denoiser and getattr(backbone, "family", None) not in DENOISER_FAMILIES:
+            raise NotSupported(
+                f"method {self.name!r} works on a diffusion denoiser (a UNet or a DiT: backbone family "
+                f"{' or '.join(map(repr, DENOISER_FAMILIES))}); {type(backbone).__name__} "
+                f"{getattr(backbone, 'name', '')!r} is not one"
             )
         if self.param_dtype not in (*DTYPES, "backbone"):
             raise ValueError(f"param_dtype must be one of {[*DTYPES, 'backbone']}, got {self.param_dtype!r}")

@@ -141,7 +141,7 @@ class PeftModel(nn.Module):
         state = self.state_dict(keep_vars=False)
         out = {n: state[n] for n in sorted(names)}
         for prefix, piece in adapter_modules(self.backbone):
-            for b, _ in piece.named_buffers(recurse=False):
+            for b, _ in piece.named_buffers():  # a piece's persistent state, its submodules' included
                 key = f"backbone.{prefix}.{b}"
                 if key in state:
                     out[key] = state[key]

@@ -12,7 +12,10 @@ Quantization-Aware Fine-Tuning of Low-Bit Diffusion Models", ICLR 2024, arXiv 23
   index), never an internal counter, so classifier-free guidance may run batched or as two calls; with `step` unset
   (training on random timesteps) each sample takes the entry whose timestep is nearest its own; a forward with
   neither is refused. Initialised by an L_p (p = 2.4) search over 80 shrinkages of [min, max] (LAPQ), every entry
-  from the same calibrated value. `resample` fits a table to a sampling schedule with fewer steps.
+  from the same calibrated value (`calibrate`, or the first forward inside `observing`; an uncalibrated quantizer
+  refuses to run rather than quantize on the placeholder grid). `resample` fits a table to a sampling schedule with
+  fewer steps for good; `use_schedule` lets a sampler with another schedule read the trained table without
+  changing it (its step index i takes the entry of its own i-th timestep).
 """
 
 from __future__ import annotations
@@ -99,13 +102,15 @@ class WeightQuantizer(nn.Module):
     """Per-output-channel asymmetric fake quantization of a weight [C_out, ...] with a learnable step and a fixed
     zero point; `initialise(weight)` sets both from the weight's per-channel min / max (0 included)."""
 
-    def __init__(self, shape: tuple[int, ...], bits: int, device: torch.device | None = None):
+    def __init__(self, shape: tuple[int, ...], bits: int, device: torch.device | None = None,
+                 trainable: bool = True):  # fmt: skip
         super().__init__()
         if not 2 <= bits <= 8:
             raise ValueError(f"weight bits must be in 2..8, got {bits}")
         self.bits = bits
         broadcast = (shape[0],) + (1,) * (len(shape) - 1)
-        self.step = nn.Parameter(torch.ones(broadcast, device=device))
+        # a frozen quantizer's step is derived from the weight like its zero point (never stored)
+        _tensor(self, "step", torch.ones(broadcast, device=device), trainable, persistent=False)
         # derived from the weight by `initialise` (EfficientDM never trains it), so never stored with the step
         self.register_buffer("zero_point", torch.zeros(broadcast, device=device), persistent=False)
 
@@ -136,15 +141,19 @@ class ActivationQuantizer(nn.Module):
     """
 
     def __init__(self, bits: int, timesteps: torch.Tensor | list[int] | None = None,
-                 device: torch.device | None = None):  # fmt: skip
+                 device: torch.device | None = None, trainable: bool = True):  # fmt: skip
         super().__init__()
         if not 2 <= bits <= 8:
             raise ValueError(f"activation bits must be in 2..8, got {bits}")
         self.bits = bits
         steps = torch.as_tensor(timesteps if timesteps is not None else [0], dtype=torch.float32, device=device)
         self.register_buffer("timesteps", steps.reshape(-1))
-        self.step = nn.Parameter(torch.ones(len(self.timesteps), device=device))
-        self.zero_point = nn.Parameter(torch.zeros(len(self.timesteps), device=device))
+        self.trainable = trainable  # frozen (a layer kept at its PTQ values): the tables are saved buffers
+        _tensor(self, "step", torch.ones(len(self.timesteps), device=device), trainable)
+        _tensor(self, "zero_point", torch.zeros(len(self.timesteps), device=device), trainable)
+        self.register_buffer("calibrated", torch.tensor(False, device=device))  # saved: a loaded table is calibrated
+        self.observing = False  # calibrate on the next forward's input (the PTQ pass)
+        self.schedule: tuple[torch.Tensor, str] | None = None  # a sampler's own timesteps and how to read the table
 
     @property
     def num_steps(self) -> int:
@@ -156,13 +165,44 @@ class ActivationQuantizer(nn.Module):
         step, zero = lp_search_params(x.detach().float(), self.bits, p)
         self.step.fill_(float(step))
         self.zero_point.fill_(float(zero))
+        self.calibrated.fill_(True)
+
+    def use_schedule(self, timesteps: torch.Tensor | list[int] | None, mode: str = "interpolate") -> None:
+        """Read the trained table through a sampler's own schedule: its step index i takes the entry at its i-th
+        timestep ("interpolate": linearly between the trained entries of the nearest timesteps; "stride": the
+        trained entry k·i, when the schedule is the trained one strided). The table itself is unchanged (a sampler
+        used while training leaves the parameters the optimizer holds in place); None: the trained schedule."""
+        if timesteps is None:
+            self.schedule = None
+            return
+        if mode not in RESAMPLE_MODES:
+            raise ValueError(f"mode must be one of {RESAMPLE_MODES}, got {mode!r}")
+        new = torch.as_tensor(timesteps, dtype=torch.float32, device=self.timesteps.device).reshape(-1)
+        if len(new) == self.num_steps and torch.equal(new, self.timesteps):
+            self.schedule = None
+            return
+        if mode == "stride":
+            _stride_of(self.timesteps, new)  # refuses a schedule that is not the trained one strided
+        self.schedule = (new, mode)
+
+    def _entries(self, idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(step, zero point) of the sampler's step `idx` under `use_schedule`."""
+        new, mode = self.schedule
+        if mode == "stride":
+            k = _stride_of(self.timesteps, new)
+            return self.step[idx * k], self.zero_point[idx * k]
+        order = torch.argsort(self.timesteps)
+        t = new[idx : idx + 1]
+        xp = self.timesteps[order]
+        return _interp(t, xp, self.step[order])[0], _interp(t, xp, self.zero_point[order])[0]
 
     def index(self, ctx: ForwardContext | None, batch: int) -> torch.Tensor | int:
         """The table entry of this forward: `ctx.step`, else per sample the entry nearest `ctx.timestep`."""
         if self.num_steps == 1:
             return 0
         if ctx is not None and ctx.step is not None:
-            if not 0 <= ctx.step < self.num_steps:
+            steps = self.num_steps if self.schedule is None else len(self.schedule[0])
+            if not 0 <= ctx.step < steps:
                 raise IndexError(f"sampler step {ctx.step} is outside this quantizer's {self.num_steps}-step table; "
                                  "resample the tables to the sampling schedule first (`resample`)")  # fmt: skip
             return int(ctx.step)
@@ -177,8 +217,19 @@ class ActivationQuantizer(nn.Module):
         return (t.unsqueeze(1) - self.timesteps.unsqueeze(0)).abs().argmin(dim=1)
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext | None = None) -> torch.Tensor:
+        if not bool(self.calibrated):
+            if not self.observing:
+                raise RuntimeError(
+                    "this activation quantizer has no calibrated range yet: calibrate it first (EfficientDM's "
+                    "`calibrate` runs the full-precision model's own trajectory once; a loaded adapter file carries "
+                    "the trained tables)"
+                )
+            self.calibrate(x)
         idx = self.index(ctx, x.shape[0])
-        step, zero = self.step[idx], self.zero_point[idx]
+        if isinstance(idx, int) and self.schedule is not None:
+            step, zero = self._entries(idx)
+        else:
+            step, zero = self.step[idx], self.zero_point[idx]
         if isinstance(idx, torch.Tensor):  # one entry per sample, broadcast over the rest
             shape = (-1,) + (1,) * (x.dim() - 1)
             step, zero = step.view(shape), zero.view(shape)
@@ -194,23 +245,48 @@ class ActivationQuantizer(nn.Module):
             raise ValueError(f"mode must be one of {RESAMPLE_MODES}, got {mode!r}")
         new = torch.as_tensor(timesteps, dtype=torch.float32, device=self.timesteps.device).reshape(-1)
         if mode == "stride":
-            stride = self.num_steps // len(new)
-            if stride < 1 or self.num_steps % len(new) or not torch.equal(self.timesteps[::stride], new):
-                raise ValueError(
-                    f"'stride' keeps every k-th of the {self.num_steps} trained entries, so the new schedule must be "
-                    "the trained one strided; use mode='interpolate' for any other schedule"
-                )
+            stride = _stride_of(self.timesteps, new)
             steps, zeros = self.step[::stride], self.zero_point[::stride]
         else:
             order = torch.argsort(self.timesteps)
             steps = _interp(new, self.timesteps[order], self.step[order])
             zeros = _interp(new, self.timesteps[order], self.zero_point[order])
         self.timesteps = new
-        self.step = nn.Parameter(steps.clone())
-        self.zero_point = nn.Parameter(zeros.clone())
+        del self.step, self.zero_point
+        _tensor(self, "step", steps.clone(), self.trainable)
+        _tensor(self, "zero_point", zeros.clone(), self.trainable)
+        self.schedule = None
+
+    @torch.no_grad()
+    def set_timesteps(self, timesteps: torch.Tensor | list[int]) -> None:
+        """Name the schedule the table's entries belong to (same length); for a table not trained yet, whose
+        entries are all the calibrated value (a table that has trained is resampled instead: `resample`)."""
+        new = torch.as_tensor(timesteps, dtype=torch.float32, device=self.timesteps.device).reshape(-1)
+        if len(new) != self.num_steps:
+            raise ValueError(f"this table has {self.num_steps} entries; got a schedule of {len(new)} timesteps")
+        self.timesteps.copy_(new)
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, steps={self.num_steps}"
+
+
+def _tensor(module: nn.Module, name: str, value: torch.Tensor, trainable: bool, persistent: bool = True) -> None:
+    """`value` as a parameter (trainable) or a buffer (frozen; saved unless not `persistent`)."""
+    if trainable:
+        setattr(module, name, nn.Parameter(value))
+    else:
+        module.register_buffer(name, value, persistent=persistent)
+
+
+def _stride_of(trained: torch.Tensor, new: torch.Tensor) -> int:
+    """k such that `new` is `trained[::k]`, else a ValueError naming the fix."""
+    stride = len(trained) // max(len(new), 1)
+    if stride < 1 or len(trained) % len(new) or not torch.equal(trained[::stride], new):
+        raise ValueError(
+            f"'stride' keeps every k-th of the {len(trained)} trained entries, so the new schedule must be the "
+            "trained one strided; use mode='interpolate' for any other schedule"
+        )
+    return stride
 
 
 def _interp(x: torch.Tensor, xp: torch.Tensor, fp: torch.Tensor) -> torch.Tensor:

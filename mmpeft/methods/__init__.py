@@ -4,6 +4,7 @@ from mmpeft.methods.adapter import Adapter
 from mmpeft.methods.any2point import Any2PointAdapter
 from mmpeft.methods.baselines import BitFit, FullFinetune, LinearProbe
 from mmpeft.methods.difffit import DiffFit
+from mmpeft.methods.efficientdm import EfficientDM
 from mmpeft.methods.lora import LoRA
 from mmpeft.methods.mosa import MoSA
 from mmpeft.methods.point_peft import PointPEFT
@@ -17,6 +18,7 @@ __all__ = [
     "Any2PointAdapter",
     "BitFit",
     "DiffFit",
+    "EfficientDM",
     "FullFinetune",
     "LinearProbe",
     "LoRA",

@@ -12,7 +12,9 @@ attachment) by y = op(Q_a(x; s_x[t]), Q_w(W_base + B A; s_w)).
   weight is already on the grid and the layer is exactly the PTQ model.
 - Q_a quantizes the layer's input per tensor with one (step, zero point) pair per denoising step
   (`mmpeft.core.quant.ActivationQuantizer`), the entry chosen by the forward context's `step`.
-- A layer kept at 8 bits without LoRA (EfficientDM's first and last layers) is the same piece with `rank=0`.
+- A layer kept at 8 bits without LoRA (EfficientDM's first and last layers) is the same piece with `rank=0`: nothing
+  of it trains (the official code leaves those layers out of every optimizer group, at their PTQ values), so its
+  weight step is derived and its activation table a saved buffer.
 
 The `efficientdm` method (which layers, PTQ calibration from the teacher's trajectory, data-free distillation, the
 integer export) builds on this piece.
@@ -48,11 +50,12 @@ class QALoRALayer(AdapterModule):
             raise NotSupported(f"QALoRA quantizes nn.Linear and nn.Conv2d layers, not {type(host).__name__}")
         weight = host.weight.detach()
         self.is_conv = isinstance(host, nn.Conv2d)
-        self.w_quant = WeightQuantizer(tuple(weight.shape), w_bits, device=weight.device)
+        trains = rank > 0
+        self.w_quant = WeightQuantizer(tuple(weight.shape), w_bits, device=weight.device, trainable=trains)
         self.w_quant.initialise(weight.float())
         self.register_derived("weight_int", self.w_quant.integers(weight.float()))
         self.lora = LowRank.for_layer(host, rank, alpha) if rank else None
-        self.a_quant = ActivationQuantizer(a_bits, timesteps, device=weight.device)
+        self.a_quant = ActivationQuantizer(a_bits, timesteps, device=weight.device, trainable=trains)
 
     @property
     def w_bits(self) -> int:
