@@ -2,7 +2,6 @@
 B is 1 x 1), one weight step per output channel and a (step, zero point) table of `steps` entries; nothing of the
 8-bit first / last layers or of the floating-point ones (shortcut and downsampler convs) trains."""
 
-
 import torch
 
 from tests.method_counts import own_modules
