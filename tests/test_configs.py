@@ -46,13 +46,16 @@ def test_standalone_configs_parse(path, capsys):
 
 
 def test_every_method_has_vtab_and_fgvc_configs():
-    """Image methods on VTAB-1k and FGVC; methods that read point geometry on ScanObjectNN and ModelNet40."""
+    """Image methods on VTAB-1k and FGVC; methods that read point geometry on ScanObjectNN and ModelNet40; methods
+    that quantize a denoiser in configs/diffusion/."""
     from mmpeft.core.method import get_method, list_methods
 
     points = {m for m in list_methods() if get_method(m).needs_points}
+    denoisers = {m for m in list_methods() if get_method(m).needs_denoiser}  # diffusion-only: their own configs
     for bench in ("vtab", "fgvc"):
         names = {"vpt" if p.stem.startswith("vpt_") else p.stem for p in (CONFIGS / bench).glob("*.yaml")}
-        assert set(list_methods()) - points <= names, bench
+        assert set(list_methods()) - points - denoisers <= names, bench
+    assert denoisers and all(list((CONFIGS / "diffusion").glob(f"{m}_*.yaml")) for m in denoisers)
     for bench in ("point/scanobjectnn", "point/modelnet40"):
         stems = {p.stem for p in (CONFIGS / bench).glob("*.yaml")}
         assert points and points - {"any2point"} <= stems, bench

@@ -9,9 +9,11 @@ from mmpeft.data.modelnet40 import ModelNet40DataModule
 from mmpeft.data.scanobjectnn import ScanObjectNNDataModule
 from mmpeft.data.shapes import ShapesDataModule
 from mmpeft.data.toy import DigitLatentsDataModule, ToyRegressionDataModule
+from mmpeft.data.trajectory import TrajectoryDataModule
 from mmpeft.data.vtab import VTAB1kDataModule
 
 __all__ = [
+    "TrajectoryDataModule",
     "CaptionedImagesDataModule",
     "ClassFolderDataModule",
     "DigitsDataModule",

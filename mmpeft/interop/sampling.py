@@ -66,6 +66,7 @@ class PipelineDenoiser(nn.Module):
         self.model = model
         self.scheduler = scheduler
         self.text_conditioned = getattr(backbone, "family", "") == "unet"
+        self._schedule: torch.Tensor | None = None  # the timesteps the method was last told of (`use_schedule`)
 
     @property
     def config(self) -> Any:
@@ -78,6 +79,15 @@ class PipelineDenoiser(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.model.backbone.model.device
+
+    def follow_schedule(self) -> None:
+        """Tell the method the sampler's schedule when it changes (`Method.use_schedule`: EfficientDM's per-step
+        activation tables read their entries through it)."""
+        timesteps = getattr(self.scheduler, "timesteps", None)
+        if timesteps is None or (self._schedule is not None and torch.equal(self._schedule, timesteps.cpu())):
+            return
+        self._schedule = timesteps.detach().cpu().clone()
+        self.model.method.use_schedule(self.model.backbone, self._schedule)
 
     def step_of(self, timestep: torch.Tensor) -> int | None:
         """The index of the step being taken in the scheduler's schedule (None without a scheduler)."""
@@ -103,6 +113,7 @@ class PipelineDenoiser(nn.Module):
         t = t.expand(sample.shape[0]) if t.ndim == 0 else t
         cond = encoder_hidden_states if self.text_conditioned else class_labels
         extra = {k: v for k, v in kwargs.items() if v is not None}
+        self.follow_schedule()
         out = self.model(BackboneInput(x=sample, timestep=t, cond=cond, step=self.step_of(t), kwargs=extra))
         return _Output(out) if return_dict else (out,)
 

@@ -14,7 +14,7 @@ from mmpeft.lab import records
 
 __all__ = ["DIFFUSION_TASKS", "diffusion_main", "over_seeds"]
 
-DIFFUSION_TASKS = ("digits-diffusion", "digits-personalize")
+DIFFUSION_TASKS = ("digits-diffusion", "digits-personalize", "digits-efficientdm")
 PER_CLASS = 20
 SEEDS = [0, 1, 2]
 
@@ -64,6 +64,12 @@ def diffusion_main(args: argparse.Namespace, argv: Sequence[str]) -> None:
     """The table and the grid of `args.task` (one of `DIFFUSION_TASKS`) over `args.seeds` (default 0, 1, 2)."""
     from mmpeft.lab.diffusion_transfer import write_grid
 
+    command = shlex.join(["python", "-m", "mmpeft.quickstart", *argv])
+    if args.task == "digits-efficientdm":  # one seed; `--epochs` is the number of distillation paths
+        from mmpeft.lab.efficientdm_eval import efficientdm_main
+
+        efficientdm_main(args, command)
+        return
     out = Path(args.out_dir)
     paths = [out / f"{args.task}.md", out / f"{args.task}.png"]
     try:
@@ -71,7 +77,6 @@ def diffusion_main(args: argparse.Namespace, argv: Sequence[str]) -> None:
     except FileExistsError as e:
         raise SystemExit(f"error: {e}") from None
     seeds = args.seeds or SEEDS
-    command = shlex.join(["python", "-m", "mmpeft.quickstart", *argv])
     if args.task == "digits-diffusion":
         from mmpeft.lab.diffusion_transfer import diffusion_transfer
 

@@ -11,6 +11,7 @@ import argparse
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 from mmpeft.core.errors import MmpeftError, OutputExists
 from mmpeft.lab.run_configs import resolve_run, task_from_configs
@@ -33,6 +34,17 @@ def add_sample_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--adapter", default=None, help="an adapter file (default: the run folder's)")
     p.add_argument("--source", default=None,
                    help="the denoiser's weights from this folder (a merged export's unet/; no adapter)")  # fmt: skip
+    p.add_argument(
+        "--int-model",
+        default=None,
+        help="an EfficientDM integer export (int_model.safetensors): sample the integer model instead",
+    )
+    p.add_argument(
+        "--int-mode",
+        choices=["dequantize", "int"],
+        default="dequantize",
+        help="the integer model's weights dequantized once at load, or integer matmuls (torch._int_mm)",
+    )
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for several); text-to-image UNets")
     p.add_argument("--class-ids", type=_ints, default=[], help="class ids, e.g. 1,5 (class-conditional DiTs)")
     p.add_argument("--seeds", type=_ints, default=[0], help="one image per seed and prompt / class (default 0)")
@@ -45,6 +57,19 @@ def add_sample_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--out", default=None, help="the folder for the images and grid.png (default: <run>/samples)")
     p.add_argument("--overwrite", action="store_true", help="write into an --out folder that holds images already")
+
+
+def use_int_model(task: Any, path: str, mode: str) -> None:
+    """Put the integer model of an EfficientDM export (`mmpeft.interop.int_export`) in the task's place: the
+    config's denoiser rebuilt pristine, the file's integers and tables loaded on it, the task's other components
+    (a text encoder) kept."""
+    from mmpeft.interop.int_export import load_int_model
+
+    old = task.model
+    model = load_int_model(path, old.unload(), mode)
+    for name, component in getattr(old, "components", {}).items():
+        model.add_component(name, component)
+    task.model = model.eval()
 
 
 def sample_command(args: argparse.Namespace) -> int:
@@ -63,7 +88,11 @@ def sample_command(args: argparse.Namespace) -> int:
     if out.is_dir() and any(out.glob("*.png")) and not args.overwrite:
         raise OutputExists(f"{out} holds images already; pass --overwrite or another --out")
     start = time.perf_counter()
+    if args.int_model is not None:
+        adapter = None  # the integer file holds the whole trained denoiser
     task = task_from_configs(configs, adapter, args.source).eval()
+    if args.int_model is not None:
+        use_int_model(task, args.int_model, args.int_mode)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     pipe = build_pipeline(task.to(device), args.scheduler).to(device)
     guidance = args.guidance_scale if args.guidance_scale is not None else (7.5 if args.prompt else 4.0)
@@ -71,7 +100,8 @@ def sample_command(args: argparse.Namespace) -> int:
                       args.negative_prompt)  # fmt: skip
     grid = write_images(images, out)
     (out / "samples.json").write_text(json.dumps({
-        "configs": configs, "adapter": adapter, "source": args.source, "scheduler": args.scheduler, "steps": args.steps,
+        "configs": configs, "adapter": adapter, "source": args.source, "int_model": args.int_model,
+        "scheduler": args.scheduler, "steps": args.steps,
         "guidance_scale": guidance, "seeds": args.seeds, "size": args.size,
         "images": [{"file": f"{i:03d}-seed{im.seed}.png", "seed": im.seed, "prompt": im.prompt,
                     "class_id": im.class_id} for i, im in enumerate(images)],

@@ -85,6 +85,7 @@ class EfficientDM(Method):
     identity_at_init: ClassVar[bool] = False  # the PTQ model, exactly (QALoRA adds nothing at init)
     mergeable: ClassVar[bool] = False
     needs_denoiser: ClassVar[bool] = True
+    frozen_mode: ClassVar[str] = "eval"  # the official student runs in eval mode (no label dropout while distilling)
     presets: ClassVar[dict] = {
         "paper": {"w_bits": 4, "a_bits": 4, "rank": 32, "steps": 100},
         "w4a4": {"w_bits": 4, "a_bits": 4},
@@ -112,6 +113,9 @@ class EfficientDM(Method):
     )
     weight_step_lr: float = field(default=1e-6, metadata={"help": "learning rate of the weight steps"})
     activation_lr: float = field(default=5e-4, metadata={"help": "learning rate of the activation tables"})
+    calibration_samples: int = field(
+        default=32, metadata={"help": "inputs of the PTQ pass, drawn from the teacher's trajectory (the official 32)"}
+    )
     resample: str = field(
         default="interpolate",
         metadata={"help": "how a sampler with fewer steps reads the tables: interpolate (the paper) or stride"},
@@ -217,7 +221,7 @@ class EfficientDM(Method):
                 "trajectory, which a diffusion task provides (LatentDiffusion, EfficientDMDistillation); outside a "
                 "run call EfficientDM.calibrate(backbone, inputs, timesteps) first"
             )
-        inputs, timesteps = source(backbone)
+        inputs, timesteps = source(self.calibration_samples, self.steps)
         log(f"efficientdm: calibrating {len(quantizers(backbone))} activation quantizers on {len(inputs.x)} samples "
             "of the full-precision model's trajectory")  # fmt: skip
         self.calibrate(backbone, inputs, timesteps)

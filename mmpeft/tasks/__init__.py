@@ -6,6 +6,7 @@ from mmpeft.tasks.clip import CLIPClassification
 from mmpeft.tasks.denoising import Denoising
 from mmpeft.tasks.latent_diffusion import LatentDiffusion
 from mmpeft.tasks.point import PointClassification
+from mmpeft.tasks.quant_distillation import EfficientDMDistillation
 from mmpeft.tasks.regression import Regression
 
 __all__ = [
@@ -14,6 +15,7 @@ __all__ = [
     "CLIPClassification",
     "Denoising",
     "LatentDiffusion",
+    "EfficientDMDistillation",
     "PointClassification",
     "Regression",
 ]

@@ -28,7 +28,15 @@ from mmpeft.tasks.callbacks import run_dir
 from mmpeft.tasks.ema import EMACallback, TrainableEMA
 from mmpeft.tasks.epoch_mean import EpochMean
 from mmpeft.tasks.feature_cache import FeatureCaches
-from mmpeft.tasks.optim import SCHEDULES, build_optimizer, describe_groups, param_groups, timm_cosine, warmup_cosine
+from mmpeft.tasks.optim import (
+    SCHEDULES,
+    build_optimizer,
+    describe_groups,
+    param_groups,
+    timm_cosine,
+    warmup_cosine,
+    warmup_linear,
+)
 from mmpeft.tasks.rng import rng_states, set_rng_states
 from mmpeft.tasks.step import step_loss
 
@@ -65,7 +73,8 @@ class PeftTask(pl.LightningModule):
         min_lr: the learning rate the cosine ends at.
         schedule: "warmup_cosine" (per step: warmup from 0, cosine over the rest) or "timm_cosine" (per epoch,
             timm's `CosineLRScheduler` as SSF runs it: warmup from `warmup_lr`, cosine over `max_epochs -
-            cooldown_epochs`, then `min_lr` held for the cooldown).
+            cooldown_epochs`, then `min_lr` held for the cooldown), or "linear" (per step: warmup from 0, then
+            linear to `min_lr`; EfficientDM's distillation).
         warmup_lr, cooldown_epochs: the "timm_cosine" schedule's start lr and held epochs.
         grad_checkpointing: recompute each block in backward, same gradients.
         ema_decay: keep an exponential moving average of the trainable set (e.g. 0.9998, SSF's FGVC recipe);
@@ -192,15 +201,19 @@ class PeftTask(pl.LightningModule):
         super().setup(stage)
         if type(self.method).prepare is Method.prepare:
             return
-        data = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
-        if self._trainer is None:
-            self.method.prepare(self.model.backbone, data, log=self.print)
+        data = self.method_data(getattr(self._trainer, "datamodule", None) if self._trainer is not None else None)
+        if self._trainer is None:  # (LightningModule.print needs a trainer)
+            self.method.prepare(self.model.backbone, data, log=print)
             return
         if self.trainer.is_global_zero:
             self.method.prepare(self.model.backbone, data, log=self.print)
         self.trainer.strategy.barrier("method derived state")
         if not self.trainer.is_global_zero:
             self.method.prepare(self.model.backbone, data, may_build=False, log=self.print)
+
+    def method_data(self, datamodule: Any) -> Any:
+        """What `Method.prepare` builds from: the run's datamodule (a diffusion task adds its teacher's trajectory)."""
+        return datamodule
 
     def on_fit_start(self) -> None:
         report = parameter_report(self.model)
@@ -236,7 +249,8 @@ class PeftTask(pl.LightningModule):
             return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
         total = int(self.trainer.estimated_stepping_batches)
         warmup = int(round(hp.warmup_epochs * total / epochs))
-        factor = warmup_cosine(total, warmup, hp.min_lr / hp.lr if hp.lr else 0.0)
+        shape = warmup_linear if hp.schedule == "linear" else warmup_cosine
+        factor = shape(total, warmup, hp.min_lr / hp.lr if hp.lr else 0.0)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 

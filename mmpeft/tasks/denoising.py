@@ -106,6 +106,7 @@ class Denoising(PeftTask):
         classes = getattr(datamodule, "num_classes", None)
         if self.class_count is not None and classes and classes > self.class_count:
             raise self.label_error(f"the data has num_classes = {classes} (labels up to {classes - 1})")
+        super().setup(stage)
 
     def check_labels(self, cond: Any) -> None:
         """The per-batch backstop of `setup` (data given without a datamodule): every label in 0..K-1."""

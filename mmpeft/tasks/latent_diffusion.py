@@ -26,7 +26,9 @@ from mmpeft.core.errors import NotSupported, WeightsUnavailable
 from mmpeft.tasks.denoising import Denoising
 from mmpeft.tasks.sample_grids import SampleGrids
 
-__all__ = ["LatentDiffusion", "pipeline_folder"]
+__all__ = ["LatentDiffusion", "TeacherSource", "pipeline_folder"]
+
+CALIBRATION_BATCH = 4  # conditionings on the calibration path (each visited point gives a conditional and a null)
 
 PRIOR_CHUNK = 8  # class images made per pipeline call (one generator each: the same images as one at a time)
 
@@ -146,6 +148,8 @@ class LatentDiffusion(Denoising):
         `StableDiffusionPipeline.load_lora_weights` takes, with the text encoder's LoRA when `text_method` is one.
         A text method with no diffusers LoRA form gets no file (rather than one that loads into a pipeline that
         differs from the trained model), and a warning says why."""
+        if self.method.name == "efficientdm" and self.trainer.is_global_zero and self.trainer.loggers:  # a run folder
+            self.write_int_model()
         if self.method.name not in ("lora", "svfit") or not self.text_conditioned or not self.trainer.is_global_zero:
             return
         from mmpeft.interop.diffusers_lora import export_diffusers_lora, exported_components
@@ -160,6 +164,16 @@ class LatentDiffusion(Denoising):
             path = export_diffusers_lora(self.model, run_dir(self.trainer) / "diffusers_lora")
         text = " (UNet and text encoder)" if "text_encoder" in getattr(self.model, "component_methods", {}) else ""
         self.print(f"diffusers LoRA file{text}: {path}")
+
+    def write_int_model(self) -> None:
+        """EfficientDM's deployable form beside the adapter: `int_model.safetensors`, the packed integer denoiser
+        (`mmpeft.interop.int_export`), which `mmpeft sample --int-model` samples from."""
+        from mmpeft.interop.int_export import export_int
+        from mmpeft.tasks.callbacks import run_dir
+
+        with self.evaluation_weights():
+            path = export_int(self.model, run_dir(self.trainer) / "int_model.safetensors")
+        self.print(f"integer model: {path} ({path.stat().st_size / 1024:.1f} KB)")
 
     @torch.no_grad()
     def generate_prior_images(self, data: Any) -> None:
@@ -199,6 +213,48 @@ class LatentDiffusion(Denoising):
                     image.image.save(path)
                 (folder / PROVENANCE).write_text(json.dumps(data.prior_provenance(fingerprint), indent=1))
         self.train(was_training)
+
+    # -- the teacher's own trajectory (data-free calibration and distillation: `mmpeft.tasks.trajectory`) ------------
+    def method_data(self, datamodule: Any) -> Any:
+        """The datamodule, plus `teacher_inputs` (what EfficientDM calibrates on)."""
+        return TeacherSource(self, datamodule)
+
+    def teacher_prompts(self, datamodule: Any = None) -> list[str]:
+        """The prompts a text-conditioned teacher samples for data-free work: the instance prompt (`prompt`, or the
+        DreamBooth data's); refused when there is none."""
+        hp = getattr(datamodule, "hparams", {})
+        prompt = self.prompt or (hp.get("instance_prompt") if hasattr(hp, "get") else None)
+        if not prompt:
+            raise ValueError("sampling the teacher's trajectory on a text-conditioned UNet needs prompts: set the "
+                             "task's prompt (--model.init_args.prompt 'a photo of sks dog')")  # fmt: skip
+        return [prompt]
+
+    def teacher_conditions(self, count: int, generator: torch.Generator, prompts: list[str] | None = None) -> Any:
+        """`count` conditionings drawn for the teacher (random classes, or `prompts`), with their guidance nulls."""
+        from mmpeft.tasks.trajectory import Conditions
+
+        if self.text_conditioned:
+            prompts = prompts or self.teacher_prompts()
+            chosen = [prompts[int(i)] for i in torch.randint(len(prompts), (count,), generator=generator)]
+            with torch.no_grad():
+                return Conditions(self._text_states(chosen), self._text_states([""] * count))
+        labels = torch.randint(0, self.class_count, (count,), generator=generator).to(self.device)
+        return Conditions(labels, torch.full_like(labels, self.class_count))
+
+    def latent_shape(self, batch: int) -> tuple[int, int, int, int]:
+        backbone = self.model.backbone
+        return (batch, backbone.model.config.in_channels, backbone.example_size, backbone.example_size)
+
+    def teacher_trajectory(self, steps: int, batch: int, seed: int, eta: float = 1.0, guidance_scale: float = 1.5,
+                           prompts: list[str] | None = None) -> Any:  # fmt: skip
+        """A `Trajectory` of the full-precision model: DDIM over this task's noise schedule, `steps` steps, `batch`
+        conditionings drawn from `seed`."""
+        from mmpeft.interop.sampling import sampling_config
+        from mmpeft.tasks.trajectory import Trajectory, ddim_scheduler
+
+        scheduler = ddim_scheduler(sampling_config(self), steps, self.device)
+        conditions = self.teacher_conditions(batch, torch.Generator().manual_seed(seed), prompts)
+        return Trajectory(scheduler, self.latent_shape(batch), conditions, seed, eta, guidance_scale, self.device)
 
     @property
     def text_encoder(self) -> nn.Module:
@@ -251,3 +307,22 @@ class LatentDiffusion(Denoising):
                 "(CaptionedImagesDataModule: metadata.jsonl; DreamBoothDataModule: instance / class prompts)"
             )
         return latents, self._text_states(prompts)
+
+
+class TeacherSource:
+    """A diffusion run's datamodule with its teacher's trajectory: `teacher_inputs(count, steps)` is `count` inputs
+    drawn from one DDIM path (η = 1, guidance 1.5, as EfficientDM collects its calibration set) of `steps` steps,
+    with that schedule's timesteps (the tables' entries belong to them)."""
+
+    def __init__(self, task: LatentDiffusion, datamodule: Any):
+        self.task, self.datamodule = task, datamodule
+
+    def __getattr__(self, name: str) -> Any:  # the datamodule's own attributes
+        return getattr(self.__dict__["datamodule"], name)
+
+    def teacher_inputs(self, count: int, steps: int, seed: int = 0) -> tuple[Any, torch.Tensor]:
+        from mmpeft.tasks.trajectory import pick
+
+        prompts = self.task.teacher_prompts(self.datamodule) if self.task.text_conditioned else None
+        path = self.task.teacher_trajectory(steps, CALIBRATION_BATCH, seed, prompts=prompts)
+        return pick(path.visited(self.task.model), count, seed), path.scheduler.timesteps.cpu()

@@ -15,13 +15,14 @@ __all__ = [
     "param_groups",
     "describe_groups",
     "warmup_cosine",
+    "warmup_linear",
     "timm_cosine",
     "build_optimizer",
     "OPTIMIZERS",
     "SCHEDULES",
 ]
 
-SCHEDULES = ("warmup_cosine", "timm_cosine")
+SCHEDULES = ("warmup_cosine", "timm_cosine", "linear")
 
 OPTIMIZERS = ("adamw", "sgd")
 
@@ -89,6 +90,21 @@ def warmup_cosine(total_steps: int, warmup_steps: int, min_ratio: float = 0.0) -
             return step / warmup_steps
         progress = (step - warmup_steps) / max(total_steps - warmup_steps, 1)
         return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+    return factor
+
+
+def warmup_linear(total_steps: int, warmup_steps: int, min_ratio: float = 0.0) -> Callable[[int], float]:
+    """lr multiplier: linear from 0 to 1 over warmup, then linear to `min_ratio` at the end (transformers'
+    `get_linear_schedule_with_warmup`, which EfficientDM's distillation uses with no warmup)."""
+    total_steps = max(total_steps, 1)
+    warmup_steps = min(max(warmup_steps, 0), total_steps)
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return step / warmup_steps
+        progress = (step - warmup_steps) / max(total_steps - warmup_steps, 1)
+        return min_ratio + (1 - min_ratio) * max(0.0, 1.0 - progress)
 
     return factor
 
