@@ -206,6 +206,11 @@ def test_unet_distillation_from_the_command_line_then_samples_from_the_adapter_a
     assert code == 0
     run = next(runs.glob("**/adapter.safetensors")).parent
     assert (run / "int_model.safetensors").stat().st_size < (run / "adapter.safetensors").stat().st_size * 4
+    assert main(["export", "--run", str(run), "--format", "int", "--out", str(tmp_path / "int")]) == 0
+    from safetensors.torch import load_file
+
+    written, exported = load_file(run / "int_model.safetensors"), load_file(tmp_path / "int" / "int_model.safetensors")
+    assert written.keys() == exported.keys() and all(torch.equal(written[k], exported[k]) for k in written)
     common = ["--prompt", "a photo of a dog", "--steps", "2", "--guidance-scale", "1.5", "--device", "cpu"]
     assert main(["sample", "--run", str(run), *common, "--out", str(tmp_path / "a")]) == 0
     assert main(["sample", "--run", str(run), *common, "--int-model", str(run / "int_model.safetensors"),
