@@ -73,6 +73,9 @@ def test_loaded_model_reproduces_the_fake_quantized_model(exported):
     assert not torch.allclose(outputs[STEPS[0]], outputs[STEPS[1]])  # the step picked another table entry
     ref, out = model(batch(model, None)), loaded(batch(model, None))  # no step: each sample's nearest timestep
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-6 * ref.abs().max().item())
+    with pytest.raises(NotSupported, match="released its float weights"):  # no silent zero-weight teacher
+        with loaded.disabled():
+            pass
 
 
 @torch.no_grad()

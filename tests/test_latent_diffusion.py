@@ -38,12 +38,15 @@ DIFFUSION_CONFIGS = [f"configs/diffusion/{m}{s}.yaml" for m in ("difffit", "lora
 # workflows on their own data layouts (tests/test_dreambooth.py, tests/test_image_folders.py)
 WORKFLOW_CONFIGS = ["configs/diffusion/captions_lora.yaml", "configs/diffusion/difffit_dit_folders.yaml",
                     "configs/diffusion/digits_personalize.yaml",
-                    *(f"configs/diffusion/dreambooth_{m}.yaml" for m in ("difffit", "lora", "svfit"))]  # fmt: skip
+                    *(f"configs/diffusion/dreambooth_{m}.yaml"
+                      for m in ("difffit", "lora", "svfit", "efficientdm"))]  # fmt: skip
+# data-free quantization (tests/test_efficientdm.py): the digits DiT at three bit-widths, the tiny UNet and DiT
+DISTILLATION_CONFIGS = [f"configs/diffusion/efficientdm_{k}.yaml" for k in ("w4a4", "w4a8", "w8a8", "unet", "dit")]
 
 
 def test_every_diffusion_method_has_a_tiny_sd_and_a_tiny_dit_config():
     shipped = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "configs/diffusion").glob("*.yaml"))
-    assert shipped == sorted(DIFFUSION_CONFIGS + WORKFLOW_CONFIGS)
+    assert shipped == sorted(DIFFUSION_CONFIGS + WORKFLOW_CONFIGS + DISTILLATION_CONFIGS)
 
 
 @pytest.mark.parametrize("config", DIFFUSION_CONFIGS)

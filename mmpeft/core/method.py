@@ -59,6 +59,8 @@ class Method:
           active) or "eval" (the frozen backbone always runs in eval mode, as VPT does).
       trains_backbone: every backbone tensor trains in place (full fine-tuning): no step-0 copy is
           kept, so `disabled()` and `unload()` refuse.
+      no_pristine: why the adapted model holds no frozen backbone to switch back to ("" when it does): `disabled()`
+          refuses with it (a loaded integer export, whose float weights were released).
       presets: named config overrides; "paper" reproduces the official recipe.
 
     Each field carries one line of help in its metadata (`field(default=..., metadata={"help": ...})`, as Hugging
@@ -78,6 +80,7 @@ class Method:
     frozen_mode: ClassVar[str] = "train"
     trains_backbone: ClassVar[bool] = False
     forward_passes: ClassVar[int] = 1
+    no_pristine: ClassVar[str] = ""
     presets: ClassVar[dict[str, dict[str, Any]]] = {}
 
     param_dtype: str = field(
@@ -429,7 +432,13 @@ def method_from_spec(spec: Method | str | dict[str, Any] | None) -> Method:
 
 
 def list_methods(needs_tokens: bool | None = None) -> list[str]:
-    return sorted(n for n, c in METHODS.items() if needs_tokens is None or c.needs_tokens == needs_tokens)
+    """Every registered method; `needs_tokens=True`: those on the token anatomy; `needs_tokens=False`: those that
+    run on any backbone (neither the token anatomy, point geometry nor a denoiser's schedule)."""
+    if needs_tokens is None:
+        return sorted(METHODS)
+    if needs_tokens:
+        return sorted(n for n, c in METHODS.items() if c.needs_tokens)
+    return sorted(n for n, c in METHODS.items() if not (c.needs_tokens or c.needs_points or c.needs_denoiser))
 
 
 def method_from_config(config: dict[str, Any]) -> Method:

@@ -122,6 +122,9 @@ def disabled(backbone: nn.Module) -> Iterator[nn.Module]:
             f"method {method.name!r} trains every backbone tensor in place, so there is no frozen backbone to switch "
             "back to; keep a copy of the backbone (copy.deepcopy before training) if you need the original"
         )
+    gone = getattr(method, "no_pristine", None)  # a method whose model keeps no frozen weights at all
+    if gone:
+        raise NotSupported(gone)
     pieces = [m for _, m in adapter_modules(backbone)]
     merged = [type(m).__name__ for m in pieces if m.merged]
     if merged:

@@ -28,7 +28,7 @@ the weights (`mode`):
   integer convolution would need im2col). Timings: `python -m mmpeft.lab.int_bench`.
 
 The hosts' float weights and biases are released after loading (zero-stride views of their shapes, so the
-backbone's signature is unchanged): the loaded model is for inference, and `unload` refuses.
+backbone's signature is unchanged): the loaded model is for inference, and `unload` and `disabled()` refuse.
 """
 
 from __future__ import annotations
@@ -326,6 +326,10 @@ class IntModel(Method):
     identity_at_init: ClassVar[bool] = False
     mergeable: ClassVar[bool] = False
     needs_denoiser: ClassVar[bool] = True
+    no_pristine: ClassVar[str] = (
+        "a loaded integer export has released its float weights, so there is no full-precision model to switch "
+        "back to; build the model from the run's config and adapter file for the teacher"
+    )
 
     mode: str = field(default="dequantize", metadata={"help": "dequantize | int (linears through torch._int_mm)"})
     resample: str = field(default="interpolate", metadata={"help": "how a sampler's schedule reads the tables"})

@@ -32,6 +32,10 @@ class EfficientDMDistillation(LatentDiffusion):
     def __init__(self, *args: Any, guidance_scale: float = 1.5, eta: float = 1.0, batch: int = 2,
                  prompts: list[str] | None = None, **kwargs: Any):  # fmt: skip
         kwargs.setdefault("schedule", "linear")
+        image_loss = [k for k in ("snr_gamma", "noise_offset", "input_perturbation") if kwargs.get(k)]
+        if image_loss:
+            raise ValueError(f"{image_loss} shape the loss of training on images; data-free distillation's loss is "
+                             "the teacher's guided ε on its own path, so they would do nothing here")  # fmt: skip
         super().__init__(*args, **kwargs)
         if self.method.name != "efficientdm":
             raise ValueError(f"data-free distillation trains an efficientdm student, not method {self.method.name!r}")

@@ -37,8 +37,9 @@ configurable, and groups come from the dataset metadata when known.
 """
 
 from mmpeft.lab.sweep.checks import check_sweep
+from mmpeft.lab.sweep.launch import add_sweep_arguments, run_sweep
 from mmpeft.lab.sweep.plan import plan_stage1, plan_stage2, select
-from mmpeft.lab.sweep.run import add_sweep_arguments, device_slots, run_sweep
+from mmpeft.lab.sweep.run import device_slots
 from mmpeft.lab.sweep.spec import Cell, Sweep, SweepError, SweepInterrupted, config_fingerprint, load_sweep
 
 __all__ = [

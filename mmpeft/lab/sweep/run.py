@@ -3,7 +3,6 @@ finished ones, then the results table."""
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import os
@@ -22,9 +21,8 @@ import yaml
 
 from mmpeft.lab import records
 from mmpeft.lab.results import MetricMissing, is_accuracy, metric_label, metric_value, metrics_of, results_table
-from mmpeft.lab.sweep.checks import check_sweep, nested
-from mmpeft.lab.sweep.plan import plan_stage1, plan_stage2
-from mmpeft.lab.sweep.spec import Cell, Sweep, SweepInterrupted, load_sweep
+from mmpeft.lab.sweep.checks import nested
+from mmpeft.lab.sweep.spec import Cell, Sweep, SweepInterrupted
 
 
 def device_slots(parallel: int, gpus: int, visible: str | None = None) -> list[str | None]:
@@ -130,12 +128,17 @@ class Runner:
                 if not self.stopping:  # a cell stopped by Ctrl-C has not failed: the rerun runs it again
                     self.failed.append(cell.id)
             return None
+        return self.collect(cell, time.perf_counter() - start)
+
+    def collect(self, cell: Cell, seconds: float) -> dict[str, Any]:
+        """A finished cell's result file from its run's summary (written atomically: a killed sweep never leaves a
+        half-written result)."""
         versions = sorted((self.out / "runs" / cell.id).glob("version_*"), key=lambda p: int(p.name.split("_")[1]))
         summary = json.loads((versions[-1] / "summary.json").read_text())
-        result = _result(cell, {**summary, "seconds": round(time.perf_counter() - start, 1)})
+        result = _result(cell, {**summary, "seconds": round(seconds, 1)})
         tmp = self.result_path(cell).with_suffix(".tmp")
         tmp.write_text(json.dumps(result, indent=1))
-        tmp.replace(self.result_path(cell))  # atomic: a killed sweep never leaves a half-written result
+        tmp.replace(self.result_path(cell))
         return result
 
     def run(self, cells: list[Cell], stage: int, metric: str | None = None) -> list[dict[str, Any]]:
@@ -275,37 +278,3 @@ def write_results(sweep: Sweep, out: Path, stage1: list[dict], stage2: list[dict
     )
     (out / "results.md").write_text(header + table + "\n")
     return header + table
-
-
-def run_sweep(path: str | Path, parallel: int | None = None, log=print) -> str:
-    sweep = load_sweep(path)
-    if parallel:
-        sweep.parallel = parallel
-    check_sweep(sweep, path)  # every problem at once, before anything is written or run
-    out = Path(sweep.out) / sweep.name
-    runner = Runner(sweep, out, log)
-    if any(runner.devices):
-        log(f"{len(runner.devices)} cells at a time on CUDA_VISIBLE_DEVICES {', '.join(map(str, runner.devices))}")
-    start = time.perf_counter()
-    try:
-        stage1 = runner.run(plan_stage1(sweep), stage=1, metric=sweep.select["metric"])
-        if runner.failed:
-            raise RuntimeError(
-                f"{len(runner.failed)} stage-1 cells failed (logs in {out / 'logs'}): {runner.failed[:3]}"
-            )
-        stage2 = runner.run(plan_stage2(sweep, stage1), stage=2, metric=sweep.report)
-    except SweepInterrupted as err:
-        raise SweepInterrupted(
-            f"sweep {sweep.name} interrupted: {err}, their results kept in {out / 'cells'}; rerun "
-            f"`mmpeft sweep {path}` to resume (only the missing cells run)"
-        ) from None
-    if runner.failed:
-        raise RuntimeError(f"{len(runner.failed)} stage-2 cells failed (logs in {out / 'logs'}): {runner.failed[:3]}")
-    table = write_results(sweep, out, stage1, stage2, records.command_line("mmpeft sweep", [str(path)]))
-    log(f"\n{table}\nsweep {sweep.name}: {(time.perf_counter() - start) / 60:.1f} min; results in {out}")
-    return table
-
-
-def add_sweep_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("sweep", help="a sweep file, e.g. experiments/vtab1k.yaml")
-    p.add_argument("--parallel", type=int, default=None, help="cells at once, spread over the visible GPUs")

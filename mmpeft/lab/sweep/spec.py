@@ -109,6 +109,7 @@ class Sweep:
     wandb: str = "auto"
     select: dict[str, str] = field(default_factory=lambda: dict(SELECT_DEFAULT))  # stage 1: metric and mode
     report: str | None = None  # stage 2's metric in results.md; None: `select.metric` with val/ -> test/
+    slurm: dict[str, Any] = field(default_factory=dict)  # a cell's job resources (`mmpeft.lab.sweep.launch`)
 
     def __post_init__(self) -> None:
         self.select = _selection(self.select)
