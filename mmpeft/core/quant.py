@@ -90,7 +90,7 @@ def lp_search_params(
     low, high = flat.min() * shrink, flat.max() * shrink
     steps = ((high - low) / (2**bits - 1)).clamp_min(1e-8)
     zeros = torch.round(-low / steps)
-    chunk = max(1, (1 << 24) // max(flat.shape[1], 1))  # about 16M elements a broadcast
+    chunk = max(1, (1 << 20) // max(flat.shape[1], 1))  # about 1M elements a broadcast (memory-bound beyond)
     scores = []
     for i in range(0, candidates, chunk):
         s, z = steps[i : i + chunk, None], zeros[i : i + chunk, None]
