@@ -155,6 +155,7 @@ class ActivationQuantizer(nn.Module):
         _tensor(self, "zero_point", torch.zeros(len(self.timesteps), device=device), trainable)
         self.register_buffer("calibrated", torch.tensor(False, device=device))  # saved: a loaded table is calibrated
         self.observing = False  # calibrate on the next forward's input (the PTQ pass)
+        self._ready = False  # seen calibrated (a calibrated table never goes back)
         self.schedule: tuple[torch.Tensor, str] | None = None  # a sampler's own timesteps and how to read the table
 
     @property
@@ -186,6 +187,7 @@ class ActivationQuantizer(nn.Module):
         if mode == "stride":
             _stride_of(self.timesteps, new)  # refuses a schedule that is not the trained one strided
         self.schedule = (new, mode)
+        self._order = torch.argsort(self.timesteps)  # the trained timesteps ascending, once per schedule
 
     def _entries(self, idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(step, zero point) of the sampler's step `idx` under `use_schedule`."""
@@ -193,7 +195,7 @@ class ActivationQuantizer(nn.Module):
         if mode == "stride":
             k = _stride_of(self.timesteps, new)
             return self.step[idx * k], self.zero_point[idx * k]
-        order = torch.argsort(self.timesteps)
+        order = self._order
         t = new[idx : idx + 1]
         xp = self.timesteps[order]
         return _interp(t, xp, self.step[order])[0], _interp(t, xp, self.zero_point[order])[0]
@@ -219,7 +221,7 @@ class ActivationQuantizer(nn.Module):
         return (t.unsqueeze(1) - self.timesteps.unsqueeze(0)).abs().argmin(dim=1)
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext | None = None) -> torch.Tensor:
-        if not bool(self.calibrated):
+        if not self._ready and not bool(self.calibrated):  # `_ready`: no host sync per forward once calibrated
             if not self.observing:
                 raise RuntimeError(
                     "this activation quantizer has no calibrated range yet: calibrate it first (EfficientDM's "
@@ -227,6 +229,7 @@ class ActivationQuantizer(nn.Module):
                     "the trained tables)"
                 )
             self.calibrate(x)
+        self._ready = True
         idx = self.index(ctx, x.shape[0])
         if isinstance(idx, int) and self.schedule is not None:
             step, zero = self._entries(idx)

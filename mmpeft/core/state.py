@@ -81,17 +81,22 @@ def save_adapter(model: PeftModel, path: str | os.PathLike, extra: dict[str, Any
     return path.stat().st_size
 
 
+def read_safetensors(path: Path, kind: str) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """(raw string metadata, tensors) of a safetensors file mmpeft wrote (`kind` names it in errors): a missing
+    file is a FileNotFoundError, a foreign one an AdapterMismatch."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{kind} {str(path)!r} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as err:  # safetensors raises its own error types on foreign files
+        raise AdapterMismatch(f"{str(path)!r} is not a safetensors {kind} ({err})") from err
+
+
 def read_adapter(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """(tensors, header) of an adapter file; the header's JSON fields are decoded."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"adapter file {str(path)!r} does not exist")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            raw = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as err:  # safetensors raises its own error types on foreign files
-        raise AdapterMismatch(f"{str(path)!r} is not a safetensors adapter file ({err})") from err
+    raw, tensors = read_safetensors(path, "adapter file")
     if raw.get("format") != FORMAT:
         raise AdapterMismatch(
             f"{str(path)!r} is not an mmpeft adapter file (header format {raw.get('format')!r}, expected {FORMAT!r})"

@@ -43,7 +43,6 @@ from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
@@ -53,7 +52,7 @@ from mmpeft.core.method import Method
 from mmpeft.core.model import PeftModel, backbone_signature
 from mmpeft.core.modules import AdapterModule, adapter_modules
 from mmpeft.core.quant import RESAMPLE_MODES, ActivationQuantizer, pack_ints, unpack_ints
-from mmpeft.core.state import NonFiniteTensors, non_finite
+from mmpeft.core.state import NonFiniteTensors, non_finite, read_safetensors
 from mmpeft.methods.qalora import QALoRALayer
 from mmpeft.version import __version__
 
@@ -174,14 +173,7 @@ def export_int(model: PeftModel, path: str | os.PathLike, overwrite: bool = Fals
 def read_int_file(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, LayerRecord], dict[str, torch.Tensor]]:
     """(header, layer records, other backbone tensors) of an integer export."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"integer export {str(path)!r} does not exist")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            raw = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as err:  # safetensors raises its own error types on foreign files
-        raise AdapterMismatch(f"{str(path)!r} is not a safetensors file ({err})") from err
+    raw, tensors = read_safetensors(path, "integer export")
     if raw.get("format") != FORMAT:
         raise AdapterMismatch(f"{str(path)!r} is not an mmpeft integer export (format {raw.get('format')!r})")
     try:

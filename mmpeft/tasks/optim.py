@@ -77,36 +77,34 @@ def build_optimizer(
     raise ValueError(f"unknown optimizer {name!r}; choose one of {OPTIMIZERS}")
 
 
+def _warmup_then(total_steps: int, warmup_steps: int, min_ratio: float,
+                 decay: Callable[[float], float]) -> Callable[[int], float]:  # fmt: skip
+    """lr multiplier: 0 at step 0, linear to 1 at the end of warmup, then `decay(progress)` (1 -> 0) scaled into
+    [min_ratio, 1]."""
+    total_steps = max(total_steps, 1)
+    warmup_steps = min(max(warmup_steps, 0), total_steps)
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return step / warmup_steps
+        progress = min((step - warmup_steps) / max(total_steps - warmup_steps, 1), 1.0)
+        return min_ratio + (1 - min_ratio) * decay(progress)
+
+    return factor
+
+
 def warmup_cosine(total_steps: int, warmup_steps: int, min_ratio: float = 0.0) -> Callable[[int], float]:
     """lr multiplier: 0 at step 0, linear to 1 at the end of warmup, cosine to `min_ratio` at the end.
 
     Starting from 0 follows VPT's WarmupCosineSchedule (KMnP/vpt src/solver/lr_scheduler.py).
     """
-    total_steps = max(total_steps, 1)
-    warmup_steps = min(max(warmup_steps, 0), total_steps)
-
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return step / warmup_steps
-        progress = (step - warmup_steps) / max(total_steps - warmup_steps, 1)
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-
-    return factor
+    return _warmup_then(total_steps, warmup_steps, min_ratio, lambda p: 0.5 * (1 + math.cos(math.pi * p)))
 
 
 def warmup_linear(total_steps: int, warmup_steps: int, min_ratio: float = 0.0) -> Callable[[int], float]:
     """lr multiplier: linear from 0 to 1 over warmup, then linear to `min_ratio` at the end (transformers'
     `get_linear_schedule_with_warmup`, which EfficientDM's distillation uses with no warmup)."""
-    total_steps = max(total_steps, 1)
-    warmup_steps = min(max(warmup_steps, 0), total_steps)
-
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return step / warmup_steps
-        progress = (step - warmup_steps) / max(total_steps - warmup_steps, 1)
-        return min_ratio + (1 - min_ratio) * max(0.0, 1.0 - progress)
-
-    return factor
+    return _warmup_then(total_steps, warmup_steps, min_ratio, lambda p: 1.0 - p)
 
 
 def timm_cosine(

@@ -23,7 +23,6 @@ from typing import Any
 import yaml
 
 from mmpeft.lab import records
-from mmpeft.lab.results import metric_value
 from mmpeft.lab.sweep.checks import check_sweep
 from mmpeft.lab.sweep.plan import plan_stage1, plan_stage2
 from mmpeft.lab.sweep.run import Runner, cpu_threads_per_cell, write_results
@@ -124,14 +123,7 @@ class SubmititRunner(Runner):
         return {}
 
     def run(self, cells: list[Cell], stage: int, metric: str | None = None) -> list[dict[str, Any]]:
-        loaded = [(c, self.load(c)) for c in cells]
-        results = [r for _, r in loaded if r is not None]
-        todo = [c for c, r in loaded if r is None]
-        if metric is not None:
-            for r in results:
-                metric_value(r, metric)
-        if results:
-            self.log(f"stage {stage}: {len(results)} of {len(cells)} cells already done, skipped")
+        results, todo = self.split_done(cells, stage, metric)
         if not todo:
             return results
         self._env, self._stage_start = self.job_env(), time.perf_counter()

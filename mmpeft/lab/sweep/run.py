@@ -141,19 +141,23 @@ class Runner:
         tmp.replace(self.result_path(cell))
         return result
 
-    def run(self, cells: list[Cell], stage: int, metric: str | None = None) -> list[dict[str, Any]]:
-        """Run the cells without a result file, `parallel` at a time; returns every cell's result in cell order.
-
-        Cell order (not finishing order) keeps selection ties deterministic. `metric` is the one this stage
-        needs: the first result without it raises `MetricMissing` and no further cell starts."""
+    def split_done(self, cells: list[Cell], stage: int, metric: str | None) -> tuple[list[dict], list[Cell]]:
+        """(results of the cells done already, each checked for `metric`; the cells still to run)."""
         loaded = [(c, self.load(c)) for c in cells]
         results = [r for _, r in loaded if r is not None]
-        todo = [c for c, r in loaded if r is None]
         if metric is not None:
             for r in results:
                 metric_value(r, metric)
         if results:
             self.log(f"stage {stage}: {len(results)} of {len(cells)} cells already done, skipped")
+        return results, [c for c, r in loaded if r is None]
+
+    def run(self, cells: list[Cell], stage: int, metric: str | None = None) -> list[dict[str, Any]]:
+        """Run the cells without a result file, `parallel` at a time; returns every cell's result in cell order.
+
+        Cell order (not finishing order) keeps selection ties deterministic. `metric` is the one this stage
+        needs: the first result without it raises `MetricMissing` and no further cell starts."""
+        results, todo = self.split_done(cells, stage, metric)
         if not todo:
             return results
         devices: queue.Queue = queue.Queue()
