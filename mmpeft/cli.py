@@ -110,7 +110,7 @@ def _bench(args: argparse.Namespace) -> int:
 def _sweep(args: argparse.Namespace) -> int:
     from mmpeft.lab.sweep import run_sweep
 
-    run_sweep(args.sweep, args.parallel, launcher=args.launcher, slurm=args.slurm)
+    run_sweep(args.sweep, args.parallel, launcher=args.launcher, slurm=args.slurm, detach=args.detach)
     return 0
 
 

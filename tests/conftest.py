@@ -16,9 +16,16 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
-import torch
-from torch import nn
+# pytest-xdist's workers (`-n 2` in pyproject's addopts) share the cores: one torch thread each, and OpenMP threads
+# that sleep instead of spinning when a pretraining's fixed two threads meet the other worker (spinning threads on
+# an oversubscribed CPU made such steps 3-10x slower). Read by OpenMP when torch loads, so set before the import.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
 
 _SHELL_PREFIXES = ("WANDB_", "MMPEFT_", "PL_", "LIGHTNING_")
 
@@ -27,10 +34,14 @@ def _isolated_environment() -> None:
     for key in [k for k in os.environ if k.startswith(_SHELL_PREFIXES)]:
         del os.environ[key]
     home = Path(tempfile.mkdtemp(prefix="mmpeft-tests-home-"))
+    # the quickstart backbones' pretraining cache: one per test run, shared by its workers (a lock makes the first
+    # that needs a backbone pretrain it and the others wait for the file)
+    run = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+    cache = Path(tempfile.gettempdir()) / f"mmpeft-tests-cache-{run}" if run else home / ".cache" / "mmpeft"
     os.environ.update(
         HOME=str(home),
         XDG_CACHE_HOME=str(home / ".cache"),
-        MMPEFT_CACHE=str(home / ".cache" / "mmpeft"),
+        MMPEFT_CACHE=str(cache),
         HF_HUB_OFFLINE="1",
         WANDB_MODE="disabled",
         WANDB_SILENT="true",
@@ -44,7 +55,9 @@ def _isolated_environment() -> None:
 
 
 _isolated_environment()
-torch.set_num_threads(min(2, torch.get_num_threads()))
+torch.set_num_threads(max(1, min(2, torch.get_num_threads()) // _WORKERS))
+if _WORKERS > 1:  # the command-line runs the tests start share them too
+    os.environ["OMP_NUM_THREADS"] = str(torch.get_num_threads())
 _SUITE_ENVIRONMENT = dict(os.environ)
 _SUITE_THREADS = torch.get_num_threads()
 
@@ -54,6 +67,39 @@ def _restore_suite_environment() -> None:
         del os.environ[key]  # pytest's own PYTEST_CURRENT_TEST stays
     os.environ.update(_SUITE_ENVIRONMENT)
     torch.set_num_threads(_SUITE_THREADS)
+
+
+# the modules that take minutes on one of 2 cores (their fixtures' pretraining and fits, their command-line runs),
+# with rough seconds: handed out first, spread over the workers, so the run does not end on one of them alone
+_LONG_MODULES = {"test_quickstart.py": 420, "test_efficientdm.py": 170, "test_sweep_launch.py": 150,
+                 "test_sweep.py": 130, "test_diffusion_quickstart.py": 110, "test_tasks.py": 60,
+                 "test_bench_and_packaging.py": 45, "test_hardening.py": 30, "test_resume.py": 30}  # fmt: skip
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Order the test files for pytest-xdist's `--dist loadfile`, which first hands each worker the next
+    max(files // 4 // workers, 2) files in order, then one file at a time to whichever is free: the long modules
+    go into those first hands, longest first to the least loaded, the rest keep their order."""
+    if _WORKERS < 2:
+        return
+    files = list(dict.fromkeys(item.path for item in items))
+    batch = max(len(files) // 4 // _WORKERS, 2)
+    hands: list[list[Path]] = [[] for _ in range(_WORKERS)]
+    load = [0.0] * _WORKERS
+    for path in sorted((f for f in files if f.name in _LONG_MODULES), key=lambda f: -_LONG_MODULES[f.name]):
+        free = [k for k in range(_WORKERS) if len(hands[k]) < batch]
+        if not free:
+            break
+        k = min(free, key=load.__getitem__)
+        hands[k].append(path)
+        load[k] += _LONG_MODULES[path.name]
+    placed = {path for hand in hands for path in hand}
+    rest = [f for f in files if f not in placed]
+    for hand in hands:
+        while len(hand) < batch and rest:
+            hand.append(rest.pop(0))
+    order = {path: i for i, path in enumerate([path for hand in hands for path in hand] + rest)}
+    items.sort(key=lambda item: order[item.path])
 
 
 @pytest.fixture(autouse=True)

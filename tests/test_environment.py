@@ -25,14 +25,16 @@ def test_the_suite_environment_replaces_the_shells():
     assert os.environ["WANDB_MODE"] == "disabled" and "WANDB_API_KEY" not in os.environ
     assert "PL_GLOBAL_SEED" not in os.environ, "a seed a test before this one exported does not leak"
     home = Path(os.environ["HOME"])
-    assert home.name.startswith("mmpeft-tests-home-") and Path(os.environ["MMPEFT_CACHE"]).is_relative_to(home)
+    cache = Path(os.environ["MMPEFT_CACHE"])
+    shared = f"mmpeft-tests-cache-{os.environ.get('PYTEST_XDIST_TESTRUNUID')}"  # the run's, shared by its workers
+    assert home.name.startswith("mmpeft-tests-home-") and (cache.is_relative_to(home) or cache.name == shared)
     os.environ["PL_GLOBAL_SEED"] = "7"  # as seed_everything does; the fixture removes it after this test
     torch.set_num_threads(1)
 
 
 def test_a_hostile_shell_environment_changes_nothing(tmp_path):
     hostile = {
-        **os.environ,
+        **{k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")},  # a shell, not a worker
         "WANDB_MODE": "offline",
         "WANDB_API_KEY": "x" * 40,
         "WANDB_DIR": str(tmp_path / "not-here"),
@@ -41,8 +43,8 @@ def test_a_hostile_shell_environment_changes_nothing(tmp_path):
         "PL_GLOBAL_SEED": "123",
         "OMP_NUM_THREADS": "1",
     }
-    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *TOUCHY], cwd=ROOT,
-                          env=hostile, capture_output=True, text=True, timeout=600, check=False)  # fmt: skip
+    command = [sys.executable, "-m", "pytest", "-q", "-n", "0", "-p", "no:cacheprovider", *TOUCHY]
+    done = subprocess.run(command, cwd=ROOT, env=hostile, capture_output=True, text=True, timeout=600, check=False)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
     assert f"{len(TOUCHY)} passed" in done.stdout
     assert not (tmp_path / "not-here").exists() and not (tmp_path / "stale-cache").exists()

@@ -13,6 +13,7 @@ from typing import TypeVar
 from urllib.parse import urlparse
 
 import torch
+from filelock import FileLock
 from torch import nn
 
 from mmpeft.core.errors import WeightsUnavailable
@@ -189,14 +190,23 @@ def pretrained_weights(name: str, arch: dict, recipe: dict) -> Path:
     builds anew; the torch RNG is forked, so a fresh and a cached run draw the same numbers afterwards."""
     key = hashlib.sha1(json.dumps({"arch": arch, "recipe": recipe}, sort_keys=True).encode()).hexdigest()[:10]
     path = cache_dir() / f"{name}-{key}.safetensors"
-    if not path.is_file():
-        with torch.random.fork_rng():  # a fresh context: the pretraining's Lightning objects must not see the
-            # hyper-parameters LightningCLI sets for the task whose __init__ builds this backbone by name
-            info = contextvars.Context().run(build_weights, name, path, recipe=recipe, arch=arch)
-        scores = ", ".join(f"upstream {k.removeprefix('upstream_').replace('_', ' ')} {v:.3f}"
-                           for k, v in info.items() if k.startswith("upstream_"))  # fmt: skip
-        print(f"pretrained {name} in {info['seconds']} s, {scores}; cached at {path}")
+    if path.is_file():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # runs started together (a sweep's cells, parallel test workers) pretrain once: the others wait for the file
+    with FileLock(str(path) + ".lock"):
+        if not path.is_file():
+            _pretrain(name, path, arch, recipe)
     return path
+
+
+def _pretrain(name: str, path: Path, arch: dict, recipe: dict) -> None:
+    with torch.random.fork_rng():  # a fresh context: the pretraining's Lightning objects must not see the
+        # hyper-parameters LightningCLI sets for the task whose __init__ builds this backbone by name
+        info = contextvars.Context().run(build_weights, name, path, recipe=recipe, arch=arch)
+    scores = ", ".join(f"upstream {k.removeprefix('upstream_').replace('_', ' ')} {v:.3f}"
+                       for k, v in info.items() if k.startswith("upstream_"))  # fmt: skip
+    print(f"pretrained {name} in {info['seconds']} s, {scores}; cached at {path}")
 
 
 def load_quickstart_weights(module: nn.Module, name: str, arch: dict, recipe: dict, pretrained: bool,

@@ -228,6 +228,23 @@ def _make_cli_class():
                 self.trainer.test(self.model, datamodule=self.datamodule, verbose=False)
                 metrics.update(self._metrics())
             self._summary(metrics)
+            self._finish_wandb()
+
+        def after_validate(self) -> None:
+            self._finish_wandb()
+
+        def after_test(self) -> None:
+            self._finish_wandb()
+
+        def after_predict(self) -> None:
+            self._finish_wandb()
+
+        def _finish_wandb(self) -> None:
+            """End the command's W&B run. Lightning leaves it open, and in a process that runs more (the transfer
+            tables, tests) the next `wandb.init` would inherit its folder instead of its own."""
+            for logger in self.trainer.loggers:
+                if type(logger).__name__ == "WandbLogger" and getattr(logger, "_experiment", None) is not None:
+                    logger.experiment.finish()
 
         def _summary(self, metrics: dict[str, float]) -> None:
             """The end-of-run report and `summary.json`, on rank 0 only (no collectives in here)."""

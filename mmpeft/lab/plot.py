@@ -524,15 +524,17 @@ def log_table_to_wandb(
         return []
     import wandb
 
-    if save_dir is not None:
-        Path(save_dir).mkdir(parents=True, exist_ok=True)
+    # the folder is resolved here, from this call's environment: wandb reads WANDB_DIR once per process (its
+    # settings singleton), so a later change of WANDB_DIR would be ignored
+    folder = save_dir if save_dir is not None else os.environ.get("WANDB_DIR") or "."
+    Path(folder).mkdir(parents=True, exist_ok=True)
     settings = wandb.Settings(silent=True, console="off", save_code=False)
     ids = []
     for row in rows:
         name = str(row.get("method") or row.get("run") or "row")
         run = wandb.init(
             project=project, group=group, job_type=job_type, name=name, config={**config, "method": name},
-            mode=mode, dir=None if save_dir is None else str(save_dir), settings=settings,
+            mode=mode, dir=str(folder), settings=settings,
         )  # fmt: skip
         try:
             summary = {str(k): _summary_value(v) for k, v in row.items()}

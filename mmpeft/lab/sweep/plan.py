@@ -97,10 +97,12 @@ def in_grid_order(sweep: Sweep, results: list[dict[str, Any]]) -> list[dict[str,
     return sorted(results, key=rank)
 
 
-def plan_stage2(sweep: Sweep, stage1: list[dict[str, Any]]) -> list[Cell]:
+def plan_stage2(sweep: Sweep, stage1: list[dict[str, Any]], tasks: list[str] | None = None) -> list[Cell]:
+    """The stage-2 cells of `tasks` (all by default): each (task, method) at its selected point, every seed.
+    A launcher plans one task as soon as its stage-1 cells are done (`stage1` then holds that task's)."""
     chosen = select(in_grid_order(sweep, stage1), sweep.select["metric"], sweep.select["mode"])
     cells, prints = [], fingerprints(sweep)
-    for task, method in itertools.product(sweep.tasks, sweep.methods):
+    for task, method in itertools.product(tasks if tasks is not None else sweep.tasks, sweep.methods):
         search, fixed = sweep.settings(task, method)
         point = chosen[(task, method)]["point"] if (task, method) in chosen else grid(search)[0]
         cells += [make_cell(sweep, prints, 2, task, method, seed, point, fixed) for seed in sweep.seeds]
