@@ -381,3 +381,72 @@ def test_bf16_autocast_step_on_cpu_trains_fp32_tensors_and_follows_fp32(method, 
 def test_a_method_without_its_count_module_says_which_file_to_add():
     with pytest.raises(AssertionError, match="add tests/method_counts/no_such_method.py"):
         expected_count("no_such_method")
+
+
+def _bf16_features(model: PeftModel, x) -> torch.Tensor:
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        return model.backbone(x).float()
+
+
+@pytest.mark.parametrize(("method", "case"), [p for p in SUPPORTED if p.values[1] in BF16_CASES])
+def test_frozen_weights_in_bf16_keep_every_contract(method, case, tmp_path):
+    """`frozen_dtype="bfloat16"`: the frozen matmul weights are stored in bf16 and everything that trains stays fp32;
+    a training step under autocast leaves the frozen tensors bit-identical and follows the fp32 loss; disabled() is
+    the pristine backbone with the same cast, exactly; merging writes bf16 and unmerging restores it bit for bit; the
+    adapter file loads into an fp32 model (and its fingerprint is the one taken at load). Full fine-tuning refuses."""
+    from mmpeft.core.precision import LOW_PRECISION_LAYERS, cast_frozen
+
+    model = build(method, case)
+    if model.method.trains_backbone:
+        with pytest.raises(NotSupported, match="trains the whole backbone"):
+            model.cast_frozen("bfloat16")
+        return
+    record = model.weights_records()
+    assert model.cast_frozen("bfloat16") > 0
+    for layer in model.modules():
+        for tensor in layer.parameters(recurse=False):
+            if tensor.requires_grad:
+                assert tensor.dtype == torch.float32, "the trainable set stays fp32"
+            elif isinstance(layer, LOW_PRECISION_LAYERS) and tensor.is_floating_point():
+                assert tensor.dtype == torch.bfloat16
+    assert model.weights_records() == record, "the fingerprint is the one taken at load, before the cast"
+    fp32 = build(method, case)
+    x, y = inputs(fp32)  # fp32 inputs (a denoiser draws its example batch in its first weight's dtype)
+    model.train()
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    torch.manual_seed(5)
+    reference = fp32.backbone.example_loss(fp32.train()(x), y).detach()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    torch.manual_seed(5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model.backbone.example_loss(model(x), y)
+    loss.float().backward()
+    optimizer.step()
+    assert all(s.dtype == torch.float32 for state in optimizer.state.values() for s in state.values() if s.dim())
+    assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
+    assert torch.isfinite(loss) and abs(loss.item() - reference.item()) <= 0.05 * abs(reference.item()) + 0.05
+    model.eval()
+    torch.manual_seed(0)  # the backbone's draws, as `build` makes them
+    pristine = CASES[case].build().eval()
+    trained = {n for n, p in model.backbone.named_parameters() if p.requires_grad}  # in place (DiffFit's table)
+    for name, tensor in pristine.named_parameters():
+        tensor.requires_grad_(name in trained)
+    cast_frozen(pristine, "bfloat16")  # the same tensors in bf16 as in the adapted model
+    x = inputs(fp32, seed=99)[0]
+    with model.disabled():
+        off = _bf16_features(model, x)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = pristine(x).float()
+    assert torch.equal(off, expected), "disabled() is the pristine backbone with the same cast"
+    if model.method.can_merge(model.backbone):
+        weights = {k: v.clone() for k, v in model.state_dict().items()}
+        unmerged = _bf16_features(model, x)
+        model.merge()
+        assert {k: v.dtype for k, v in model.state_dict().items()} == {k: v.dtype for k, v in weights.items()}
+        torch.testing.assert_close(_bf16_features(model, x), unmerged, atol=0.1, rtol=0.05)  # bf16's rounding
+        model.unmerge()
+        assert all(torch.equal(v, model.state_dict()[k]) for k, v in weights.items()), "unmerge is bit-exact"
+    save_adapter(model, tmp_path / "bf16.safetensors")
+    load_adapter(fp32, tmp_path / "bf16.safetensors")
+    trained = dict(model.named_parameters())
+    assert all(torch.equal(p, trained[n]) for n, p in fp32.named_parameters() if p.requires_grad), "fp32 loads it"

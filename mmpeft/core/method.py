@@ -245,7 +245,10 @@ class Method:
                         )
             for p in todo:
                 updates = p.child.merge_updates(p.host)
-                if not hasattr(p.child, "unmerge_updates"):
+                # a piece that can subtract its update unmerges by subtraction, unless the host is stored in low
+                # precision (bf16 frozen weights), where W + d - d is not W: there the host's values are kept
+                low = any(_tensor_at(p.host, k).dtype in (torch.bfloat16, torch.float16) for k in updates)
+                if low or not hasattr(p.child, "unmerge_updates"):
                     p.child._premerge = {k: _tensor_at(p.host, k).detach().clone() for k in updates}
                 _write(p.host, updates)
                 p.child.merged = True
@@ -257,10 +260,10 @@ class Method:
             for p in placements(backbone):
                 if not p.child.merged:
                     continue
-                if hasattr(p.child, "unmerge_updates"):
-                    _write(p.host, p.child.unmerge_updates(p.host))
-                else:
+                if "_premerge" in p.child.__dict__:
                     _write(p.host, p.child.__dict__.pop("_premerge"))
+                else:
+                    _write(p.host, p.child.unmerge_updates(p.host))
                 p.child.merged = False
 
     def merge_and_unload(self, backbone: nn.Module) -> nn.Module:

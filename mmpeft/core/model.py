@@ -92,6 +92,14 @@ class PeftModel(nn.Module):
             else:
                 apply_frozen_mode(module, self.training, method.frozen_mode)
 
+    def cast_frozen(self, frozen_dtype: str) -> int:
+        """Store the backbone's frozen matmul weights in `frozen_dtype` (bf16); the trainable set, the head and the
+        norms stay fp32 (`mmpeft.core.precision`). Returns the elements cast. A task's components (a diffusion
+        model's VAE and text encoder) stay as they are: they also run outside autocast (latent caches)."""
+        from mmpeft.core.precision import cast_frozen
+
+        return cast_frozen(self.backbone, frozen_dtype, self.method.name, self.method.trains_backbone)
+
     def disabled(self):
         """Run with the method switched off: the pristine frozen backbone (plus the head)."""
         return disabled(self.backbone)

@@ -22,7 +22,8 @@ Protocol (one result file per backbone, input, batch, device and precision):
 - Variants: `vpt_deep` (10 prompts per block; `vpt` is shallow). Peers: `peft_lora` is Hugging Face peft's
   LoRA (r = 8, alpha = 8) on the fused `attn.qkv`, and `lora_qkv` mmpeft's LoRA on the same linear with the
   same rank (peft cannot target the q, v thirds); `lora` is mmpeft's default (q and v thirds).
-- Precision `32` or `bf16` (autocast to bfloat16 on CPU or CUDA; trainable tensors and AdamW state stay fp32).
+- Precision `32` or `bf16` (autocast to bfloat16 on CPU or CUDA; trainable tensors and AdamW state stay fp32), or
+  `bf16-frozen` (the same, with the frozen matmul weights stored in bf16: `frozen_dtype`, `mmpeft.core.precision`).
 - Allocator (CPU): glibc keeps freed heap blocks, so a CPU peak RSS holds the live tensors plus whatever the
   order of a method's allocations left fragmented (it varies by method and run). `--allocator live` runs the
   workers with a fixed 128 KiB mmap threshold, so the peak is that of live tensors (what CUDA's allocator peak

@@ -109,8 +109,9 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
                    "checkpointing: off, on (every row), both (each row also as <method>+ckpt)")  # fmt: skip
     p.add_argument("--num-classes", type=int, default=100)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    p.add_argument("--precision", default="32", choices=("32", "bf16"), help="32, or bf16: autocast to "
-                   "bfloat16 (CPU or CUDA), trainable tensors and optimizer state fp32")  # fmt: skip
+    p.add_argument("--precision", default="32", choices=("32", "bf16", "bf16-frozen"), help="32; bf16: autocast "
+                   "to bfloat16 (CPU or CUDA), trainable tensors and optimizer state fp32; bf16-frozen: the same "
+                   "with the frozen matmul weights stored in bf16 (frozen_dtype)")  # fmt: skip
     p.add_argument("--allocator", choices=("default", "live"), default="default", help="CPU only. default: the "
                    "C allocator as it is (peak RSS includes heap blocks it keeps after freeing); live: every block "
                    f"of {LIVE_MMAP_THRESHOLD // 1024} KiB or more its own mapping, returned when freed, so the peak "
@@ -195,12 +196,19 @@ def measure(args: argparse.Namespace, row: str) -> dict:
     torch.manual_seed(0)
     device = _device(args.device)
     model, backbone, classes = _build(args, row, device)
+    if args.precision == "bf16-frozen":  # full fine-tuning refuses: its row records why
+        if hasattr(model, "cast_frozen"):
+            model.cast_frozen("bfloat16")
+        else:  # the peft peer: its frozen base layers in bf16, as peft users load the base model
+            from mmpeft.core.precision import cast_frozen
+
+            cast_frozen(model, "bfloat16")
     model.train()
     x, y = backbone.example_batch(args.batch, torch.Generator().manual_seed(0), classes)
     x = x.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision != "32")
 
     def train_step() -> None:
         with autocast:  # the method's whole step: MoSA runs two passes plus its consistency term

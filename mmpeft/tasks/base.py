@@ -89,6 +89,9 @@ class PeftTask(pl.LightningModule):
             `ImageClassification` defaults to "auto".
         feature_cache_bytes: the byte budget of each feature cache (training, validation); beyond it samples are
             computed every time.
+        frozen_dtype: "bfloat16" (with `trainer.precision: bf16-mixed`) stores the frozen matmul weights in bf16:
+            half the backbone's memory and no per-step cast under autocast; the trainable set, head, norms and
+            optimizer stay fp32 (`mmpeft.core.precision`). Full fine-tuning refuses it. None: fp32.
     """
 
     monitor: ClassVar[str] = "val/loss"
@@ -114,6 +117,7 @@ class PeftTask(pl.LightningModule):
         allow_other_weights: bool = False,
         feature_cache: bool | str = False,
         feature_cache_bytes: int = DEFAULT_MAX_BYTES,
+        frozen_dtype: str | None = None,
     ):
         super().__init__()
         backbone = backbone_from_spec(backbone)
@@ -125,6 +129,8 @@ class PeftTask(pl.LightningModule):
                 raise ValueError(f"{type(backbone).__name__} does not support activation checkpointing")
             backbone.set_grad_checkpointing(True)
         self.model = PeftModel(backbone, method_from_spec(method), num_classes=num_classes or None, head=head)
+        if frozen_dtype is not None:  # after the method froze the backbone
+            self.model.cast_frozen(frozen_dtype)
         self.epoch_means = nn.ModuleDict()  # one weighted mean per logged metric (`log_epoch`), no saved state
         self._ema_default = EMACallback(ema_decay) if ema_decay else None  # checks the decay now, not at fit
         self.strict_loading = False  # checkpoints hold the trainable set only; the frozen rest comes from config
@@ -199,17 +205,46 @@ class PeftTask(pl.LightningModule):
         """Before any step of any stage: the method's derived state from the data (`Method.prepare`; Point-PEFT's
         memory bank), built by one process while the others wait, then loaded by each."""
         super().setup(stage)
+        self._check_frozen_dtype()
         if type(self.method).prepare is Method.prepare:
             return
         data = self.method_data(getattr(self._trainer, "datamodule", None) if self._trainer is not None else None)
-        if self._trainer is None:  # (LightningModule.print needs a trainer)
-            self.method.prepare(self.model.backbone, data, log=print)
+        with self._frozen_autocast():  # the derived state is computed through the (maybe bf16) frozen backbone
+            if self._trainer is None:  # (LightningModule.print needs a trainer)
+                self.method.prepare(self.model.backbone, data, log=print)
+                return
+            if self.trainer.is_global_zero:
+                self.method.prepare(self.model.backbone, data, log=self.print)
+            self.trainer.strategy.barrier("method derived state")
+            if not self.trainer.is_global_zero:
+                self.method.prepare(self.model.backbone, data, may_build=False, log=self.print)
+
+    def _frozen_autocast(self) -> Any:
+        """Autocast to the frozen dtype for work outside Lightning's steps (off when the weights are fp32)."""
+        import contextlib
+
+        from mmpeft.core.precision import FROZEN_DTYPES
+
+        frozen = self.hparams.get("frozen_dtype")
+        if frozen is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=FROZEN_DTYPES[frozen])
+
+    def _check_frozen_dtype(self) -> None:
+        """Frozen weights in bf16 meet fp32 activations only under autocast: the trainer's precision must be the
+        matching mixed one."""
+        frozen = self.hparams.get("frozen_dtype")
+        if frozen is None or self._trainer is None:
             return
-        if self.trainer.is_global_zero:
-            self.method.prepare(self.model.backbone, data, log=self.print)
-        self.trainer.strategy.barrier("method derived state")
-        if not self.trainer.is_global_zero:
-            self.method.prepare(self.model.backbone, data, may_build=False, log=self.print)
+        from mmpeft.core.errors import ConfigMismatch
+        from mmpeft.core.precision import needed_precision
+
+        precision = str(self.trainer.precision)
+        if precision != needed_precision(frozen):
+            raise ConfigMismatch(
+                f"frozen_dtype {frozen!r} stores the frozen weights in {frozen}, which meet the fp32 activations "
+                f"only under autocast: set --trainer.precision {needed_precision(frozen)} (got {precision})"
+            )
 
     def method_data(self, datamodule: Any) -> Any:
         """What `Method.prepare` builds from: the run's datamodule (a diffusion task adds its teacher's trajectory)."""
