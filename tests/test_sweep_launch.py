@@ -68,14 +68,15 @@ def test_the_local_launcher_detached_gives_the_in_process_results(tmp_path, data
     assert any(line.startswith("detached: 2 local jobs queued or running") for line in lines)
     ledger = Ledger(tmp_path / "out/jobs/jobs/submitted.json").entries
     assert sorted(e["stage"] for e in ledger.values()) == [1, 1], "the job ids are recorded in the results folder"
-    for _ in range(60):  # each rerun: progress, collect, submit the next
+    deadline = time.monotonic() + 600  # generous: three short fits, on a loaded machine too
+    while True:  # each rerun: progress, collect, submit the next
         rerun: list[str] = []
         if run_sweep(path, log=rerun.append, launcher="local", detach=True):
             break
         lines += rerun
+        if time.monotonic() > deadline:
+            pytest.fail(f"the detached sweep did not finish: {rerun}")
         time.sleep(2)  # a pass costs a fraction of a second: polling faster would take the jobs' CPU
-    else:
-        pytest.fail("the detached sweep did not finish")
     lines += rerun
     assert _table(tmp_path / "out/jobs/results.md") == _table(tmp_path / "out/inproc/results.md")
     assert sum("submitted 1 cells" in line for line in lines) == 1, "stage 2 submitted once, after stage 1"
