@@ -52,8 +52,10 @@ def choose_backend(q: torch.Tensor, mask: torch.Tensor | None = None, backend: s
         raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
     if backend in ("sdpa", "math"):
         return backend
-    xops = _xformers_ops()
-    usable = xops is not None and _on_cuda(q) and mask is None and _kernels_load(xops, q.device, q.dtype)
+    usable = False
+    if _on_cuda(q) and mask is None:  # xformers is imported only where it could run (not on every CPU call,
+        xops = _xformers_ops()  # which also broke torch.compile's graph at every attention)
+        usable = xops is not None and _kernels_load(xops, q.device, q.dtype)
     if backend == "xformers" and not usable:
         raise RuntimeError(
             "attention backend 'xformers' was requested but is unusable here (it needs CUDA tensors, "
