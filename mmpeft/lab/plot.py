@@ -535,6 +535,7 @@ def log_table_to_wandb(
         run = wandb.init(
             project=project, group=group, job_type=job_type, name=name, config={**config, "method": name},
             mode=mode, dir=str(folder), settings=settings,
+            reinit="create_new",  # a run another caller left active in this process neither joins nor ends it
         )  # fmt: skip
         try:
             summary = {str(k): _summary_value(v) for k, v in row.items()}
