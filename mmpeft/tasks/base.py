@@ -221,8 +221,6 @@ class PeftTask(pl.LightningModule):
 
     def _frozen_autocast(self) -> Any:
         """Autocast to the frozen dtype for work outside Lightning's steps (off when the weights are fp32)."""
-        import contextlib
-
         from mmpeft.core.precision import FROZEN_DTYPES
 
         frozen = self.hparams.get("frozen_dtype")
