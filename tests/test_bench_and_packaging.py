@@ -272,6 +272,43 @@ def test_bench_peer_rows_have_equal_trainable_counts_and_merged_inference(tmp_pa
                                                              "lora+ckpt", "peft_lora+ckpt"]  # fmt: skip
 
 
+def test_diffusers_peer_row_is_the_dreambooth_lora_step_at_mmpeft_lora_rank_and_targets(tmp_path):
+    """The diffusers peer trains exactly as many LoRA tensors as mmpeft's LoRA (same rank, same targets), starts
+    from the same loss on the same batch (both updates are zero at init), and one step moves only its LoRA
+    tensors; on a backbone without a diffusers UNet its row says why."""
+    import torch
+
+    from mmpeft.lab.bench_peers import DreamBoothLoraStep, peer_model
+
+    parser = argparse.ArgumentParser()
+    bench.add_bench_arguments(parser)
+    args = parser.parse_args(["--backbone", "tiny_sd_unet", "--batch", "2", "--steps", "1", "--warmup", "0",
+                              "--infer-steps", "1"])  # fmt: skip
+    peer, ours = (bench.measure(args, name) for name in ("diffusers_lora", "lora"))
+    assert peer["trainable"] == ours["trainable"] > 0
+    assert peer["saved_mb"] > 0 and "infer_merged_ms" in peer and 0 < peer["merged_vs_plain"] < float("inf")
+
+    torch.manual_seed(0)
+    backbone = bench_worker.bench_backbone(args)
+    x, y = backbone.example_batch(2, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        frozen = backbone.example_loss(backbone(x), y)
+    step = peer_model("diffusers_lora", backbone, None)
+    assert isinstance(step, DreamBoothLoraStep)
+    assert sum(p.numel() for p in step.trainable) == ours["trainable"]
+    with torch.no_grad():
+        assert torch.equal(step.loss(x, y), frozen)  # B = 0: the frozen UNet's loss, bit for bit
+    before = {k: v.clone() for k, v in step.state_dict().items()}
+    optimizer = torch.optim.AdamW(step.trainable, lr=1e-3)
+    step.update(step.loss(x, y), optimizer)
+    changed = {k for k, v in step.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed and all(".lora_B." in k or ".lora_A." in k for k in changed)
+
+    vit = parser.parse_args(["--backbone", "test_vit", "--img-size", "32", "--batch", "2"])
+    reason = bench_worker.worker_row(vit, "diffusers_lora")["error"]
+    assert "diffusers_lora runs diffusers' UNet training step" in reason
+
+
 def test_bench_live_allocator_reaches_the_workers_and_names_the_result(tmp_path, capsys, monkeypatch):
     """`--allocator live` fixes glibc's mmap threshold in every worker's environment (so the CPU peak is the
     live tensors'), says so in the markdown and keeps its results apart (`-live`)."""

@@ -112,8 +112,9 @@ def test_fixed_r_keeps_the_top_singular_values_and_caps_at_full_rank():
 
 def test_identity_at_init_is_exact_and_the_factors_reconstruct_w():
     """sigma starts bit-equal to sigma0, so the delta U (0 * V^T x) is exactly zero: the output equals the frozen
-    UNet's bit for bit (no SVD reconstruction error enters, since W itself is never rebuilt). The factors
-    themselves reconstruct W to fp32 accuracy."""
+        UNet's bit for bit (no SVD reconstruction error enters: the delta route adds an exact zero to W x, the fold
+    route multiplies by W + 0 = W). The factors
+        themselves reconstruct W to fp32 accuracy."""
     model = unet_model()
     assert torch.equal(run(model), pristine())
     for s, layer in zip(spectra(model), [m for m in model.backbone.modules() if hasattr(m, "svfit")]):
@@ -367,3 +368,88 @@ def test_the_diffusion_config_keeps_fewer_than_the_full_spectrum_on_the_tiny_une
         assert ranks[f"{name}.svfit.spectra.all"] == energy_rank(sigma, 0.99, "sq")
     full = sum(min(m.in_features, m.out_features) for m in layers.values())
     assert full == 2_688 and sum(ranks.values()) < full
+
+
+# -- the two routes of an adapted nn.Linear ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("target, rank", [("2[q,v]", None), ("2", None), ("2", 3), ("2[q,v]", 2)])
+@pytest.mark.parametrize("autocast", [False, True])
+def test_fold_and_delta_routes_agree_on_outputs_and_gradients(monkeypatch, target, rank, autocast):
+    """The folded product x (W + U diag(sigma - sigma0) V^T)^T and the delta beside it, W x + U ((sigma - sigma0)
+    ⊙ V^T x), are one function: outputs, x's gradient and sigma's agree (fp32 to rounding; bf16 autocast to its
+    precision), with sigma moved off sigma0. At sigma = sigma0 the fold route is the frozen layer bit for bit."""
+    import mmpeft.methods.svfit as svfit_module
+
+    torch.manual_seed(0)
+    layer = nn.Linear(24, 48).requires_grad_(False)  # frozen, as the method leaves it (a trained W never folds)
+    method = SVFit(r=rank, targets=(target.replace("2", "layer", 1),))
+    net = nn.Module()
+    net.layer = layer
+    method.inject(net)
+    piece = layer.svfit
+    x = torch.randn(4, 10, 24)
+    with torch.no_grad():
+        plain = F.linear(x, layer.weight, layer.bias)
+    monkeypatch.setattr(svfit_module, "fold_is_cheaper", lambda *a: True)
+    with torch.no_grad():
+        assert torch.equal(layer(x), plain), "fold route at init is the frozen layer"
+    with torch.no_grad():
+        for spectrum in piece.spectra.values():
+            spectrum.sigma.add_(torch.randn_like(spectrum.sigma) * 0.3)
+    results = {}
+    for route in ("fold", "delta"):
+        monkeypatch.setattr(svfit_module, "fold_is_cheaper", lambda *a, route=route: route == "fold")
+        xi = x.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = layer(xi)
+        assert ("_FoldedSpectra" in type(out.grad_fn).__name__) == (route == "fold")
+        (out.float() * torch.linspace(-1, 1, out.shape[-1])).square().sum().backward()
+        results[route] = (out.float(), xi.grad.clone(), [s.sigma.grad.clone() for s in piece.spectra.values()])
+        for spectrum in piece.spectra.values():
+            spectrum.sigma.grad = None
+    tol = {"atol": 5e-2, "rtol": 5e-2} if autocast else {"atol": 1e-4, "rtol": 1e-4}
+    (out_f, gx_f, gs_f), (out_d, gx_d, gs_d) = results["fold"], results["delta"]
+    torch.testing.assert_close(out_f, out_d, **tol)
+    torch.testing.assert_close(gx_f, gx_d, **tol)
+    for a, b in zip(gs_f, gs_d):
+        torch.testing.assert_close(a, b, **({"atol": 0.5, "rtol": 5e-2} if autocast else tol))
+    assert out_f.dtype == out_d.dtype
+
+
+def test_the_fold_route_is_taken_where_it_is_cheaper_and_keeps_less_for_backward():
+    """On ViT-B/16's q and v thirds at batch 8 (1,576 tokens) the full spectrum folds (3 d^3 + N d^2 against
+    4 N d^2 multiply-adds per third), and a rank-8 SVFit too (its fold costs 2 d^2 r against 2 N r d for the
+    delta's down / up transposes); one image of 10 tokens runs the delta. Folded, backward keeps one [N, d] input
+    per layer instead of the two [N, r] projections, the full spectrum's 2 [N, d]."""
+    from mmpeft.methods.svfit import fold_is_cheaper
+
+    for rank in (None, 8):
+        layer = nn.Linear(768, 2304, device="meta")
+        net = nn.Module()
+        net.qkv = layer
+        SVFit(r=rank, targets=("qkv[q,v]",)).inject(net)
+        assert fold_is_cheaper(layer.svfit, layer, 1576, True, True)
+        assert not fold_is_cheaper(layer.svfit, layer, 10, True, True)
+
+    def kept_bytes(route: str) -> int:
+        torch.manual_seed(0)
+        net = nn.Module()
+        net.qkv = nn.Linear(32, 96).requires_grad_(False)
+        SVFit(targets=("qkv[q,v]",)).inject(net)  # full spectrum: r = 32 per third
+        own = {t.data_ptr() for t in [*net.parameters(), *net.buffers()]}
+        kept = {}
+
+        def pack(t):
+            if t.data_ptr() not in own:
+                kept[t.data_ptr()] = t.numel() * t.element_size()
+            return t
+
+        x = torch.randn(64, 32, requires_grad=True)
+        with pytest.MonkeyPatch.context() as patch, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            patch.setattr("mmpeft.methods.svfit.fold_is_cheaper", lambda *a: route == "fold")
+            net.qkv(x).sum().backward()
+        return sum(kept.values())
+
+    assert kept_bytes("fold") == 64 * 32 * 4  # x once
+    assert kept_bytes("delta") >= 2 * 64 * 32 * 4  # V^T x for q and for v

@@ -29,7 +29,7 @@ from torch import nn
 
 from mmpeft.backbones.diffusers_files import DTYPES, load_denoiser, load_pretrained, model_class, require_files
 from mmpeft.backbones.registry import register_backbone, register_backbone_prefix
-from mmpeft.backbones.tiny_diffusers import TINY_DIT, TINY_SD_UNET
+from mmpeft.backbones.tiny_diffusers import SMALL_SD_UNET, TINY_DIT, TINY_SD_UNET
 from mmpeft.core.backbone import Backbone, register_foreign_backbone
 from mmpeft.core.context import BackboneInput, ContextSlot, ForwardContext, checkpoint_in_context
 from mmpeft.core.errors import NotSupported, UnknownName
@@ -216,7 +216,7 @@ class DiffusersUNet(DiffusersDenoiser):
     class_name = "UNet2DConditionModel"
     subfolder = "unet"
     prefix = "diffusers_unet"
-    shipped_configs = {"tiny_sd_unet": TINY_SD_UNET}
+    shipped_configs = {"tiny_sd_unet": TINY_SD_UNET, "small_sd_unet": SMALL_SD_UNET}
 
     def call_model(self, inputs: BackboneInput) -> Any:
         return self.model(inputs.x, inputs.timestep, encoder_hidden_states=inputs.cond, **inputs.kwargs)

@@ -60,6 +60,19 @@ TINY_SD_UNET: dict[str, Any] = {
     "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
     "cross_attention_dim": 32,
 }
+# A mid-size SD-style UNet for benches (71,248,772 parameters, random weights): SD1.5's layout at a quarter of
+# its widths (128 / 256 / 512 channels, cross-attention 256, 8-dim heads), 16 x 16 latents.
+SMALL_SD_UNET: dict[str, Any] = {
+    "block_out_channels": [128, 256, 512],
+    "layers_per_block": 2,
+    "sample_size": 16,
+    "in_channels": 4,
+    "out_channels": 4,
+    "attention_head_dim": 8,
+    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    "cross_attention_dim": 256,
+}
 # diffusers' DiT pipeline test config, with 10 classes (plus the CFG null class) instead of 1000.
 TINY_DIT: dict[str, Any] = {
     "sample_size": 16,

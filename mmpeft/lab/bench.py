@@ -19,9 +19,12 @@ Protocol (one result file per backbone, input, batch, device and precision):
   backbones) or the first layer (`conv_in` of a UNet, the patch projection of a DiT, a convnet's stem), so
   backward reaches the whole network but computes no weight gradients. Ratios to the floor show what a
   method itself costs.
-- Variants: `vpt_deep` (10 prompts per block; `vpt` is shallow). Peers: `peft_lora` is Hugging Face peft's
-  LoRA (r = 8, alpha = 8) on the fused `attn.qkv`, and `lora_qkv` mmpeft's LoRA on the same linear with the
-  same rank (peft cannot target the q, v thirds); `lora` is mmpeft's default (q and v thirds).
+- Variants: `vpt_deep` (10 prompts per block; `vpt` is shallow); `svfit_r8` (SVFit's top 8 singular values,
+  beside `lora`'s rank 8 on the same matrices; `svfit` is the full spectrum). Peers (`mmpeft.lab.bench_peers`):
+  `peft_lora` is Hugging Face peft's LoRA (r = 8, alpha = 8) on the fused `attn.qkv`, and `lora_qkv` mmpeft's
+  LoRA on the same linear with the same rank (peft cannot target the q, v thirds); `lora` is mmpeft's default
+  (q and v thirds). `diffusers_lora` is diffusers' DreamBooth-LoRA training step on a UNet (peft's LoRA through
+  `unet.add_adapter`, at mmpeft's LoRA rank and targets), beside mmpeft's `lora` row.
 - Precision `32` or `bf16` (autocast to bfloat16 on CPU or CUDA; trainable tensors and AdamW state stay fp32), or
   `bf16-frozen` (the same, with the frozen matmul weights stored in bf16: `frozen_dtype`, `mmpeft.core.precision`).
 - Allocator (CPU): glibc keeps freed heap blocks, so a CPU peak RSS holds the live tensors plus whatever the

@@ -6,6 +6,7 @@ merge. `mmpeft.lab.bench` runs it once per row and round, each in a fresh proces
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import time
@@ -21,6 +22,7 @@ from mmpeft.core.errors import NotSupported
 from mmpeft.core.inject import attach
 from mmpeft.core.method import Method
 from mmpeft.core.modules import AdapterModule
+from mmpeft.lab.bench_peers import PEERS, peer_layers, peer_model
 
 __all__ = [
     "DEFAULT_OUT",
@@ -87,8 +89,10 @@ CKPT = "+ckpt"  # row suffix: the method with activation checkpointing on
 # labelled rows that are not plain method names: label -> method spec (peft_lora is built by peft itself)
 VARIANTS: dict[str, dict | None] = {
     "lora_qkv": {"name": "lora", "r": 8, "targets": ["attn.qkv"]},  # mmpeft LoRA on the whole fused qkv
-    "peft_lora": None,  # Hugging Face peft's LoRA r=8 (alpha 8) on the fused attn.qkv
+    "peft_lora": None,  # Hugging Face peft's LoRA r=8 (alpha 8) on the fused attn.qkv (mmpeft.lab.bench_peers)
+    "diffusers_lora": None,  # diffusers' DreamBooth-LoRA step on a UNet, peft LoRA via add_adapter (bench_peers)
     "vpt_deep": {"name": "vpt", "length": 10, "deep": True},  # 10 prompts per block
+    "svfit_r8": {"name": "svfit", "r": 8},  # SVFit's top 8 singular values, beside LoRA r=8 on the same matrices
 }
 
 
@@ -136,23 +140,6 @@ def row_method(row: str) -> tuple[str, bool]:
     return (row[: -len(CKPT)], True) if row.endswith(CKPT) else (row, False)
 
 
-def _peft_lora_model(backbone: nn.Module, num_classes: int | None) -> nn.Module:
-    """A linear probe with peft's LoRA injected into every `qkv` linear of the backbone (the head trains too)."""
-    from mmpeft.core.model import PeftModel
-
-    try:
-        from peft import LoraConfig, inject_adapter_in_model
-    except ImportError as err:
-        raise NotSupported("peft_lora needs Hugging Face peft: pip install peft") from err
-    if not any(name.endswith("qkv") and isinstance(m, nn.Linear) for name, m in backbone.named_modules()):
-        raise NotSupported(f"peft_lora targets a fused attn.qkv linear, which {type(backbone).__name__} has not")
-    model = PeftModel(backbone, "linear", num_classes=num_classes)
-    inject_adapter_in_model(LoraConfig(r=8, lora_alpha=8, target_modules=["qkv"]), model.backbone)
-    for name, p in model.named_parameters():
-        p.requires_grad_("lora_" in name or name.startswith("head."))
-    return model
-
-
 def _build(args: argparse.Namespace, row: str, device: torch.device):
     from mmpeft.core.model import PeftModel
 
@@ -160,8 +147,8 @@ def _build(args: argparse.Namespace, row: str, device: torch.device):
     checkpointing = checkpointing or args.checkpointing == "on"
     backbone = bench_backbone(args)
     classes = args.num_classes if backbone.num_features else None
-    if name == "peft_lora":
-        model = _peft_lora_model(backbone, classes)
+    if name in PEERS:
+        model = peer_model(name, backbone, classes)
     else:
         spec = VARIANTS.get(name, name)
         model = PeftModel(backbone, Floor() if name == "floor" else spec, num_classes=classes)
@@ -190,7 +177,6 @@ def _median_ms(fn, warmup: int, steps: int, device: torch.device) -> list[float]
 def measure(args: argparse.Namespace, row: str) -> dict:
     """One row's numbers, measured in this process (the worker side)."""
     from mmpeft.core.process_memory import ProcessPeak
-    from mmpeft.core.report import parameter_report
     from mmpeft.tasks.step import optimizer_step, step_loss
 
     torch.manual_seed(0)
@@ -209,21 +195,26 @@ def measure(args: argparse.Namespace, row: str) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision != "32")
+    if hasattr(model, "update"):  # a peer with its own step (diffusers' DreamBooth-LoRA loop)
+        loss_of, update = model.loss, model.update
+    else:  # the method's whole step: MoSA runs two passes plus its consistency term
+        loss_of, update = (lambda inputs, targets: step_loss(model, inputs, targets, backbone.example_loss).loss,
+                           optimizer_step)  # fmt: skip
 
     def train_step() -> None:
-        with autocast:  # the method's whole step: MoSA runs two passes plus its consistency term
-            loss = step_loss(model, x, y, backbone.example_loss).loss
-        optimizer_step(loss, optimizer)
+        with autocast:
+            loss = loss_of(x, y)
+        update(loss, optimizer)
 
     peak = ProcessPeak(device)
     peak.start()
     times = _median_ms(train_step, args.warmup, args.steps, device)
     peak_bytes = peak.stop()
     result = {"method": row, "input": "x".join(str(d) for d in (x.x if isinstance(x, BackboneInput) else x).shape[1:]),
-              "trainable": parameter_report(model).trainable, "step_ms": round(statistics.median(times), 2),
+              "trainable": _trainable(model), "step_ms": round(statistics.median(times), 2),
               "peak_mem_mb": round(peak_bytes / 2**20, 1), "peak_kind": peak.kind,
               "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device)}  # fmt: skip
-    saved = _saved(model, x, y, backbone.example_loss, autocast)
+    saved = _saved(model, x, y, loss_of, autocast)
     result["saved_mb"] = round(saved.total / 2**20, 1)
     if getattr(args, "memory", False):
         from mmpeft.lab.memory import breakdown_markdown
@@ -234,14 +225,22 @@ def measure(args: argparse.Namespace, row: str) -> dict:
     return result
 
 
-def _saved(model, x, y, loss_fn, autocast):
+def _trainable(model: nn.Module) -> int:
+    from mmpeft.core.model import PeftModel
+    from mmpeft.core.report import parameter_report
+
+    if isinstance(model, PeftModel):
+        return parameter_report(model).trainable
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)  # a peer built outside mmpeft
+
+
+def _saved(model, x, y, loss_of, autocast):
     """What autograd saves for backward in one training step (`mmpeft.lab.memory.saved_tensors`)."""
     from mmpeft.lab.memory import saved_tensors
-    from mmpeft.tasks.step import step_loss
 
     def forward(m, inputs):
         with autocast:
-            return step_loss(m, inputs, y, loss_fn).loss
+            return loss_of(inputs, y)
 
     model.zero_grad(set_to_none=True)
     saved = saved_tensors(model, x, y, lambda loss, _: loss, forward=forward)
@@ -272,7 +271,7 @@ def _inference(model, x, args, device, autocast, plain: bool) -> dict:
     for _ in range(args.infer_steps + 1):  # the first pair warms up
         merged += _median_ms(forward, 0, 1, device)
         _merge(model, False)
-        with disabled(model.backbone):
+        with disabled(model.backbone), _peers_off(model):
             bare += _median_ms(forward, 0, 1, device)
         _merge(model, True)
     merged, bare = merged[1:], bare[1:]
@@ -285,7 +284,7 @@ def _inference(model, x, args, device, autocast, plain: bool) -> dict:
 def _merge(model: nn.Module, merge: bool) -> bool:
     """Merge (or unmerge) for inference: mmpeft's `merge()`, and peft's own layer merge for the peer row;
     False when nothing merges (the method is not mergeable)."""
-    peft_layers = [m for m in model.modules() if type(m).__module__.startswith("peft.") and hasattr(m, "merge")]
+    peft_layers = peer_layers(model)
     for layer in peft_layers:
         if merge and not layer.merged:
             layer.merge()
@@ -298,6 +297,19 @@ def _merge(model: nn.Module, merge: bool) -> bool:
         return False  # e.g. SSF on a bias-free qkv (Point-MAE): the trained model is what inference runs
     model.merge() if merge else model.unmerge()
     return True
+
+
+@contextlib.contextmanager
+def _peers_off(model: nn.Module):
+    """peft's layers switched off (unmerged ones still add their update otherwise): the bare-backbone pass."""
+    layers = peer_layers(model)
+    for layer in layers:
+        layer.enable_adapters(False)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.enable_adapters(True)
 
 
 def bench_backbone(args: argparse.Namespace) -> nn.Module:

@@ -243,6 +243,9 @@ class DiffFit(Method):
     Memory (`lean_memory`, default on; recipe unchanged): γ after an `nn.Linear` runs the linear itself, scales
     its fresh output in place and keeps that output for γ's gradient (`core.modules.linear_then_scale`), which
     attention keeps anyway after q, k, v; γ after a convolution keeps its input, as a plain hook would.
+    Necessary cost: γ's gradient is sum_n g_n ⊙ y_n, so a step keeps y [N, out] per γ'd layer (free after q, k,
+    v; one [N, d] on the out-projection and the MLP's last linear of each γ'd block); biases' gradients are sums
+    of g (nothing kept) and the norm affines' use the normalised input their norm keeps anyway.
     `disabled()` runs the pristine denoiser (biases, norms and the class table are trained in place; their
     step-0 values are kept).
     """

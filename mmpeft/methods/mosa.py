@@ -126,6 +126,11 @@ class MoSA(Method):
     the ablation). Evaluation uses the experts' mean, one dense adapter, which for `share="down"`
     equals the expectation over the random expert choice.
 
+    Memory: a step keeps both passes' activations (2x the backbone's, plus per block and pass the adapter
+    LayerNorm's statistics and its [N, d] output for down's gradient), because each pass's consistency gradient
+    needs the other pass's probabilities, so both graphs are alive at the one backward; running the passes one
+    after the other would need a third forward (the first again, once the second's probabilities are known).
+
     Counts: the deployable (merged) adapter is AdaptFormer+LN: 322,752 on ViT-B/16 at r=16
     (`deployable_count`); the raw trainable tensors hold N copies of each split projection.
     Not mergeable into the backbone (GELU between the projections); `dense_adapters()` gives the

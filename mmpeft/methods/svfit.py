@@ -164,10 +164,39 @@ class SVFitDelta(AdapterModule):
         else:
             self.spectra = nn.ModuleDict({"all": spectrum(layer.weight)})
 
-    def forward(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, y: torch.Tensor | nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(y, nn.Module):  # attached with where="replace" on an nn.Linear: pick the cheaper route
+            return self._linear(y, x)
+        return self._add_delta(y, x)
+
+    def _add_delta(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         if not self.parts:
             return y + self.spectra["all"](x)
         return add_to_parts(y, self.spectra, x)
+
+    def _rows(self, part: str, out_features: int) -> slice:
+        return slice(None) if part == "all" else part_rows(part, out_features)
+
+    def folded_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """W + U_r diag(sigma - sigma0) V_r^T in every adapted row block, as a new tensor in the pieces' dtype
+        (at least fp32), computed outside autocast so the delta is not rounded before it meets W."""
+        dtype = torch.promote_types(weight.dtype, self.spectra[next(iter(self.spectra))].sigma.dtype)
+        with torch.no_grad(), torch.autocast(weight.device.type, enabled=False):
+            folded = weight.to(dtype, copy=True)
+            for part, spectrum in self.spectra.items():
+                shift = (spectrum.sigma - spectrum.sigma0).to(dtype)
+                folded[self._rows(part, folded.shape[0])] += (spectrum.U.to(dtype) * shift) @ spectrum.Vh.to(dtype)
+        return folded
+
+    def _linear(self, host: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        tokens = x.numel() // x.shape[-1]
+        sigmas = [spectrum.sigma for spectrum in self.spectra.values()]
+        training = torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in sigmas))
+        if host.weight.requires_grad or not fold_is_cheaper(self, host, tokens, training, x.requires_grad):
+            return self._add_delta(type(host).forward(host, x), x)
+        if not training:
+            return F.linear(x, self.folded_weight(host.weight), host.bias)
+        return _FoldedSpectra.apply(x, host.weight, host.bias, self, *sigmas)
 
     def _delta_weight(self, host: nn.Module) -> torch.Tensor:
         """The whole delta of the host's weight, float64, in the weight's shape."""
@@ -181,6 +210,78 @@ class SVFitDelta(AdapterModule):
 
     def unmerge_updates(self, host: nn.Module) -> dict[str, torch.Tensor]:
         return {"weight": (host.weight.double() - self._delta_weight(host)).to(host.weight.dtype)}
+
+
+def route_costs(delta: SVFitDelta, host: nn.Linear, tokens: int, training: bool,
+                input_grad: bool) -> dict[str, int]:  # fmt: skip
+    """Multiply-adds one forward (and, `training`, its backward) adds to the frozen linear's own, per route:
+    "delta" runs U_r ((sigma - sigma0) ⊙ (V_r^T x)) beside W x (2 N r (in + out) per part and pass: down and
+    up, then their transposes for x's gradient); "fold" builds W' = W + delta once per pass (out r in per part,
+    again in backward instead of keeping W') and runs one product with it, so x's gradient needs nothing more,
+    and sigma's gradient sum_n (U_r^T g_n) ⊙ (V_r^T x_n) costs N r (in + out), or N out in + r out in through
+    g^T x when that is less (the full spectrum on many tokens)."""
+    n, d_in = tokens, host.in_features
+    delta_cost = fold_cost = 0
+    for part, spectrum in delta.spectra.items():
+        r, out = spectrum.rank, len(range(host.out_features)[delta._rows(part, host.out_features)])
+        thin = n * r * (d_in + out)
+        if not training:
+            delta_cost, fold_cost = delta_cost + thin, fold_cost + out * r * d_in
+            continue
+        delta_cost += thin * (2 if input_grad else 1)
+        fold_cost += out * r * d_in * (2 if input_grad else 1) + min(thin, n * out * d_in + r * out * d_in)
+    return {"delta": delta_cost, "fold": fold_cost}
+
+
+def fold_is_cheaper(delta: SVFitDelta, host: nn.Linear, tokens: int, training: bool, input_grad: bool) -> bool:
+    costs = route_costs(delta, host, tokens, training, input_grad)
+    return costs["fold"] < costs["delta"]
+
+
+class _FoldedSpectra(torch.autograd.Function):
+    """y = x W'^T + b with W' = W + sum_parts U_r diag(sigma - sigma0) V_r^T: the frozen product and SVFit's
+    delta in one matmul. Backward rebuilds W' (cheaper than keeping a weight-sized copy per layer) for x's
+    gradient, and keeps for sigma's the smaller of x (N x in) and the projections V_r^T x (N x r per part)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, delta: SVFitDelta, *sigmas):
+        flat = x.reshape(-1, x.shape[-1])
+        ranks = sum(s.rank for s in delta.spectra.values())
+        ctx.keep_input = flat.shape[-1] <= ranks
+        if ctx.keep_input:
+            kept = (flat,)
+        else:  # V_r^T x per part: what sigma's gradient multiplies, r numbers a token instead of in
+            kept = tuple(F.linear(flat, s.Vh.to(flat.dtype)) for s in delta.spectra.values())
+        ctx.delta, ctx.x_shape, ctx.x_dtype = delta, x.shape, x.dtype
+        ctx.save_for_backward(weight, *kept, *sigmas)
+        return F.linear(x, delta.folded_weight(weight), bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        delta = ctx.delta
+        weight, *rest = ctx.saved_tensors
+        kept = rest[: len(rest) - len(delta.spectra)]
+        g = grad.reshape(-1, grad.shape[-1])
+        grad_x = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (g @ delta.folded_weight(weight).to(g.dtype)).view(ctx.x_shape)
+        if ctx.needs_input_grad[2]:
+            grad_bias = g.sum(0)
+        grad_sigmas = []
+        for i, (part, spectrum) in enumerate(delta.spectra.items()):
+            if not ctx.needs_input_grad[4 + i]:
+                grad_sigmas.append(None)
+                continue
+            g_part = g[:, delta._rows(part, g.shape[-1])]
+            n, out, d_in, r = g.shape[0], spectrum.U.shape[0], spectrum.Vh.shape[1], spectrum.rank
+            if ctx.keep_input and n * out * d_in + r * out * d_in < n * r * (d_in + out):
+                outer = (g_part.t() @ kept[0].to(g.dtype)).float()  # g^T x, out x in
+                grad_sigmas.append(((spectrum.U.t().float() @ outer) * spectrum.Vh.float()).sum(1))
+                continue
+            projected = F.linear(kept[0], spectrum.Vh.to(kept[0].dtype)) if ctx.keep_input else kept[i]
+            back = g_part @ spectrum.U.to(g.dtype)
+            grad_sigmas.append((back.float() * projected.float()).sum(0))
+        return (grad_x, None, grad_bias, None, *grad_sigmas)
 
 
 def _spectra(backbone: nn.Module) -> Iterator[tuple[str, Spectrum]]:
@@ -227,7 +328,13 @@ class SVFit(Method):
     trained sigma and the method config. Only the products u_i v_i^T enter the delta, and those do not
     depend on the SVD's sign convention, so a reload needs no fixed signs; on the same machine and software
     it reproduces the outputs bit for bit. Cost: r (out + in + 1) derived numbers per matrix in memory
-    (`derived_state_bytes`), and the delta's two thin products per forward until merged.
+    (`derived_state_bytes`), and per forward until merged one of two routes, whichever costs fewer multiply-adds
+    (`route_costs`): the delta beside W x (2 N r (in + out) per part and pass), or W' = W + delta folded into the
+    one product (out r in to build it, again in backward; sigma's gradient N r (in + out), or N out in + r out in
+    through g^T x). Folding wins once the tokens outnumber the width: a ViT-B batch folds at every rank.
+    Keeps for backward, per adapted linear, the smaller of x [N, in] and V_r^T x per part [N, r], because sigma's
+    gradient is sum_n (U_r^T g_n) ⊙ (V_r^T x_n); nothing else (U_r, V_r are buffers, W' is rebuilt). That is
+    LoRA's cost at the same rank or below: LoRA keeps x and A x, and adds its A, B gradient products.
 
     Rank: `r` fixed (capped at min(out, in); unset: the full spectrum), or per matrix by `energy`: the
     smallest r with sum_{i<=r} sigma_i^2 / sum_i sigma_i^2 >= energy (`energy_of="sq"`; `"sum"` uses
@@ -294,4 +401,5 @@ class SVFit(Method):
                 )
             if parts and not (isinstance(module, nn.Linear) and module.out_features % 3 == 0):
                 raise NotSupported(f"SVFit parts {parts} need a fused qkv linear; {name!r} is not one")
-            attach(module, "svfit", SVFitDelta(module, parts, self.r, self.energy, self.energy_of))
+            piece = SVFitDelta(module, parts, self.r, self.energy, self.energy_of)
+            attach(module, "svfit", piece, where="replace" if type(module) is nn.Linear else "output")

@@ -77,10 +77,25 @@ class VLPETModule(AdapterModule):
             return 1 + self.gate_z
         return None
 
+    def _gate_logits(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        if self.variant == "large":
+            return self.gate(x)
+        if self.variant == "middle_x":
+            return self.gate(x + h)
+        return self.gate(torch.cat([x, h], dim=-1))
+
     def forward(self, h: torch.Tensor, ctx: ForwardContext, x_in: torch.Tensor | None = None) -> torch.Tensor:
         h = h + self.up(self.act(self.down(h)))
-        gate = self.gate_values(x_in, h)
-        return self.scale * (h if gate is None else gate * h)
+        if self.variant in ("none", "middle_y"):
+            gate = self.gate_values(x_in, h)
+            return self.scale * (h if gate is None else gate * h)
+        # s · 2σ(z) ⊙ H as (σ(z) ⊙ H) · 2s: the product keeps σ's own output (which sigmoid's backward keeps
+        # anyway) and H, where s · (2σ(z)) ⊙ H would also keep the doubled copy of σ: one [B, N, d] tensor less
+        # per branch, the same function up to rounding
+        sigma = torch.sigmoid(self._gate_logits(x_in, h))
+        if self.variant == "small":
+            sigma = sigma.mean(dim=1, keepdim=True)
+        return (sigma * h) * (2 * self.scale if self.identity else self.scale)
 
 
 @register_method
@@ -93,6 +108,11 @@ class VLPET(Method):
     gate: large 2d·r_g + r_g + d, middle-X d + 1, middle-Y d, small 2d + 1. On open_clip ViT-B/32's
     image tower at r = r_g = 96: 3,559,680 for ΔH, 7,119,360 with the large gate; 39,936 LayerNorm
     parameters train as well. Not mergeable: the gates depend on the input.
+
+    Keeps for backward, per branch (the necessary cost of a gate that multiplies the updated output): H, the
+    frozen branch output (down's weight gradient needs it); H + ΔH (G's gradient); σ(z) (the gradient into
+    H + ΔH, and σ's own derivative σ(1 - σ)); the gate MLP's input X and its [N, r_g] hidden (large); the
+    [N, r] bottleneck. Three [B, N, d] tensors a branch beyond X, which the trained LayerNorms keep anyway.
 
     Default: identity at init (zero-init up and gate outputs, 2σ gates, middle-Y z = 0), so a CLIP
     tower starts at its zero-shot function — the reason mmpeft's default differs from the paper. The
