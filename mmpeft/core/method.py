@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from mmpeft.core.conv_bias import bias_apart, restore_conv_forwards
 from mmpeft.core.errors import NotMergeable, NotSupported, UnknownName
 from mmpeft.core.inject import freeze, placements, set_trainable
 from mmpeft.core.modules import adapter_modules
@@ -183,9 +184,11 @@ class Method:
             set_trainable(backbone, self.declared_trainable(backbone))
             if not self.trains_backbone:
                 record_originals(backbone, self.trained_in_place(backbone))
+                bias_apart(backbone)  # a trained bias of a frozen conv: no weight gradient computed for it
         except BaseException:  # a refused method leaves the backbone as it found it
             for p in reversed(placements(backbone)):
                 p.remove()
+            restore_conv_forwards(backbone)
             for param, flag in flags:
                 param.requires_grad_(flag)
             raise
@@ -293,6 +296,7 @@ class Method:
 
         for p in reversed(placements(backbone)):
             p.remove()
+        restore_conv_forwards(backbone)
         if hasattr(backbone, ORIGINALS):
             delattr(backbone, ORIGINALS)
         leftovers = [n for n, _ in adapter_modules(backbone)]

@@ -64,6 +64,9 @@ class BitFit(Method):
     backbone family (UNet, DiT, convnets) the default is likewise every bias.
     Frozen BatchNorm statistics stay fixed. Merge is a no-op: the biases are the backbone's own.
     Their step-0 values are kept (KBs), so `disabled()` still runs the pristine backbone.
+    Necessary cost: a bias's gradient is the sum of its output's gradient, so nothing is kept for it; a frozen
+    convolution's trained bias is added after the convolution (`core.conv_bias`), since on CPU oneDNN computes
+    the whole weight gradient whenever a convolution's bias gradient is asked for.
 
     `targets` narrows the set to bias parameters whose names match these patterns (each must match
     at least one bias), e.g. `["*attn*"]`.

@@ -245,7 +245,8 @@ class DiffFit(Method):
     attention keeps anyway after q, k, v; γ after a convolution keeps its input, as a plain hook would.
     Necessary cost: γ's gradient is sum_n g_n ⊙ y_n, so a step keeps y [N, out] per γ'd layer (free after q, k,
     v; one [N, d] on the out-projection and the MLP's last linear of each γ'd block); biases' gradients are sums
-    of g (nothing kept) and the norm affines' use the normalised input their norm keeps anyway.
+    of g (nothing kept; a frozen convolution's bias is added after it, `core.conv_bias`, so no weight gradient
+    is computed for it) and the norm affines' use the normalised input their norm keeps anyway.
     `disabled()` runs the pristine denoiser (biases, norms and the class table are trained in place; their
     step-0 values are kept).
     """
