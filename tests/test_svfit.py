@@ -389,11 +389,12 @@ def test_fold_and_delta_routes_agree_on_outputs_and_gradients(monkeypatch, targe
     method.inject(net)
     piece = layer.svfit
     x = torch.randn(4, 10, 24)
-    with torch.no_grad():
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         plain = F.linear(x, layer.weight, layer.bias)
     monkeypatch.setattr(svfit_module, "fold_is_cheaper", lambda *a: True)
-    with torch.no_grad():
-        assert torch.equal(layer(x), plain), "fold route at init is the frozen layer"
+    xi = x.clone().requires_grad_(True)  # the autograd route, as in training
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        assert torch.equal(layer(xi).detach(), plain), "fold route at init is the frozen layer"
     with torch.no_grad():
         for spectrum in piece.spectra.values():
             spectrum.sigma.add_(torch.randn_like(spectrum.sigma) * 0.3)

@@ -177,10 +177,12 @@ class SVFitDelta(AdapterModule):
     def _rows(self, part: str, out_features: int) -> slice:
         return slice(None) if part == "all" else part_rows(part, out_features)
 
-    def folded_weight(self, weight: torch.Tensor) -> torch.Tensor:
-        """W + U_r diag(sigma - sigma0) V_r^T in every adapted row block, as a new tensor in the pieces' dtype
-        (at least fp32), computed outside autocast so the delta is not rounded before it meets W."""
-        dtype = torch.promote_types(weight.dtype, self.spectra[next(iter(self.spectra))].sigma.dtype)
+    def folded_weight(self, weight: torch.Tensor, low_precision: torch.dtype | None = None) -> torch.Tensor:
+        """W + U_r diag(sigma - sigma0) V_r^T in every adapted row block, as a new tensor. In the pieces' dtype
+        (at least fp32) by default, outside autocast, so the delta is not rounded before it meets W; under
+        autocast (`low_precision`, the dtype the product runs in) built in that dtype, which the product would
+        round W' to anyway: its d^3-sized matmuls then run at the low-precision rate too."""
+        dtype = low_precision or torch.promote_types(weight.dtype, next(iter(self.spectra.values())).sigma.dtype)
         with torch.no_grad(), torch.autocast(weight.device.type, enabled=False):
             folded = weight.to(dtype, copy=True)
             for part, spectrum in self.spectra.items():
@@ -252,9 +254,11 @@ class _FoldedSpectra(torch.autograd.Function):
             kept = (flat,)
         else:  # V_r^T x per part: what sigma's gradient multiplies, r numbers a token instead of in
             kept = tuple(F.linear(flat, s.Vh.to(flat.dtype)) for s in delta.spectra.values())
-        ctx.delta, ctx.x_shape, ctx.x_dtype = delta, x.shape, x.dtype
+        device = x.device.type
+        ctx.low = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+        ctx.delta, ctx.x_shape = delta, x.shape
         ctx.save_for_backward(weight, *kept, *sigmas)
-        return F.linear(x, delta.folded_weight(weight), bias)
+        return F.linear(x, delta.folded_weight(weight, ctx.low), bias)
 
     @staticmethod
     def backward(ctx, grad):
@@ -264,7 +268,7 @@ class _FoldedSpectra(torch.autograd.Function):
         g = grad.reshape(-1, grad.shape[-1])
         grad_x = grad_bias = None
         if ctx.needs_input_grad[0]:
-            grad_x = (g @ delta.folded_weight(weight).to(g.dtype)).view(ctx.x_shape)
+            grad_x = (g @ delta.folded_weight(weight, ctx.low).to(g.dtype)).view(ctx.x_shape)
         if ctx.needs_input_grad[2]:
             grad_bias = g.sum(0)
         grad_sigmas = []
@@ -275,8 +279,9 @@ class _FoldedSpectra(torch.autograd.Function):
             g_part = g[:, delta._rows(part, g.shape[-1])]
             n, out, d_in, r = g.shape[0], spectrum.U.shape[0], spectrum.Vh.shape[1], spectrum.rank
             if ctx.keep_input and n * out * d_in + r * out * d_in < n * r * (d_in + out):
-                outer = (g_part.t() @ kept[0].to(g.dtype)).float()  # g^T x, out x in
-                grad_sigmas.append(((spectrum.U.t().float() @ outer) * spectrum.Vh.float()).sum(1))
+                work = ctx.low or torch.float32  # g^T x (out x in), then U^T (g^T x): d^3 at the product's rate
+                outer = g_part.t().to(work) @ kept[0].to(work)
+                grad_sigmas.append(((spectrum.U.t().to(work) @ outer).float() * spectrum.Vh.float()).sum(1))
                 continue
             projected = F.linear(kept[0], spectrum.Vh.to(kept[0].dtype)) if ctx.keep_input else kept[i]
             back = g_part @ spectrum.U.to(g.dtype)
@@ -331,7 +336,8 @@ class SVFit(Method):
     (`derived_state_bytes`), and per forward until merged one of two routes, whichever costs fewer multiply-adds
     (`route_costs`): the delta beside W x (2 N r (in + out) per part and pass), or W' = W + delta folded into the
     one product (out r in to build it, again in backward; sigma's gradient N r (in + out), or N out in + r out in
-    through g^T x). Folding wins once the tokens outnumber the width: a ViT-B batch folds at every rank.
+    through g^T x). Folding wins once the tokens outnumber the width: a ViT-B batch folds at every rank. Under
+    autocast W' is built in the autocast dtype, which the product rounds it to anyway.
     Keeps for backward, per adapted linear, the smaller of x [N, in] and V_r^T x per part [N, r], because sigma's
     gradient is sum_n (U_r^T g_n) ⊙ (V_r^T x_n); nothing else (U_r, V_r are buffers, W' is rebuilt). That is
     LoRA's cost at the same rank or below: LoRA keeps x and A x, and adds its A, B gradient products.
