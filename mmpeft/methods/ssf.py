@@ -79,6 +79,9 @@ class SSF(Method):
     stays bf16, shared with attention's. Convolutions and BatchNorms keep the
     official save (convnets follow them with in-place activations, which would change a kept output).
     Outputs and gradients are the same up to rounding (a test checks both); it does not change the recipe.
+    Necessary step cost: per scaled layer one elementwise pass in forward and, in backward, x's gradient g ⊙ γ
+    and γ's and β's reductions sum_n g ⊙ y and sum_n g: memory-bound passes over every layer's output, about a
+    tenth of a ViT-B step in fp32 and more in bf16, where the matmuls shrink and these passes do not.
     The `paper` preset also initialises the head as SSF's timm ViT does (`models/vision_transformer.py`
     `init_weights_vit_timm`: trunc_normal(0.02), zero bias). The rest of the recipe lives in the configs:
     timm's per-epoch cosine with 10 cooldown epochs at the minimum lr (`schedule: timm_cosine`), and for
