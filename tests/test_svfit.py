@@ -430,8 +430,8 @@ def test_the_fold_route_is_taken_where_it_is_cheaper_and_keeps_less_for_backward
         net = nn.Module()
         net.qkv = layer
         SVFit(r=rank, targets=("qkv[q,v]",)).inject(net)
-        assert fold_is_cheaper(layer.svfit, layer, 1576, True, True)
-        assert not fold_is_cheaper(layer.svfit, layer, 10, True, True)
+        assert fold_is_cheaper(layer.svfit, 1576, True, True)
+        assert not fold_is_cheaper(layer.svfit, 10, True, True)
 
     def kept_bytes(route: str) -> int:
         torch.manual_seed(0)

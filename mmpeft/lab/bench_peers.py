@@ -20,7 +20,7 @@ from torch import nn
 from mmpeft.core.context import BackboneInput
 from mmpeft.core.errors import NotSupported
 
-__all__ = ["PEERS", "peft_lora_model", "DreamBoothLoraStep"]
+__all__ = ["PEERS", "DreamBoothLoraStep", "peer_layers", "peer_model", "peft_lora_model"]
 
 PEERS = ("peft_lora", "diffusers_lora")
 

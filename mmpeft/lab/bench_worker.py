@@ -86,11 +86,11 @@ DEFAULT_OUT = "runs/bench"  # not the committed experiments/bench (refresh: --ou
 LIVE_MMAP_THRESHOLD = 128 * 1024  # glibc's M_MMAP_THRESHOLD for --allocator live (its initial default, kept fixed)
 CKPT = "+ckpt"  # row suffix: the method with activation checkpointing on
 
-# labelled rows that are not plain method names: label -> method spec (peft_lora is built by peft itself)
+# labelled rows that are not plain method names: label -> method spec (None: a peer, built by its own library in
+# `mmpeft.lab.bench_peers`: peft's LoRA on the fused qkv, diffusers' DreamBooth-LoRA step on a UNet)
 VARIANTS: dict[str, dict | None] = {
     "lora_qkv": {"name": "lora", "r": 8, "targets": ["attn.qkv"]},  # mmpeft LoRA on the whole fused qkv
-    "peft_lora": None,  # Hugging Face peft's LoRA r=8 (alpha 8) on the fused attn.qkv (mmpeft.lab.bench_peers)
-    "diffusers_lora": None,  # diffusers' DreamBooth-LoRA step on a UNet, peft LoRA via add_adapter (bench_peers)
+    **dict.fromkeys(PEERS),
     "vpt_deep": {"name": "vpt", "length": 10, "deep": True},  # 10 prompts per block
     "svfit_r8": {"name": "svfit", "r": 8},  # SVFit's top 8 singular values, beside LoRA r=8 on the same matrices
 }

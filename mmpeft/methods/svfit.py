@@ -131,10 +131,13 @@ class Spectrum(AdapterModule):
             return F.conv2d(h * shift.view(1, -1, 1, 1), self.U.view(*self.U.shape, 1, 1))
         return F.linear(F.linear(x, self.Vh) * shift, self.U)
 
-    def delta_weight(self) -> torch.Tensor:
-        """U_r diag(sigma - sigma0) V_r^T in float64, shaped like the matrix (out x in·kh·kw)."""
-        shift = (self.sigma.double() - self.sigma0.double()).unsqueeze(0)
-        return (self.U.double() * shift) @ self.Vh.double()
+    def delta_weight(self, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        """U_r diag(sigma - sigma0) V_r^T in `dtype` (float64 for merging; the product's dtype for the fold), shaped
+        like the matrix (out x in·kh·kw). The shift is taken in at least fp32, so a bf16 fold does not lose it to
+        rounding sigma and sigma0 first."""
+        wide = torch.promote_types(dtype, torch.float32)
+        shift = (self.sigma.to(wide) - self.sigma0.to(wide)).to(dtype).unsqueeze(0)
+        return (self.U.to(dtype) * shift) @ self.Vh.to(dtype)
 
     def derived_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.U, self.Vh, self.sigma0))
@@ -186,15 +189,14 @@ class SVFitDelta(AdapterModule):
         with torch.no_grad(), torch.autocast(weight.device.type, enabled=False):
             folded = weight.to(dtype, copy=True)
             for part, spectrum in self.spectra.items():
-                shift = (spectrum.sigma - spectrum.sigma0).to(dtype)
-                folded[self._rows(part, folded.shape[0])] += (spectrum.U.to(dtype) * shift) @ spectrum.Vh.to(dtype)
+                folded[self._rows(part, folded.shape[0])] += spectrum.delta_weight(dtype)
         return folded
 
     def _linear(self, host: nn.Linear, x: torch.Tensor) -> torch.Tensor:
         tokens = x.numel() // x.shape[-1]
         sigmas = [spectrum.sigma for spectrum in self.spectra.values()]
         training = torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in sigmas))
-        if host.weight.requires_grad or not fold_is_cheaper(self, host, tokens, training, x.requires_grad):
+        if host.weight.requires_grad or not fold_is_cheaper(self, tokens, training, x.requires_grad):
             return self._add_delta(type(host).forward(host, x), x)
         if not training:
             return F.linear(x, self.folded_weight(host.weight), host.bias)
@@ -214,29 +216,32 @@ class SVFitDelta(AdapterModule):
         return {"weight": (host.weight.double() - self._delta_weight(host)).to(host.weight.dtype)}
 
 
-def route_costs(delta: SVFitDelta, host: nn.Linear, tokens: int, training: bool,
-                input_grad: bool) -> dict[str, int]:  # fmt: skip
+def route_costs(delta: SVFitDelta, tokens: int, training: bool, input_grad: bool) -> dict[str, int]:
     """Multiply-adds one forward (and, `training`, its backward) adds to the frozen linear's own, per route:
     "delta" runs U_r ((sigma - sigma0) ⊙ (V_r^T x)) beside W x (2 N r (in + out) per part and pass: down and
     up, then their transposes for x's gradient); "fold" builds W' = W + delta once per pass (out r in per part,
     again in backward instead of keeping W') and runs one product with it, so x's gradient needs nothing more,
     and sigma's gradient sum_n (U_r^T g_n) ⊙ (V_r^T x_n) costs N r (in + out), or N out in + r out in through
     g^T x when that is less (the full spectrum on many tokens)."""
-    n, d_in = tokens, host.in_features
     delta_cost = fold_cost = 0
-    for part, spectrum in delta.spectra.items():
-        r, out = spectrum.rank, len(range(host.out_features)[delta._rows(part, host.out_features)])
-        thin = n * r * (d_in + out)
+    for spectrum in delta.spectra.values():
+        out, d_in, r = spectrum.U.shape[0], spectrum.Vh.shape[1], spectrum.rank
+        thin = tokens * r * (d_in + out)
         if not training:
             delta_cost, fold_cost = delta_cost + thin, fold_cost + out * r * d_in
             continue
         delta_cost += thin * (2 if input_grad else 1)
-        fold_cost += out * r * d_in * (2 if input_grad else 1) + min(thin, n * out * d_in + r * out * d_in)
+        fold_cost += out * r * d_in * (2 if input_grad else 1) + min(thin, _outer_cost(tokens, out, d_in, r))
     return {"delta": delta_cost, "fold": fold_cost}
 
 
-def fold_is_cheaper(delta: SVFitDelta, host: nn.Linear, tokens: int, training: bool, input_grad: bool) -> bool:
-    costs = route_costs(delta, host, tokens, training, input_grad)
+def _outer_cost(tokens: int, out: int, d_in: int, r: int) -> int:
+    """Multiply-adds of sigma's gradient through g^T x: N out in for g^T x, then r out in for U_r^T (g^T x)."""
+    return tokens * out * d_in + r * out * d_in
+
+
+def fold_is_cheaper(delta: SVFitDelta, tokens: int, training: bool, input_grad: bool) -> bool:
+    costs = route_costs(delta, tokens, training, input_grad)
     return costs["fold"] < costs["delta"]
 
 
@@ -278,7 +283,7 @@ class _FoldedSpectra(torch.autograd.Function):
                 continue
             g_part = g[:, delta._rows(part, g.shape[-1])]
             n, out, d_in, r = g.shape[0], spectrum.U.shape[0], spectrum.Vh.shape[1], spectrum.rank
-            if ctx.keep_input and n * out * d_in + r * out * d_in < n * r * (d_in + out):
+            if ctx.keep_input and _outer_cost(n, out, d_in, r) < n * r * (d_in + out):
                 work = ctx.low or torch.float32  # g^T x (out x in), then U^T (g^T x): d^3 at the product's rate
                 outer = g_part.t().to(work) @ kept[0].to(work)
                 grad_sigmas.append(((spectrum.U.t().to(work) @ outer).float() * spectrum.Vh.float()).sum(1))

@@ -67,15 +67,12 @@ class VLPETModule(AdapterModule):
     def gate_values(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor | None:
         """G for branch input X and updated output H + ΔH: large (B,N,d), middle-X (B,N,1), middle-Y (d,),
         small (B,1,1) — the small gate averages over all tokens, padding included, as released."""
-        if self.variant == "large":
-            return self._squash(self.gate(x))
-        if self.variant == "middle_x":
-            return self._squash(self.gate(x + h))
-        if self.variant == "small":
-            return self._squash(self.gate(torch.cat([x, h], dim=-1))).mean(dim=1, keepdim=True)
         if self.variant == "middle_y":
             return 1 + self.gate_z
-        return None
+        if self.variant == "none":
+            return None
+        gate = self._squash(self._gate_logits(x, h))
+        return gate.mean(dim=1, keepdim=True) if self.variant == "small" else gate
 
     def _gate_logits(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         if self.variant == "large":
